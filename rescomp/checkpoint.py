@@ -1,0 +1,95 @@
+"""Atomic checkpoints: {format, arch spec, state_dict, config, metrics, training state, rng}.
+
+A checkpoint never holds pickled modules: the network is rebuilt from `arch` (a registry spec) and
+filled from `state_dict`, so it loads with `weights_only=True` and survives code refactors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rescomp.errors import CheckpointError
+
+FORMAT = "rescomp-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(fileobj) on a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); delete it, or re-run "
+            f"training with --fresh to start over"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a rescomp checkpoint (no '{FORMAT}' header)")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"'{path}' was written by a newer rescomp (format {payload['version']}); upgrade rescomp")
+    return payload
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from the checkpoint's arch spec and load its weights."""
+    from rescomp.models import build_model
+
+    payload = load(path)
+    model = build_model(payload["arch"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatch"
+        raise CheckpointError(f"checkpoint '{path}': weights do not fit its arch spec ({first})") from None
+    return model, payload
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,244 @@
+"""Experiment configs: YAML validated by pydantic, with `--set dotted.key=value` overrides.
+
+load_config(path, overrides) -> ExperimentConfig, or ConfigError naming the bad key's path and the
+nearest valid key. Unknown keys are errors everywhere except under `model:`, whose keys are the
+chosen architecture's builder arguments and are checked against that builder when it is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rescomp.errors import ConfigError
+from rescomp.registry import suggest
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Strict):
+    crop_padding: int = Field(4, ge=0, description="random crop after zero-padding by this many pixels")
+    flip: bool = True
+    rotate_degrees: float = Field(0.0, ge=0, le=180, description="random rotation in +-degrees")
+
+
+class SyntheticConfig(Strict):
+    train_size: int = Field(256, ge=1)
+    test_size: int = Field(128, ge=1)
+    num_classes: int = Field(10, ge=2)
+
+
+class DataConfig(Strict):
+    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
+    # auto: `path` if given, else the offline CIFAR-10 copy if found, else torchvision's files.
+    source: Literal["auto", "torchvision", "folder"] = "auto"
+    path: Optional[str] = None
+    download: bool = False
+    image_size: int = Field(32, ge=8, le=512, description="inputs are resized to this on the fly")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    train_limit: Optional[int] = Field(None, ge=1, description="use a seeded random subset of train")
+    test_limit: Optional[int] = Field(None, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    cache_dir: Optional[str] = None
+
+    @property
+    def num_classes(self) -> int:
+        return {"cifar10": 10, "cifar100": 100}.get(self.dataset, self.synthetic.num_classes)
+
+
+class ModelConfig(BaseModel):
+    # Extra keys are the builder's arguments, validated against its signature in models.build_model.
+    model_config = ConfigDict(extra="allow")
+    arch: str = "resnet20"
+
+    def spec(self, num_classes: int) -> dict[str, Any]:
+        return {"num_classes": num_classes, **self.model_dump()}
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    no_decay_bn_bias: bool = Field(False, description="no weight decay on BatchNorm and bias parameters")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "step", "multistep", "cosine", "onecycle"] = "multistep"
+    milestones: list[float] = [100, 150]  # epochs, for multistep (He et al. 2016: 32k, 48k of 64k iterations)
+    step_size: float = Field(30, gt=0)  # epochs, for step
+    gamma: float = Field(0.1, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a share of lr
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of training spent rising
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class EarlyStoppingConfig(Strict):
+    patience: Optional[int] = Field(None, ge=1, description="epochs without val-loss improvement")
+    min_delta: float = Field(0.0, ge=0)
+    restore_best: bool = True
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: Literal["auto", True, False] = "auto"  # auto: on for CUDA
+    compile: bool = False
+    grad_clip: Optional[float] = Field(None, gt=0)
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+    checkpoint_every: int = Field(1, ge=1)
+    eval_test_every: int = Field(1, ge=0, description="evaluate on test every N epochs (0: only at the end)")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for training; default all cores")
+
+
+class MeasureConfig(Strict):
+    latency: bool = True
+    batch_sizes: list[int] = [1, 64]
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads pinned for latency; default all cores")
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(10, ge=1)
+    gpu_throughput: bool = True
+
+
+class ReportConfig(Strict):
+    table: Optional[str] = None  # results/<table>/
+    row: Optional[str] = None  # the row's label; default the run name
+    paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
+
+
+class ExperimentConfig(Strict):
+    name: Optional[str] = None  # run name; default the config file's stem
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    measure: MeasureConfig = MeasureConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "ExperimentConfig":
+        if self.train.early_stopping.patience and self.data.val_fraction <= 0:
+            raise ValueError("train.early_stopping.patience needs data.val_fraction > 0 (it watches validation loss)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Identity of the experiment: everything but where its outputs go."""
+        d = self.to_dict()
+        d.pop("out_dir", None)
+        d.pop("measure", None)
+        d.pop("report", None)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and readable errors
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, path + "."))
+    return keys
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(ExperimentConfig)
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+        return f"unknown key '{path}'{suggest(path, siblings)}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path or 'config'}: {msg}{shown}" if path else msg
+
+
+def validate(raw: dict[str, Any], origin: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(_format_error(err) for err in e.errors())
+        raise ConfigError(f"{origin}: {problems}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set train.epochs=5")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{k}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file such as configs/demo/resnet20.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (data:, model:, train:, ...)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    raw.setdefault("name", path.stem)
+    return validate(raw, str(path))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,89 @@
+"""The run context: device, seed, output folder, precision and rank travel here, never in globals."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+
+from rescomp.config import ExperimentConfig
+from rescomp.errors import DeviceError
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    seed: int = 0
+    run_dir: Optional[Path] = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16, resolved for the device
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0  # DistributedDataParallel rank; only rank 0 writes files and logs
+    world_size: int = 1
+    console: Console = field(default_factory=lambda: Console(stderr=True, log_path=False))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        dtype = self.amp_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def log(self, *args, **kwargs) -> None:
+        if self.is_main:
+            self.console.log(*args, **kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"the config asks for device '{name}' but this machine has no CUDA GPU that torch "
+                f"{torch.__version__} can use; set device: cpu (or auto)"
+            )
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise DeviceError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console: Optional[Console] = None) -> RunContext:
+    device = resolve_device(cfg.device)
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise DeviceError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+    channels_last = cfg.train.channels_last
+    if channels_last == "auto":
+        channels_last = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return RunContext(device, cfg.seed, run_dir, precision, bool(channels_last), cfg.train.compile, rank, world,
+                      console or Console(stderr=True, log_path=False))

@@ -1,0 +1,384 @@
+"""Datasets as uint8 tensors, decoded once and cached; a loader that augments whole batches on the device.
+
+Sources: torchvision's CIFAR-10/100 files (optionally downloaded), an ImageFolder tree with train/
+and test/ (a folder, or a .tar/.tar.gz of one, like the offline CIFAR-10 copy), and synthetic data
+of CIFAR's shape for tests. Every source ends as `Splits`: uint8 (N, 3, H, W) images and int64
+labels. Augmentation (random crop after padding, flip, rotation) and normalisation run on batches on
+whatever device holds the data, so a GPU never waits for worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rescomp.config import AugmentConfig, DataConfig
+from rescomp.errors import DataError
+
+# Per-channel statistics of the official training sets (used by the usual CIFAR ResNet repositories).
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+OFFLINE_CIFAR10 = "cifar10-jpeg.tar.gz"
+
+
+@dataclass
+class Splits:
+    train_x: torch.Tensor  # uint8 (N, C, H, W)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    source: str  # where the images came from, for provenance
+    val_x: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def synthetic(cfg: DataConfig, seed: int = 1234) -> Splits:
+    """Learnable random data of CIFAR's shape: each class has its own colour pattern plus noise.
+
+    The seed is fixed so that every run and test sees the same images.
+    """
+    s = cfg.synthetic
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.rand(s.num_classes, 3, 8, 8, generator=g)
+    prototypes = F.interpolate(prototypes, size=(32, 32), mode="bilinear", align_corners=False)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % s.num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = prototypes[y] * 0.6 + torch.rand(n, 3, 32, 32, generator=g) * 0.4
+        return (x * 255).round().to(torch.uint8), y.long()
+
+    tx, ty = make(s.train_size)
+    vx, vy = make(s.test_size)
+    return Splits(tx, ty, vx, vy, [f"class{i}" for i in range(s.num_classes)], "synthetic")
+
+
+def _from_torchvision(cfg: DataConfig, root: Path) -> Splits:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.dataset]
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        raise DataError(
+            f"{cfg.dataset} not found under '{root}' ({e}). Set data.download=true to fetch it with "
+            f"torchvision, or data.path to a folder or archive that holds it"
+        ) from None
+    except OSError as e:
+        raise DataError(f"could not download {cfg.dataset} into '{root}': {e}") from None
+
+    def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        return x, torch.tensor(ds.targets, dtype=torch.long)
+
+    return Splits(*arrays(train), *arrays(test), list(train.classes), f"torchvision:{root}")
+
+
+def _decode(blob: bytes, size: Optional[tuple[int, int]]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative path, bytes) of every image file in a folder or tar archive."""
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                yield f.relative_to(path).as_posix(), f.read_bytes()
+        return
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
+                    yield m.name, tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"'{path}' is not a readable tar archive ({e}); re-copy or re-download it") from None
+
+
+def _from_imagefolder(path: Path) -> Splits:
+    """Read <root>/{train,test}/<class>/<image> (any prefix before train/ and test/ is allowed)."""
+    per_split: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    size = None
+    for name, blob in _imagefolder_entries(path):
+        parts = name.split("/")
+        if len(parts) < 3 or parts[-3] not in per_split:
+            continue
+        img = _decode(blob, size)
+        size = size or (img.shape[1], img.shape[0])
+        per_split[parts[-3]].append((parts[-2], img))
+    if not per_split["train"] or not per_split["test"]:
+        raise DataError(
+            f"'{path}' holds no images in the ImageFolder layout train/<class>/<image> and "
+            f"test/<class>/<image>; point data.path at such a folder or archive"
+        )
+    classes = sorted({c for c, _ in per_split["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = {c for c, _ in per_split["test"]} - set(index)
+    if unknown:
+        raise DataError(f"'{path}': test/ has classes that train/ lacks: {sorted(unknown)}")
+
+    def arrays(items):
+        x = torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2).contiguous()
+        return x, torch.tensor([index[c] for c, _ in items], dtype=torch.long)
+
+    return Splits(*arrays(per_split["train"]), *arrays(per_split["test"]), classes, f"folder:{path}")
+
+
+def _candidates(cfg: DataConfig) -> list[Path]:
+    """Where `source: auto` looks for an offline copy when data.path is not set."""
+    env = os.environ.get("RESCOMP_DATA")
+    roots = [Path(env)] if env else []
+    here = Path.cwd()
+    repo = Path(__file__).resolve().parent.parent
+    for base in dict.fromkeys([here, repo]):
+        roots += [base / "data", base.parent / "shared" / "data"]
+    found = []
+    for r in roots:
+        if cfg.dataset == "cifar10":
+            found += [r / OFFLINE_CIFAR10, r / "cifar10-jpeg", r / "cifar10"]
+        found += [r]
+    return found
+
+
+def _is_torchvision_root(p: Path, dataset: str) -> bool:
+    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]
+    return (p / folder).is_dir()
+
+
+def _is_imagefolder(p: Path) -> bool:
+    if p.is_file():
+        return p.name.endswith(ARCHIVE_SUFFIXES)
+    return (p / "train").is_dir() and (p / "test").is_dir()
+
+
+def resolve_source(cfg: DataConfig) -> tuple[str, Path]:
+    """Decide ('torchvision' | 'folder', path) for a CIFAR dataset, or explain where we looked."""
+    if cfg.path is not None:
+        p = Path(cfg.path).expanduser()
+        if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download or _is_torchvision_root(p, cfg.dataset))):
+            return "torchvision", p
+        if not p.exists():
+            raise DataError(f"data.path '{p}' does not exist; fix the path or set data.download=true")
+        if _is_imagefolder(p):
+            return "folder", p
+        raise DataError(
+            f"data.path '{p}' is neither a torchvision {cfg.dataset} root nor an ImageFolder folder or "
+            f"archive with train/ and test/; set data.source to say which it is"
+        )
+    if cfg.download or cfg.source == "torchvision":
+        return "torchvision", Path("data")
+    looked = []
+    for p in _candidates(cfg):
+        looked.append(str(p))
+        if not p.exists():
+            continue
+        if p.is_dir() and _is_torchvision_root(p, cfg.dataset):
+            return "torchvision", p
+        if cfg.source in ("auto", "folder") and _is_imagefolder(p):
+            return "folder", p
+    raise DataError(
+        f"no {cfg.dataset} found; looked in: {', '.join(looked)}. Set data.download=true to fetch it "
+        f"with torchvision, or data.path (or $RESCOMP_DATA) to where it is"
+    )
+
+
+def _cache_path(cfg: DataConfig, kind: str, path: Path) -> Path:
+    st = path.stat()
+    key = f"{cfg.dataset}|{kind}|{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = Path(cfg.cache_dir or os.environ.get("RESCOMP_CACHE") or Path.home() / ".cache" / "rescomp")
+    return base / f"{cfg.dataset}-{kind}-{digest}.pt"
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """All images of the configured dataset, decoded once and cached as uint8 tensors."""
+    if cfg.dataset == "synthetic":
+        return synthetic(cfg)
+    kind, path = resolve_source(cfg)
+    if kind == "torchvision":
+        return _from_torchvision(cfg, path)  # already uint8 arrays on disk: nothing to cache
+    cache = _cache_path(cfg, kind, path)
+    if cache.is_file():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return Splits(d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["classes"], f"folder:{path}")
+        except Exception:
+            cache.unlink(missing_ok=True)  # a torn cache is rebuilt, never trusted
+    splits = _from_imagefolder(path)
+    if splits.num_classes != cfg.num_classes:
+        raise DataError(f"'{path}' has {splits.num_classes} classes but data.dataset={cfg.dataset} needs {cfg.num_classes}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    payload = {k: getattr(splits, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes")}
+    torch.save(payload, tmp)
+    os.replace(tmp, cache)
+    return splits
+
+
+def prepare(cfg: DataConfig, seed: int) -> Splits:
+    """Load, then carve the seeded validation split and subsets the config asks for."""
+    s = load_splits(cfg)
+    if s.num_classes != cfg.num_classes:
+        raise DataError(f"dataset has {s.num_classes} classes, config expects {cfg.num_classes}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(s.train_y), generator=g)  # never by index range: files are sorted by class
+    if cfg.val_fraction > 0:
+        n_val = max(1, int(round(len(perm) * cfg.val_fraction)))
+        s.val_x, s.val_y = s.train_x[perm[:n_val]], s.train_y[perm[:n_val]]
+        perm = perm[n_val:]
+    if cfg.train_limit is not None:
+        perm = perm[: cfg.train_limit]
+    if cfg.val_fraction > 0 or cfg.train_limit is not None:
+        s.train_x, s.train_y = s.train_x[perm], s.train_y[perm]
+    if cfg.test_limit is not None:
+        tp = torch.randperm(len(s.test_y), generator=g)[: cfg.test_limit]
+        s.test_x, s.test_y = s.test_x[tp], s.test_y[tp]
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched, on-device augmentation
+
+
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of x (B, C, H, W) after zero-padding, as torchvision's RandomCrop."""
+    if padding == 0:
+        return x
+    b, c, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
+    xp = xp.gather(2, rows)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
+    return xp.gather(3, cols)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def random_rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
+    angle = (torch.rand(x.shape[0], generator=g) * 2 - 1) * math.radians(degrees)
+    cos, sin = angle.cos(), angle.sin()
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """x in [0, 1]; the order follows the usual torchvision pipeline: crop, flip, then rotation."""
+    x = random_crop(x, aug.crop_padding, g)
+    if aug.flip:
+        x = random_flip(x, g)
+    if aug.rotate_degrees > 0:
+        x = random_rotate(x, aug.rotate_degrees, g)
+    return x
+
+
+class BatchLoader:
+    """Iterate (images, labels) batches from uint8 tensors that stay on `device`.
+
+    Shuffling and augmentation draw from a generator seeded by (seed, epoch): an epoch is the same
+    whether or not the run was interrupted before it, which is what makes resume exact.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        train: bool = False,
+        augment: Optional[AugmentConfig] = None,
+        image_size: int = 32,
+        seed: int = 0,
+        channels_last: bool = False,
+        max_steps: Optional[int] = None,
+        drop_last: Optional[bool] = None,
+    ) -> None:
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.augment = augment if train else None
+        self.image_size, self.seed, self.channels_last = image_size, seed, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.drop_last = train and len(y) > batch_size if drop_last is None else drop_last
+        self.max_steps = max_steps
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.y) // self.batch_size if self.drop_last else math.ceil(len(self.y) / self.batch_size)
+        return min(n, self.max_steps) if self.max_steps else n
+
+    def to_input(self, xb: torch.Tensor, g: Optional[torch.Generator] = None) -> torch.Tensor:
+        x = xb.float().div_(255)
+        if self.augment is not None and g is not None:
+            x = augment_batch(x, self.augment, g)
+        x = (x - self.mean) / self.std
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+            idx = order[sl] if order is not None else sl
+            yield self.to_input(self.x[idx], g), self.y[idx]
+
+
+def make_loaders(splits: Splits, cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device,
+                 seed: int, channels_last: bool = False, max_steps: Optional[int] = None) -> dict[str, BatchLoader]:
+    mean, std = NORMALIZATION[cfg.dataset]
+    common = dict(mean=mean, std=std, device=device, image_size=cfg.image_size, channels_last=channels_last)
+    loaders = {
+        "train": BatchLoader(splits.train_x, splits.train_y, batch_size, train=True, augment=cfg.augment,
+                             seed=seed, max_steps=max_steps, **common),
+        "test": BatchLoader(splits.test_x, splits.test_y, eval_batch_size, **common),
+    }
+    if splits.val_x is not None:
+        loaders["val"] = BatchLoader(splits.val_x, splits.val_y, eval_batch_size, **common)
+    return loaders

@@ -1,0 +1,149 @@
+"""What a network costs: parameters, MACs, bytes on disk, CPU latency, GPU throughput, activations.
+
+One module that every technique reuses. fvcore counts one multiply-add as one "flop"; we call that
+number MACs, as it is (DESIGN.md, habit 6).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import statistics
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from rescomp.config import MeasureConfig
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_buffers(model: nn.Module) -> int:
+    """Numbers held in buffers (BatchNorm running mean/var and counters): Keras counts the first two as params."""
+    return sum(b.numel() for b in model.buffers())
+
+
+def count_macs(model: nn.Module, image_size: int, channels: int = 3) -> int:
+    """Multiply-accumulates of one forward pass at batch 1, as fvcore counts them."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.zeros(1, channels, image_size, image_size)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)  # it warns about every op it does not count
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import and tracer use APIs torch marks deprecated
+        from fvcore.nn import FlopCountAnalysis
+
+        fca = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(fca.total())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the saved state_dict, as torch.save writes it."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+@contextmanager
+def pinned_threads(n: Optional[int]) -> Iterator[int]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_latency_ms(model: nn.Module, image_size: int, batch: int, *, threads: Optional[int] = None,
+                   warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of one forward pass on the CPU, in milliseconds, after warm-up."""
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(batch, 3, image_size, image_size)
+    with pinned_threads(threads), torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters: int = 50) -> Optional[float]:
+    """Inference throughput on the first GPU in bf16 and channels_last, or None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.device("cuda")
+    model = copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, image_size, image_size, device=dev).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(10):
+            model(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        torch.cuda.synchronize()
+    return batch * iters / (time.perf_counter() - t0)
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> dict[str, int]:
+    """Activation memory of one forward pass, from hooks on every leaf module.
+
+    act_peak_bytes: the largest (inputs + output) of any one layer, what a layer-by-layer runtime
+    must hold at once; act_max_tensor_bytes: the largest single output tensor.
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    peak = {"act_peak_bytes": 0, "act_max_tensor_bytes": 0}
+
+    def hook(_m, inputs, output) -> None:
+        out = _nbytes(output)
+        peak["act_peak_bytes"] = max(peak["act_peak_bytes"], _nbytes(inputs) + out)
+        peak["act_max_tensor_bytes"] = max(peak["act_max_tensor_bytes"], out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(batch, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
+def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
+    """Every cost column of a table row, with units in the names."""
+    cfg = cfg or MeasureConfig()
+    row: dict[str, Any] = {
+        "params": count_params(model),
+        "buffers": count_buffers(model),
+        "macs": count_macs(model, image_size),
+        "size_bytes": state_dict_bytes(model),
+        "image_size": image_size,
+    }
+    act = activation_bytes(model, image_size)
+    row["act_peak_bytes_b1"], row["act_max_tensor_bytes_b1"] = act["act_peak_bytes"], act["act_max_tensor_bytes"]
+    if cfg.latency:
+        with pinned_threads(cfg.threads) as n:
+            row["cpu_threads"] = n
+            for b in cfg.batch_sizes:
+                row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n,
+                                                              warmup=cfg.warmup, repeats=cfg.repeats)
+    if cfg.gpu_throughput and torch.cuda.is_available():
+        row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
+    return row

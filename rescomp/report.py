@@ -1,0 +1,150 @@
+"""Rows -> results/<table>/ as Markdown, CSV, JSON and a PNG plot, each row with its provenance.
+
+A row is a run's summary.json. Where the run's config gives the paper's numbers (report.paper), the
+table prints the paper's value beside ours and the difference (ours - paper).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from rescomp.checkpoint import atomic_write_bytes
+from rescomp.errors import ConfigError
+
+COLUMNS = ["row", "arch", "dataset", "epochs", "top1", "loss", "params", "macs", "size_bytes", "latency_ms_cpu_b1",
+           "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
+           "seed", "config_hash", "commit", "torch", "device"]
+# Markdown headers with units; CSV and JSON keep the raw names and units.
+MD_HEADERS = {"top1": "top-1 %", "params": "params", "macs": "MACs (M)", "size_bytes": "size (kB)",
+              "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
+MD_SCALE = {"macs": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]
+
+
+def find_runs(target: str, runs_root: Path) -> list[Path]:
+    """Run folders named by `target`: a run folder, a folder of them, or a table name used in configs."""
+    p = Path(target)
+    if p.is_dir():
+        return sorted(s.parent for s in p.rglob("summary.json"))
+    if runs_root.is_dir():
+        tagged = [s.parent for s in sorted(runs_root.rglob("summary.json"))
+                  if json.loads(s.read_text()).get("table") == target]
+        if tagged:
+            return tagged
+    raise ConfigError(f"'{target}' is neither a run folder nor a table that any run under '{runs_root}' reports to; "
+                      f"pass a run folder (e.g. runs/demo-resnet20) or train a config with report.table: {target}")
+
+
+def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for d in run_dirs:
+        try:
+            rows.append(json.loads((d / "summary.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{d}/summary.json is unreadable ({e}); re-run that experiment") from None
+    if not rows:
+        raise ConfigError("no finished runs (summary.json) found to report")
+    return rows
+
+
+def flatten(row: dict[str, Any]) -> dict[str, Any]:
+    """Table columns of one run: ours, then each paper value and the difference."""
+    latency = sorted((k for k in row if k.startswith("latency_ms_cpu_b")), key=lambda k: int(k.rsplit("b", 1)[1]))
+    cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
+    at = cols.index("size_bytes") + 1
+    out = {k: row.get(k) for k in cols[:at] + latency + cols[at:]}
+    out["arch"] = row["arch"]["arch"] if isinstance(row.get("arch"), dict) else row.get("arch")
+    for key, paper in (row.get("paper") or {}).items():
+        out[f"{key} (paper)"] = paper
+        ours = row.get(key)
+        out[f"Δ {key}"] = None if ours is None else ours - paper
+    return out
+
+
+def header(key: str) -> str:
+    if key.startswith("latency_ms_cpu_b"):
+        return f"CPU ms b{key.rsplit('b', 1)[1]}"
+    return MD_HEADERS.get(key, key)
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None:
+        return "–"
+    base = key.removeprefix("Δ ").removesuffix(" (paper)")
+    if isinstance(v, float) or base in MD_SCALE:
+        v = v * MD_SCALE.get(base, 1) if base in MD_SCALE and not key.startswith("Δ") else v
+        sign = "+" if key.startswith("Δ") and v > 0 else ""
+        return f"{sign}{v:,.2f}" if abs(v) < 1e5 else f"{sign}{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown(table: str, rows: list[dict[str, Any]]) -> str:
+    flat = [flatten(r) for r in rows]
+    keys = [k for k in dict.fromkeys(k for f in flat for k in f)
+            if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
+    lines = [f"# {table}", "", "| " + " | ".join(header(k) for k in keys) + " |",
+             "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(k, f.get(k)) for k in keys) + " |" for f in flat]
+    lines += ["", "MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
+              "saved state_dict; CPU latency is the median forward time at batch 1 / 64 with threads pinned;",
+              "Δ = ours − paper.", "", "## Provenance", ""]
+    for r in rows:
+        lines.append(f"- **{r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
+                     f"commit {r.get('commit')}, torch {r.get('torch')}, device {r.get('device')}, "
+                     f"wall {r.get('wall_seconds', 0):.0f} s, data {r.get('data_source')}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    flat = [flatten(r) | {k: r.get(k) for k in PROVENANCE} for r in rows]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(flat)
+    return buf.getvalue()
+
+
+def plot_png(rows: list[dict[str, Any]]) -> bytes:
+    """Top-1 against MACs and against CPU latency, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in [(axes[0], "macs", "MACs (M)"), (axes[1], "latency_ms_cpu_b1", "CPU latency, batch 1 (ms)")]:
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            x = r[key] * (1e-6 if key == "macs" else 1)
+            ax.scatter(x, r["top1"])
+            ax.annotate(str(r["row"]), (x, r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 %")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results")) -> Path:
+    """Render every file in memory first, then write each atomically: a failure leaves the old table."""
+    files = {
+        "table.md": markdown(table, rows).encode(),
+        "table.csv": to_csv(rows).encode(),
+        "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
+        "accuracy_vs_cost.png": plot_png(rows),
+    }
+    final = out_root / table
+    for name, blob in files.items():
+        atomic_write_bytes(final / name, lambda f, b=blob: f.write(b))
+    return final

@@ -1,0 +1,283 @@
+"""Training and evaluation: optimizers, schedules, mixed precision, checkpoint + exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rescomp import checkpoint
+from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from rescomp.context import RunContext
+from rescomp.data import BatchLoader
+from rescomp.errors import CheckpointError, TrainingDiverged
+from rescomp.registry import Registry
+
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+SCHEDULES: Registry[Callable[[ScheduleConfig, int], Callable[[float], float]]] = Registry("schedule")
+
+
+def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """One group, or two when BatchNorm weights and biases (every parameter of <= 1 dim) skip decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not cfg.no_decay_bn_bias or cfg.weight_decay == 0:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(groups, cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(groups, cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(groups, cfg: OptimizerConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg), cfg, device.type == "cuda")
+
+
+# Schedules: the factor multiplying the base lr at a (fractional) epoch, before warm-up.
+@SCHEDULES.register("constant")
+def _constant(s: ScheduleConfig, epochs: int) -> Callable[[float], float]:
+    return lambda e: 1.0
+
+
+@SCHEDULES.register("step")
+def _step(s: ScheduleConfig, epochs: int) -> Callable[[float], float]:
+    return lambda e: s.gamma ** math.floor(e / s.step_size)
+
+
+@SCHEDULES.register("multistep")
+def _multistep(s: ScheduleConfig, epochs: int) -> Callable[[float], float]:
+    return lambda e: s.gamma ** sum(e >= m for m in s.milestones)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(s: ScheduleConfig, epochs: int) -> Callable[[float], float]:
+    span = max(epochs - s.warmup_epochs, 1e-9)
+
+    def f(e: float) -> float:
+        t = min(max(e - s.warmup_epochs, 0.0) / span, 1.0)
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+@SCHEDULES.register("onecycle")
+def _onecycle(s: ScheduleConfig, epochs: int) -> Callable[[float], float]:
+    # Smith & Topin 2019 with torch's OneCycleLR defaults: start at lr/25, end at lr/25e4.
+    lo, end, peak = 1 / 25, 1 / 25e4, s.pct_start * epochs
+
+    def f(e: float) -> float:
+        if e < peak:
+            return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * e / peak))
+        t = min((e - peak) / max(epochs - peak, 1e-9), 1.0)
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def lr_lambda(s: ScheduleConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    base = SCHEDULES.get(s.name)(s, epochs)
+    warm = s.warmup_epochs * steps_per_epoch
+
+    def f(step: int) -> float:
+        factor = base(step / steps_per_epoch)
+        return factor * min(1.0, (step + 1) / warm) if warm > 0 else factor
+
+    return f
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        with ctx.autocast():
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss.item() / max(n, 1), "top1": 100.0 * correct.item() / max(n, 1), "n": n}
+
+
+@dataclass
+class FitState:
+    epoch: int = 0  # epochs completed
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs `cfg.train` on `model`, writing checkpoints/ and metrics.jsonl under `run_dir`."""
+
+    def __init__(self, model: nn.Module, loaders: dict[str, BatchLoader], cfg: ExperimentConfig, ctx: RunContext,
+                 run_dir: Optional[Path], arch: dict[str, Any], distill: Optional[Callable] = None) -> None:
+        self.cfg, self.tc, self.ctx, self.run_dir, self.arch = cfg, cfg.train, ctx, run_dir, arch
+        self.loaders = loaders
+        self.model = model.to(ctx.device)
+        if ctx.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if ctx.compile else self.model
+        self.opt = build_optimizer(self.model, self.tc.optimizer, ctx.device)
+        steps = len(loaders["train"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.tc.schedule, self.tc.epochs, steps))
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
+        self.state = FitState()
+        self.loss_fn: Callable = distill or (lambda out, x, y: F.cross_entropy(out, y, label_smoothing=self.tc.label_smoothing))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Optional[Path]:
+        return self.run_dir / "checkpoints" if self.run_dir else None
+
+    def save(self) -> None:
+        if not (self.ckpt_dir and self.ctx.is_main):
+            return
+        s = self.state
+        checkpoint.save(self.ckpt_dir / "last.pt", {
+            "arch": self.arch, "state_dict": self.model.state_dict(), "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.hash(), "metrics": s.history[-1] if s.history else {},
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+            "fit_state": {k: v for k, v in s.__dict__.items() if k != "history"}, "history": s.history,
+        })
+
+    def resume(self) -> bool:
+        path = self.ckpt_dir / "last.pt" if self.ckpt_dir else None
+        if path is None or not path.is_file():
+            return False
+        p = checkpoint.load(path)
+        if p.get("config_hash") != self.cfg.hash():
+            raise CheckpointError(
+                f"{path} was written by a different config (hash {p.get('config_hash')} vs {self.cfg.hash()}); "
+                f"re-run with --fresh to start over, or give the run another name"
+            )
+        self.model.load_state_dict(p["state_dict"])
+        self.opt.load_state_dict(p["optimizer"])
+        self.sched.load_state_dict(p["scheduler"])
+        self.scaler.load_state_dict(p["scaler"])
+        checkpoint.set_rng_state(p["rng"])
+        self.state = FitState(**p["fit_state"], history=list(p["history"]))
+        return True
+
+    # -- one epoch --------------------------------------------------------------------------
+    def train_epoch(self, progress: Progress, task) -> dict[str, float]:
+        loader, ctx = self.loaders["train"], self.ctx
+        loader.set_epoch(self.state.epoch)
+        self.model.train()
+        loss_sum = torch.zeros((), device=ctx.device)
+        correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+        n, t0 = 0, time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            with ctx.autocast():
+                out = self.forward(x)
+                loss = self.loss_fn(out.float(), x, y)
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.tc.grad_clip:
+                self.scaler.unscale_(self.opt)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            n += len(y)
+            if step % 50 == 49 or step == len(loader) - 1:  # sync rarely: a .item() per step stalls a GPU
+                mean = loss_sum.item() / n
+                if not math.isfinite(mean):
+                    raise TrainingDiverged(
+                        f"loss became {mean} in epoch {self.state.epoch + 1}, step {step + 1}; training stopped and "
+                        f"the last good checkpoint was kept. Lower train.optimizer.lr, add "
+                        f"train.schedule.warmup_epochs, or set train.grad_clip"
+                    )
+                elapsed = time.perf_counter() - t0
+                progress.update(task, completed=step + 1, loss=f"{mean:.3f}", acc=f"{100 * correct.item() / n:.1f}",
+                                ips=f"{n / elapsed:,.0f}")
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        return {"train_loss": loss_sum.item() / n, "train_top1": 100 * correct.item() / n,
+                "images_per_s": n / seconds, "epoch_seconds": seconds}
+
+    def early_stop_check(self, val_loss: float) -> None:
+        es, s = self.tc.early_stopping, self.state
+        if val_loss < s.best_val_loss - es.min_delta:
+            s.best_val_loss, s.best_epoch, s.bad_epochs = val_loss, s.epoch, 0
+            if self.ckpt_dir and self.ctx.is_main:
+                checkpoint.save(self.ckpt_dir / "best.pt", {"arch": self.arch, "state_dict": self.model.state_dict(),
+                                                            "config": self.cfg.to_dict(), "metrics": s.history[-1]})
+        else:
+            s.bad_epochs += 1
+            s.stopped_early = bool(es.patience and s.bad_epochs >= es.patience)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> FitState:
+        resumed = self.resume()
+        s, tc = self.state, self.tc
+        if resumed:
+            self.ctx.log(f"resumed from {self.ckpt_dir / 'last.pt'} after epoch {s.epoch}")
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}%  {task.fields[ips]} img/s"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.ctx.console, disable=not self.ctx.is_main, transient=True) as progress:
+            while s.epoch < tc.epochs and not s.stopped_early:
+                task = progress.add_task(f"epoch {s.epoch + 1}/{tc.epochs}", total=len(self.loaders["train"]),
+                                         loss="-", acc="-", ips="-")
+                row: dict[str, Any] = {"epoch": s.epoch + 1, "lr": self.opt.param_groups[0]["lr"]}
+                row.update(self.train_epoch(progress, task))
+                progress.remove_task(task)
+                s.train_seconds += row["epoch_seconds"]
+                s.epoch += 1
+                if "val" in self.loaders:
+                    row.update({f"val_{k}": v for k, v in evaluate(self.model, self.loaders["val"], self.ctx).items() if k != "n"})
+                if tc.eval_test_every and s.epoch % tc.eval_test_every == 0:
+                    row.update({f"test_{k}": v for k, v in evaluate(self.model, self.loaders["test"], self.ctx).items() if k != "n"})
+                s.history.append(row)
+                if "val_loss" in row:
+                    self.early_stop_check(row["val_loss"])
+                self.log_epoch(row)
+                if s.epoch % tc.checkpoint_every == 0 or s.epoch == tc.epochs or s.stopped_early:
+                    self.save()
+        if s.stopped_early and tc.early_stopping.restore_best and self.ckpt_dir and (self.ckpt_dir / "best.pt").is_file():
+            self.model.load_state_dict(checkpoint.load(self.ckpt_dir / "best.pt")["state_dict"])
+            self.ctx.log(f"early stop after epoch {s.epoch}; restored the best weights (epoch {s.best_epoch})")
+        return s
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.run_dir:  # rewritten whole from the history, so a resumed run never repeats an epoch's line
+            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl",
+                                         "".join(json.dumps(r) + "\n" for r in self.state.history))
+        parts = [f"epoch {row['epoch']}/{self.tc.epochs}", f"loss {row['train_loss']:.4f}", f"acc {row['train_top1']:.2f}%"]
+        parts += [f"{k} {row[k]:.2f}%" for k in ("val_top1", "test_top1") if k in row]
+        parts += [f"{row['images_per_s']:,.0f} img/s", f"lr {row['lr']:.4g}"]
+        self.ctx.log("  ".join(parts))
