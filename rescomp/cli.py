@@ -15,7 +15,7 @@ from rescomp.errors import RescompError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Reproduce and extend CNN-compression papers on CIFAR.")
-err = Console(stderr=True, log_path=False)
+err = Console(stderr=True, log_path=False, soft_wrap=True)
 out = Console()
 
 SetOpt = typer.Option(None, "--set", help="override a config value: --set train.epochs=5 (repeatable)")

@@ -26,7 +26,7 @@ class RunContext:
     compile: bool = False
     rank: int = 0  # DistributedDataParallel rank; only rank 0 writes files and logs
     world_size: int = 1
-    console: Console = field(default_factory=lambda: Console(stderr=True, log_path=False))
+    console: Console = field(default_factory=lambda: Console(stderr=True, log_path=False, soft_wrap=True))
 
     @property
     def is_main(self) -> bool:
@@ -86,4 +86,4 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     return RunContext(device, cfg.seed, run_dir, precision, bool(channels_last), cfg.train.compile, rank, world,
-                      console or Console(stderr=True, log_path=False))
+                      console or Console(stderr=True, log_path=False, soft_wrap=True))
