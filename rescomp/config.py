@@ -146,6 +146,10 @@ class ExperimentConfig(Strict):
             raise ValueError("train.early_stopping.patience needs data.val_fraction > 0 (it watches validation loss)")
         return self
 
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.model.arch}-{self.hash()}"
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

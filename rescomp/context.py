@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,9 @@ class RunContext:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def log(self, *args, **kwargs) -> None:
-        if self.is_main:
-            self.console.log(*args, **kwargs)
+    def log(self, message: str) -> None:
+        if self.is_main:  # one unwrapped line per event, readable in CI logs as well as terminals
+            self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", soft_wrap=True, highlight=False)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -94,12 +94,21 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
     return batch * iters / (time.perf_counter() - t0)
 
 
-def _nbytes(obj: Any) -> int:
+def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return [obj]
     if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
-    return 0
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _nbytes(*objs: Any) -> int:
+    """Bytes of the tensors in objs, counting a storage once (a view or in-place output is no new memory)."""
+    seen: dict[int, int] = {}
+    for t in (t for o in objs for t in _tensors(o)):
+        ptr = t.untyped_storage().data_ptr()
+        seen[ptr] = max(seen.get(ptr, 0), t.numel() * t.element_size())
+    return sum(seen.values())
 
 
 def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> dict[str, int]:
@@ -113,7 +122,7 @@ def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> dict[
 
     def hook(_m, inputs, output) -> None:
         out = _nbytes(output)
-        peak["act_peak_bytes"] = max(peak["act_peak_bytes"], _nbytes(inputs) + out)
+        peak["act_peak_bytes"] = max(peak["act_peak_bytes"], _nbytes(inputs, output))
         peak["act_max_tensor_bytes"] = max(peak["act_max_tensor_bytes"], out)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]

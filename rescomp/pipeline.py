@@ -42,7 +42,7 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def _claim_run_dir(cfg: ExperimentConfig, fresh: bool) -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder, after checking that it is ours to write; and its summary if the run is complete."""
-    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir = Path(cfg.out_dir) / cfg.run_name
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return run_dir, None
@@ -101,9 +101,9 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
                   costs: dict[str, Any], wall_seconds: float, data_source: str) -> dict[str, Any]:
     last = state.history[-1] if state.history else {}
     return {
-        "name": cfg.name,
+        "name": cfg.run_name,
         "table": cfg.report.table,
-        "row": cfg.report.row or cfg.name,
+        "row": cfg.report.row or cfg.run_name,
         "arch": spec,
         "dataset": cfg.data.dataset,
         "data_source": data_source,

@@ -188,7 +188,8 @@ class Trainer:
         return True
 
     # -- one epoch --------------------------------------------------------------------------
-    def train_epoch(self, progress: Progress, task) -> dict[str, float]:
+    def train_epoch(self, on_progress: Optional[Callable[..., None]] = None) -> dict[str, float]:
+        """One pass over the train loader; on_progress(step, loss=, acc=, ips=) every 50 steps."""
         loader, ctx = self.loaders["train"], self.ctx
         loader.set_epoch(self.state.epoch)
         self.model.train()
@@ -218,9 +219,9 @@ class Trainer:
                         f"the last good checkpoint was kept. Lower train.optimizer.lr, add "
                         f"train.schedule.warmup_epochs, or set train.grad_clip"
                     )
-                elapsed = time.perf_counter() - t0
-                progress.update(task, completed=step + 1, loss=f"{mean:.3f}", acc=f"{100 * correct.item() / n:.1f}",
-                                ips=f"{n / elapsed:,.0f}")
+                if on_progress is not None:
+                    on_progress(step + 1, loss=f"{mean:.3f}", acc=f"{100 * correct.item() / n:.1f}",
+                                ips=f"{n / (time.perf_counter() - t0):,.0f}")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -252,7 +253,7 @@ class Trainer:
                 task = progress.add_task(f"epoch {s.epoch + 1}/{tc.epochs}", total=len(self.loaders["train"]),
                                          loss="-", acc="-", ips="-")
                 row: dict[str, Any] = {"epoch": s.epoch + 1, "lr": self.opt.param_groups[0]["lr"]}
-                row.update(self.train_epoch(progress, task))
+                row.update(self.train_epoch(lambda step, **kw: progress.update(task, completed=step, **kw)))
                 progress.remove_task(task)
                 s.train_seconds += row["epoch_seconds"]
                 s.epoch += 1

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {"dataset": "synthetic", "synthetic": {"train_size": 64, "test_size": 32, "num_classes": 10}},
+    "model": {"arch": "cifar_resnet", "depth": 8, "width": 4},
+    "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32,
+              "optimizer": {"name": "sgd", "lr": 0.05}, "schedule": {"name": "cosine"}},
+    "measure": {"batch_sizes": [1, 4], "warmup": 1, "repeats": 2},
+    "report": {"table": "smoke"},
+}
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """A fresh copy of the tiny synthetic experiment (a width-4 ResNet-8)."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run inside an empty folder so runs/ and results/ land there; data caches too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESCOMP_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def write_config(folder: Path, cfg: dict, name: str = "exp.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path

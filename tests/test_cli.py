@@ -1,0 +1,117 @@
+"""The CLI end to end: the smoke config, and every kind of bad input (exit 2, one line, nothing written)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescomp import checkpoint
+from rescomp.cli import app
+
+from conftest import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_smoke_config_trains_measures_and_reports(workdir):
+    res = cli("train", REPO / "configs/smoke/tiny.yaml", "--set", "train.epochs=1")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((workdir / "runs/tiny/summary.json").read_text())
+    assert summary["params"] == 5006 and summary["epochs"] == 1
+    for key in ("config_hash", "seed", "commit", "torch", "device", "wall_seconds", "command", "latency_ms_cpu_b1"):
+        assert key in summary
+    assert {p.name for p in (workdir / "runs/tiny").iterdir()} == {
+        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.json"}
+
+    res = cli("measure", workdir / "runs/tiny/model.pt", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["params"] == 5006
+
+    res = cli("report", "smoke")
+    assert res.exit_code == 0, res.output
+    assert "| tiny |" in (workdir / "results/smoke/table.md").read_text()
+
+
+def test_models_lists_the_registry_with_counts():
+    res = cli("models")
+    assert res.exit_code == 0
+    assert "resnet56" in res.stdout and "853,018" in res.stdout and "densenet121" in res.stdout
+
+
+def test_measure_a_config_without_training(workdir, tiny):
+    res = cli("measure", write_config(workdir, tiny), "--json", "--set", "measure.latency=false")
+    assert res.exit_code == 0, res.output
+    # convs + fc by hand: 3*4*9*32^2 + 2*4*4*9*32^2 + (4*8 + 8*8)*9*16^2 + (8*16 + 16*16)*9*8^2 + 16*10
+    convs_fc = 110_592 + 294_912 + 221_184 + 221_184 + 160
+    bn_elements = 3 * 4 * 32**2 + 2 * 8 * 16**2 + 2 * 16 * 8**2  # fvcore: 2 per element at inference
+    assert json.loads(res.stdout)["macs"] == convs_fc + 2 * bn_elements + 16 * 8**2  # + the average pool
+
+
+def _corrupt_checkpoint(workdir: Path) -> Path:
+    p = workdir / "bad.pt"
+    p.write_bytes(b"\x00" * 100)
+    return p
+
+
+BAD_INPUTS = [
+    (["--set", "train.epoch=3"], "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    (["--set", "train.batch_size=lots"], "train.batch_size: Input should be a valid integer"),
+    (["--set", "model.arch=resnet57"], "unknown model 'resnet57' (did you mean 'resnet56'?)"),
+    (["--set", "data.dataset=cifar10", "--set", "data.path=/nonexistent/cifar.tar.gz"], "does not exist"),
+    (["--set", "device=cuda"], "has no CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_train_input_exits_2_and_writes_nothing(workdir, tiny, args, message):
+    if "device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    res = cli("train", write_config(workdir, tiny), *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr
+    assert "Traceback" not in res.output
+    assert not (workdir / "runs").exists()
+
+
+def test_other_bad_inputs(workdir, tiny):
+    res = cli("train", workdir / "missing.yaml")
+    assert res.exit_code == 2 and "config file" in res.stderr and "not found" in res.stderr
+    res = cli("measure", _corrupt_checkpoint(workdir))
+    assert res.exit_code == 2 and "truncated or corrupt" in res.stderr
+    res = cli("report", "no-such-table")
+    assert res.exit_code == 2 and "neither a run folder nor a table" in res.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_a_changed_config_does_not_clobber_a_run(workdir, tiny):
+    path = write_config(workdir, {**tiny, "measure": {"latency": False}})
+    assert cli("train", path).exit_code == 0
+    res = cli("train", path, "--set", "seed=1")
+    assert res.exit_code == 2 and "holds a run of a different config" in res.stderr
+    assert cli("train", path, "--set", "seed=1", "--fresh").exit_code == 0
+    assert json.loads((workdir / "runs/exp/summary.json").read_text())["seed"] == 1
+
+
+def test_real_process_prints_one_line_and_no_traceback(workdir, tiny):
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "rescomp.cli", "train", str(write_config(workdir, tiny)),
+                           "--set", "train.optimizer.lr=-1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {workdir / 'exp.yaml'}: train.optimizer.lr: Input should be greater than 0 (got -1)"]
+
+
+def test_diverging_run_exits_1_and_keeps_its_checkpoint(workdir, tiny):
+    res = cli("train", write_config(workdir, tiny), "--set", "train.optimizer.lr=1e12")
+    assert res.exit_code == 1 and "loss became nan" in res.stderr
+    assert not (workdir / "runs/exp/summary.json").exists()

@@ -1,0 +1,73 @@
+import pytest
+
+from rescomp.config import load_config, validate
+from rescomp.errors import ConfigError
+from rescomp.pipeline import model_spec
+
+from conftest import write_config
+
+
+def test_defaults_fill_in_and_name_comes_from_file(tmp_path, tiny):
+    cfg = load_config(write_config(tmp_path, tiny, "my-run.yaml"))
+    assert cfg.name == "my-run"
+    assert cfg.train.optimizer.momentum == 0.9
+    assert cfg.data.num_classes == 10
+
+
+def test_overrides_are_parsed_and_validated(tmp_path, tiny):
+    path = write_config(tmp_path, tiny)
+    cfg = load_config(path, ["train.epochs=5", "train.optimizer.lr=0.2", "data.augment.flip=false", "name=x"])
+    assert (cfg.train.epochs, cfg.train.optimizer.lr, cfg.data.augment.flip, cfg.name) == (5, 0.2, False, "x")
+    with pytest.raises(ConfigError, match=r"train.epochs: .*integer.*'five'"):
+        load_config(path, ["train.epochs=five"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", r"unknown key 'train.epoch' \(did you mean 'train.epochs'\?\)"),
+    ("trian.epochs=3", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+    ("train.optimizer.momentun=0.5", r"did you mean 'train.optimizer.momentum'"),
+    ("data.val_fraction=1.5", r"data.val_fraction: .*less than 1"),
+    ("data.dataset=imagenet", r"data.dataset: .*'cifar10', 'cifar100' or 'synthetic'"),
+    ("device=tpu", r"device: must be auto, cpu, cuda or cuda:N"),
+    ("train.early_stopping.patience=3", r"needs data.val_fraction > 0"),
+    ("train.epochs", r"expected dotted.key=value"),
+])
+def test_bad_values_name_the_key_and_the_fix(tmp_path, tiny, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, tiny), [override])
+
+
+def test_model_arguments_are_checked_against_the_builder(tiny):
+    tiny["model"] = {"arch": "resnet56", "widht": 8}
+    with pytest.raises(ConfigError, match=r"unknown key 'model.widht' for arch 'resnet56' \(did you mean 'width'\?\)"):
+        model_spec(validate(tiny, "t"))
+    tiny["model"] = {"arch": "resnet57"}
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet57' \(did you mean 'resnet56'\?\); valid: .*resnet20"):
+        model_spec(validate(tiny, "t"))
+    tiny["model"] = {"arch": "alexnet"}
+    with pytest.raises(ConfigError, match="at least 63 pixels"):
+        model_spec(validate(tiny, "t"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+
+
+def test_hash_ignores_where_outputs_go(tiny):
+    a, b = validate(tiny, "a"), validate({**tiny, "out_dir": "elsewhere"}, "b")
+    assert a.hash() == b.hash()
+    assert a.hash() != validate({**tiny, "seed": 1}, "c").hash()
+
+
+REPO_CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    model_spec(cfg)

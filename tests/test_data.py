@@ -1,0 +1,147 @@
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rescomp.config import AugmentConfig, DataConfig
+from rescomp.data import BatchLoader, load_splits, prepare, random_crop, random_flip
+from rescomp.errors import DataError
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    g = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, g)
+    g = torch.Generator().manual_seed(0)  # replay the offsets the crop drew
+    oy, ox = torch.randint(0, 5, (2,), generator=g), torch.randint(0, 5, (2,), generator=g)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        assert torch.equal(out[i], padded[i, :, oy[i]:oy[i] + 6, ox[i]:ox[i] + 6])
+    assert torch.equal(random_crop(x, 0, g), x)
+
+
+def test_flip_mirrors_exactly_the_drawn_images():
+    x = torch.randn(64, 3, 4, 4)
+    out = random_flip(x, torch.Generator().manual_seed(1))
+    flipped = torch.tensor([torch.equal(o, xi.flip(2)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert (flipped | kept).all() and 10 < flipped.sum() < 54
+
+
+def _loader(train=True, seed=0, **kw):
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(50) % 10
+    return BatchLoader(x, y, 16, mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"), train=train,
+                       augment=AugmentConfig(rotate_degrees=10), seed=seed, **kw)
+
+
+def test_loader_epochs_are_reproducible_and_differ():
+    a, b = _loader(), _loader()
+    a.set_epoch(3), b.set_epoch(3)
+    batches_a, batches_b = list(a), list(b)
+    assert len(batches_a) == 3  # 50 // 16 with drop_last for training
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(batches_a, batches_b))
+    b.set_epoch(4)
+    assert not torch.equal(next(iter(b))[0], batches_a[0][0])
+
+
+def test_eval_loader_keeps_order_and_every_image():
+    ld = _loader(train=False)
+    ys = torch.cat([y for _, y in ld])
+    assert torch.equal(ys, torch.arange(50) % 10)
+    x0 = next(iter(ld))[0]
+    assert torch.allclose(x0, (ld.x[:16].float() / 255 - 0.5) / 0.25)
+
+
+def test_loader_resizes_and_uses_channels_last():
+    ld = _loader(image_size=64, channels_last=True, max_steps=2)
+    batches = list(ld)
+    assert len(batches) == 2
+    assert batches[0][0].shape == (16, 3, 64, 64)
+    assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    cfg = DataConfig(dataset="synthetic", val_fraction=0.25, train_limit=100)
+    s = prepare(cfg, seed=0)
+    assert (len(s.val_y), len(s.train_y)) == (64, 100)
+    flat = lambda t: {bytes(i.numpy()) for i in t}  # noqa: E731
+    assert not flat(s.val_x) & flat(s.train_x)
+    assert torch.equal(prepare(cfg, seed=0).val_x, s.val_x)
+    assert not torch.equal(prepare(cfg, seed=1).val_x, s.val_x)
+
+
+def _write_imagefolder_tar(path, classes=("cat", "dog"), per_class=3):
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for ci, c in enumerate(classes):
+                for i in range(per_class):
+                    im = Image.fromarray(np.full((32, 32, 3), 20 * ci + i, dtype=np.uint8))
+                    buf = io.BytesIO()
+                    im.save(buf, format="PNG")
+                    info = tarfile.TarInfo(f"copy/{split}/{c}/{i:04d}.png")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+
+
+def test_imagefolder_archive_is_decoded_once_and_cached(tmp_path):
+    archive = tmp_path / "two.tar.gz"
+    _write_imagefolder_tar(archive)
+    cfg = DataConfig(dataset="cifar10", path=str(archive), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="has 2 classes but data.dataset=cifar10 needs 10"):
+        load_splits(cfg)
+    _write_imagefolder_tar(archive, classes=tuple(f"c{i}" for i in range(10)), per_class=2)
+    s = load_splits(cfg)
+    assert s.train_x.shape == (20, 3, 32, 32) and s.train_x.dtype == torch.uint8
+    assert s.classes == [f"c{i}" for i in range(10)]
+    assert s.train_y.tolist() == [i // 2 for i in range(20)]
+    assert int(s.train_x[3, 0, 0, 0]) == 20 * 1 + 1  # class c1, image 0001 (PNG is lossless)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    again = load_splits(cfg)
+    assert torch.equal(again.train_x, s.train_x)
+
+
+def _fake_cifar100(root):
+    """torchvision's CIFAR-100 files (python pickles), with 2 images per class."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("test", 100)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": [i % 100 for i in range(n)], "coarse_labels": [0] * n}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"k{i}" for i in range(100)]}, f)
+
+
+def test_cifar100_through_torchvision(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import calculate_md5
+
+    _fake_cifar100(tmp_path)
+    md5 = lambda name: calculate_md5(str(tmp_path / "cifar-100-python" / name))  # noqa: E731
+    # torchvision checks its files' md5 sums; point it at our fakes'.
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5("train")]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5("test")]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5("meta")})
+    s = prepare(DataConfig(dataset="cifar100", path=str(tmp_path), val_fraction=0.1), seed=0)
+    assert s.num_classes == 100
+    assert (s.train_x.shape, s.val_x.shape, s.test_x.shape) == ((180, 3, 32, 32), (20, 3, 32, 32), (100, 3, 32, 32))
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESCOMP_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"no cifar100 found; looked in: .*nowhere.*data.download=true"):
+        load_splits(DataConfig(dataset="cifar100"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / "missing.tar.gz")))
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(DataError, match="not a readable tar archive"):
+        load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path)))

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from rescomp.measure import count_params
+from rescomp.models import build_model, get_entry, model_names
+
+
+# He et al. 2016 CIFAR ResNets; option A has no shortcut parameters, option B adds two 1x1 projections.
+@pytest.mark.parametrize("spec, params", [
+    ({"arch": "resnet20"}, 269_722),
+    ({"arch": "resnet32"}, 464_154),
+    ({"arch": "resnet44"}, 658_586),
+    ({"arch": "resnet56"}, 853_018),
+    ({"arch": "resnet56", "shortcut": "B"}, 855_770),
+    ({"arch": "resnet110"}, 1_727_962),
+    ({"arch": "resnet56_bottleneck"}, 591_322),
+    ({"arch": "resnet18"}, 11_181_642),  # torchvision, 10-class head
+    ({"arch": "resnet50"}, 23_528_522),
+])
+def test_exact_parameter_counts(spec, params):
+    assert count_params(build_model({"num_classes": 10, **spec})) == params
+
+
+def test_tiny_resnet_counted_by_hand():
+    # conv1 3*4*9 + bn 8 | layer1: 2*(4*4*9 + 8) | layer2: 4*8*9 + 16 + 8*8*9 + 16
+    # | layer3: 8*16*9 + 32 + 16*16*9 + 32 | fc 16*10 + 10
+    by_hand = 108 + 8 + 2 * (144 + 8) + (288 + 16 + 576 + 16) + (1152 + 32 + 2304 + 32) + 170
+    assert count_params(build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4})) == by_hand == 5006
+
+
+def test_bottleneck_structure_matches_the_paper():
+    m = build_model({"arch": "resnet56_bottleneck", "num_classes": 10})
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d) and "shortcut" not in n]
+    assert len(convs) == 1 + 3 * 6 * 3  # stem + 3 stages x 6 units x 3 convs; + fc = 56 layers
+    shortcuts = [n for n, mod in m.named_modules() if n.endswith("shortcut") and not isinstance(mod, torch.nn.Identity)]
+    assert shortcuts == ["layer1.0.shortcut", "layer2.0.shortcut", "layer3.0.shortcut"]
+
+
+@pytest.mark.parametrize("arch", model_names())
+def test_every_registered_model_builds_and_runs(arch):
+    entry = get_entry(arch)
+    model = build_model({"arch": arch, "num_classes": 100}).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, entry.min_input, entry.min_input))
+    assert out.shape == (2, 100)
+    assert torch.isfinite(out).all()
+
+
+def test_cifar_stem_for_torchvision_resnets():
+    m = build_model({"arch": "resnet18", "num_classes": 10, "stem": "cifar"})
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)

@@ -1,0 +1,117 @@
+import json
+import math
+
+import pytest
+import torch
+
+from rescomp import checkpoint
+from rescomp.config import ScheduleConfig, OptimizerConfig, validate
+from rescomp.errors import TrainingDiverged
+from rescomp.models import build_model
+from rescomp.pipeline import run_train
+from rescomp.train import Trainer, lr_lambda, param_groups
+
+
+@pytest.mark.parametrize("schedule, points", [
+    ({"name": "multistep", "milestones": [2, 3], "gamma": 0.1}, {0: 1, 1.9: 1, 2: 0.1, 3: 0.01}),
+    ({"name": "step", "step_size": 2, "gamma": 0.5}, {0: 1, 2: 0.5, 5: 0.25}),
+    ({"name": "cosine"}, {0: 1, 2: 0.5, 4: 0}),
+    ({"name": "cosine", "warmup_epochs": 1}, {0: 0.1, 0.5: 0.6, 1: 1, 2.5: 0.5}),
+    ({"name": "onecycle", "pct_start": 0.25}, {0: 0.04, 1: 1, 4: 4e-6}),
+    ({"name": "constant"}, {0: 1, 3.9: 1}),
+])
+def test_schedules_at_known_points(schedule, points):
+    f = lr_lambda(ScheduleConfig(**schedule), epochs=4, steps_per_epoch=10)
+    for epoch, factor in points.items():
+        assert f(int(epoch * 10)) == pytest.approx(factor, abs=1e-9), (schedule, epoch)
+
+
+def test_no_decay_on_batchnorm_and_bias():
+    m = build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4})
+    decay, no_decay = param_groups(m, OptimizerConfig(no_decay_bn_bias=True, weight_decay=5e-4))
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    assert sum(p.numel() for p in no_decay["params"]) == 2 * (4 + 4 + 4 + 8 + 8 + 16 + 16) + 10  # BN + fc bias
+    assert len(param_groups(m, OptimizerConfig())) == 1
+
+
+def _final_weights(run_dir):
+    return checkpoint.load(run_dir / "model.pt")["state_dict"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(workdir, tiny, monkeypatch):
+    tiny["train"]["epochs"] = 4
+    tiny["measure"]["latency"] = False
+    straight_dir, straight = run_train(validate({**tiny, "name": "straight"}, "t"))
+
+    real_save = Trainer.save
+
+    def save_then_die(self):
+        real_save(self)
+        if self.state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    cfg = validate({**tiny, "name": "broken"}, "t")
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg)
+    assert checkpoint.load(workdir / "runs/broken/checkpoints/last.pt")["fit_state"]["epoch"] == 2
+    assert not (workdir / "runs/broken/summary.json").exists()
+    monkeypatch.setattr(Trainer, "save", real_save)
+    resumed_dir, resumed = run_train(cfg)
+
+    a, b = _final_weights(straight_dir), _final_weights(resumed_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["top1"] == straight["top1"] and resumed["loss"] == straight["loss"]
+    lines = (resumed_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_a_clear_message(workdir, tiny):
+    tiny["train"]["optimizer"]["lr"] = 1e12
+    with pytest.raises(TrainingDiverged, match=r"loss became nan.*Lower train.optimizer.lr"):
+        run_train(validate(tiny, "t"))
+
+
+def test_early_stopping_restores_the_best_weights(workdir, tiny):
+    tiny["data"]["val_fraction"] = 0.25
+    tiny["train"].update(epochs=30, early_stopping={"patience": 1}, eval_test_every=0)
+    tiny["train"]["optimizer"]["lr"] = 0.5  # noisy enough that validation loss soon gets worse
+    tiny["measure"]["latency"] = False
+    run_dir, summary = run_train(validate(tiny, "t"))
+    assert summary["stopped_early"] and summary["epochs"] < 30
+    best = checkpoint.load(run_dir / "checkpoints/best.pt")
+    final = checkpoint.load(run_dir / "model.pt")
+    assert all(torch.equal(best["state_dict"][k], final["state_dict"][k]) for k in best["state_dict"])
+    history = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["val_loss"] == pytest.approx(min(h["val_loss"] for h in history), rel=1e-6)
+
+
+def test_completed_run_is_not_retrained(workdir, tiny):
+    tiny["measure"]["latency"] = False
+    cfg = validate(tiny, "t")
+    _, first = run_train(cfg)
+    _, again = run_train(cfg)
+    assert again == first
+
+
+@pytest.mark.slow
+def test_learns_real_cifar10(workdir, tiny):
+    """A width-8 ResNet-8 trained 300 steps of 64 images on the CIFAR-10 copy beats 30 % top-1."""
+    from rescomp.data import resolve_source
+    from rescomp.config import DataConfig
+    from rescomp.errors import DataError
+
+    try:
+        resolve_source(DataConfig())
+    except DataError as e:
+        pytest.skip(f"no CIFAR-10 copy on this machine: {e}")
+    cfg = {
+        "seed": 0, "device": "cpu",
+        "data": {"dataset": "cifar10", "test_limit": 2000},
+        "model": {"arch": "cifar_resnet", "depth": 8, "width": 8},
+        "train": {"epochs": 3, "batch_size": 64, "max_steps_per_epoch": 100, "eval_test_every": 0,
+                  "optimizer": {"lr": 0.1, "weight_decay": 5e-4}, "schedule": {"name": "onecycle"}},
+        "measure": {"latency": False},
+    }
+    _, summary = run_train(validate(cfg, "learn"))
+    assert summary["top1"] > 30.0, summary["top1"]
