@@ -77,7 +77,7 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
         raise DeviceError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     channels_last = cfg.train.channels_last
     if channels_last == "auto":
-        channels_last = device.type == "cuda"
+        channels_last = True  # see TrainConfig.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -61,10 +61,12 @@ def pinned_threads(n: Optional[int]) -> Iterator[int]:
 
 
 def cpu_latency_ms(model: nn.Module, image_size: int, batch: int, *, threads: Optional[int] = None,
-                   warmup: int = 3, repeats: int = 10) -> float:
+                   warmup: int = 3, repeats: int = 10, channels_last: bool = False) -> float:
     """Median wall time of one forward pass on the CPU, in milliseconds, after warm-up."""
     model = copy.deepcopy(model).cpu().eval()
     x = torch.randn(batch, 3, image_size, image_size)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     with pinned_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             model(x)
@@ -151,8 +153,8 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         with pinned_threads(cfg.threads) as n:
             row["cpu_threads"] = n
             for b in cfg.batch_sizes:
-                row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n,
-                                                              warmup=cfg.warmup, repeats=cfg.repeats)
+                row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n, warmup=cfg.warmup,
+                                                              repeats=cfg.repeats, channels_last=cfg.channels_last)
     if cfg.gpu_throughput and torch.cuda.is_available():
         row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
     return row

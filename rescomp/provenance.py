@@ -46,11 +46,24 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu:{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def command_line() -> str:
+    """The command as a user would type it again: `rescomp ...` or `python scripts/x.py ...`."""
+    prog = Path(sys.argv[0])
+    if prog.suffix == ".py":
+        try:
+            shown = ["python", str(prog.resolve().relative_to(Path.cwd()))]
+        except ValueError:
+            shown = ["python", str(prog)]
+    else:
+        shown = [prog.name]
+    return " ".join(shlex.quote(a) for a in [*shown, *sys.argv[1:]])
+
+
 def stamp(device: torch.device | str) -> dict[str, Any]:
     return {
         "commit": git_commit(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device_name(device),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command_line(),
     }
