@@ -54,6 +54,21 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
 
 @app.command()
 @user_errors
+def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trained model to quantize"),
+             set_: Optional[List[str]] = SetOpt,
+             fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
+    """Int8 a trained model (torch.fx, x86): calibrate, evaluate and time it beside its fp32 model."""
+    from rescomp.config import load_config
+    from rescomp.pipeline import run_quantize
+
+    run_dir, s = run_quantize(load_config(config, set_), fresh=fresh, console=err)
+    speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
+    out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
+              f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
+
+
+@app.command()
+@user_errors
 def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoint (.pt)"),
             set_: Optional[List[str]] = SetOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Parameters, MACs, bytes, CPU latency, GPU throughput and activation memory of a model."""
@@ -63,6 +78,17 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     from rescomp.models import build_model
     from rescomp.pipeline import model_spec
 
+    if target.suffix in (".pt", ".pth") and checkpoint.load(target).get("kind") == "rescomp-int8":
+        from rescomp.compress.quantize import load_int8
+        from rescomp.measure import activation_bytes, cpu_latency_ms, state_dict_bytes
+
+        model, payload = load_int8(target)
+        size = payload["image_size"]
+        row = {"arch": payload["arch"]["arch"], "dtype": "int8", "size_bytes": state_dict_bytes(model),
+               **{f"{k}_b1": v for k, v in (activation_bytes(model, size) or {}).items()},
+               **{f"latency_ms_cpu_b{b}": cpu_latency_ms(model, size, b) for b in (1, 64)}}
+        _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
+        return
     if target.suffix in (".pt", ".pth"):
         model, payload = checkpoint.load_model(target)
         cfg = validate(payload["config"], str(target)) if payload.get("config") else None
@@ -73,10 +99,14 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
         arch = cfg.model.arch
     image_size = cfg.data.image_size if cfg else 32
     row = {"arch": arch, **measure_model(model, image_size, cfg.measure if cfg else None)}
+    _show(row, f"{arch} at {image_size}x{image_size}", as_json)
+
+
+def _show(row: dict, title: str, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(row))
         return
-    t = Table(title=f"{arch} at {image_size}x{image_size}")
+    t = Table(title=title)
     t.add_column("measure")
     t.add_column("value", justify="right")
     for k, v in row.items():
@@ -89,7 +119,8 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
 def report(targets: List[str] = typer.Argument(..., help="run folders, folders of runs, or a table name"),
            table: Optional[str] = typer.Option(None, help="name of results/<table>/ (default: the runs' table)"),
            runs: Path = typer.Option(Path("runs"), help="where table names are looked up"),
-           out_dir: Path = typer.Option(Path("results"), "--out", help="results root")) -> None:
+           out_dir: Path = typer.Option(Path("results"), "--out", help="results root"),
+           baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
     from rescomp.report import find_runs, load_rows, write_table
@@ -98,7 +129,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     name = table or rows[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
         raise ConfigError("these runs name no table (report.table in their config); pass --table NAME")
-    path = write_table(name, rows, out_dir)
+    path = write_table(name, rows, out_dir, baseline=baseline)
     out.print(f"{len(rows)} row(s) -> {path}/table.md")
 
 

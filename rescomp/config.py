@@ -119,10 +119,24 @@ class MeasureConfig(Strict):
     gpu_throughput: bool = True
 
 
+class QATConfig(Strict):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class QuantizeConfig(Strict):
+    checkpoint: Optional[str] = None  # default: runs/<name>/model.pt, this config's training run
+    method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    calibration_images: int = Field(1000, ge=1, description="training images run through the observers")
+    qat: QATConfig = QATConfig()
+
+
 class ReportConfig(Strict):
     table: Optional[str] = None  # results/<table>/
     row: Optional[str] = None  # the row's label; default the run name
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
+    paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
 
 
 class ExperimentConfig(Strict):
@@ -135,6 +149,7 @@ class ExperimentConfig(Strict):
     train: TrainConfig = TrainConfig()
     measure: MeasureConfig = MeasureConfig()
     report: ReportConfig = ReportConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     @field_validator("device")
     @classmethod
@@ -156,12 +171,11 @@ class ExperimentConfig(Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def hash(self) -> str:
-        """Identity of the experiment: everything but where its outputs go."""
+    def hash(self, *stages: str) -> str:
+        """Identity of the training run (plus the sections of later `stages`), not where outputs go."""
         d = self.to_dict()
-        d.pop("out_dir", None)
-        d.pop("measure", None)
-        d.pop("report", None)
+        for key in {"out_dir", "measure", "report", "quantize"} - set(stages):
+            d.pop(key, None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

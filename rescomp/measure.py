@@ -101,40 +101,66 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         return [obj]
     if isinstance(obj, (list, tuple)):
         return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
     return []
 
 
-def _nbytes(*objs: Any) -> int:
-    """Bytes of the tensors in objs, counting a storage once (a view or in-place output is no new memory)."""
-    seen: dict[int, int] = {}
-    for t in (t for o in objs for t in _tensors(o)):
-        ptr = t.untyped_storage().data_ptr()
-        seen[ptr] = max(seen.get(ptr, 0), t.numel() * t.element_size())
-    return sum(seen.values())
+def _storages(obj: Any) -> dict[int, int]:
+    """{storage address: bytes} of the tensors in obj; a view shares its base's storage."""
+    out: dict[int, int] = {}
+    for t in _tensors(obj):
+        ptr = t.untyped_storage().data_ptr() if not t.is_quantized else id(t)
+        out[ptr] = max(out.get(ptr, 0), t.numel() * t.element_size())
+    return out
 
 
-def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> dict[str, int]:
-    """Activation memory of one forward pass, from hooks on every leaf module.
+def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> Optional[dict[str, int]]:
+    """Peak activation memory of one forward pass, from the model's torch.fx graph run in order.
 
-    act_peak_bytes: the largest (inputs + output) of any one layer, what a layer-by-layer runtime
-    must hold at once; act_max_tensor_bytes: the largest single output tensor.
+    A tensor is live from the node that makes it to its last user; the input counts, weights do not,
+    and a view or in-place result shares its base's memory. act_peak_bytes is the largest total live
+    at any node (what a runtime's activation arena must hold, as tflite-tools reports it);
+    act_max_tensor_bytes is the largest single activation. None if the model cannot be traced.
     """
+    import torch.fx as fx
+
     model = copy.deepcopy(model).cpu().eval()
-    peak = {"act_peak_bytes": 0, "act_max_tensor_bytes": 0}
-
-    def hook(_m, inputs, output) -> None:
-        out = _nbytes(output)
-        peak["act_peak_bytes"] = max(peak["act_peak_bytes"], _nbytes(inputs, output))
-        peak["act_max_tensor_bytes"] = max(peak["act_max_tensor_bytes"], out)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.inference_mode():
-            model(torch.zeros(batch, 3, image_size, image_size))
-    finally:
-        for h in handles:
-            h.remove()
-    return peak
+        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    except Exception:
+        return None
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
+    made: dict[fx.Node, dict[int, int]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op not in ("get_attr", "output"):
+                made[n] = _storages(out)
+            return out
+
+    with torch.inference_mode():
+        Recorder(gm).run(torch.zeros(batch, 3, image_size, image_size))
+    owners: dict[int, set[fx.Node]] = {}
+    size: dict[int, int] = {}
+    live = peak = biggest = 0
+    for i, n in enumerate(nodes):
+        for ptr, nbytes in made.get(n, {}).items():
+            if not owners.get(ptr):
+                owners[ptr], size[ptr] = set(), nbytes
+                live += nbytes
+            owners[ptr].add(n)
+            biggest = max(biggest, nbytes)
+        peak = max(peak, live)
+        for m in [m for m in made if last_use[m] == i]:  # free what no later node reads
+            for ptr in made.pop(m):
+                owners[ptr].discard(m)
+                if not owners[ptr]:
+                    live -= size[ptr]
+    return {"act_peak_bytes": peak, "act_max_tensor_bytes": biggest}
 
 
 def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
@@ -147,8 +173,8 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         "size_bytes": state_dict_bytes(model),
         "image_size": image_size,
     }
-    act = activation_bytes(model, image_size)
-    row["act_peak_bytes_b1"], row["act_max_tensor_bytes_b1"] = act["act_peak_bytes"], act["act_max_tensor_bytes"]
+    act = activation_bytes(model, image_size) or {}
+    row["act_peak_bytes_b1"], row["act_max_tensor_bytes_b1"] = act.get("act_peak_bytes"), act.get("act_max_tensor_bytes")
     if cfg.latency:
         with pinned_threads(cfg.threads) as n:
             row["cpu_threads"] = n

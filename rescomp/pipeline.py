@@ -40,9 +40,9 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
     return spec
 
 
-def _claim_run_dir(cfg: ExperimentConfig, fresh: bool) -> tuple[Path, Optional[dict[str, Any]]]:
+def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train") -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder, after checking that it is ours to write; and its summary if the run is complete."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
+    run_dir = Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage}")
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return run_dir, None
@@ -53,7 +53,7 @@ def _claim_run_dir(cfg: ExperimentConfig, fresh: bool) -> tuple[Path, Optional[d
         raise ConfigError(f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name")
     if saved.is_file():
         old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
-        if old.hash() != cfg.hash():
+        if old.hash(stage) != cfg.hash(stage):
             raise ConfigError(
                 f"'{run_dir}' holds a run of a different config; re-run with --fresh to replace it, or "
                 f"--set name=<new name> to keep both"
@@ -101,6 +101,7 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
                   costs: dict[str, Any], wall_seconds: float, data_source: str) -> dict[str, Any]:
     last = state.history[-1] if state.history else {}
     return {
+        "stage": "train",
         "name": cfg.run_name,
         "table": cfg.report.table,
         "row": cfg.report.row or cfg.run_name,
@@ -122,3 +123,86 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
         "paper": dict(cfg.report.paper),
         **stamp(ctx.device),
     }
+
+
+def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    """Int8 a trained checkpoint on the CPU; evaluate and measure it beside its fp32 model."""
+    from rescomp.compress import quantize as q
+    from rescomp.data import BatchLoader, NORMALIZATION
+    from rescomp.measure import activation_bytes, cpu_latency_ms, pinned_threads, state_dict_bytes
+
+    t_start = time.perf_counter()
+    qc = cfg.quantize
+    source = Path(qc.checkpoint) if qc.checkpoint else Path(cfg.out_dir) / cfg.run_name / "model.pt"
+    if not source.is_file():
+        raise ConfigError(f"no trained model at '{source}'; run `rescomp train` on this config first, or set "
+                          f"quantize.checkpoint to a trained model.pt")
+    model, payload = checkpoint.load_model(source)
+    if not payload.get("metrics"):
+        raise ConfigError(f"'{source}' holds no evaluation metrics, so it is not a trained model; quantize the "
+                          f"model.pt that `rescomp train` writes at the end of a run")
+    spec, size = payload["arch"], cfg.data.image_size
+    ctx = RunContext(torch.device("cpu"), cfg.seed, console=console or Console(stderr=True, log_path=False))
+    splits = prepare(cfg.data, cfg.seed)
+    mean, std = NORMALIZATION[cfg.data.dataset]
+    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(cfg.seed))[: qc.calibration_images]
+    calib = BatchLoader(splits.train_x[order], splits.train_y[order], 100, mean=mean, std=std, device=ctx.device,
+                        image_size=size)  # no augmentation: calibrate on images as the test set looks
+    test = BatchLoader(splits.test_x, splits.test_y, cfg.train.eval_batch_size, mean=mean, std=std,
+                       device=ctx.device, image_size=size)
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    run_dir, done = _claim_run_dir(cfg, fresh, stage=qc.method)
+    if done is not None:
+        ctx.log(f"{run_dir} is already complete; --fresh redoes it")
+        return run_dir, done
+
+    if qc.method == "ptq":
+        qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
+    else:
+        qmodel, info = _qat(model, cfg, splits, ctx, q)
+    ctx.log(f"int8 ({info['method']}, {qc.backend}) of {source}; calibrated on {qc.calibration_images} training images")
+    fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
+
+    costs = measure(model, size, cfg.measure)  # fp32, in the same process as the int8 timings below
+    int8: dict[str, Any] = {"size_bytes": state_dict_bytes(qmodel)}
+    int8.update({f"{k}_b1": v for k, v in (activation_bytes(qmodel, size) or {}).items()})
+    if cfg.measure.latency:
+        with pinned_threads(cfg.measure.threads) as n:
+            for b in cfg.measure.batch_sizes:
+                int8[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(qmodel, size, b, threads=n, warmup=cfg.measure.warmup,
+                                                              repeats=cfg.measure.repeats)
+                int8[f"speedup_cpu_b{b}"] = costs[f"latency_ms_cpu_b{b}"] / int8[f"latency_ms_cpu_b{b}"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
+    q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics)
+    summary = {
+        "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
+        "row": f"{cfg.report.row or cfg.run_name} int8", "arch": spec, "dataset": cfg.data.dataset,
+        "data_source": splits.source, "seed": cfg.seed, "config_hash": cfg.hash(qc.method), "source": str(source),
+        "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
+        "params": costs["params"], "macs": costs["macs"], "image_size": size, **int8,
+        "fp32_top1": fp32_eval["top1"], "fp32_loss": fp32_eval["loss"], "top1_drop": fp32_eval["top1"] - int8_eval["top1"],
+        **{f"fp32_{k}": v for k, v in costs.items() if k.startswith(("size_bytes", "latency", "act_peak"))},
+        "size_ratio": int8["size_bytes"] / costs["size_bytes"],
+        "wall_seconds": time.perf_counter() - t_start, "paper": dict(cfg.report.paper_int8), **stamp(ctx.device),
+    }
+    checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return run_dir, summary
+
+
+def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any, dict[str, Any]]:
+    """Quantization-aware training: fake-quant fine-tuning with the config's data, then convert."""
+    qc = cfg.quantize
+    prepared = q.prepare(model, qc, cfg.data.image_size)
+    tune = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "epochs": qc.qat.epochs, "optimizer": cfg.train.optimizer.model_copy(update={"lr": qc.qat.lr}),
+        "schedule": cfg.train.schedule.model_copy(update={"name": "cosine", "warmup_epochs": 0}),
+        "early_stopping": cfg.train.early_stopping.model_copy(update={"patience": None}),
+        "eval_test_every": 0, "compile": False})})
+    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                           device=ctx.device, seed=cfg.seed)
+    # Fine-tuning is a stage the pipeline runs (DESIGN.md, habit 1); a few epochs, so no checkpoints.
+    Trainer(prepared, loaders, tune, ctx, None, {}).fit()
+    return q.convert(prepared, cfg.data.image_size), {"method": "qat", "backend": qc.backend,
+                                                      "qat_epochs": qc.qat.epochs, "qat_lr": qc.qat.lr}

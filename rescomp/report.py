@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "epochs", "top1", "loss", "params", "macs", "size_bytes", "latency_ms_cpu_b1",
+COLUMNS = ["row", "arch", "dataset", "epochs", "top1", "loss", "params", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
@@ -51,12 +51,24 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Each row's size_bytes as a share of the baseline row's (the papers' 'compression factor')."""
+    base = [r for r in rows if r.get("row") == baseline]
+    if not base:
+        raise ConfigError(f"--baseline '{baseline}' is no row of this table; rows: {', '.join(str(r.get('row')) for r in rows)}")
+    return [{**r, "compression": r["size_bytes"] / base[0]["size_bytes"]} for r in rows]
+
+
 def flatten(row: dict[str, Any]) -> dict[str, Any]:
     """Table columns of one run: ours, then each paper value and the difference."""
     latency = sorted((k for k in row if k.startswith("latency_ms_cpu_b")), key=lambda k: int(k.rsplit("b", 1)[1]))
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
-    at = cols.index("size_bytes") + 1
-    out = {k: row.get(k) for k in cols[:at] + latency + cols[at:]}
+    at = cols.index("compression")
+    out = {k: row.get(k) for k in cols[:at + 1] + latency + cols[at + 1:]}
+    if row.get("stage") in ("ptq", "qat"):
+        out["epochs"] = row.get("stage")
+        for b in (k.removeprefix("latency_ms_cpu_b") for k in latency):
+            out[f"speedup_cpu_b{b}"] = row.get(f"speedup_cpu_b{b}")
     out["arch"] = row["arch"]["arch"] if isinstance(row.get("arch"), dict) else row.get("arch")
     for key, paper in (row.get("paper") or {}).items():
         out[f"{key} (paper)"] = paper
@@ -68,6 +80,8 @@ def flatten(row: dict[str, Any]) -> dict[str, Any]:
 def header(key: str) -> str:
     if key.startswith("latency_ms_cpu_b"):
         return f"CPU ms b{key.rsplit('b', 1)[1]}"
+    if key.startswith("speedup_cpu_b"):
+        return f"speed-up b{key.rsplit('b', 1)[1]}"
     return MD_HEADERS.get(key, key)
 
 
@@ -92,8 +106,10 @@ def markdown(table: str, rows: list[dict[str, Any]]) -> str:
              "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(k, f.get(k)) for k in keys) + " |" for f in flat]
     lines += ["", "MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
-              "saved state_dict; CPU latency is the median forward time at batch 1 / 64 with threads pinned;",
-              "Δ = ours − paper.", "", "## Provenance", ""]
+              "saved state_dict; compression is size / the baseline row's size; CPU latency is the median",
+              "forward time at batch 1 / 64 with threads pinned; act. peak is the most activation memory live",
+              "at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up over the",
+              "fp32 model timed in the same process. Δ = ours − paper.", "", "## Provenance", ""]
     for r in rows:
         lines.append(f"- **{r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
                      f"commit {r.get('commit')}, torch {r.get('torch')}, device {r.get('device')}, "
@@ -136,8 +152,11 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results")) -> Path:
+def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results"),
+                baseline: str | None = None) -> Path:
     """Render every file in memory first, then write each atomically: a failure leaves the old table."""
+    if baseline:
+        rows = add_compression(rows, baseline)
     files = {
         "table.md": markdown(table, rows).encode(),
         "table.csv": to_csv(rows).encode(),

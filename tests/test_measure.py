@@ -16,7 +16,8 @@ def test_counts_by_hand():
     assert count_params(net) == 3 * 4 * 9 + 256 * 10 + 10
     assert count_macs(net, 8) == 3 * 4 * 9 * 64 + 256 * 10  # one multiply-add = one MAC
     act = activation_bytes(net, 8)
-    # conv: input 3*64 + output 4*64 floats; flatten: 256 in, 256 out; linear: 256 in, 10 out
+    # at the conv, its input (3*64 floats) and output (4*64) are live; flatten is a view of that
+    # output (no new memory); at the linear, 256 + 10 floats.
     assert act == {"act_peak_bytes": (3 * 64 + 4 * 64) * 4, "act_max_tensor_bytes": 256 * 4}
 
 

@@ -35,7 +35,7 @@ def register_model(name: str, *, min_input: int = 8, family: str, summary: str) 
 
 def _load_builtin() -> None:
     # Importing the modules registers their builders; done on first use, not at package import.
-    from rescomp.models import cifar_resnet, torchvision_models  # noqa: F401
+    from rescomp.models import cifar_resnet, resnet50v2, torchvision_models  # noqa: F401
 
 
 def get_entry(arch: str) -> ModelEntry:
@@ -48,13 +48,17 @@ def model_names() -> list[str]:
     return MODELS.names()
 
 
+# Spec keys every architecture takes: structural transforms applied after the builder.
+TRANSFORM_KEYS = ("separable",)
+
+
 def check_spec(spec: dict[str, Any]) -> None:
     """Raise ConfigError for builder arguments the architecture does not take."""
     entry = get_entry(spec["arch"])
     params = inspect.signature(entry.builder).parameters
-    valid = [p for p in params if p != "num_classes"]
+    valid = [p for p in params if p != "num_classes"] + list(TRANSFORM_KEYS)
     for key in spec:
-        if key not in ("arch", "num_classes") and key not in params:
+        if key not in ("arch", "num_classes", *TRANSFORM_KEYS) and key not in params:
             raise ConfigError(
                 f"unknown key 'model.{key}' for arch '{spec['arch']}'{suggest(key, valid)}; "
                 f"valid: arch, {', '.join(valid) or '(none)'}"
@@ -62,13 +66,19 @@ def check_spec(spec: dict[str, Any]) -> None:
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
+    """The network a spec describes: the builder's network, then the spec's structural transforms."""
     check_spec(spec)
     entry = get_entry(spec["arch"])
-    kwargs = {k: v for k, v in spec.items() if k != "arch"}
+    kwargs = {k: v for k, v in spec.items() if k not in ("arch", *TRANSFORM_KEYS)}
     try:
-        return entry.builder(**kwargs)
+        model = entry.builder(**kwargs)
+        if spec.get("separable"):
+            from rescomp.compress.separable import separate
+
+            model = separate(model, spec["separable"])[0]
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model '{spec['arch']}': {e}") from None
+    return model
 
 
 def count_params(model: nn.Module) -> int:

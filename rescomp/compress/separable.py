@@ -1,0 +1,81 @@
+"""Replace k x k convolutions (k > 1) with spatially or depthwise separable ones.
+
+Kastanos 2020 (../shared/papers/separable-convs-and-int8-resnet50v2.txt, section 3.2):
+- spatial:   a k x 1 conv then a 1 x k conv, same channels, no bias, nothing between them;
+- depthwise: a depthwise k x k conv then a pointwise 1 x 1 conv, no bias, nothing between them.
+Stride and padding are carried by the first half in the height direction and the second in width
+(spatial), or by the depthwise half (depthwise), so output shapes are unchanged. Parameters per
+C_in x C_out conv: k*k*Ci*Co -> k*Ci*Co + k*Co*Co (spatial), k*k*Ci + Ci*Co (depthwise).
+
+The replacement is part of the architecture spec (`separable: {mode, include, exclude}`), so a
+separable network rebuilds from its checkpoint like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Literal, Optional
+
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from rescomp.errors import ConfigError
+
+
+class SeparableConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["spatial", "depthwise"]
+    include: list[str] = Field(["*"], description="fnmatch patterns of conv names to replace")
+    exclude: list[str] = []
+
+
+class SpatialSeparable(nn.Sequential):
+    def __init__(self, conv: nn.Conv2d) -> None:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        super().__init__(
+            nn.Conv2d(conv.in_channels, conv.out_channels, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False),
+            nn.Conv2d(conv.out_channels, conv.out_channels, (1, kw), (1, sw), (0, pw), (1, dw), bias=conv.bias is not None),
+        )
+
+
+class DepthwiseSeparable(nn.Sequential):
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(
+            nn.Conv2d(conv.in_channels, conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      groups=conv.in_channels, bias=False),
+            nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None),
+        )
+
+
+REPLACEMENTS = {"spatial": SpatialSeparable, "depthwise": DepthwiseSeparable}
+
+
+def replaceable(name: str, m: nn.Module, cfg: SeparableConfig) -> bool:
+    return (
+        isinstance(m, nn.Conv2d)
+        and max(m.kernel_size) > 1
+        and m.groups == 1
+        and isinstance(m.padding, tuple)  # 'same'/'valid' string padding is not split here
+        and any(fnmatch.fnmatchcase(name, p) for p in cfg.include)
+        and not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+    )
+
+
+def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optional[object] = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of `model` with every matching k x k conv replaced; info lists what was replaced."""
+    cfg = cfg if isinstance(cfg, SeparableConfig) else SeparableConfig.model_validate(cfg)
+    model = copy.deepcopy(model)
+    targets = [(n, m) for n, m in model.named_modules() if replaceable(n, m, cfg)]
+    if not targets:
+        raise ConfigError(
+            f"separable: no k x k conv (k > 1, groups 1) matches include={cfg.include} exclude={cfg.exclude}; "
+            f"conv names look like: {', '.join(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))[:200]}"
+        )
+    before = sum(p.numel() for p in model.parameters())
+    for name, conv in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, REPLACEMENTS[cfg.mode](conv))
+    after = sum(p.numel() for p in model.parameters())
+    return model, {"mode": cfg.mode, "replaced": [n for n, _ in targets], "params_before": before, "params_after": after}

@@ -1,0 +1,82 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from rescomp.compress.separable import DepthwiseSeparable, SpatialSeparable, separate
+from rescomp.errors import ConfigError
+from rescomp.measure import count_params
+from rescomp.models import build_model
+
+
+def bn_stats(model: nn.Module) -> int:
+    return sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+
+
+# Kastanos 2020, Table 1 (Keras totals count BN moving mean and variance; trainable ones do not).
+@pytest.mark.parametrize("variant, keras_total, trainable", [
+    ("full", 23_585_290, 23_539_850),
+    ("spatial", 19_812_874, 19_767_434),
+    ("depthwise", 13_559_498, 13_514_058),
+])
+def test_resnet50v2_parameter_counts_equal_the_papers(variant, keras_total, trainable):
+    m = build_model({"arch": "resnet50v2", "num_classes": 10, "variant": variant})
+    assert count_params(m) == trainable
+    assert bn_stats(m) == 45_440
+    assert count_params(m) + bn_stats(m) == keras_total
+
+
+def test_resnet50v2_peak_activation_memory_equals_the_papers():
+    from rescomp.measure import activation_bytes
+
+    # tflite-tools in the paper: 196.61 kB for every fp32 variant (3 live 8x8x256 tensors at a block's add).
+    for v in ("full", "depthwise"):
+        act = activation_bytes(build_model({"arch": "resnet50v2", "num_classes": 10, "variant": v}), 32)
+        assert act["act_peak_bytes"] == 196_608
+
+
+def test_exactly_separable_kernels_are_reproduced():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(2, 4, 9, 9)
+    # spatial: W[o, i] = h[o, i] (row) x v[i] (column); first half carries v per input channel
+    v, h = torch.randn(4, 3), torch.randn(6, 4, 3)
+    conv.weight.data = torch.einsum("oiw,ih->oihw", h, v)
+    sp = SpatialSeparable(conv)
+    assert sp[0].out_channels == 6
+    sp[0].weight.data.zero_()
+    for i in range(4):
+        sp[0].weight.data[i, i, :, 0] = v[i]
+    sp[1].weight.data = torch.zeros(6, 6, 1, 3)
+    sp[1].weight.data[:, :4, 0, :] = h
+    assert torch.allclose(sp(x), conv(x), atol=1e-5)
+    # depthwise: W[o, i] = p[o, i] * d[i]
+    d, p = torch.randn(4, 3, 3), torch.randn(6, 4)
+    conv.weight.data = p[:, :, None, None] * d[None]
+    dw = DepthwiseSeparable(conv)
+    dw[0].weight.data = d[:, None]
+    dw[1].weight.data = p[:, :, None, None]
+    assert torch.allclose(dw(x), conv(x), atol=1e-5)
+
+
+def test_separate_by_name_pattern_on_any_registry_model():
+    base = build_model({"arch": "resnet20", "num_classes": 10})
+    model, info = separate(base, {"mode": "depthwise", "include": ["layer*.conv*"], "exclude": ["layer3.*"]})
+    assert len(info["replaced"]) == 12  # 2 stages x 3 blocks x 2 convs; stem and layer3 kept
+    assert isinstance(model.layer1[0].conv1, DepthwiseSeparable) and isinstance(model.layer3[0].conv1, nn.Conv2d)
+    assert isinstance(base.layer1[0].conv1, nn.Conv2d)  # the input is left alone
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # 3x3 16->16 conv: 2304 -> 144 + 256; 3x3 16->32: 4608 -> 144 + 512; 3x3 32->32: 9216 -> 288 + 1024
+    saved = 6 * (2304 - 400) + (4608 - 656) + 5 * (9216 - 1312)
+    assert info["params_before"] - info["params_after"] == saved
+
+
+def test_separable_is_part_of_the_spec():
+    spec = {"arch": "resnet56", "num_classes": 10, "separable": {"mode": "spatial", "include": ["layer*"]}}
+    m = build_model(spec)
+    assert isinstance(m.layer2[3].conv2, SpatialSeparable)
+    assert count_params(m) == count_params(build_model(spec))
+
+
+def test_no_matching_conv_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no k x k conv"):
+        separate(build_model({"arch": "resnet20", "num_classes": 10}), {"mode": "spatial", "include": ["nope*"]})
