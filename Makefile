@@ -6,7 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench baselines clean
+.PHONY: install test demo bench bench-int8 baselines table-separable clean
+
+# Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
+# cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
+PROFILE ?= cpu
+PFLAG := $(if $(filter paper,$(PROFILE)),,--profile $(PROFILE))
+PSUF := $(if $(filter paper,$(PROFILE)),,-$(PROFILE))
 
 install: $(STAMP)
 
@@ -32,6 +38,19 @@ bench: install
 baselines: install
 	for c in configs/baselines/*.yaml; do $(BIN)/rescomp train $$c || exit $$?; done
 	$(BIN)/rescomp report baselines
+
+# int8 vs fp32 CPU latency of ResNet-56 and ResNet50V2, both timed in one process.
+bench-int8: install
+	$(BIN)/python scripts/bench_int8.py
+
+# Kastanos 2020, Tables 1-2 (ResNet50V2 full/spatial/depthwise, fp32 and int8), and the same on ResNet-56.
+table-separable: install
+	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
+	  $(BIN)/rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG) && \
+	  $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) || exit $$?; done; done
+	$(BIN)/rescomp report runs/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full
+	$(BIN)/rescomp report runs/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
+	  --baseline "ResNet-56 Full"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

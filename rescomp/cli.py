@@ -19,6 +19,7 @@ err = Console(stderr=True, log_path=False, soft_wrap=True)
 out = Console()
 
 SetOpt = typer.Option(None, "--set", help="override a config value: --set train.epochs=5 (repeatable)")
+ProfileOpt = typer.Option(None, "--profile", help="apply the config's `profiles:` entry of this name")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -41,12 +42,13 @@ def user_errors(fn: Callable) -> Callable:
 @app.command()
 @user_errors
 def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Optional[List[str]] = SetOpt,
+          profile: Optional[str] = ProfileOpt,
           fresh: bool = typer.Option(False, "--fresh", help="delete this run's folder and start over")) -> None:
     """Train what CONFIG describes; re-running an interrupted run resumes it."""
     from rescomp.config import load_config
     from rescomp.pipeline import run_train
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_, profile)
     run_dir, summary = run_train(cfg, fresh=fresh, console=err)
     out.print(f"top-1 {summary['top1']:.2f}%  params {summary['params']:,}  MACs {summary['macs'] / 1e6:.2f} M  "
               f"-> {run_dir}/summary.json")
@@ -55,13 +57,13 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
 @app.command()
 @user_errors
 def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trained model to quantize"),
-             set_: Optional[List[str]] = SetOpt,
+             set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
              fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
     """Int8 a trained model (torch.fx, x86): calibrate, evaluate and time it beside its fp32 model."""
     from rescomp.config import load_config
     from rescomp.pipeline import run_quantize
 
-    run_dir, s = run_quantize(load_config(config, set_), fresh=fresh, console=err)
+    run_dir, s = run_quantize(load_config(config, set_, profile), fresh=fresh, console=err)
     speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
     out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
               f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")

@@ -140,7 +140,8 @@ class ReportConfig(Strict):
 
 
 class ExperimentConfig(Strict):
-    name: Optional[str] = None  # run name; default the config file's stem
+    name: Optional[str] = None  # run name; default the config file's stem (+ "-<profile>")
+    profile: Optional[str] = None  # the `profiles:` entry applied, if any
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
@@ -254,10 +255,43 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML at `path`, merged over the file(s) its `extends:` names (relative to it)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    raw = read_yaml(path)
+    bases = raw.pop("extends", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_with_extends(path.parent / base, (*seen, path.resolve())))
+    return deep_merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, profile: Optional[str] = None) -> ExperimentConfig:
+    """Read, merge `extends:` bases, apply a `profiles:` entry and `--set` overrides, validate.
+
+    A profile is a named partial config kept in the file (e.g. a short CPU schedule beside the
+    paper's); its runs are named <name>-<profile> so profiles never share a run folder.
+    """
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides or []))
+    raw = read_with_extends(path)
+    profiles = raw.pop("profiles", None) or {}
     raw.setdefault("name", path.stem)
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(f"{path}: no profile '{profile}'{suggest(profile, list(profiles))}; "
+                              f"profiles: {', '.join(profiles) or '(none)'}")
+        raw = deep_merge(raw, profiles[profile])
+        raw["name"] = f"{raw['name']}-{profile}"
+        raw["profile"] = profile
+    raw = apply_overrides(raw, list(overrides or []))
     return validate(raw, str(path))
 
 

@@ -30,6 +30,11 @@ def count_buffers(model: nn.Module) -> int:
     return sum(b.numel() for b in model.buffers())
 
 
+def count_bn_stats(model: nn.Module) -> int:
+    """BatchNorm moving means and variances: Keras counts them as (non-trainable) parameters."""
+    return sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+
+
 def count_macs(model: nn.Module, image_size: int, channels: int = 3) -> int:
     """Multiply-accumulates of one forward pass at batch 1, as fvcore counts them."""
     model = copy.deepcopy(model).cpu().eval()
@@ -169,6 +174,7 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
     row: dict[str, Any] = {
         "params": count_params(model),
         "buffers": count_buffers(model),
+        "params_with_bn_stats": count_params(model) + count_bn_stats(model),
         "macs": count_macs(model, image_size),
         "size_bytes": state_dict_bytes(model),
         "image_size": image_size,

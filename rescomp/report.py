@@ -15,11 +15,11 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "epochs", "top1", "loss", "params", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1": "top-1 %", "params": "params", "macs": "MACs (M)", "size_bytes": "size (kB)",
+MD_HEADERS = {"top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
 MD_SCALE = {"macs": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]

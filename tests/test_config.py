@@ -64,10 +64,33 @@ def test_hash_ignores_where_outputs_go(tiny):
     assert a.hash() != validate({**tiny, "seed": 1}, "c").hash()
 
 
-REPO_CONFIGS = sorted((__import__("pathlib").Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+def _shipped():
+    import yaml
+    from rescomp.config import read_with_extends
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
+    for path in sorted(root.rglob("*.yaml")):
+        for profile in [None, *(read_with_extends(path).get("profiles") or {})]:
+            yield pytest.param(path, profile, id=f"{path.parent.name}/{path.name}:{profile or '-'}")
 
 
-@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_config_is_valid(path):
-    cfg = load_config(path)
+@pytest.mark.parametrize("path, profile", list(_shipped()))
+def test_every_shipped_config_and_profile_is_valid(path, profile):
+    cfg = load_config(path, profile=profile)
     model_spec(cfg)
+
+
+def test_extends_and_profiles(tmp_path, tiny):
+    base = {**tiny, "profiles": {"quick": {"train": {"epochs": 1}, "data": {"train_limit": 8}}}}
+    write_config(tmp_path, base, "base.yaml")
+    write_config(tmp_path, {"extends": "base.yaml", "train": {"batch_size": 8}, "model": {"width": 2}}, "child.yaml")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.arch, cfg.model.width) == (8, 2, "cifar_resnet", 2)
+    quick = load_config(tmp_path / "child.yaml", ["train.epochs=4"], profile="quick")
+    assert (quick.name, quick.profile, quick.train.epochs, quick.data.train_limit) == ("child-quick", "quick", 4, 8)
+    assert quick.hash() != cfg.hash()
+    with pytest.raises(ConfigError, match=r"no profile 'quik' \(did you mean 'quick'\?\); profiles: quick"):
+        load_config(tmp_path / "child.yaml", profile="quik")
+    write_config(tmp_path, {"extends": "loop.yaml"}, "loop.yaml")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop.yaml")
