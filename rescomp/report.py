@@ -59,22 +59,37 @@ def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str,
     return [{**r, "compression": r["size_bytes"] / base[0]["size_bytes"]} for r in rows]
 
 
-def flatten(row: dict[str, Any]) -> dict[str, Any]:
-    """Table columns of one run: ours, then each paper value and the difference."""
-    latency = sorted((k for k in row if k.startswith("latency_ms_cpu_b")), key=lambda k: int(k.rsplit("b", 1)[1]))
+def _ours(row: dict[str, Any]) -> list[str]:
+    """Our columns for a row, in table order (latencies and speed-ups for whatever batch sizes it has)."""
+    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith("latency_ms_cpu_b")})
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
-    at = cols.index("compression")
-    out = {k: row.get(k) for k in cols[:at + 1] + latency + cols[at + 1:]}
-    if row.get("stage") in ("ptq", "qat"):
-        out["epochs"] = row.get("stage")
-        for b in (k.removeprefix("latency_ms_cpu_b") for k in latency):
-            out[f"speedup_cpu_b{b}"] = row.get(f"speedup_cpu_b{b}")
+    at = cols.index("compression") + 1
+    extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
+    return cols[:at] + extra + cols[at:]
+
+
+def flatten(row: dict[str, Any]) -> dict[str, Any]:
+    """Table columns of one run: each of ours, followed by the paper's value and the difference."""
+    paper = row.get("paper") or {}
+    out: dict[str, Any] = {}
+    for k in _ours(row) + [k for k in paper if k not in COLUMNS]:
+        out[k] = row.get(k)
+        if k in paper:
+            out[f"{k} (paper)"] = paper[k]
+            out[f"Δ {k}"] = None if row.get(k) is None else row[k] - paper[k]
     out["arch"] = row["arch"]["arch"] if isinstance(row.get("arch"), dict) else row.get("arch")
-    for key, paper in (row.get("paper") or {}).items():
-        out[f"{key} (paper)"] = paper
-        ours = row.get(key)
-        out[f"Δ {key}"] = None if ours is None else ours - paper
+    if row.get("stage") in ("ptq", "qat"):
+        out["epochs"] = row["stage"]
     return out
+
+
+def column_order(flat: list[dict[str, Any]]) -> list[str]:
+    """The union of the rows' columns, each paper column right after ours."""
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    base = list(dict.fromkeys(k.removeprefix("Δ ").removesuffix(" (paper)") for k in keys))
+    rank = {k: (base.index(k.removeprefix("Δ ").removesuffix(" (paper)")), k.startswith("Δ") * 2 + k.endswith("(paper)"))
+            for k in keys}
+    return sorted(keys, key=rank.__getitem__)
 
 
 def header(key: str) -> str:
@@ -82,6 +97,9 @@ def header(key: str) -> str:
         return f"CPU ms b{key.rsplit('b', 1)[1]}"
     if key.startswith("speedup_cpu_b"):
         return f"speed-up b{key.rsplit('b', 1)[1]}"
+    if key.endswith(" (paper)") or key.startswith("Δ "):
+        base = key.removeprefix("Δ ").removesuffix(" (paper)")
+        return key.replace(base, MD_HEADERS.get(base, base)).replace(" (paper)", ", paper")
     return MD_HEADERS.get(key, key)
 
 
@@ -89,27 +107,34 @@ def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "–"
     base = key.removeprefix("Δ ").removesuffix(" (paper)")
-    if isinstance(v, float) or base in MD_SCALE:
-        v = v * MD_SCALE.get(base, 1) if base in MD_SCALE and not key.startswith("Δ") else v
-        sign = "+" if key.startswith("Δ") and v > 0 else ""
+    if isinstance(v, (int, float)) and base in MD_SCALE:
+        v = v * MD_SCALE[base]
+    sign = "+" if key.startswith("Δ") and isinstance(v, (int, float)) and v > 0 else ""
+    if isinstance(v, float):
         return f"{sign}{v:,.2f}" if abs(v) < 1e5 else f"{sign}{v:,.0f}"
     if isinstance(v, int):
-        return f"{v:,}"
+        return f"{sign}{v:,}"
     return str(v).replace("|", "\\|")
+
+
+SHARED = ("arch", "dataset", "profile")  # shown once above the table when every row has the same value
 
 
 def markdown(table: str, rows: list[dict[str, Any]]) -> str:
     flat = [flatten(r) for r in rows]
-    keys = [k for k in dict.fromkeys(k for f in flat for k in f)
-            if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
-    lines = [f"# {table}", "", "| " + " | ".join(header(k) for k in keys) + " |",
-             "|" + "---|" * len(keys)]
+    keys = [k for k in column_order(flat) if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
+    common = [k for k in SHARED if k in keys and len({str(f.get(k)) for f in flat}) == 1]
+    keys = [k for k in keys if k not in common]
+    lines = [f"# {table}", ""]
+    if common:
+        lines += ["All rows: " + ", ".join(f"{k} **{flat[0][k]}**" for k in common), ""]
+    lines += ["| " + " | ".join(header(k) for k in keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(k, f.get(k)) for k in keys) + " |" for f in flat]
     lines += ["", "MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
-              "saved state_dict; compression is size / the baseline row's size; CPU latency is the median",
-              "forward time at batch 1 / 64 with threads pinned; act. peak is the most activation memory live",
-              "at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up over the",
-              "fp32 model timed in the same process. Δ = ours − paper.", "", "## Provenance", ""]
+              "saved state_dict (kB = 1000 bytes); compression is size / the baseline row's size; CPU latency is",
+              "the median forward time at batch 1 / 64 with threads pinned; act. peak is the most activation",
+              "memory live at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up",
+              "over the fp32 model timed in the same process. Δ = ours − paper.", "", "## Provenance", ""]
     for r in rows:
         lines.append(f"- **{r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
                      f"commit {r.get('commit')}, torch {r.get('torch')}, device {r.get('device')}, "
@@ -119,7 +144,7 @@ def markdown(table: str, rows: list[dict[str, Any]]) -> str:
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     flat = [flatten(r) | {k: r.get(k) for k in PROVENANCE} for r in rows]
-    keys = list(dict.fromkeys(k for f in flat for k in f))
+    keys = column_order(flat)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
