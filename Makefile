@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-int8 baselines table-separable clean
+.PHONY: install test demo bench bench-int8 baselines table-separable table-layer-drop clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -51,6 +51,20 @@ table-separable: install
 	$(BIN)/rescomp report runs/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full
 	$(BIN)/rescomp report runs/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
 	  --baseline "ResNet-56 Full"
+
+# Residual-block deletion: accuracy vs layers (method, scratch, distillation), the cost table, the
+# study of k (units per step) and n (retraining epochs), the learned w. The study reuses the trained
+# network and varies k or n one at a time around the main run's (paper: k = 1/2/4, n = 30/60/120).
+LD := configs/table-layer-drop/resnet56.yaml
+LD_STUDY_K := $(if $(filter cpu,$(PROFILE)),1 5,1 4)
+LD_STUDY_N := $(if $(filter cpu,$(PROFILE)),2 4,30 120)
+table-layer-drop: install
+	$(BIN)/rescomp layer-drop $(LD) $(PFLAG)
+	for k in $(LD_STUDY_K); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.k=$$k \
+	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
+	for n in $(LD_STUDY_N); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
+	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
+	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,7 +16,7 @@ from rescomp.errors import RescompError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Reproduce and extend CNN-compression papers on CIFAR.")
 err = Console(stderr=True, log_path=False, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 SetOpt = typer.Option(None, "--set", help="override a config value: --set train.epochs=5 (repeatable)")
 ProfileOpt = typer.Option(None, "--profile", help="apply the config's `profiles:` entry of this name")
@@ -67,6 +67,22 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
     speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
     out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
               f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
+
+
+@app.command("layer-drop")
+@user_errors
+def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),
+               set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+               fresh: bool = typer.Option(False, "--fresh", help="redo a finished layer-drop run")) -> None:
+    """Delete residual units by learned importance, retraining between deletions; resumable."""
+    from rescomp.config import load_config
+    from rescomp.layer_drop_run import run_layer_drop
+
+    run_dir, s = run_layer_drop(load_config(config, set_, profile), fresh=fresh, console=err)
+    rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
+    out.print(f"smallest lossless: {smallest['layers']} layers, top-1 {smallest['top1']:.2f}% "
+              f"(full {s['start_top1']:.2f}%); MACs {rel['macs']:.1f}%, params {rel['params']:.1f}% of full "
+              f"-> {run_dir}/summary.json")
 
 
 @app.command()
@@ -125,13 +141,14 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
            baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
-    from rescomp.report import find_runs, load_rows, write_table
+    from rescomp.report import expand, find_runs, load_rows, write_table
 
-    rows = load_rows(d for t in targets for d in find_runs(t, runs))
-    name = table or rows[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
+    summaries = load_rows(d for t in targets for d in find_runs(t, runs))
+    rows = expand(summaries)
+    name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
         raise ConfigError("these runs name no table (report.table in their config); pass --table NAME")
-    path = write_table(name, rows, out_dir, baseline=baseline)
+    path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries)
     out.print(f"{len(rows)} row(s) -> {path}/table.md")
 
 

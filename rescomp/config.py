@@ -70,6 +70,7 @@ class OptimizerConfig(Strict):
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
     no_decay_bn_bias: bool = Field(False, description="no weight decay on BatchNorm and bias parameters")
+    gate_weight_decay: bool = Field(False, description="decay layer-drop's residual gates too")
     betas: tuple[float, float] = (0.9, 0.999)
 
 
@@ -132,6 +133,33 @@ class QuantizeConfig(Strict):
     qat: QATConfig = QATConfig()
 
 
+class TimingConfig(Strict):
+    batch_size: int = Field(128, ge=1)
+    runs: int = Field(100, ge=1)  # paper: the mean of 100 runs
+    warmup: int = Field(10, ge=0)
+
+
+class BaselinesConfig(Strict):
+    scratch: bool = True  # the same shortened structure trained from scratch
+    distill: bool = True  # ... and distilled from the full network (Hinton et al. 2015)
+    epochs: Optional[int] = Field(None, ge=1, description="default: train.epochs")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+
+
+class LayerDropConfig(Strict):
+    checkpoint: Optional[str] = None  # a trained gated model.pt; default: train this config first
+    criterion: str = "gate"  # gate | random | bn_gamma | output_norm
+    k: int = Field(2, ge=1, description="units deleted per step")
+    retrain_epochs: int = Field(60, ge=0, description="n: epochs of retraining after each deletion")
+    max_units: Optional[int] = Field(None, ge=1, description="stop after deleting this many (default: all)")
+    tolerance: float = Field(0.0, ge=0, description="stop once top-1 < the full network's - tolerance")
+    keep_going: bool = False  # delete on past the first loss, to trace the whole accuracy-depth curve
+    score_images: int = Field(1000, ge=1, description="training images for data-based criteria")
+    timing: TimingConfig = TimingConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+
+
 class ReportConfig(Strict):
     table: Optional[str] = None  # results/<table>/
     row: Optional[str] = None  # the row's label; default the run name
@@ -151,6 +179,7 @@ class ExperimentConfig(Strict):
     measure: MeasureConfig = MeasureConfig()
     report: ReportConfig = ReportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    layer_drop: LayerDropConfig = LayerDropConfig()
 
     @field_validator("device")
     @classmethod
@@ -175,7 +204,7 @@ class ExperimentConfig(Strict):
     def hash(self, *stages: str) -> str:
         """Identity of the training run (plus the sections of later `stages`), not where outputs go."""
         d = self.to_dict()
-        for key in {"out_dir", "measure", "report", "quantize"} - set(stages):
+        for key in {"out_dir", "measure", "report", "quantize", "layer_drop"} - set(stages):
             d.pop(key, None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from rescomp.config import MeasureConfig
 
@@ -99,6 +100,29 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
             model(x)
         torch.cuda.synchronize()
     return batch * iters / (time.perf_counter() - t0)
+
+
+def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.device, *, runs: int = 100,
+                  warmup: int = 10) -> dict[str, float]:
+    """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs)."""
+    model = copy.deepcopy(model).to(device).train()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fwd = bwd = 0.0
+    for i in range(warmup + runs):
+        sync()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        if i >= warmup:
+            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+    return {f"forward_ms_b{batch}": 1e3 * fwd / runs, f"backward_ms_b{batch}": 1e3 * bwd / runs}
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:

@@ -40,9 +40,17 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
     return spec
 
 
+def stage_suffix(cfg: ExperimentConfig, stage: str) -> str:
+    """Run-folder suffix of a later stage; layer-drop runs of one trained network differ by k, n, criterion."""
+    if stage == "layerdrop":
+        ld = cfg.layer_drop
+        return f"layerdrop-{ld.criterion}-k{ld.k}-n{ld.retrain_epochs}"
+    return stage
+
+
 def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train") -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder, after checking that it is ours to write; and its summary if the run is complete."""
-    run_dir = Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage}")
+    run_dir = Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return run_dir, None

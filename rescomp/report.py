@@ -15,7 +15,7 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
@@ -51,6 +51,15 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run, or per entry of a run's `rows` (a layer-drop run), carrying the run's provenance."""
+    rows = []
+    for s in summaries:
+        common = {k: v for k, v in s.items() if k not in ("rows", "full_stats", "sections")}
+        rows += [{**common, **r} for r in s["rows"]] if "rows" in s else [s]
+    return rows
+
+
 def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """Each row's size_bytes as a share of the baseline row's (the papers' 'compression factor')."""
     base = [r for r in rows if r.get("row") == baseline]
@@ -65,6 +74,7 @@ def _ours(row: dict[str, Any]) -> list[str]:
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
+    extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
 
 
@@ -97,6 +107,8 @@ def header(key: str) -> str:
         return f"CPU ms b{key.rsplit('b', 1)[1]}"
     if key.startswith("speedup_cpu_b"):
         return f"speed-up b{key.rsplit('b', 1)[1]}"
+    if key.startswith(("forward_ms_b", "backward_ms_b")):
+        return f"{key.split('_')[0]} ms b{key.rsplit('b', 1)[1]}"
     if key.endswith(" (paper)") or key.startswith("Δ "):
         base = key.removeprefix("Δ ").removesuffix(" (paper)")
         return key.replace(base, MD_HEADERS.get(base, base)).replace(" (paper)", ", paper")
@@ -120,7 +132,7 @@ def _fmt(key: str, v: Any) -> str:
 SHARED = ("arch", "dataset", "profile")  # shown once above the table when every row has the same value
 
 
-def markdown(table: str, rows: list[dict[str, Any]]) -> str:
+def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None) -> str:
     flat = [flatten(r) for r in rows]
     keys = [k for k in column_order(flat) if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
     common = [k for k in SHARED if k in keys and len({str(f.get(k)) for f in flat}) == 1]
@@ -134,9 +146,18 @@ def markdown(table: str, rows: list[dict[str, Any]]) -> str:
               "saved state_dict (kB = 1000 bytes); compression is size / the baseline row's size; CPU latency is",
               "the median forward time at batch 1 / 64 with threads pinned; act. peak is the most activation",
               "memory live at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up",
-              "over the fp32 model timed in the same process. Δ = ours − paper.", "", "## Provenance", ""]
+              "over the fp32 model timed in the same process. Δ = ours − paper.", ""]
+    for s in summaries or []:
+        for sec in s.get("sections", []):
+            lines += [f"## {sec['title']}", "", sec["markdown"], ""]
+    lines += ["## Provenance", ""]
+    seen = set()
     for r in rows:
-        lines.append(f"- **{r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
+        key = (r.get("command"), r.get("config_hash"), r.get("stage"))
+        if "step" in r and key in seen:  # a layer-drop run's rows share one provenance line
+            continue
+        seen.add(key)
+        lines.append(f"- **{r.get('name') if 'step' in r else r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
                      f"commit {r.get('commit')}, torch {r.get('torch')}, device {r.get('device')}, "
                      f"wall {r.get('wall_seconds', 0):.0f} s, data {r.get('data_source')}")
     return "\n".join(lines) + "\n"
@@ -152,13 +173,28 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_png(rows: list[dict[str, Any]]) -> bytes:
-    """Top-1 against MACs and against CPU latency, one labelled point per row."""
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_png(rows: list[dict[str, Any]]) -> bytes:
+    """Top-1 against MACs and against CPU latency, one labelled point per row."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in [(axes[0], "macs", "MACs (M)"), (axes[1], "latency_ms_cpu_b1", "CPU latency, batch 1 (ms)")]:
         for r in rows:
@@ -170,24 +206,56 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def plot_layers_png(rows: list[dict[str, Any]]) -> bytes:
+    """Top-1 against depth, one line per series (paper, Figures 3 and 4)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for series in dict.fromkeys(r["series"] for r in rows if "series" in r):
+        pts = sorted((r["layers"], r["top1"]) for r in rows if r.get("series") == series)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("top-1 %")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_gates_png(stats: dict[str, Any]) -> bytes:
+    """The learned w of the full network: histogram (paper, Figure 6) and |w| vs output norm (Figure 5)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    w = list(stats["gates"].values())
+    axes[0].hist(w, bins=20)
+    axes[0].set_xlabel("learned w")
+    axes[0].set_ylabel("units")
+    names = list(stats["gates"])
+    axes[1].scatter([abs(stats["gates"][n]) for n in names], [stats["output_norm"][n] for n in names])
+    axes[1].set_xlabel("|w|")
+    axes[1].set_ylabel("mean L2 norm of w·F(x)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _png(fig)
 
 
 def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results"),
-                baseline: str | None = None) -> Path:
+                baseline: str | None = None, summaries: list[dict[str, Any]] | None = None) -> Path:
     """Render every file in memory first, then write each atomically: a failure leaves the old table."""
     if baseline:
         rows = add_compression(rows, baseline)
     files = {
-        "table.md": markdown(table, rows).encode(),
+        "table.md": markdown(table, rows, summaries).encode(),
         "table.csv": to_csv(rows).encode(),
         "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
         "accuracy_vs_cost.png": plot_png(rows),
     }
+    if any("series" in r for r in rows):
+        files["accuracy_vs_layers.png"] = plot_layers_png(rows)
+    for i, stats in enumerate(s["full_stats"] for s in summaries or [] if s.get("full_stats")):
+        files[f"gates{i or ''}.png"] = plot_gates_png(stats)
     final = out_root / table
     for name, blob in files.items():
         atomic_write_bytes(final / name, lambda f, b=blob: f.write(b))

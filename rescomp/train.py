@@ -26,12 +26,20 @@ SCHEDULES: Registry[Callable[[ScheduleConfig, int], Callable[[float], float]]] =
 
 
 def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """One group, or two when BatchNorm weights and biases (every parameter of <= 1 dim) skip decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not cfg.no_decay_bn_bias or cfg.weight_decay == 0:
-        return [{"params": params, "weight_decay": cfg.weight_decay}]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    """A decayed group and, where anything skips decay, an undecayed one.
+
+    Residual-unit gates (layer-drop's w) never decay unless gate_weight_decay is set: decay would pull
+    every w towards 0 and blur the importance the paper reads from |w|. With no_decay_bn_bias,
+    BatchNorm weights and biases (every parameter of <= 1 dimension) skip decay too.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = (name.endswith(".gate") and not cfg.gate_weight_decay) or (cfg.no_decay_bn_bias and p.ndim <= 1)
+        (no_decay if skip else decay).append(p)
+    if not no_decay or cfg.weight_decay == 0:
+        return [{"params": decay + no_decay, "weight_decay": cfg.weight_decay}]
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

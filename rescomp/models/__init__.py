@@ -49,7 +49,7 @@ def model_names() -> list[str]:
 
 
 # Spec keys every architecture takes: structural transforms applied after the builder.
-TRANSFORM_KEYS = ("separable",)
+TRANSFORM_KEYS = ("separable", "gates", "deleted")
 
 
 def check_spec(spec: dict[str, Any]) -> None:
@@ -76,6 +76,12 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
             from rescomp.compress.separable import separate
 
             model = separate(model, spec["separable"])[0]
+        if spec.get("gates") or spec.get("deleted"):
+            from rescomp.compress.layer_drop import add_gates, delete_units
+
+            if spec.get("gates"):
+                add_gates(model, tuple(spec["gates"].get("init", (-1.0, 1.0))))
+            delete_units(model, spec.get("deleted") or [])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model '{spec['arch']}': {e}") from None
     return model
