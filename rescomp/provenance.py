@@ -17,11 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD of the rescomp checkout, with '-dirty' when tracked files differ from it."""
+    """HEAD of the rescomp checkout, with '-dirty' when tracked code differs from it.
+
+    Tracked results/ files are outputs, not code: regenerating a table must not mark the next run dirty.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
