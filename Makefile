@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-int8 baselines table-separable table-layer-drop clean
+.PHONY: install test demo bench bench-int8 baselines table-separable table-layer-drop table-taylor clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -25,9 +25,10 @@ test: install
 	$(BIN)/pytest -q
 
 # ResNet-20 on CIFAR-10 (the offline copy in ../shared/data if present, else torchvision's download),
-# a few minutes on a 2-core CPU; writes results/demo/.
+# trained, then quantized to int8; a few minutes on a 2-core CPU; writes results/demo/.
 demo: install
 	$(BIN)/rescomp train configs/demo/resnet20.yaml
+	$(BIN)/rescomp quantize configs/demo/resnet20.yaml
 	$(BIN)/rescomp report demo
 
 # Training throughput: the usual DataLoader recipe vs rescomp's loop; writes results/bench/.
@@ -65,6 +66,23 @@ table-layer-drop: install
 	for n in $(LD_STUDY_N); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
 	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop
+
+# Taylor filter pruning (Martineau): Table 2 structure at 224x224 (both policies), Table 2 accuracy
+# at 0-30 % in both policies, Table 1 (AlexNet, fast vs slow), and ResNet-56 with every criterion.
+# The cpu profile trains from scratch at 32x32 (AlexNet 64x64) and runs three of the six networks.
+TAYLOR_MODELS := $(if $(filter cpu,$(PROFILE)),resnet18 squeezenet1_0 alexnet,vgg16 alexnet resnet18 squeezenet1_0 densenet121 resnet50)
+table-taylor: install
+	$(BIN)/python scripts/taylor_structure.py
+	for m in $(TAYLOR_MODELS); do for p in paper coupled; do \
+	  $(BIN)/rescomp prune configs/table-taylor/$$m.yaml $(PFLAG) --set prune.policy=$$p || exit $$?; done; done
+	for s in fast slow; do \
+	  $(BIN)/rescomp prune configs/table-taylor/alexnet.yaml $(PFLAG) --set prune.schedule=$$s || exit $$?; done
+	for c in taylor mean_activation l1 random; do for p in paper coupled; do \
+	  $(BIN)/rescomp prune configs/table-taylor/resnet56.yaml $(PFLAG) --set prune.criterion=$$c --set prune.policy=$$p \
+	  || exit $$?; done; done
+	$(BIN)/rescomp report $(foreach m,$(TAYLOR_MODELS),runs/taylor-$(m)$(PSUF)-prune-*-taylor-custom) --table table-taylor
+	$(BIN)/rescomp report runs/taylor-alexnet$(PSUF)-prune-paper-taylor-{fast,slow} --table table-taylor-alexnet-schedules
+	$(BIN)/rescomp report runs/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,6 +69,22 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
               f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
 
 
+@app.command()
+@user_errors
+def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune section"),
+          set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+          fresh: bool = typer.Option(False, "--fresh", help="redo a finished pruning run")) -> None:
+    """Score filters, remove the lowest share, fine-tune, measure; repeat on the config's schedule."""
+    from rescomp.config import load_config
+    from rescomp.prune_run import run_prune
+
+    run_dir, s = run_prune(load_config(config, set_, profile), fresh=fresh, console=err)
+    first, last = s["rows"][0], s["rows"][-1]
+    out.print(f"{100 * last['share']:.0f}% of {s['prunable_filters']:,} prunable filters removed: params "
+              f"{first['params']:,} -> {last['params']:,}, MACs {first['macs'] / 1e6:.1f} -> {last['macs'] / 1e6:.1f} M, "
+              f"top-1 {first['top1']:.2f} -> {last['top1']:.2f}%  -> {run_dir}/summary.json")
+
+
 @app.command("layer-drop")
 @user_errors
 def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),

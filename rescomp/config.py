@@ -160,11 +160,57 @@ class LayerDropConfig(Strict):
     baselines: BaselinesConfig = BaselinesConfig()
 
 
+class StopAtConfig(Strict):
+    params: Optional[float] = Field(None, gt=0, lt=1, description="stop once params <= this share of the start")
+    macs: Optional[float] = Field(None, gt=0, lt=1, description="stop once MACs <= this share of the start")
+
+
+# Martineau, Table 1: "fast" jumps straight to each share; "slow" gets there 5 % at a time.
+PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "share_per_step": None},
+                 "slow": {"targets": [0.1, 0.3, 0.5, 0.75], "share_per_step": 0.05}}
+
+
+class PruneConfig(Strict):
+    checkpoint: Optional[str] = None  # a trained model.pt; default: train this config first
+    criterion: str = "taylor"  # taylor | mean_activation | l1 | random
+    policy: Literal["paper", "coupled"] = "paper"
+    exclude: list[str] = []  # fnmatch patterns of conv names never to prune
+    allocation: Literal["global", "uniform"] = "global"
+    schedule: Literal["custom", "fast", "slow"] = "custom"
+    share_per_step: Optional[float] = Field(0.05, gt=0, lt=1, description="share of the prunable filters per step")
+    steps: int = Field(6, ge=1)  # paper: 5 % per step, 6 steps (about 30 %)
+    targets: Optional[list[float]] = None  # cumulative shares to reach (each step ends on or before one)
+    finetune_epochs: int = Field(1, ge=0)
+    finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
+    score_batches: int = Field(10, ge=1)
+    stop_at: StopAtConfig = StopAtConfig()
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and (not v or any(not 0 < t < 1 for t in v) or v != sorted(set(v))):
+            raise ValueError("must be increasing shares, each between 0 and 1 (exclusive)")
+        return v
+
+    def cumulative(self) -> list[float]:
+        """The share of the starting prunable filters removed after each step."""
+        preset = PRUNE_PRESETS.get(self.schedule, {})
+        share = preset.get("share_per_step", self.share_per_step) if preset else self.share_per_step
+        targets = preset.get("targets") or self.targets
+        if not targets:
+            return [round(share * i, 6) for i in range(1, self.steps + 1)]
+        if share is None:
+            return list(targets)
+        grid = [round(share * i, 6) for i in range(1, int(max(targets) / share + 1e-9) + 1)]
+        return sorted(set(grid) | set(targets))
+
+
 class ReportConfig(Strict):
     table: Optional[str] = None  # results/<table>/
     row: Optional[str] = None  # the row's label; default the run name
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
+    paper_by_share: dict[str, dict[str, float]] = {}  # prune rows: {"0": {...}, "0.3": {...}} by share pruned
 
 
 class ExperimentConfig(Strict):
@@ -180,6 +226,7 @@ class ExperimentConfig(Strict):
     report: ReportConfig = ReportConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     layer_drop: LayerDropConfig = LayerDropConfig()
+    prune: PruneConfig = PruneConfig()
 
     @field_validator("device")
     @classmethod
@@ -204,7 +251,7 @@ class ExperimentConfig(Strict):
     def hash(self, *stages: str) -> str:
         """Identity of the training run (plus the sections of later `stages`), not where outputs go."""
         d = self.to_dict()
-        for key in {"out_dir", "measure", "report", "quantize", "layer_drop"} - set(stages):
+        for key in {"out_dir", "measure", "report", "quantize", "layer_drop", "prune"} - set(stages):
             d.pop(key, None)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

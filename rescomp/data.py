@@ -382,3 +382,13 @@ def make_loaders(splits: Splits, cfg: DataConfig, *, batch_size: int, eval_batch
     if splits.val_x is not None:
         loaders["val"] = BatchLoader(splits.val_x, splits.val_y, eval_batch_size, **common)
     return loaders
+
+
+def sample_loader(splits: Splits, cfg: DataConfig, n: int, seed: int, device: torch.device,
+                  batch_size: int = 250) -> BatchLoader:
+    """n training images, a seeded random choice, seen as the test set is (no augmentation): for
+    calibration and for scoring criteria."""
+    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(seed))[:n]
+    mean, std = NORMALIZATION[cfg.dataset]
+    return BatchLoader(splits.train_x[order], splits.train_y[order], batch_size, mean=mean, std=std, device=device,
+                       image_size=cfg.image_size)

@@ -23,13 +23,13 @@ from rescomp.compress.distill import distillation
 from rescomp.compress.layer_drop import CRITERIA, depth, drop, gates, output_norm, residual_units
 from rescomp.config import ExperimentConfig, dump_config
 from rescomp.context import RunContext, make_context, seed_everything
-from rescomp.data import BatchLoader, NORMALIZATION, make_loaders, prepare
+from rescomp.data import make_loaders, prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
-from rescomp.pipeline import _claim_run_dir, model_spec, run_train, stage_suffix
+from rescomp.pipeline import _claim_run_dir, finished_step, model_spec, retrain_config, run_train, stage_suffix, train_and_eval
 from rescomp.provenance import stamp
-from rescomp.train import Trainer, evaluate
+from rescomp.train import evaluate
 
 # The paper's Table 2, CIFAR-10: the smallest lossless network's costs as % of the full one's.
 PAPER_RELATIVE = {"macs": 60.93, "forward": 60.23, "backward": 59.71, "params": 69.82}
@@ -49,11 +49,6 @@ def check(cfg: ExperimentConfig) -> dict[str, Any]:
     return spec
 
 
-def _retrain_config(cfg: ExperimentConfig, epochs: int) -> ExperimentConfig:
-    """The training config with `epochs`, the same initial learning rate and schedule shape (paper 3.2)."""
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "eval_test_every": 0})})
-
-
 def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) -> dict[str, Any]:
     m = cfg.measure if timing else MeasureConfig(latency=False, gpu_throughput=False)
     row = {"layers": depth(model), "units_deleted": len(spec.get("deleted", [])), **measure(model.cpu(), cfg.data.image_size, m)}
@@ -61,26 +56,6 @@ def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) ->
         t = cfg.layer_drop.timing
         row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup))
     return row
-
-
-def _step_done(step_dir: Path) -> Optional[tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]]:
-    if (step_dir / "row.json").is_file() and (step_dir / "model.pt").is_file():
-        model, payload = checkpoint.load_model(step_dir / "model.pt")
-        return model, payload["arch"], json.loads((step_dir / "row.json").read_text())
-    return None
-
-
-def _train_and_eval(model, spec, cfg: ExperimentConfig, ctx: RunContext, loaders, run_dir: Path,
-                    distill=None) -> dict[str, float]:
-    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there."""
-    done = run_dir / "model.pt"
-    if done.is_file():
-        return checkpoint.load(done)["metrics"]
-    trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
-    trainer.fit()
-    ev = evaluate(trainer.model, loaders["test"], ctx)
-    checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict()})
-    return ev
 
 
 def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
@@ -107,10 +82,7 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
                            device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
                            max_steps=cfg.train.max_steps_per_epoch)
-    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(cfg.seed))[: ld.score_images]
-    mean, std = NORMALIZATION[cfg.data.dataset]
-    scoring = BatchLoader(splits.train_x[order], splits.train_y[order], 250, mean=mean, std=std, device=ctx.device,
-                          image_size=cfg.data.image_size)
+    scoring = sample_loader(splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
     batches = lambda: (x for x, _ in scoring)  # noqa: E731
 
     full = full.to(ctx.device)
@@ -125,14 +97,14 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     while deleted < limit:
         step += 1
         step_dir = out / f"step{step:02d}"
-        resumed = _step_done(step_dir)
+        resumed = finished_step(step_dir)
         if resumed:
             model, spec, row = resumed
             model = model.to(ctx.device)
         else:
             seed_everything(cfg.seed + step)
             model, spec, info = drop(model, spec, min(ld.k, limit - deleted), ld.criterion, batches(), cfg.seed + step)
-            ev = _train_and_eval(model, spec, _retrain_config(cfg, ld.retrain_epochs), ctx, loaders, step_dir)
+            ev = train_and_eval(model, spec, retrain_config(cfg, ld.retrain_epochs), ctx, loaders, step_dir)
             model, _ = checkpoint.load_model(step_dir / "model.pt")
             model = model.to(ctx.device)
             row = {"method": "layer-drop", "step": step, "top1": ev["top1"], "loss": ev["loss"],
@@ -154,7 +126,7 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
 
 def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, steps: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     b = cfg.layer_drop.baselines
-    epochs_cfg = _retrain_config(cfg, b.epochs or cfg.train.epochs)
+    epochs_cfg = retrain_config(cfg, b.epochs or cfg.train.epochs)
     rows = []
     for r in steps:
         step_model, payload = checkpoint.load_model(out / f"step{r['step']:02d}" / "model.pt")
@@ -164,7 +136,7 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, steps: lis
                 continue
             seed_everything(cfg.seed)
             kd = distillation(full.to(ctx.device), b.temperature, b.alpha) if method == "distill" else None
-            ev = _train_and_eval(build_model(plain), plain, epochs_cfg, ctx, loaders, out / f"{method}-{r['layers']}", kd)
+            ev = train_and_eval(build_model(plain), plain, epochs_cfg, ctx, loaders, out / f"{method}-{r['layers']}", kd)
             rows.append({"method": method, "step": r["step"], "top1": ev["top1"], "loss": ev["loss"],
                          **_costs(build_model(plain), plain, cfg, ctx, timing=False)})
             ctx.log(f"{method} at {r['layers']} layers: top-1 {ev['top1']:.2f}%")

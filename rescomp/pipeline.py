@@ -137,7 +137,7 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
 def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     """Int8 a trained checkpoint on the CPU; evaluate and measure it beside its fp32 model."""
     from rescomp.compress import quantize as q
-    from rescomp.data import BatchLoader, NORMALIZATION
+    from rescomp.data import BatchLoader, NORMALIZATION, sample_loader
     from rescomp.measure import activation_bytes, cpu_latency_ms, pinned_threads, state_dict_bytes
 
     t_start = time.perf_counter()
@@ -153,10 +153,8 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     spec, size = payload["arch"], cfg.data.image_size
     ctx = RunContext(torch.device("cpu"), cfg.seed, console=console or Console(stderr=True, log_path=False))
     splits = prepare(cfg.data, cfg.seed)
+    calib = sample_loader(splits, cfg.data, qc.calibration_images, cfg.seed, ctx.device, batch_size=100)
     mean, std = NORMALIZATION[cfg.data.dataset]
-    order = torch.randperm(len(splits.train_y), generator=torch.Generator().manual_seed(cfg.seed))[: qc.calibration_images]
-    calib = BatchLoader(splits.train_x[order], splits.train_y[order], 100, mean=mean, std=std, device=ctx.device,
-                        image_size=size)  # no augmentation: calibrate on images as the test set looks
     test = BatchLoader(splits.test_x, splits.test_y, cfg.train.eval_batch_size, mean=mean, std=std,
                        device=ctx.device, image_size=size)
     model = model.eval().to(memory_format=torch.contiguous_format)
@@ -216,3 +214,34 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any,
     Trainer(prepared, loaders, tune, ctx, None, {}).fit()
     return q.convert(prepared, cfg.data.image_size), {"method": "qat", "backend": qc.backend,
                                                       "qat_epochs": qc.qat.epochs, "qat_lr": qc.qat.lr}
+
+
+# Stages that fine-tune step by step (prune, layer-drop) keep one resumable folder per step.
+
+
+def retrain_config(cfg: ExperimentConfig, epochs: int, lr: Optional[float] = None) -> ExperimentConfig:
+    """The training config for a fine-tuning stage: `epochs`, the schedule's shape, lr if given."""
+    train = {"epochs": epochs, "eval_test_every": 0}
+    if lr is not None:
+        train["optimizer"] = cfg.train.optimizer.model_copy(update={"lr": lr})
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+
+def finished_step(step_dir: Path) -> Optional[tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]]:
+    if (step_dir / "row.json").is_file() and (step_dir / "model.pt").is_file():
+        model, payload = checkpoint.load_model(step_dir / "model.pt")
+        return model, payload["arch"], json.loads((step_dir / "row.json").read_text())
+    return None
+
+
+def train_and_eval(model, spec, cfg: ExperimentConfig, ctx: RunContext, loaders, run_dir: Path,
+                    distill=None) -> dict[str, float]:
+    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there."""
+    done = run_dir / "model.pt"
+    if done.is_file():
+        return checkpoint.load(done)["metrics"]
+    trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
+    trainer.fit()
+    ev = evaluate(trainer.model, loaders["test"], ctx)
+    checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict()})
+    return ev

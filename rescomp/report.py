@@ -15,13 +15,13 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "share", "removed", "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
+MD_HEADERS = {"share": "pruned %", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
-MD_SCALE = {"macs": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+MD_SCALE = {"share": 100, "macs": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]
 
 
@@ -209,16 +209,24 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def plot_layers_png(rows: list[dict[str, Any]]) -> bytes:
-    """Top-1 against depth, one line per series (paper, Figures 3 and 4)."""
+SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further along)
+    "accuracy_vs_layers.png": ("layers", "layers", 1, True),
+    "accuracy_vs_share.png": ("share", "share of prunable filters removed (%)", 100, False),
+    "accuracy_vs_macs.png": ("macs", "MACs (M)", 1e-6, True),
+}
+
+
+def plot_series_png(rows: list[dict[str, Any]], x: str, label: str, scale: float, invert: bool) -> bytes:
+    """Top-1 against one column, a line per series (e.g. per criterion, per method)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for series in dict.fromkeys(r["series"] for r in rows if "series" in r):
-        pts = sorted((r["layers"], r["top1"]) for r in rows if r.get("series") == series)
+        pts = sorted((r[x] * scale, r["top1"]) for r in rows if r.get("series") == series and r.get(x) is not None)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
-    ax.set_xlabel("layers")
+    ax.set_xlabel(label)
     ax.set_ylabel("top-1 %")
-    ax.invert_xaxis()
+    if invert:
+        ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -252,8 +260,9 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
         "accuracy_vs_cost.png": plot_png(rows),
     }
-    if any("series" in r for r in rows):
-        files["accuracy_vs_layers.png"] = plot_layers_png(rows)
+    for name, (x, label, scale, invert) in SERIES_PLOTS.items():
+        if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
+            files[name] = plot_series_png(rows, x, label, scale, invert)
     for i, stats in enumerate(s["full_stats"] for s in summaries or [] if s.get("full_stats")):
         files[f"gates{i or ''}.png"] = plot_gates_png(stats)
     final = out_root / table

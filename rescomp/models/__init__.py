@@ -49,7 +49,7 @@ def model_names() -> list[str]:
 
 
 # Spec keys every architecture takes: structural transforms applied after the builder.
-TRANSFORM_KEYS = ("separable", "gates", "deleted")
+TRANSFORM_KEYS = ("separable", "gates", "deleted", "shapes")
 
 
 def check_spec(spec: dict[str, Any]) -> None:
@@ -82,6 +82,10 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
             if spec.get("gates"):
                 add_gates(model, tuple(spec["gates"].get("init", (-1.0, 1.0))))
             delete_units(model, spec.get("deleted") or [])
+        if spec.get("shapes"):  # a pruned network: its layers at their recorded sizes
+            from rescomp.compress.prune import resize
+
+            resize(model, spec["shapes"])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model '{spec['arch']}': {e}") from None
     return model

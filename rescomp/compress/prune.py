@@ -1,0 +1,298 @@
+"""Filter pruning by the first-order Taylor criterion on any CNN (Martineau, after Molchanov et al. 2017).
+
+../shared/papers/taylor-filter-pruning-complex-nets.txt. rescomp contributes the criteria, the
+policy and the schedule; torch-pruning's DependencyGraph finds coupled channels and does the
+surgery (convs, BN with its running statistics, linear layers after a flatten, concatenations).
+
+Criteria (per output channel of every conv, larger = more important):
+- taylor: |mean over batch and positions of activation x gradient| (Molchanov et al. 2017, eq. 8),
+  averaged over batches and L2-normalised per layer. The activation is the output of the BN that
+  follows the conv (or of the conv itself): with the ReLU after it, a x dL/da is the same as on the
+  ReLU's output, which is what removing the channel zeroes.
+- mean_activation: the mean of that activation after ReLU (the paper's second criterion);
+- l1: the L1 norm of the filter's weights; random: a seeded control.
+Policies: `paper` leaves alone convs whose channels meet an addition or a concatenation, convs
+called more than once, the layer that sets the number of outputs, and any excluded by name; each
+other conv's filters are scored alone. `coupled` scores channels tied by additions and
+concatenations as a group (the sum of its members' scores) and removes them together.
+A pruned network is stored as its spec plus `shapes` (the new sizes of every resized module), so it
+rebuilds without torch-pruning replaying anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rescomp.errors import ConfigError
+from rescomp.registry import Registry
+
+
+def _tp():
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ConfigError("pruning needs torch-pruning: pip install 'torch-pruning==1.6.*'") from None
+    return tp
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: which convs the policy may prune, and how channels are grouped
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> tuple[list[str], dict[str, int]]:
+    """Conv/linear module names in the order they run, and how often each runs."""
+    calls: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_hook(lambda m, i, o: calls.append(names[m]))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c] = counts.get(c, 0) + 1
+    return list(dict.fromkeys(calls)), counts
+
+
+@dataclass
+class Group:
+    """Channels removed together: the root conv's out-channels and every conv out-channel tied to them."""
+    root: str
+    size: int
+    members: list[tuple[str, list[int], list[int]]]  # (conv name, its channel idxs, the root idxs they map to)
+    coupled: bool  # meets an addition (several convs' outputs) or a concatenation
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], policy: str) -> list[Group]:
+    tp = _tp()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    names = {m: n for n, m in model.named_modules()}
+    order, counts = execution_order(model, example)
+    output_layer = order[-1]  # sets the number of outputs: never pruned
+    excluded = {n for n in names.values() if any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    excluded |= {output_layer} | {n for n, c in counts.items() if c > 1}
+    ignored = [m for m, n in names.items() if n in excluded]
+    groups = []
+    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        members, concat = [], False
+        for item in g.items:
+            dep, idxs = item.dep, item.idxs
+            module = dep.target.module
+            if type(module).__name__ == "_ConcatOp":
+                concat = True
+            if isinstance(module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler):
+                members.append((names[module], list(idxs), list(item.root_idxs)))
+        root = names[g[0].dep.target.module]
+        coupled = concat or len({m[0] for m in members}) > 1
+        if any(m[0] in excluded for m in members) or members[0][0] != root:
+            continue
+        if policy == "paper" and coupled:
+            continue
+        groups.append(Group(root, len(g[0].idxs), members, coupled))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Criteria: conv name -> score per output channel
+
+CRITERIA: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("pruning criterion")
+
+
+def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """For each conv, the module whose output is its channels' activation: the BN right after it, else itself."""
+    mods = list(model.named_modules())
+    out = {}
+    for i, (name, m) in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+            out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels else m
+    return out
+
+
+def _activation_scores(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       per_batch: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], needs_grad: bool) -> dict[str, torch.Tensor]:
+    acts = activation_modules(model)
+    sums: dict[str, torch.Tensor] = {}
+    saved: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in acts.items():
+        def hook(_m, _i, out, name=name):
+            if needs_grad and out.requires_grad:
+                out.retain_grad()
+            saved[name] = out
+        hooks.append(mod.register_forward_hook(hook))
+    was = model.training
+    model.eval()  # BN in inference mode: scores must not move its running statistics
+    n = 0
+    try:
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(needs_grad):
+                loss = F.cross_entropy(model(x), y)
+                if needs_grad:
+                    loss.backward()
+            for name, a in saved.items():
+                s = per_batch(a.detach(), a.grad if needs_grad else None)
+                sums[name] = sums.get(name, 0) + s
+            saved.clear()
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def l2_normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer L2 normalisation (Molchanov et al. 2017, section 2.2), so layers compare on one scale."""
+    return {k: v / (v.norm() + 1e-12) for k, v in scores.items()}
+
+
+@CRITERIA.register("taylor")
+def taylor(model: nn.Module, batches, seed: int) -> dict[str, torch.Tensor]:
+    # |mean over batch and positions of a * dL/da| per channel; averaged over batches.
+    raw = _activation_scores(model, batches, lambda a, g: (a * g).mean(dim=(0, 2, 3)).abs(), needs_grad=True)
+    return l2_normalise(raw)
+
+
+@CRITERIA.register("mean_activation")
+def mean_activation(model: nn.Module, batches, seed: int) -> dict[str, torch.Tensor]:
+    return l2_normalise(_activation_scores(model, batches, lambda a, g: F.relu(a).mean(dim=(0, 2, 3)), needs_grad=False))
+
+
+@CRITERIA.register("l1")
+def l1(model: nn.Module, batches, seed: int) -> dict[str, torch.Tensor]:
+    return l2_normalise({n: m.weight.detach().abs().flatten(1).sum(1) for n, m in model.named_modules()
+                         if isinstance(m, nn.Conv2d)})
+
+
+@CRITERIA.register("random")
+def random_scores(model: nn.Module, batches, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(m.out_channels, generator=g) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning one step
+
+
+def group_scores(groups: list[Group], scores: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Each group's channel scores: the sum of its member convs' scores, at the root's channel index."""
+    out = []
+    for g in groups:
+        s = torch.zeros(g.size)
+        for name, idxs, root_idxs in g.members:
+            s[root_idxs] += scores[name].detach().cpu()[idxs]
+        out.append(s)
+    return out
+
+
+def select(groups: list[Group], scores: list[torch.Tensor], count: int, min_channels: int = 1,
+           allocation: str = "global") -> dict[str, list[int]]:
+    """The `count` lowest-scoring channels over all groups, leaving each group at least min_channels.
+
+    global: ranked across layers (scores are per-layer normalised); uniform: every group loses the
+    same share of its channels, its lowest-scoring ones (structure alone decides the sizes).
+    """
+    if allocation == "uniform":
+        total = sum(g.size for g in groups)
+        chosen = {}
+        for g, s in zip(groups, scores):
+            k = min(int(round(count * g.size / total)), g.size - min_channels)
+            if k > 0:
+                chosen[g.root] = sorted(range(g.size), key=lambda i: (float(s[i]), i))[:k]
+        return chosen
+    candidates = sorted((float(s[i]), g.root, i) for g, s in zip(groups, scores) for i in range(g.size))
+    left = {g.root: g.size for g in groups}
+    chosen: dict[str, list[int]] = {}
+    for _, root, i in candidates:
+        if count <= 0:
+            break
+        if left[root] > min_channels:
+            chosen.setdefault(root, []).append(i)
+            left[root] -= 1
+            count -= 1
+    return chosen
+
+
+def prune_step(model: nn.Module, chosen: dict[str, list[int]], example: torch.Tensor) -> nn.Module:
+    """Remove the chosen out-channels of each root conv and everything coupled to them (in place)."""
+    tp = _tp()
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    for root, idxs in chosen.items():
+        group = dg.get_pruning_group(model.get_submodule(root), tp.prune_conv_out_channels, sorted(idxs))
+        group.prune()
+    return model
+
+
+def shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The sizes that define a conv / BN / linear layer: what a pruned spec records."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[n] = [m.in_channels, m.out_channels, m.groups]
+        elif isinstance(m, nn.BatchNorm2d):
+            out[n] = [m.num_features]
+        elif isinstance(m, nn.Linear):
+            out[n] = [m.in_features, m.out_features]
+    return out
+
+
+def resize(model: nn.Module, sizes: dict[str, list[int]]) -> nn.Module:
+    """Replace each named layer with one of the recorded sizes (weights to be loaded after; in place)."""
+    for name, dims in sizes.items():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(dims[0], dims[1], m.kernel_size, m.stride, m.padding, m.dilation, dims[2],
+                                       m.bias is not None, m.padding_mode)
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(dims[0], m.eps, m.momentum, m.affine, m.track_running_stats)
+        elif isinstance(m, nn.Linear):
+            new = nn.Linear(dims[0], dims[1], m.bias is not None)
+        else:
+            raise ConfigError(f"spec shapes: '{name}' is a {type(m).__name__}, not a conv, BN or linear layer")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def changed_shapes(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[int]]:
+    return {k: v for k, v in after.items() if before.get(k) != v}
+
+
+def prune(model: nn.Module, spec: dict[str, Any], *, share: float, criterion: str, policy: str, exclude: list[str],
+          batches: Iterable, seed: int, image_size: int, base_prunable: Optional[int] = None,
+          allocation: str = "global") -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The technique: a pruned copy of `model` with `share` x (the policy's prunable filters at the start)
+    fewer filters, its new spec, and what was done."""
+    from rescomp.models import build_model
+
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    model = copy.deepcopy(model)
+    groups = channel_groups(model, example, exclude, policy)
+    prunable = sum(g.size for g in groups)
+    if not groups or prunable <= len(groups):
+        raise ConfigError(f"policy '{policy}' leaves nothing prunable in {spec['arch']} (excluded: {exclude or 'none'}); "
+                          f"try policy: coupled, or exclude fewer layers")
+    scores = CRITERIA.get(criterion)(model, batches, seed)
+    count = int(round(share * (base_prunable or prunable)))
+    chosen = select(groups, group_scores(groups, scores), count, allocation=allocation)
+    prune_step(model, chosen, example)
+    base = shapes(build_model({k: v for k, v in spec.items() if k != "shapes"}))
+    new_spec = {**spec, "shapes": changed_shapes(base, shapes(model))}
+    info = {"criterion": criterion, "policy": policy, "removed": sum(len(v) for v in chosen.values()),
+            "prunable": prunable, "groups": len(groups), "coupled_groups": sum(g.coupled for g in groups),
+            "per_layer": {k: len(v) for k, v in chosen.items()}}
+    return model, new_spec, info

@@ -1,0 +1,131 @@
+"""`rescomp prune`: repeat {score filters; remove the lowest-ranked share; fine-tune; measure}.
+
+The share of each step is counted over the filters the policy allows at the start (paper: 5 % per
+step, 6 steps, about 30 %). Each step is a resumable folder runs/<name>-prune-.../stepNN/ holding
+its fine-tuning checkpoints, the pruned model.pt (spec with `shapes`, so it reloads as a plain
+network) and its row. The row records the scoring cost (seconds and batches).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+
+from rescomp import checkpoint
+from rescomp.compress.prune import CRITERIA, channel_groups, prune
+from rescomp.config import ExperimentConfig, dump_config
+from rescomp.context import make_context, seed_everything
+from rescomp.data import make_loaders, prepare, sample_loader
+from rescomp.errors import ConfigError
+from rescomp.measure import measure
+from rescomp.models import build_model
+from rescomp.pipeline import _claim_run_dir, finished_step, model_spec, retrain_config, run_train, train_and_eval
+from rescomp.provenance import stamp
+from rescomp.train import evaluate
+
+
+def check(cfg: ExperimentConfig) -> tuple[dict[str, Any], int]:
+    """Bad input before any work: unknown criterion or layer names, a policy that prunes nothing."""
+    pc, spec = cfg.prune, model_spec(cfg)
+    CRITERIA.get(pc.criterion)
+    model = build_model(spec)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for pattern in pc.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in convs):
+            raise ConfigError(f"prune.exclude: no conv layer is named like '{pattern}'; conv layers: "
+                              f"{', '.join(convs[:12])}{', ...' if len(convs) > 12 else ''}")
+    groups = channel_groups(model, torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size), pc.exclude, pc.policy)
+    prunable = sum(g.size for g in groups)
+    if prunable <= len(groups):
+        raise ConfigError(f"policy '{pc.policy}' leaves nothing prunable in {spec['arch']}"
+                          f"{' (excluded: ' + ', '.join(pc.exclude) + ')' if pc.exclude else ''}; "
+                          f"try prune.policy=coupled or exclude fewer layers")
+    return spec, prunable
+
+
+def suffix(cfg: ExperimentConfig) -> str:
+    pc = cfg.prune
+    return f"prune-{pc.policy}-{pc.criterion}-{pc.schedule if pc.schedule != 'custom' else 'custom'}"
+
+
+def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    t_start = time.perf_counter()
+    pc = cfg.prune
+    _, base_prunable = check(cfg)
+    ctx = make_context(cfg, console=console)
+    out, finished = _claim_run_dir(cfg, fresh, stage=suffix(cfg))
+    if finished is not None:
+        ctx.log(f"{out} is already complete; --fresh redoes it")
+        return out, finished
+    if pc.checkpoint:
+        source = Path(pc.checkpoint)
+    else:
+        base_dir, _ = run_train(cfg, console=ctx.console)
+        source = base_dir / "model.pt"
+    model, payload = checkpoint.load_model(source)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
+
+    splits = prepare(cfg.data, cfg.seed)
+    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                           device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
+                           max_steps=cfg.train.max_steps_per_epoch)
+    scoring = sample_loader(splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
+                            batch_size=cfg.train.batch_size)
+    tune = retrain_config(cfg, pc.finetune_epochs, pc.finetune_lr or cfg.train.optimizer.lr / 10)
+    size = cfg.data.image_size
+
+    def row(m, spec, share, step, extra) -> dict[str, Any]:
+        ev = evaluate(m.to(ctx.device), loaders["test"], ctx)
+        return {"step": step, "share": share, "top1": ev["top1"], "loss": ev["loss"], **extra,
+                **measure(m.cpu().to(memory_format=torch.contiguous_format), size, cfg.measure)}
+
+    model, spec = model.to(ctx.device), payload["arch"]
+    rows = [row(model, spec, 0.0, 0, {})]
+    previous = 0.0
+    for step, share in enumerate(pc.cumulative(), start=1):
+        step_dir = out / f"step{step:02d}"
+        done = finished_step(step_dir)
+        if done:
+            model, spec, r = done
+        else:
+            seed_everything(cfg.seed + step)
+            t0 = time.perf_counter()
+            model, spec, info = prune(model.to(ctx.device), spec, share=share - previous, criterion=pc.criterion,
+                                      policy=pc.policy, exclude=pc.exclude, batches=scoring, seed=cfg.seed + step,
+                                      image_size=size, base_prunable=base_prunable, allocation=pc.allocation)
+            scoring_s = time.perf_counter() - t0
+            train_and_eval(model, spec, tune, ctx, loaders, step_dir)
+            model, _ = checkpoint.load_model(step_dir / "model.pt")
+            r = row(model, spec, share, step, {"removed": info["removed"], "scoring_seconds": scoring_s,
+                                               "scoring_batches": pc.score_batches, "per_layer": info["per_layer"]})
+            checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(r, indent=2))
+        model = model.to(ctx.device)
+        rows.append(r)
+        previous = share
+        ctx.log(f"step {step}: {100 * share:.0f}% of prunable filters removed -> params {r['params']:,}, "
+                f"MACs {r['macs'] / 1e6:.1f} M, top-1 {r['top1']:.2f}%")
+        stop = pc.stop_at
+        if (stop.params and r["params"] <= stop.params * rows[0]["params"]) or (stop.macs and r["macs"] <= stop.macs * rows[0]["macs"]):
+            break
+
+    series = f"{pc.criterion}, {pc.policy}" + (f", {pc.schedule}" if pc.schedule != "custom" else "")
+    for r in rows:
+        r.update(series=series, row=f"{cfg.report.row or cfg.model.arch} {series} {100 * r['share']:.0f}%")
+        r["paper"] = cfg.report.paper_by_share.get(f"{r['share']:g}", {})
+        r.pop("per_layer", None) if r is rows[0] else None
+    summary = {
+        "stage": "prune", "name": f"{cfg.run_name}-{suffix(cfg)}", "table": cfg.report.table, "dataset": cfg.data.dataset,
+        "profile": cfg.profile, "arch": cfg.model.arch, "seed": cfg.seed, "config_hash": cfg.hash("prune"),
+        "source": str(source), "criterion": pc.criterion, "policy": pc.policy, "schedule": pc.schedule,
+        "prunable_filters": base_prunable, "rows": rows,
+        "data_source": splits.source, "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device),
+    }
+    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return out, summary
