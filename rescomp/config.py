@@ -90,6 +90,12 @@ class EarlyStoppingConfig(Strict):
     restore_best: bool = True
 
 
+class DistillConfig(Strict):
+    teacher: str  # a trained model.pt whose softened outputs the student learns from
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term")
+
+
 class TrainConfig(Strict):
     epochs: int = Field(200, ge=0)
     batch_size: int = Field(128, ge=1)
@@ -108,6 +114,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)
     eval_test_every: int = Field(1, ge=0, description="evaluate on test every N epochs (0: only at the end)")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for training; default all cores")
+    distill: Optional[DistillConfig] = None  # knowledge distillation (Hinton et al. 2015) from a teacher
 
 
 class MeasureConfig(Strict):

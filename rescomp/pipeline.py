@@ -74,6 +74,7 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
     t_start = time.perf_counter()
     spec = model_spec(cfg)
     ctx = make_context(cfg, console=console)
+    distill = teacher_loss(cfg, ctx)  # a missing or corrupt teacher fails here, before anything is written
     splits = prepare(cfg.data, cfg.seed)
     run_dir, done = _claim_run_dir(cfg, fresh)
     if done is not None:
@@ -90,7 +91,7 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
                            max_steps=cfg.train.max_steps_per_epoch)
     ctx.log(f"{spec['arch']} on {splits.source}: {len(splits.train_y)} train / {len(splits.test_y)} test images, "
             f"device {ctx.device}, precision {ctx.precision}")
-    trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec)
+    trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
     state = trainer.fit()
     model = trainer.model
 
@@ -103,6 +104,17 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
     summary = build_summary(cfg, ctx, spec, state, metrics, costs, time.perf_counter() - t_start, splits.source)
     checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir, summary
+
+
+def teacher_loss(cfg: ExperimentConfig, ctx: RunContext):
+    """The distillation loss of train.distill, or None: the teacher is loaded from its checkpoint."""
+    if cfg.train.distill is None:
+        return None
+    from rescomp.compress.distill import distillation
+
+    d = cfg.train.distill
+    teacher, _ = checkpoint.load_model(d.teacher)
+    return distillation(teacher.to(ctx.device), d.temperature, d.alpha)
 
 
 def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], state, metrics: dict[str, Any],

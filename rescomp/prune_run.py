@@ -119,7 +119,6 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
     for r in rows:
         r.update(series=series, row=f"{cfg.report.row or cfg.model.arch} {series} {100 * r['share']:.0f}%")
         r["paper"] = cfg.report.paper_by_share.get(f"{r['share']:g}", {})
-        r.pop("per_layer", None) if r is rows[0] else None
     summary = {
         "stage": "prune", "name": f"{cfg.run_name}-{suffix(cfg)}", "table": cfg.report.table, "dataset": cfg.data.dataset,
         "profile": cfg.profile, "arch": cfg.model.arch, "seed": cfg.seed, "config_hash": cfg.hash("prune"),

@@ -166,3 +166,20 @@ def test_layer_drop_bad_input(workdir, tiny, change, message):
     assert res.exit_code == 2, res.output
     assert message in res.stderr
     assert not (workdir / "runs").exists()
+
+
+def test_distillation_is_a_training_option(workdir, tiny):
+    from rescomp.pipeline import run_train
+
+    tiny["measure"] = {"latency": False}
+    teacher_dir, _ = run_train(validate({**tiny, "name": "teacher"}, "t"))
+    student = {**tiny, "name": "student",
+               "train": {**tiny["train"], "distill": {"teacher": str(teacher_dir / "model.pt"), "temperature": 2.0}}}
+    _, s = run_train(validate(student, "t"))
+    plain = run_train(validate({**tiny, "name": "plain"}, "t"))[1]
+    assert s["loss"] != plain["loss"]  # same seed and data: only the distillation term differs
+    path = write_config(workdir, {**student, "name": "orphan",
+                                  "train": {**student["train"], "distill": {"teacher": "nowhere.pt"}}})
+    res = CliRunner().invoke(app, ["train", str(path)])
+    assert res.exit_code == 2 and "checkpoint 'nowhere.pt' not found" in res.stderr
+    assert not (workdir / "runs" / "orphan").exists()
