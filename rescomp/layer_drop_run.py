@@ -164,7 +164,7 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
     }
     md = [f"Smallest network with top-1 >= the full network's ({start['top1']:.2f}%"
           + (f" - {ld.tolerance}" if ld.tolerance else "") + f"): **{smallest['layers']} layers** "
-          f"({full['layers']} - {100 * (1 - smallest['layers'] / full['layers']):.2f}% of the layers removed), "
+          f"({100 * (1 - smallest['layers'] / full['layers']):.2f}% of the {full['layers']} layers removed), "
           f"top-1 {smallest['top1']:.2f}%. Its costs relative to the full network (forward/backward: mean of "
           f"{ld.timing.runs} training steps at batch {tb} on {ctx.device.type}):", "",
           "| cost | ours % | paper % (CIFAR-10) | Δ |", "|---|---|---|---|"]
@@ -175,6 +175,6 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
         "source": source, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
         "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
         "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
-        "sections": [{"title": "Cost of the smallest lossless network (paper Table 2)", "markdown": "\n".join(md)}],
+        "sections": [{"title": f"Cost of the smallest lossless network (paper Table 2): {series}", "markdown": "\n".join(md)}],
         "data_source": data_source, "wall_seconds": wall, **stamp(ctx.device),
     }

@@ -147,9 +147,11 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
               "the median forward time at batch 1 / 64 with threads pinned; act. peak is the most activation",
               "memory live at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up",
               "over the fp32 model timed in the same process. Δ = ours − paper.", ""]
+    titles = [sec["title"] for s in summaries or [] for sec in s.get("sections", [])]
     for s in summaries or []:
         for sec in s.get("sections", []):
-            lines += [f"## {sec['title']}", "", sec["markdown"], ""]
+            title = sec["title"] if titles.count(sec["title"]) == 1 else f"{sec['title']} — {s.get('name')}"
+            lines += [f"## {title}", "", sec["markdown"], ""]
     lines += ["## Provenance", ""]
     seen = set()
     for r in rows:
@@ -263,7 +265,8 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
     for name, (x, label, scale, invert) in SERIES_PLOTS.items():
         if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
             files[name] = plot_series_png(rows, x, label, scale, invert)
-    for i, stats in enumerate(s["full_stats"] for s in summaries or [] if s.get("full_stats")):
+    unique = {json.dumps(s["full_stats"], sort_keys=True): s["full_stats"] for s in summaries or [] if s.get("full_stats")}
+    for i, stats in enumerate(unique.values()):  # runs that start from one trained network share one plot
         files[f"gates{i or ''}.png"] = plot_gates_png(stats)
     final = out_root / table
     for name, blob in files.items():

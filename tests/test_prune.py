@@ -85,9 +85,11 @@ def test_coupled_policy_keeps_residual_shapes_consistent():
     assert count_params(pruned) < count_params(paper) < count_params(model)
 
 
-@pytest.mark.parametrize("arch", [a for a in model_names() if a not in ("vgg16", "vgg16_bn", "alexnet", "resnet50v2")] + ["alexnet"])
+@pytest.mark.parametrize("arch", model_names())
 def test_every_registry_model_prunes_runs_and_shrinks(arch):
-    size = 64 if arch == "alexnet" else 32
+    from rescomp.models import get_entry
+
+    size = max(32, get_entry(arch).min_input)
     spec = {"arch": arch, "num_classes": 10}
     model = build_model(spec)
     for policy in ("paper", "coupled"):
