@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from rich.console import Console
 
 from rescomp import checkpoint
@@ -23,11 +22,12 @@ from rescomp.compress.distill import distillation
 from rescomp.compress.layer_drop import CRITERIA, depth, drop, gates, output_norm, residual_units
 from rescomp.config import ExperimentConfig, dump_config
 from rescomp.context import RunContext, make_context, seed_everything
-from rescomp.data import make_loaders, prepare, sample_loader
+from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
-from rescomp.pipeline import _claim_run_dir, finished_step, model_spec, retrain_config, run_train, stage_suffix, train_and_eval
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, stage_suffix, start_model,
+                              train_and_eval, train_loaders)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
 
@@ -67,21 +67,14 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     if finished is not None:
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
-    if ld.checkpoint:
-        source = Path(ld.checkpoint)
-    else:  # the full gated network: trained here first (or found finished, or resumed)
-        base_dir, _ = run_train(cfg, console=ctx.console)
-        source = base_dir / "model.pt"
-    full, payload = checkpoint.load_model(source)
+    full, payload, source = start_model(cfg, ctx, ld.checkpoint)  # the full gated network
     if not payload["arch"].get("gates"):
         raise ConfigError(f"'{source}' has no residual gates; train a config whose model has `gates:` first")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     splits = prepare(cfg.data, cfg.seed)
-    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                           device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
-                           max_steps=cfg.train.max_steps_per_epoch)
+    loaders = train_loaders(cfg, ctx, splits)
     scoring = sample_loader(splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
     batches = lambda: (x for x, _ in scoring)  # noqa: E731
 

@@ -86,9 +86,7 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
 
     seed_everything(cfg.seed)
     model = build_model(spec)
-    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                           device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
-                           max_steps=cfg.train.max_steps_per_epoch)
+    loaders = train_loaders(cfg, ctx, splits)
     ctx.log(f"{spec['arch']} on {splits.source}: {len(splits.train_y)} train / {len(splits.test_y)} test images, "
             f"device {ctx.device}, precision {ctx.precision}")
     trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
@@ -104,6 +102,21 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
     summary = build_summary(cfg, ctx, spec, state, metrics, costs, time.perf_counter() - t_start, splits.source)
     checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir, summary
+
+
+def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, Any]:
+    """The train / test (/ val) loaders of the config's training recipe on the context's device."""
+    return make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                        device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
+                        max_steps=cfg.train.max_steps_per_epoch)
+
+
+def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> tuple[torch.nn.Module, dict[str, Any], Path]:
+    """What a later stage starts from: the checkpoint at `path`, or this config's own training run
+    (trained first, resumed, or found finished)."""
+    source = Path(path) if path else run_train(cfg, console=ctx.console)[0] / "model.pt"
+    model, payload = checkpoint.load_model(source)
+    return model, payload, source
 
 
 def teacher_loss(cfg: ExperimentConfig, ctx: RunContext):

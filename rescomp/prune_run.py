@@ -21,11 +21,12 @@ from rescomp import checkpoint
 from rescomp.compress.prune import CRITERIA, channel_groups, prune
 from rescomp.config import ExperimentConfig, dump_config
 from rescomp.context import make_context, seed_everything
-from rescomp.data import make_loaders, prepare, sample_loader
+from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
 from rescomp.models import build_model
-from rescomp.pipeline import _claim_run_dir, finished_step, model_spec, retrain_config, run_train, train_and_eval
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, start_model, train_and_eval,
+                              train_loaders)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
 
@@ -63,19 +64,12 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
     if finished is not None:
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
-    if pc.checkpoint:
-        source = Path(pc.checkpoint)
-    else:
-        base_dir, _ = run_train(cfg, console=ctx.console)
-        source = base_dir / "model.pt"
-    model, payload = checkpoint.load_model(source)
+    model, payload, source = start_model(cfg, ctx, pc.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     splits = prepare(cfg.data, cfg.seed)
-    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                           device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
-                           max_steps=cfg.train.max_steps_per_epoch)
+    loaders = train_loaders(cfg, ctx, splits)
     scoring = sample_loader(splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
                             batch_size=cfg.train.batch_size)
     tune = retrain_config(cfg, pc.finetune_epochs, pc.finetune_lr or cfg.train.optimizer.lr / 10)

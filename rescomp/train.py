@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rescomp import checkpoint
-from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig, TrainConfig
+from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
 from rescomp.context import RunContext
 from rescomp.data import BatchLoader
 from rescomp.errors import CheckpointError, TrainingDiverged

@@ -64,7 +64,7 @@ def main() -> None:
     with pinned_threads(args.threads) as n:
         rows = [bench(a, n, args.warmup, args.repeats) for a in archs]
         meta = {**provenance.stamp("cpu"), "threads": n, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    lines = [f"# int8 vs fp32 CPU latency", "", f"- device: {meta['device']}, {n} threads pinned",
+    lines = ["# int8 vs fp32 CPU latency", "", f"- device: {meta['device']}, {n} threads pinned",
              f"- commit: {meta['commit']}, torch {meta['torch']}, date {meta['date']}",
              f"- how made: `{meta['command']}`", "",
              "| arch | fp32 NCHW ms b1 | fp32 NHWC ms b1 | int8 ms b1 | speed-up b1 | fp32 NCHW ms b64 | "

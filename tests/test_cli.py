@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rescomp import checkpoint
 from rescomp.cli import app
 
 from conftest import write_config

@@ -65,7 +65,6 @@ def test_hash_ignores_where_outputs_go(tiny):
 
 
 def _shipped():
-    import yaml
     from rescomp.config import read_with_extends
 
     root = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"

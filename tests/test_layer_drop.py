@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from rescomp import checkpoint
 from rescomp.cli import app
 from rescomp.compress.distill import kd_loss
 from rescomp.compress.layer_drop import Gated, choose, delete_units, depth, drop, gates, output_norm, residual_units

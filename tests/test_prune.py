@@ -1,13 +1,10 @@
-import json
-
 import pytest
 import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from rescomp import checkpoint
 from rescomp.cli import app
-from rescomp.compress.prune import (CRITERIA, channel_groups, group_scores, prune, select, shapes, taylor)
+from rescomp.compress.prune import channel_groups, prune, select, shapes, taylor
 from rescomp.config import PruneConfig, validate
 from rescomp.measure import count_params
 from rescomp.models import build_model, model_names
