@@ -154,3 +154,16 @@ def test_prune_bad_input(workdir, tiny, override, message):
     assert res.exit_code == 2, res.output
     assert message in res.stderr
     assert not (workdir / "runs").exists()
+
+
+def test_excluded_layers_are_left_alone():
+    model = build_model({"arch": "resnet18", "num_classes": 10})
+    roots = {g.root for g in channel_groups(model, X, ["layer4.*"], "paper")}
+    assert roots == {f"layer{i}.{j}.conv1" for i in range(1, 4) for j in range(2)}
+
+
+def test_stop_at_a_share_of_the_parameters(workdir, tiny):
+    cfg = validate(_prune_cfg(tiny, steps=5, stop_at={"params": 0.95}), "t")
+    _, s = run_prune(cfg)
+    assert [r["step"] for r in s["rows"]] == [0, 1]  # one 10 % step already leaves < 95 % of the parameters
+    assert s["rows"][1]["params"] <= 0.95 * s["rows"][0]["params"]
