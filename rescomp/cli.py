@@ -114,13 +114,11 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
 
     if target.suffix in (".pt", ".pth") and checkpoint.load(target).get("kind") == "rescomp-int8":
         from rescomp.compress.quantize import load_int8
-        from rescomp.measure import activation_bytes, cpu_latency_ms, state_dict_bytes
+        from rescomp.measure import measure_int8
 
         model, payload = load_int8(target)
         size = payload["image_size"]
-        row = {"arch": payload["arch"]["arch"], "dtype": "int8", "size_bytes": state_dict_bytes(model),
-               **{f"{k}_b1": v for k, v in (activation_bytes(model, size) or {}).items()},
-               **{f"latency_ms_cpu_b{b}": cpu_latency_ms(model, size, b) for b in (1, 64)}}
+        row = {"arch": payload["arch"]["arch"], "dtype": "int8", **measure_int8(model, size)}
         _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
         return
     if target.suffix in (".pt", ".pth"):

@@ -192,6 +192,23 @@ def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> Optio
     return {"act_peak_bytes": peak, "act_max_tensor_bytes": biggest}
 
 
+def _activation_row(model: nn.Module, image_size: int) -> dict[str, Any]:
+    act = activation_bytes(model, image_size) or {}
+    return {"act_peak_bytes_b1": act.get("act_peak_bytes"), "act_max_tensor_bytes_b1": act.get("act_max_tensor_bytes")}
+
+
+def _latency_row(model: nn.Module, image_size: int, cfg: MeasureConfig, channels_last: bool) -> dict[str, Any]:
+    """latency_ms_cpu_b<B> for each configured batch size, threads pinned; empty if latency is off."""
+    if not cfg.latency:
+        return {}
+    with pinned_threads(cfg.threads) as n:
+        row: dict[str, Any] = {"cpu_threads": n}
+        for b in cfg.batch_sizes:
+            row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n, warmup=cfg.warmup,
+                                                          repeats=cfg.repeats, channels_last=channels_last)
+    return row
+
+
 def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
     """Every cost column of a table row, with units in the names."""
     cfg = cfg or MeasureConfig()
@@ -202,15 +219,18 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         "macs": count_macs(model, image_size),
         "size_bytes": state_dict_bytes(model),
         "image_size": image_size,
+        **_activation_row(model, image_size),
+        **_latency_row(model, image_size, cfg, cfg.channels_last),
     }
-    act = activation_bytes(model, image_size) or {}
-    row["act_peak_bytes_b1"], row["act_max_tensor_bytes_b1"] = act.get("act_peak_bytes"), act.get("act_max_tensor_bytes")
-    if cfg.latency:
-        with pinned_threads(cfg.threads) as n:
-            row["cpu_threads"] = n
-            for b in cfg.batch_sizes:
-                row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n, warmup=cfg.warmup,
-                                                              repeats=cfg.repeats, channels_last=cfg.channels_last)
     if cfg.gpu_throughput and torch.cuda.is_available():
         row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
     return row
+
+
+def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
+    """The cost columns of a quantized network: bytes, activation memory and CPU latency (its packed
+    weights hide parameter counts and MACs from fvcore: take those from its fp32 model). Timed with
+    contiguous inputs; the int8 kernels choose their own layout."""
+    cfg = cfg or MeasureConfig()
+    return {"size_bytes": state_dict_bytes(qmodel), **_activation_row(qmodel, image_size),
+            **_latency_row(qmodel, image_size, cfg, channels_last=False)}

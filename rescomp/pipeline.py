@@ -163,7 +163,7 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     """Int8 a trained checkpoint on the CPU; evaluate and measure it beside its fp32 model."""
     from rescomp.compress import quantize as q
     from rescomp.data import BatchLoader, NORMALIZATION, sample_loader
-    from rescomp.measure import activation_bytes, cpu_latency_ms, pinned_threads, state_dict_bytes
+    from rescomp.measure import measure_int8
 
     t_start = time.perf_counter()
     qc = cfg.quantize
@@ -196,14 +196,9 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
 
     costs = measure(model, size, cfg.measure)  # fp32, in the same process as the int8 timings below
-    int8: dict[str, Any] = {"size_bytes": state_dict_bytes(qmodel)}
-    int8.update({f"{k}_b1": v for k, v in (activation_bytes(qmodel, size) or {}).items()})
-    if cfg.measure.latency:
-        with pinned_threads(cfg.measure.threads) as n:
-            for b in cfg.measure.batch_sizes:
-                int8[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(qmodel, size, b, threads=n, warmup=cfg.measure.warmup,
-                                                              repeats=cfg.measure.repeats)
-                int8[f"speedup_cpu_b{b}"] = costs[f"latency_ms_cpu_b{b}"] / int8[f"latency_ms_cpu_b{b}"]
+    int8 = measure_int8(qmodel, size, cfg.measure)
+    int8.update({f"speedup_cpu_b{b}": costs[f"latency_ms_cpu_b{b}"] / int8[f"latency_ms_cpu_b{b}"]
+                 for b in cfg.measure.batch_sizes if cfg.measure.latency})
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
@@ -233,8 +228,7 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any,
         "schedule": cfg.train.schedule.model_copy(update={"name": "cosine", "warmup_epochs": 0}),
         "early_stopping": cfg.train.early_stopping.model_copy(update={"patience": None}),
         "eval_test_every": 0, "compile": False})})
-    loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                           device=ctx.device, seed=cfg.seed)
+    loaders = train_loaders(tune, ctx, splits)
     # Fine-tuning is a stage the pipeline runs (DESIGN.md, habit 1); a few epochs, so no checkpoints.
     Trainer(prepared, loaders, tune, ctx, None, {}).fit()
     return q.convert(prepared, cfg.data.image_size), {"method": "qat", "backend": qc.backend,

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -49,6 +51,11 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     assert s["size_ratio"] < 0.5 and s["size_bytes"] == s["fp32_size_bytes"] * s["size_ratio"]
     assert s["speedup_cpu_b8"] > 0 and s["act_peak_bytes_b1"] < s["fp32_act_peak_bytes_b1"]
     assert (run_dir / "int8.pt").is_file() and (run_dir / "summary.json").is_file()
+    res = CliRunner().invoke(app, ["measure", str(run_dir / "int8.pt"), "--json"])
+    assert res.exit_code == 0, res.output
+    measured = json.loads(res.stdout)
+    assert measured["dtype"] == "int8" and measured["size_bytes"] == s["size_bytes"]
+    assert measured["act_peak_bytes_b1"] == s["act_peak_bytes_b1"] and measured["latency_ms_cpu_b64"] > 0
 
 
 def test_qat_fine_tunes_then_converts(workdir, tiny):
