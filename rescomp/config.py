@@ -37,10 +37,12 @@ class SyntheticConfig(Strict):
 
 class DataConfig(Strict):
     dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
-    # auto: `path` if given, else the offline CIFAR-10 copy if found, else torchvision's files.
+    # auto: `path` if given, else the first local copy found (rescomp.data.search_paths), else a download.
     source: Literal["auto", "torchvision", "folder"] = "auto"
     path: Optional[str] = None
-    download: bool = False
+    # auto: download through torchvision (into rescomp.data.download_root) only when no local copy is
+    # found; true: always use torchvision's official files, downloading them if missing; false: never.
+    download: Literal["auto", True, False] = "auto"
     image_size: int = Field(32, ge=8, le=512, description="inputs are resized to this on the fly")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded random subset of train")
@@ -104,8 +106,9 @@ class TrainConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    # auto: on. NHWC is faster on CUDA (tensor cores) and on x86 CPUs through oneDNN (here, 2 cores:
-    # ResNet-56 training 295 -> 376 img/s, ResNet-20 evaluation 840 -> 1866 img/s).
+    # auto: NHWC on CUDA (tensor cores); on the CPU NHWC unless the network has a conv that oneDNN
+    # gets wrong in NHWC (rescomp.hardware.training_layout; results/bench/cpu_layout.md). true is
+    # overridden on the CPU for such networks: wrong gradients are never worth the speed.
     channels_last: Literal["auto", True, False] = "auto"
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0)

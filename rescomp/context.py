@@ -15,6 +15,7 @@ from rich.console import Console
 
 from rescomp.config import ExperimentConfig
 from rescomp.errors import DeviceError
+from rescomp.hardware import Setting, training_layout
 
 
 @dataclass
@@ -23,11 +24,12 @@ class RunContext:
     seed: int = 0
     run_dir: Optional[Path] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16, resolved for the device
-    channels_last: bool = False
+    channels_last: Setting = "auto"  # train.channels_last; `layout` decides it per model
     compile: bool = False
     rank: int = 0  # DistributedDataParallel rank; only rank 0 writes files and logs
     world_size: int = 1
     console: Console = field(default_factory=lambda: Console(stderr=True, log_path=False, soft_wrap=True))
+    _said: set = field(default_factory=set, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -42,6 +44,15 @@ class RunContext:
         if dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def layout(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` in the memory layout for passes with gradients (training, fine-tuning, QAT, scoring):
+        the one decision of rescomp.hardware.training_layout, said once per reason."""
+        nhwc, why = training_layout(model, self.device, self.channels_last)
+        if why not in self._said:
+            self._said.add(why)
+            self.log(f"memory layout {why}")
+        return model.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
     def log(self, message: str) -> None:
         if self.is_main:  # one unwrapped line per event, readable in CI logs as well as terminals
@@ -75,9 +86,6 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
-    channels_last = cfg.train.channels_last
-    if channels_last == "auto":
-        channels_last = True  # see TrainConfig.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -86,5 +94,5 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
         torch.set_num_threads(cfg.train.threads)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return RunContext(device, cfg.seed, run_dir, precision, bool(channels_last), cfg.train.compile, rank, world,
+    return RunContext(device, cfg.seed, run_dir, precision, cfg.train.channels_last, cfg.train.compile, rank, world,
                       console or Console(stderr=True, log_path=False, soft_wrap=True))

@@ -25,8 +25,8 @@ from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
 from rescomp.models import build_model
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, start_model, train_and_eval,
-                              train_loaders)
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, open_run_dir, retrain_config, start_model,
+                              train_and_eval, train_loaders)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
 
@@ -65,7 +65,7 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
     model, payload, source = start_model(cfg, ctx, pc.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    open_run_dir(out)
     checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     splits = prepare(cfg.data, cfg.seed)
@@ -91,7 +91,7 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         else:
             seed_everything(cfg.seed + step)
             t0 = time.perf_counter()
-            model, spec, info = prune(model.to(ctx.device), spec, share=share - previous, criterion=pc.criterion,
+            model, spec, info = prune(ctx.layout(model.to(ctx.device)), spec, share=share - previous, criterion=pc.criterion,
                                       policy=pc.policy, exclude=pc.exclude, batches=scoring, seed=cfg.seed + step,
                                       image_size=size, base_prunable=base_prunable, allocation=pc.allocation)
             scoring_s = time.perf_counter() - t0

@@ -19,6 +19,7 @@ from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
 from rescomp.context import RunContext
 from rescomp.data import BatchLoader
 from rescomp.errors import CheckpointError, TrainingDiverged
+from rescomp.hardware import memory_format_of
 from rescomp.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
@@ -121,9 +122,10 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext) -> dict[str
     loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     n = 0
+    fmt = memory_format_of(model)
     for x, y in loader:
         with ctx.autocast():
-            out = model(x)
+            out = model(x.contiguous(memory_format=fmt))
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         n += len(y)
@@ -149,9 +151,8 @@ class Trainer:
                  run_dir: Optional[Path], arch: dict[str, Any], distill: Optional[Callable] = None) -> None:
         self.cfg, self.tc, self.ctx, self.run_dir, self.arch = cfg, cfg.train, ctx, run_dir, arch
         self.loaders = loaders
-        self.model = model.to(ctx.device)
-        if ctx.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = ctx.layout(model.to(ctx.device))
+        self.memory_format = memory_format_of(self.model)  # batches follow the model's layout
         self.forward = torch.compile(self.model) if ctx.compile else self.model
         self.opt = build_optimizer(self.model, self.tc.optimizer, ctx.device)
         steps = len(loaders["train"])
@@ -205,6 +206,7 @@ class Trainer:
         correct = torch.zeros((), device=ctx.device, dtype=torch.long)
         n, t0 = 0, time.perf_counter()
         for step, (x, y) in enumerate(loader):
+            x = x.contiguous(memory_format=self.memory_format)
             with ctx.autocast():
                 out = self.forward(x)
                 loss = self.loss_fn(out.float(), x, y)

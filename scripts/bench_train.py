@@ -136,9 +136,14 @@ def rescomp_setup(args, splits: Splits, dataset: str, device: torch.device, epoc
     ctx = make_context(cfg)
     spec = cfg.model.spec(cfg.data.num_classes)
     loaders = make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                           device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last, max_steps=max_steps)
+                           device=ctx.device, seed=cfg.seed, max_steps=max_steps)
     seed_everything(0)
     return Trainer(build_model(spec), loaders, cfg, ctx, run_dir=None, arch=spec), loaders, ctx
+
+
+def nhwc(trainer: Trainer) -> bool:
+    """The layout rescomp's one decision chose for this network (rescomp.hardware.training_layout)."""
+    return trainer.memory_format == torch.channels_last
 
 
 def rescomp_steps(trainer: Trainer, loader: BatchLoader, steps: int) -> tuple[int, float]:
@@ -187,7 +192,7 @@ def throughput(args, splits: Splits, dataset: str, device: torch.device) -> dict
     ref = {"images_per_s": ref_n / ref_s, "seconds": ref_s, "images": ref_n, "batch_size": 128, "precision": "fp32",
            "channels_last": False, "workers": args.workers, "compile": False}
     res = {"images_per_s": res_n / res_s, "trainer_images_per_s": res_n / own_s, "seconds": res_s, "images": res_n,
-           "batch_size": args.rescomp_batch, "precision": ctx.precision, "channels_last": ctx.channels_last, "workers": 0, "compile": ctx.compile}
+           "batch_size": args.rescomp_batch, "precision": ctx.precision, "channels_last": nhwc(trainer), "workers": 0, "compile": ctx.compile}
     return {"reference": ref, "rescomp": res, "ratio": res["images_per_s"] / ref["images_per_s"],
             "eval": {"seconds": eval_s, "images": ev["n"], "images_per_s": ev["n"] / eval_s,
                      "batch_size": test.batch_size}}
@@ -213,7 +218,7 @@ def accuracy_match(args, splits: Splits, dataset: str, device: torch.device) -> 
                           "precision": "fp32"},
             "rescomp": {"top1": res_top1, "train_seconds": res_s, "batch_size": args.rescomp_batch,
                         "lr": trainer.tc.optimizer.lr, "warmup_epochs": trainer.tc.schedule.warmup_epochs,
-                        "precision": ctx.precision, "channels_last": ctx.channels_last, "compile": ctx.compile},
+                        "precision": ctx.precision, "channels_last": nhwc(trainer), "compile": ctx.compile},
             "top1_difference": res_top1 - ref_top1}
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rescomp.errors import ConfigError
+from rescomp.hardware import memory_format_of
 from rescomp.registry import Registry
 
 
@@ -134,11 +135,12 @@ def _activation_scores(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     was = model.training
     model.eval()  # BN in inference mode: scores must not move its running statistics
     n = 0
+    fmt = memory_format_of(model)  # the layout the caller chose (RunContext.layout): batches follow it
     try:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(needs_grad):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
                 if needs_grad:
                     loss.backward()
             for name, a in saved.items():
