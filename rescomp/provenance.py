@@ -1,4 +1,5 @@
-"""Where a number came from: git commit, torch version, device, command line (DESIGN.md, habit 5)."""
+"""Where a number came from: git commit, torch version, device with its instruction sets, command line
+(DESIGN.md, habit 5)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from rescomp.hardware import device_name, device_record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,24 +32,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
-
-
-@lru_cache(maxsize=1)
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def command_line() -> str:
@@ -68,5 +53,6 @@ def stamp(device: torch.device | str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device_name(device),
+        "hardware": device_record(device),
         "command": command_line(),
     }

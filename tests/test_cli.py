@@ -27,10 +27,12 @@ def test_smoke_config_trains_measures_and_reports(workdir):
     assert res.exit_code == 0, res.output
     summary = json.loads((workdir / "runs/tiny/summary.json").read_text())
     assert summary["params"] == 5006 and summary["epochs"] == 1
-    for key in ("config_hash", "seed", "commit", "torch", "device", "wall_seconds", "command", "latency_ms_cpu_b1"):
+    for key in ("config_hash", "seed", "commit", "torch", "device", "hardware", "wall_seconds", "command",
+                "latency_ms_cpu_b1"):
         assert key in summary
+    assert "isa" in summary["hardware"]["cpu"] and "threads" in summary["device"]
     assert {p.name for p in (workdir / "runs/tiny").iterdir()} == {
-        "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.json"}
+        ".lock", "checkpoints", "config.yaml", "metrics.jsonl", "model.pt", "summary.json"}
 
     res = cli("measure", workdir / "runs/tiny/model.pt", "--json")
     assert res.exit_code == 0, res.output
