@@ -13,7 +13,10 @@ import hashlib
 import io
 import math
 import os
+import shutil
+import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -77,26 +80,62 @@ def synthetic(cfg: DataConfig, seed: int = 1234) -> Splits:
     return Splits(tx, ty, vx, vy, [f"class{i}" for i in range(s.num_classes)], "synthetic")
 
 
-def _from_torchvision(cfg: DataConfig, root: Path) -> Splits:
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _torchvision_class(dataset: str):
     from torchvision import datasets
 
-    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[cfg.dataset]
+    return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[dataset]
+
+
+def _download(cfg: DataConfig, root: Path, looked: list[str]) -> None:
+    """Fetch the official files through torchvision (with its progress bar) into a temporary folder
+    and move the finished, checksum-verified folder into `root`: a failed or interrupted download
+    leaves nothing behind, not even `root`."""
+    cls = _torchvision_class(cfg.dataset)
+    tmp = Path(tempfile.mkdtemp(prefix=f"rescomp-{cfg.dataset}-download-"))
     try:
-        train = cls(str(root), train=True, download=cfg.download)
-        test = cls(str(root), train=False, download=cfg.download)
-    except RuntimeError as e:
+        print(f"downloading {cfg.dataset} through torchvision into {root} (no local copy found)", file=sys.stderr)
+        cls(str(tmp), train=True, download=True)
+        cls(str(tmp), train=False, download=False)  # verifies the test files of the same archive
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / TORCHVISION_FOLDERS[cfg.dataset]), str(root / TORCHVISION_FOLDERS[cfg.dataset]))
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line for the user; nothing is kept
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        where = f" (looked in: {', '.join(looked)})" if looked else ""
         raise DataError(
-            f"{cfg.dataset} not found under '{root}' ({e}). Set data.download=true to fetch it with "
-            f"torchvision, or data.path to a folder or archive that holds it"
+            f"no local copy of {cfg.dataset} was found{where} and downloading it through torchvision failed: "
+            f"{reason}. Point data.path (or $RESCOMP_DATA) at a copy, or run where the download can reach the "
+            f"internet"
         ) from None
-    except OSError as e:
-        raise DataError(f"could not download {cfg.dataset} into '{root}': {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_torchvision(cfg: DataConfig, root: Path, looked: list[str]) -> Splits:
+    if not _is_torchvision_root(root, cfg.dataset):
+        if cfg.download is False:
+            raise DataError(
+                f"{cfg.dataset} not found under '{root}'. Set data.download=auto (or true) to fetch it with "
+                f"torchvision, or data.path to a folder or archive that holds it"
+            )
+        _download(cfg, root, looked)
+    cls = _torchvision_class(cfg.dataset)
+    try:
+        train = cls(str(root), train=True, download=False)
+        test = cls(str(root), train=False, download=False)
+    except RuntimeError as e:  # torchvision's integrity check failed: a damaged copy
+        raise DataError(f"the {cfg.dataset} files under '{root}' are damaged ({e}); delete "
+                        f"'{root / TORCHVISION_FOLDERS[cfg.dataset]}' and run again to re-download them") from None
 
     def arrays(ds) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         return x, torch.tensor(ds.targets, dtype=torch.long)
 
-    return Splits(*arrays(train), *arrays(test), list(train.classes), f"torchvision:{root}")
+    # Named by what it is, never by where it lay: the official files, whose md5 torchvision checked.
+    return Splits(*arrays(train), *arrays(test), list(train.classes),
+                  f"{cfg.dataset}: torchvision's official files (md5 verified)")
 
 
 def _decode(blob: bytes, size: Optional[tuple[int, int]]) -> np.ndarray:
@@ -151,17 +190,46 @@ def _from_imagefolder(path: Path) -> Splits:
         x = torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2).contiguous()
         return x, torch.tensor([index[c] for c, _ in items], dtype=torch.long)
 
-    return Splits(*arrays(per_split["train"]), *arrays(per_split["test"]), classes, f"folder:{path}")
+    splits = Splits(*arrays(per_split["train"]), *arrays(per_split["test"]), classes, "")
+    splits.source = _describe_copy(path, splits)
+    return splits
 
 
-def _candidates(cfg: DataConfig) -> list[Path]:
-    """Where `source: auto` looks for an offline copy when data.path is not set."""
+def _describe_copy(path: Path, splits: Splits) -> str:
+    """Provenance of an ImageFolder copy by kind and checksum, never by where it lay on this machine:
+    an archive by the sha256 of its file (as SOURCES.md gives it), a folder by that of its decoded
+    pixels and labels."""
+    h = hashlib.sha256()
+    if path.is_file():
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"ImageFolder archive {path.name}, sha256 {h.hexdigest()}"
+    for t in (splits.train_x, splits.train_y, splits.test_x, splits.test_y):
+        h.update(t.contiguous().numpy().tobytes())
+    return f"ImageFolder folder {path.name}/, pixels+labels sha256 {h.hexdigest()}"
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """data.cache_dir, else $RESCOMP_CACHE, else ~/.cache/rescomp: decoded-image caches and downloads."""
+    return Path(cfg.cache_dir or os.environ.get("RESCOMP_CACHE") or Path.home() / ".cache" / "rescomp").expanduser()
+
+
+def download_root(cfg: DataConfig) -> Path:
+    """Where a download lands: <cache root>/datasets, searched by later runs like any local copy."""
+    return cache_root(cfg) / "datasets"
+
+
+def search_paths(cfg: DataConfig) -> list[Path]:
+    """Where a run looks for a local copy when data.path is not set, in order: $RESCOMP_DATA, ./data,
+    the checkout's data/ and ../shared/data, then the download root."""
     env = os.environ.get("RESCOMP_DATA")
     roots = [Path(env)] if env else []
     here = Path.cwd()
     repo = Path(__file__).resolve().parent.parent
     for base in dict.fromkeys([here, repo]):
         roots += [base / "data", base.parent / "shared" / "data"]
+    roots.append(download_root(cfg))  # where `download: auto` puts what it fetches
     found = []
     for r in roots:
         if cfg.dataset == "cifar10":
@@ -171,8 +239,7 @@ def _candidates(cfg: DataConfig) -> list[Path]:
 
 
 def _is_torchvision_root(p: Path, dataset: str) -> bool:
-    folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[dataset]
-    return (p / folder).is_dir()
+    return (p / TORCHVISION_FOLDERS[dataset]).is_dir()
 
 
 def _is_imagefolder(p: Path) -> bool:
@@ -181,33 +248,34 @@ def _is_imagefolder(p: Path) -> bool:
     return (p / "train").is_dir() and (p / "test").is_dir()
 
 
-def resolve_source(cfg: DataConfig) -> tuple[str, Path]:
-    """Decide ('torchvision' | 'folder', path) for a CIFAR dataset, or explain where we looked."""
+def resolve_source(cfg: DataConfig) -> tuple[str, Path, list[str]]:
+    """('torchvision' | 'folder', path, folders searched) for a CIFAR dataset, or why there is none."""
     if cfg.path is not None:
         p = Path(cfg.path).expanduser()
-        if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download or _is_torchvision_root(p, cfg.dataset))):
-            return "torchvision", p
+        if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download is True or _is_torchvision_root(p, cfg.dataset))):
+            return "torchvision", p, []
         if not p.exists():
-            raise DataError(f"data.path '{p}' does not exist; fix the path or set data.download=true")
+            raise DataError(f"data.path '{p}' does not exist; fix the path, or remove data.path to use a local copy "
+                            f"or a download")
         if _is_imagefolder(p):
-            return "folder", p
+            return "folder", p, []
         raise DataError(
             f"data.path '{p}' is neither a torchvision {cfg.dataset} root nor an ImageFolder folder or "
             f"archive with train/ and test/; set data.source to say which it is"
         )
-    if cfg.download or cfg.source == "torchvision":
-        return "torchvision", Path("data")
     looked = []
-    for p in _candidates(cfg):
+    for p in search_paths(cfg):
         looked.append(str(p))
         if not p.exists():
             continue
         if p.is_dir() and _is_torchvision_root(p, cfg.dataset):
-            return "torchvision", p
-        if cfg.source in ("auto", "folder") and _is_imagefolder(p):
-            return "folder", p
+            return "torchvision", p, looked
+        if cfg.source in ("auto", "folder") and cfg.download is not True and _is_imagefolder(p):
+            return "folder", p, looked
+    if cfg.download is not False and cfg.source != "folder":
+        return "torchvision", download_root(cfg), looked
     raise DataError(
-        f"no {cfg.dataset} found; looked in: {', '.join(looked)}. Set data.download=true to fetch it "
+        f"no {cfg.dataset} found; looked in: {', '.join(looked)}. Set data.download=auto to fetch it "
         f"with torchvision, or data.path (or $RESCOMP_DATA) to where it is"
     )
 
@@ -216,22 +284,21 @@ def _cache_path(cfg: DataConfig, kind: str, path: Path) -> Path:
     st = path.stat()
     key = f"{cfg.dataset}|{kind}|{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    base = Path(cfg.cache_dir or os.environ.get("RESCOMP_CACHE") or Path.home() / ".cache" / "rescomp")
-    return base / f"{cfg.dataset}-{kind}-{digest}.pt"
+    return cache_root(cfg) / f"{cfg.dataset}-{kind}-{digest}.pt"
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     """All images of the configured dataset, decoded once and cached as uint8 tensors."""
     if cfg.dataset == "synthetic":
         return synthetic(cfg)
-    kind, path = resolve_source(cfg)
+    kind, path, looked = resolve_source(cfg)
     if kind == "torchvision":
-        return _from_torchvision(cfg, path)  # already uint8 arrays on disk: nothing to cache
+        return _from_torchvision(cfg, path, looked)  # already uint8 arrays on disk: nothing to cache
     cache = _cache_path(cfg, kind, path)
     if cache.is_file():
         try:
             d = torch.load(cache, weights_only=True)
-            return Splits(d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["classes"], f"folder:{path}")
+            return Splits(d["train_x"], d["train_y"], d["test_x"], d["test_y"], d["classes"], d["source"])
         except Exception:
             cache.unlink(missing_ok=True)  # a torn cache is rebuilt, never trusted
     splits = _from_imagefolder(path)
@@ -239,7 +306,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise DataError(f"'{path}' has {splits.num_classes} classes but data.dataset={cfg.dataset} needs {cfg.num_classes}")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    payload = {k: getattr(splits, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes")}
+    payload = {k: getattr(splits, k) for k in ("train_x", "train_y", "test_x", "test_y", "classes", "source")}
     torch.save(payload, tmp)
     os.replace(tmp, cache)
     return splits

@@ -18,6 +18,21 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download: torchvision may only fetch from a server a test runs on loopback."""
+    import torchvision.datasets.utils as tvu
+
+    real = tvu._urlretrieve
+
+    def guarded(url, *args, **kwargs):
+        if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+            raise AssertionError(f"a test tried to download {url}")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(tvu, "_urlretrieve", guarded)
+
+
 @pytest.fixture
 def tiny() -> dict:
     """A fresh copy of the tiny synthetic experiment (a width-4 ResNet-8)."""

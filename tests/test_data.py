@@ -1,5 +1,6 @@
 import io
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -138,10 +139,104 @@ def test_cifar100_through_torchvision(tmp_path, monkeypatch):
 def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RESCOMP_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match=r"no cifar100 found; looked in: .*nowhere.*data.download=true"):
-        load_splits(DataConfig(dataset="cifar100"))
+    with pytest.raises(DataError, match=r"no cifar100 found; looked in: .*nowhere.*data.download=auto"):
+        load_splits(DataConfig(dataset="cifar100", download=False))
     with pytest.raises(DataError, match="does not exist"):
         load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / "missing.tar.gz")))
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(DataError, match="not a readable tar archive"):
         load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path)))
+
+
+# -- data.download: auto ------------------------------------------------------------------------
+# Wrong versions these tests must catch: a download attempted although a local copy exists; a failed
+# download that leaves a folder or archive behind; a failure message that does not say where rescomp
+# looked or why the download failed; a finished download that the next run fetches again.
+
+
+@pytest.fixture
+def cifar100_server(tmp_path, monkeypatch):
+    """Fake CIFAR-100 files, archived as torchvision expects, served over HTTP on loopback."""
+    import functools
+    import http.server
+    import tarfile
+    import threading
+
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import calculate_md5
+
+    src = tmp_path / "src"
+    _fake_cifar100(src)
+    md5 = lambda name: calculate_md5(str(src / "cifar-100-python" / name))  # noqa: E731
+    serve = tmp_path / "www"
+    serve.mkdir()
+    with tarfile.open(serve / "c100.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-100-python", arcname="cifar-100-python")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(CIFAR100, "url", f"http://127.0.0.1:{server.server_address[1]}/c100.tar.gz")
+    monkeypatch.setattr(CIFAR100, "tgz_md5", calculate_md5(str(serve / "c100.tar.gz")))
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5("train")]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5("test")]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5("meta")})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESCOMP_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    yield server
+    server.shutdown()
+
+
+def test_auto_downloads_once_when_no_local_copy(tmp_path, cifar100_server, capsys):
+    cfg = DataConfig(dataset="cifar100", cache_dir=str(tmp_path / "cache"))
+    s = load_splits(cfg)
+    assert (s.train_x.shape, s.test_x.shape) == ((200, 3, 32, 32), (100, 3, 32, 32))
+    assert (tmp_path / "cache" / "datasets" / "cifar-100-python" / "train").is_file()
+    assert s.source == "cifar100: torchvision's official files (md5 verified)"  # no path of this machine
+    assert "downloading cifar100" in capsys.readouterr().err
+    assert list((tmp_path / "tmp").iterdir()) == []  # the archive and the staging folder are gone
+    cifar100_server.shutdown()  # the next run must find the download, not fetch it again
+    again = load_splits(cfg)
+    assert torch.equal(again.train_x, s.train_x)
+
+
+def test_auto_prefers_a_local_copy_and_false_never_downloads(tmp_path, cifar100_server, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    CIFAR100.url = "http://127.0.0.1:9/never.tar.gz"  # monkeypatched: a fetch here would fail
+    _fake_cifar100(tmp_path / "nowhere")
+    assert load_splits(DataConfig(dataset="cifar100", cache_dir=str(tmp_path / "c"))).num_classes == 100
+    assert not (tmp_path / "c" / "datasets").exists()
+    monkeypatch.setenv("RESCOMP_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no cifar100 found; looked in: .*empty.*data.download=auto"):
+        load_splits(DataConfig(dataset="cifar100", download=False, cache_dir=str(tmp_path / "c")))
+
+
+def test_failed_download_is_one_line_and_leaves_nothing(tmp_path, cifar100_server, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    monkeypatch.setattr(CIFAR100, "url", "http://127.0.0.1:9/c100.tar.gz")  # nothing listens on port 9
+    cfg = DataConfig(dataset="cifar100", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as e:
+        load_splits(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert re.search(r"no local copy of cifar100 was found \(looked in: .*nowhere.*datasets\) and downloading it "
+                     r"through torchvision failed: .*(refused|URLError).*data\.path", msg), msg
+    assert not (tmp_path / "cache").exists()  # not even the download folder
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_cli_missing_data_exits_2_with_one_line(workdir, tiny, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+    from conftest import write_config
+
+    monkeypatch.setenv("RESCOMP_DATA", str(workdir / "nowhere"))
+    tiny["data"] = {"dataset": "cifar100", "download": False, "cache_dir": str(workdir / "c")}
+    r = CliRunner().invoke(app, ["train", str(write_config(workdir, tiny))])
+    assert r.exit_code == 2 and "no cifar100 found" in r.output and "Traceback" not in r.output
+    assert not (workdir / "runs").exists()

@@ -101,12 +101,12 @@ def test_learns_real_cifar10(workdir, tiny):
     from rescomp.errors import DataError
 
     try:
-        resolve_source(DataConfig())
+        resolve_source(DataConfig(download=False))
     except DataError as e:
         pytest.skip(f"no CIFAR-10 copy on this machine: {e}")
     cfg = {
         "seed": 0, "device": "cpu",
-        "data": {"dataset": "cifar10", "test_limit": 2000},
+        "data": {"dataset": "cifar10", "test_limit": 2000, "download": False},
         "model": {"arch": "cifar_resnet", "depth": 8, "width": 8},
         "train": {"epochs": 3, "batch_size": 64, "max_steps_per_epoch": 100, "eval_test_every": 0,
                   "optimizer": {"lr": 0.1, "weight_decay": 5e-4}, "schedule": {"name": "onecycle"}},
