@@ -26,8 +26,8 @@ from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, stage_suffix, start_model,
-                              train_and_eval, train_loaders)
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, open_run_dir, retrain_config, stage_suffix,
+                              start_model, train_and_eval, train_loaders)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
 
@@ -70,7 +70,7 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     full, payload, source = start_model(cfg, ctx, ld.checkpoint)  # the full gated network
     if not payload["arch"].get("gates"):
         raise ConfigError(f"'{source}' has no residual gates; train a config whose model has `gates:` first")
-    out.mkdir(parents=True, exist_ok=True)
+    open_run_dir(out)
     checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     splits = prepare(cfg.data, cfg.seed)

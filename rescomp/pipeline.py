@@ -16,14 +16,14 @@ import torch
 import yaml
 from rich.console import Console
 
-from rescomp import checkpoint
+from rescomp import checkpoint, runlock
 from rescomp.config import ExperimentConfig, dump_config, validate
 from rescomp.context import RunContext, make_context, seed_everything
 from rescomp.data import make_loaders, prepare
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
 from rescomp.models import build_model, check_spec, get_entry
-from rescomp.provenance import stamp
+from rescomp.provenance import command_line, stamp
 from rescomp.train import Trainer, evaluate
 
 
@@ -53,12 +53,15 @@ def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train") -> 
     run_dir = Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
-        return run_dir, None
+        return run_dir, None  # claimed by open_run_dir when the run starts writing
     if fresh:
-        if saved.is_file() or not any(run_dir.iterdir()):
-            shutil.rmtree(run_dir)
+        if saved.is_file() or not runlock.contents(run_dir):
+            open_run_dir(run_dir)  # never delete what another live process is writing
+            for p in runlock.contents(run_dir):  # keep our lock: deleting it would let a second process in
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
             return run_dir, None
         raise ConfigError(f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name")
+    open_run_dir(run_dir)
     if saved.is_file():
         old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
         if old.hash(stage) != cfg.hash(stage):
@@ -68,6 +71,12 @@ def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train") -> 
             )
     summary = run_dir / "summary.json"
     return run_dir, (json.loads(summary.read_text()) if summary.is_file() else None)
+
+
+def open_run_dir(run_dir: Path) -> None:
+    """Create run_dir if needed and hold it for this process (rescomp.runlock): exit 2 if another
+    live process is writing it."""
+    runlock.claim(run_dir, command_line())
 
 
 def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
@@ -81,7 +90,7 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         ctx.log(f"{run_dir} is already complete; --fresh retrains it")
         return run_dir, done
     ctx.run_dir = run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    open_run_dir(run_dir)
     checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
 
     seed_everything(cfg.seed)
@@ -107,8 +116,7 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
 def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, Any]:
     """The train / test (/ val) loaders of the config's training recipe on the context's device."""
     return make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                        device=ctx.device, seed=cfg.seed, channels_last=ctx.channels_last,
-                        max_steps=cfg.train.max_steps_per_epoch)
+                        device=ctx.device, seed=cfg.seed, max_steps=cfg.train.max_steps_per_epoch)
 
 
 def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> tuple[torch.nn.Module, dict[str, Any], Path]:
@@ -199,7 +207,7 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     int8 = measure_int8(qmodel, size, cfg.measure)
     int8.update({f"speedup_cpu_b{b}": costs[f"latency_ms_cpu_b{b}"] / int8[f"latency_ms_cpu_b{b}"]
                  for b in cfg.measure.batch_sizes if cfg.measure.latency})
-    run_dir.mkdir(parents=True, exist_ok=True)
+    open_run_dir(run_dir)
     checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
     q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics)
