@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-int8 baselines table-separable table-layer-drop table-taylor clean
+.PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -21,8 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# The suite runs on this CPU's own kernels, then again on the AVX2 ones most users' CPUs have
+# (oneDNN picks other kernels there; ../shared/UPSTREAM.md). On a CPU without AVX-512 the first pass
+# already is the AVX2 pass. A test stuck in native code ends the run with every thread's stack
+# (faulthandler_timeout in pyproject.toml) instead of blocking CI.
 test: install
 	$(BIN)/pytest -q
+	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null && [ -z "$$ONEDNN_MAX_CPU_ISA" ]; then \
+	  echo "again with ONEDNN_MAX_CPU_ISA=AVX2 (the kernels of AVX2-only CPUs):"; \
+	  ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q; \
+	else echo "this CPU has no AVX-512 (or ONEDNN_MAX_CPU_ISA is set): the pass above ran the AVX2 kernels"; fi
 
 # ResNet-20 on CIFAR-10 (the offline copy in ../shared/data if present, else torchvision's download),
 # trained, then quantized to int8; a few minutes on a 2-core CPU; writes results/demo/.
@@ -34,6 +42,10 @@ demo: install
 # Training throughput: the usual DataLoader recipe vs rescomp's loop; writes results/bench/.
 bench: install
 	$(BIN)/python scripts/bench_train.py
+
+# Is NHWC safe and faster on this CPU? The measurements behind the CPU layout rule (rescomp.hardware).
+bench-layout: install
+	$(BIN)/python scripts/cpu_layout.py
 
 # The 200-epoch baselines later tables compare against (hours on a CPU: run on a GPU).
 baselines: install

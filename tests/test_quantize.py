@@ -18,7 +18,7 @@ from conftest import write_config
 
 def _trained_tiny(workdir, tiny, epochs=8):
     tiny["train"]["epochs"] = epochs
-    tiny["data"]["synthetic"].update(train_size=256, test_size=128)
+    tiny["data"]["synthetic"].update(train_size=256, test_size=512)
     tiny["model"]["width"] = 8
     tiny["measure"].update(batch_sizes=[1, 8])
     cfg = validate({**tiny, "quantize": {"calibration_images": 64}}, "t")
