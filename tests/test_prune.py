@@ -36,6 +36,33 @@ def test_taylor_score_of_a_hand_built_case():
     assert torch.allclose(scores, raw / raw.norm(), atol=1e-6)
 
 
+def test_taylor_takes_the_absolute_value_per_example_before_the_batch_mean():
+    """Molchanov et al. 2017, eq. 8: |mean over positions of a * dL/da| per example, then the mean
+    over examples. With BatchNorm and 16 examples, the batch-first order ranks the channels otherwise:
+    the wrong version (|.| after the batch mean) fails here."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4)).eval()
+    model[1].running_mean.normal_(0, 0.5)
+    model[1].running_var.uniform_(0.5, 2)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    saved = {}
+
+    def keep(_m, _i, out):  # returns None: a hook's return value would replace the output
+        out.retain_grad()
+        saved["a"] = out
+
+    model[1].register_forward_hook(keep)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    ag = saved["a"].detach() * saved["a"].grad
+    paper = ag.mean(dim=(2, 3)).abs().mean(0)
+    batch_first = ag.mean(dim=(0, 2, 3)).abs()
+    assert paper.argsort().tolist() != batch_first.argsort().tolist()  # the case tells the orders apart
+    model.zero_grad()
+    scores = taylor(model, [(x, y)], 0)["0"]
+    assert torch.allclose(scores, paper / paper.norm(), atol=1e-6)
+
+
 def test_a_dead_channel_prunes_without_changing_outputs():
     torch.manual_seed(0)
     spec = {"arch": "vgg16_bn", "num_classes": 10}

@@ -163,8 +163,11 @@ def l2_normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @CRITERIA.register("taylor")
 def taylor(model: nn.Module, batches, seed: int) -> dict[str, torch.Tensor]:
-    # |mean over batch and positions of a * dL/da| per channel; averaged over batches.
-    raw = _activation_scores(model, batches, lambda a, g: (a * g).mean(dim=(0, 2, 3)).abs(), needs_grad=True)
+    # Molchanov et al. 2017, eq. 8: for each example, the mean over a feature map's positions of
+    # a * dL/da, then its absolute value; then the mean over the examples (and over batches).
+    # Taking |.| after averaging over the batch would let examples cancel and make the score
+    # depend on the batch size.
+    raw = _activation_scores(model, batches, lambda a, g: (a * g).mean(dim=(2, 3)).abs().mean(0), needs_grad=True)
     return l2_normalise(raw)
 
 
