@@ -136,6 +136,18 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, steps: lis
     return rows
 
 
+def smallest_lossless(method_rows: list[dict[str, Any]], floor: float) -> dict[str, Any]:
+    """The paper's stop rule: the last network before the first deletion step whose top-1 fell below
+    `floor`. Steps traced past that drop (`keep_going`) can climb back above it, but they do not count:
+    the method would have stopped there."""
+    smallest = method_rows[0]
+    for r in method_rows[1:]:
+        if r["top1"] < floor:
+            break
+        smallest = r
+    return smallest
+
+
 def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]], stats: dict[str, Any],
              start: dict[str, float], data_source: str, wall: float, source: str) -> dict[str, Any]:
     ld = cfg.layer_drop
@@ -146,8 +158,7 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
         r["row"] = f"{label[r['method']]}: {r['layers']} layers"
     method_rows = [r for r in rows if r["method"] == "layer-drop"]
     full = method_rows[0]
-    lossless = [r for r in method_rows if r["top1"] >= start["top1"] - ld.tolerance]
-    smallest = min(lossless, key=lambda r: r["layers"])
+    smallest = smallest_lossless(method_rows, start["top1"] - ld.tolerance)
     tb = ld.timing.batch_size
     relative = {
         "macs": 100 * smallest["macs"] / full["macs"],

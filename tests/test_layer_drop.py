@@ -182,3 +182,16 @@ def test_distillation_is_a_training_option(workdir, tiny):
     res = CliRunner().invoke(app, ["train", str(path)])
     assert res.exit_code == 2 and "checkpoint 'nowhere.pt' not found" in res.stderr
     assert not (workdir / "runs" / "orphan").exists()
+
+
+def test_stop_rule_is_the_last_network_before_the_first_drop():
+    """The paper stops at the first deletion that falls below the full network's accuracy: rows of
+    56 / 50 / 44 / 38 layers at 90.0 / 90.2 / 89.1 / 90.05 % answer 50 layers, not 38 (a later row
+    back above the floor does not count). Wrong versions: the smallest of all rows above the floor
+    (38), or the floor ignored (38)."""
+    from rescomp.layer_drop_run import smallest_lossless
+
+    rows = [{"layers": n, "top1": t} for n, t in ((56, 90.0), (50, 90.2), (44, 89.1), (38, 90.05))]
+    assert smallest_lossless(rows, floor=90.0)["layers"] == 50
+    assert smallest_lossless(rows, floor=89.0)["layers"] == 38  # with a tolerance of 1 point, no drop
+    assert smallest_lossless(rows[:1] + [{"layers": 50, "top1": 80.0}], floor=90.0)["layers"] == 56
