@@ -438,9 +438,10 @@ class BatchLoader:
 
 
 def make_loaders(splits: Splits, cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device,
-                 seed: int, channels_last: bool = False, max_steps: Optional[int] = None) -> dict[str, BatchLoader]:
+                 seed: int, max_steps: Optional[int] = None) -> dict[str, BatchLoader]:
     mean, std = NORMALIZATION[cfg.dataset]
-    common = dict(mean=mean, std=std, device=device, image_size=cfg.image_size, channels_last=channels_last)
+    # No layout here: batches follow the model's (Trainer / evaluate, rescomp.hardware.training_layout).
+    common = dict(mean=mean, std=std, device=device, image_size=cfg.image_size)
     loaders = {
         "train": BatchLoader(splits.train_x, splits.train_y, batch_size, train=True, augment=cfg.augment,
                              seed=seed, max_steps=max_steps, **common),
