@@ -65,9 +65,10 @@ table-separable: install
 	$(BIN)/rescomp report runs/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
 	  --baseline "ResNet-56 Full"
 
-# Residual-block deletion: accuracy vs layers (method, scratch, distillation), the cost table, the
-# study of k (units per step) and n (retraining epochs), the learned w. The study reuses the trained
-# network and varies k or n one at a time around the main run's (paper: k = 1/2/4, n = 30/60/120).
+# Residual-block deletion: accuracy vs layers (the method; regular ResNets of each depth from scratch
+# and distilled, each row with the epochs it was trained in all), the cost table, the study of k (units
+# per step) and n (retraining epochs), the learned w. The study reuses the trained network and varies
+# k or n one at a time around the main run's (paper: k = 1/2/4, n = 30/60/120), without baselines.
 LD := configs/table-layer-drop/resnet56.yaml
 LD_STUDY_K := $(if $(filter cpu,$(PROFILE)),1 5,1 4)
 LD_STUDY_N := $(if $(filter cpu,$(PROFILE)),2 4,30 120)
@@ -79,9 +80,11 @@ table-layer-drop: install
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
 	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop
 
-# Taylor filter pruning (Martineau): Table 2 structure at 224x224 (both policies), Table 2 accuracy
-# at 0-30 % in both policies, Table 1 (AlexNet, fast vs slow), and ResNet-56 with every criterion.
-# The cpu profile trains from scratch at 32x32 (AlexNet 64x64) and runs three of the six networks.
+# Taylor filter pruning (Martineau): Table 2 at 0-30 % in both policies, each network counted again at
+# 224x224 with the paper's head; Table 1 (AlexNet: each share in its own run, fast = 2 iterations,
+# slow = 10, equal fine-tuning); ResNet-56 with every criterion; and a structural counterfactual
+# (uniform vs global allocation on untrained networks, structure.md). The cpu profile trains from
+# scratch at 32x32 (AlexNet 64x64) and runs three of the six networks.
 TAYLOR_MODELS := $(if $(filter cpu,$(PROFILE)),resnet18 squeezenet1_0 alexnet,vgg16 alexnet resnet18 squeezenet1_0 densenet121 resnet50)
 table-taylor: install
 	$(BIN)/python scripts/taylor_structure.py
@@ -92,9 +95,12 @@ table-taylor: install
 	for c in taylor mean_activation l1 random; do for p in paper coupled; do \
 	  $(BIN)/rescomp prune configs/table-taylor/resnet56.yaml $(PFLAG) --set prune.criterion=$$c --set prune.policy=$$p \
 	  || exit $$?; done; done
-	$(BIN)/rescomp report $(foreach m,$(TAYLOR_MODELS),runs/taylor-$(m)$(PSUF)-prune-*-taylor-custom) --table table-taylor
-	$(BIN)/rescomp report runs/taylor-alexnet$(PSUF)-prune-paper-taylor-{fast,slow} --table table-taylor-alexnet-schedules
-	$(BIN)/rescomp report runs/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56
+	$(BIN)/rescomp report $(foreach m,$(TAYLOR_MODELS),runs/taylor-$(m)$(PSUF)-prune-*-taylor-custom) --table table-taylor \
+	  --notes configs/table-taylor/notes.md
+	$(BIN)/rescomp report runs/taylor-alexnet$(PSUF)-prune-paper-taylor-{fast,slow} --table table-taylor-alexnet-schedules \
+	  --notes configs/table-taylor/notes-alexnet-schedules.md
+	$(BIN)/rescomp report runs/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56 \
+	  --notes configs/table-taylor/notes-resnet56.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

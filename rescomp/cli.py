@@ -152,17 +152,21 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
            table: Optional[str] = typer.Option(None, help="name of results/<table>/ (default: the runs' table)"),
            runs: Path = typer.Option(Path("runs"), help="where table names are looked up"),
            out_dir: Path = typer.Option(Path("results"), "--out", help="results root"),
-           baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by")) -> None:
+           baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by"),
+           notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the table's rows can and cannot show")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
     from rescomp.report import expand, find_runs, load_rows, write_table
 
+    if notes is not None and not notes.is_file():
+        raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-taylor/notes.md")
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
         raise ConfigError("these runs name no table (report.table in their config); pass --table NAME")
-    path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries)
+    path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries,
+                       notes=notes.read_text() if notes else None)
     out.print(f"{len(rows)} row(s) -> {path}/table.md")
 
 

@@ -175,9 +175,13 @@ class StopAtConfig(Strict):
     macs: Optional[float] = Field(None, gt=0, lt=1, description="stop once MACs <= this share of the start")
 
 
-# Martineau, Table 1: "fast" jumps straight to each share; "slow" gets there 5 % at a time.
-PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "share_per_step": None},
-                 "slow": {"targets": [0.1, 0.3, 0.5, 0.75], "share_per_step": 0.05}}
+# Martineau, Table 1 and Figure 3: each share is reached from the trained network in its own run,
+# "fast" in two reduction iterations, "slow" in ten gradual ones ("average", five iterations with
+# two steps of levelling, has no numbers in the paper and is not a preset).
+# Both get the same fine-tuning, 10 x finetune_epochs per run (unless finetune_budget says otherwise),
+# so they differ only in how the share is reached: a fast run's last step gets what its first left.
+PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 2, "budget_steps": 10},
+                 "slow": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 10, "budget_steps": 10}}
 
 
 class PruneConfig(Strict):
@@ -186,11 +190,20 @@ class PruneConfig(Strict):
     policy: Literal["paper", "coupled"] = "paper"
     exclude: list[str] = []  # fnmatch patterns of conv names never to prune
     allocation: Literal["global", "uniform"] = "global"
+    # After each removal (Martineau 0.3): reset the running statistics of the BatchNorms whose channels
+    # changed (`slice`: keep torch-pruning's sliced statistics), and scale a linear layer whose inputs
+    # shrank by inputs before / after (the dropout weight-scaling rule).
+    bn_stats: Literal["reset", "slice"] = "reset"
+    fc_scaling: bool = True
     schedule: Literal["custom", "fast", "slow"] = "custom"
     share_per_step: Optional[float] = Field(0.05, gt=0, lt=1, description="share of the prunable filters per step")
     steps: int = Field(6, ge=1)  # paper: 5 % per step, 6 steps (about 30 %)
     targets: Optional[list[float]] = None  # cumulative shares to reach (each step ends on or before one)
+    iterations: Optional[int] = Field(None, ge=1, description="reach each target in its own run from the trained "
+                                                               "network, in this many equal steps")
     finetune_epochs: int = Field(1, ge=0)
+    finetune_budget: Optional[int] = Field(None, ge=1, description="fine-tuning epochs per run in all: the last step "
+                                                                    "gets what the steps before it left")
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
     score_batches: int = Field(10, ge=1)
     stop_at: StopAtConfig = StopAtConfig()
@@ -202,17 +215,42 @@ class PruneConfig(Strict):
             raise ValueError("must be increasing shares, each between 0 and 1 (exclusive)")
         return v
 
-    def cumulative(self) -> list[float]:
-        """The share of the starting prunable filters removed after each step."""
+    @model_validator(mode="after")
+    def _budget(self) -> "PruneConfig":
+        if self.share_per_step is None and not (self.targets or self.schedule != "custom"):
+            raise ValueError("prune.share_per_step is needed unless prune.targets (or a schedule) gives the shares")
+        most = max(len(t) for _, t in self.plan())
+        if self.budget() is not None and self.budget() < self.finetune_epochs * (most - 1):
+            raise ValueError(f"prune.finetune_budget={self.budget()} is less than the {most - 1} steps before "
+                             f"the last already take ({self.finetune_epochs} epochs each); raise it or lower "
+                             f"prune.finetune_epochs")
+        return self
+
+    def plan(self) -> list[tuple[Optional[float], list[float]]]:
+        """The runs of this schedule: (the target, or None for one gradual run; the cumulative share of
+        the starting prunable filters removed after each of its steps)."""
         preset = PRUNE_PRESETS.get(self.schedule, {})
-        share = preset.get("share_per_step", self.share_per_step) if preset else self.share_per_step
         targets = preset.get("targets") or self.targets
+        iterations = preset.get("iterations") or self.iterations
+        if targets and iterations:
+            return [(t, [round(t * i / iterations, 6) for i in range(1, iterations + 1)]) for t in targets]
         if not targets:
-            return [round(share * i, 6) for i in range(1, self.steps + 1)]
-        if share is None:
-            return list(targets)
-        grid = [round(share * i, 6) for i in range(1, int(max(targets) / share + 1e-9) + 1)]
-        return sorted(set(grid) | set(targets))
+            return [(None, [round(self.share_per_step * i, 6) for i in range(1, self.steps + 1)])]
+        if self.share_per_step is None:  # straight to each target, one step each
+            return [(None, list(targets))]
+        grid = [round(self.share_per_step * i, 6) for i in range(1, int(max(targets) / self.share_per_step + 1e-9) + 1)]
+        return [(None, sorted(set(grid) | set(targets)))]
+
+    def budget(self) -> Optional[int]:
+        """Fine-tuning epochs per run in all, if fixed (finetune_budget, else the schedule's)."""
+        steps = PRUNE_PRESETS.get(self.schedule, {}).get("budget_steps")
+        return self.finetune_budget or (steps * self.finetune_epochs if steps else None)
+
+    def epochs_at(self, step: int, steps: int) -> int:
+        """Fine-tuning epochs after step `step` (1-based) of a run of `steps` steps."""
+        if self.budget() is None or step < steps:
+            return self.finetune_epochs
+        return self.budget() - self.finetune_epochs * (steps - 1)
 
 
 class ReportConfig(Strict):
@@ -221,6 +259,12 @@ class ReportConfig(Strict):
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
     paper_by_share: dict[str, dict[str, float]] = {}  # prune rows: {"0": {...}, "0.3": {...}} by share pruned
+    paper_by_schedule: dict[str, dict[str, dict[str, float]]] = {}  # the same for prune.schedule fast / slow
+    # Where the paper counted costs on another input size or head than ours (Martineau counts FLOPs at
+    # 224x224, and some parameters with ImageNet's 1000-class head): prune rows are measured again that
+    # way as macs_paper_input / params_paper_head, and compared with the paper only there.
+    paper_input: Optional[int] = Field(None, ge=8)
+    paper_head: Optional[int] = Field(None, ge=1)
 
 
 class ExperimentConfig(Strict):

@@ -15,13 +15,17 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "share", "removed", "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "size_bytes", "compression", "latency_ms_cpu_b1",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
+           "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
+           "macs_paper_input", "params_paper_head", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"share": "pruned %", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
+MD_HEADERS = {"share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+              "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
+              "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
-MD_SCALE = {"share": 100, "macs": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]
 
 
@@ -132,7 +136,8 @@ def _fmt(key: str, v: Any) -> str:
 SHARED = ("arch", "dataset", "profile")  # shown once above the table when every row has the same value
 
 
-def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None) -> str:
+def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None,
+             notes: str | None = None) -> str:
     flat = [flatten(r) for r in rows]
     keys = [k for k in column_order(flat) if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
     common = [k for k in SHARED if k in keys and len({str(f.get(k)) for f in flat}) == 1]
@@ -147,6 +152,8 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
               "the median forward time at batch 1 / 64 with threads pinned; act. peak is the most activation",
               "memory live at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up",
               "over the fp32 model timed in the same process. Δ = ours − paper.", ""]
+    if notes:
+        lines += ["## What these rows can and cannot show", "", notes.strip(), ""]
     titles = [sec["title"] for s in summaries or [] for sec in s.get("sections", [])]
     for s in summaries or []:
         for sec in s.get("sections", []):
@@ -252,12 +259,13 @@ def plot_gates_png(stats: dict[str, Any]) -> bytes:
 
 
 def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results"),
-                baseline: str | None = None, summaries: list[dict[str, Any]] | None = None) -> Path:
+                baseline: str | None = None, summaries: list[dict[str, Any]] | None = None,
+                notes: str | None = None) -> Path:
     """Render every file in memory first, then write each atomically: a failure leaves the old table."""
     if baseline:
         rows = add_compression(rows, baseline)
     files = {
-        "table.md": markdown(table, rows, summaries).encode(),
+        "table.md": markdown(table, rows, summaries, notes).encode(),
         "table.csv": to_csv(rows).encode(),
         "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
         "accuracy_vs_cost.png": plot_png(rows),

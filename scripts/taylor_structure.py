@@ -1,15 +1,26 @@
-"""Table 2 of Martineau (Taylor pruning on complex networks), structural columns: params and MACs at
-224x224 before and after removing 30 % of the prunable filters, in the paper's policy and the
-coupled one.
+"""Martineau's Table 2, structural columns, as a counterfactual: params and MACs at 224x224 before
+and after removing 30 % of the prunable filters from untrained networks, in the paper's policy and
+the coupled one, under two allocations:
 
-Structure alone decides these numbers once the share per layer is fixed, so every prunable group
-loses the same 30 % (allocation: uniform; which filters within a layer go does not change the
-counts). The networks are torchvision's with a 10-class head; the paper's counts mix conventions
-(VGG, SqueezeNet and DenseNet121 match 1000-class heads, AlexNet, ResNet18 and ResNet50 10-class
-ones), so the 1000-class count is printed too. MACs are fvcore's (a multiply-add is one); the paper's
-"FLOPs" are close to MACs for most rows.
+- uniform: every prunable group loses the same 30 % (structure alone decides the counts);
+- global: the paper's loop, 6 steps of 5 %, channels ranked across layers after per-layer L2
+  normalisation, with the l1 criterion (no data, no training: which filter of a layer goes does not
+  change the counts, only how many).
 
-    python scripts/taylor_structure.py [--share 0.3] [--size 224]
+These are not the paper's runs and not ours: `make table-taylor` prunes trained networks with Taylor
+scores and counts each result at 224 px with the paper's head (the table's "at paper's input" and
+"with paper's head" columns). What the counterfactual shows is why allocation decides the counts:
+in an untrained network every filter of a layer has about the same norm, so after L2 normalisation
+a channel of a C-wide layer scores about 1/sqrt(C), and global ranking strips the widest layers
+(ResNet-50's layer4, 512 to 2048 wide) first; Taylor scores on a trained network share that
+1/sqrt(C) scale. That is how the paper's ResNet-50 lost 52.5 % of its parameters for 30 % of its
+filters, where a uniform 30 % removes 37 %.
+
+The networks are torchvision's with a 10-class head; the paper's counts mix conventions (VGG,
+SqueezeNet and DenseNet121 match 1000-class heads, AlexNet, ResNet18 and ResNet50 10-class ones), so
+the 1000-class count is printed too. MACs are fvcore's (a multiply-add is one).
+
+    python scripts/taylor_structure.py [--share 0.3] [--steps 6] [--size 224]
 Writes results/table-taylor/structure.{md,json}.
 """
 
@@ -41,9 +52,22 @@ PAPER = {
 }
 
 
+def widest_share(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, float]:
+    """Share of each top-level stage's conv filters removed (layer1..layer4 / features / ...)."""
+    def per_stage(m):
+        out: dict[str, int] = {}
+        for n, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                out[n.split(".")[0]] = out.get(n.split(".")[0], 0) + mod.out_channels
+        return out
+    b, a = per_stage(before), per_stage(after)
+    return {k: round(1 - a[k] / b[k], 4) for k in b}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--share", type=float, default=0.3)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", default="results/table-taylor")
     args = p.parse_args()
@@ -57,35 +81,43 @@ def main() -> None:
                "params_0": count_params(model), "macs_0": count_macs(model, args.size),
                "paper_gflops_0": f0, "paper_mparams_0": p0, "paper_gflops_30": f30, "paper_mparams_30": p30}
         for policy in ("paper", "coupled"):
-            pruned, _, info = prune(model, spec, share=args.share, criterion="l1", policy=policy, exclude=[],
-                                    batches=[], seed=0, image_size=args.size, allocation="uniform")
+            kw = dict(criterion="l1", policy=policy, exclude=[], batches=[], seed=0, image_size=args.size)
+            pruned, _, info = prune(model, spec, share=args.share, allocation="uniform", **kw)
             row[f"params_30_{policy}"], row[f"macs_30_{policy}"] = count_params(pruned), count_macs(pruned, args.size)
             row[f"prunable_{policy}"], row[f"removed_{policy}"] = info["prunable"], info["removed"]
+            g, g_spec = model, spec
+            for _ in range(args.steps):
+                g, g_spec, _ = prune(g, g_spec, share=args.share / args.steps, base_prunable=info["prunable"], **kw)
+            row[f"params_30_{policy}_global"], row[f"macs_30_{policy}_global"] = count_params(g), count_macs(g, args.size)
+            row[f"stage_share_removed_{policy}_global"] = widest_share(model, g)
         rows.append(row)
         print(arch, {k: v for k, v in row.items() if k.startswith(("params", "macs"))}, flush=True)
-    meta = {**provenance.stamp("cpu"), "share": args.share, "image_size": args.size, "wall_seconds": time.perf_counter() - t0}
-    lines = ["# Taylor pruning, Table 2 structure: params and MACs at 224x224", "",
-             f"{100 * args.share:.0f} % of each policy's prunable filters removed from every prunable layer "
-             f"(uniform allocation). 10-class heads; M = 10^6, G = 10^9 multiply-adds (fvcore).", "",
-             "The paper's claim is the reduction; our absolute counts beside its are in structure.json.", "",
-             "| model | params 0 % (M) | paper | 30 %, paper policy | reduction | paper's reduction | 30 %, coupled | "
-             "reduction | MACs 0 % (G) | paper | 30 %, paper policy | reduction | paper's reduction | 30 %, coupled | reduction |",
-             "|" + "---|" * 15]
+    meta = {**provenance.stamp("cpu"), "share": args.share, "steps": args.steps, "image_size": args.size,
+            "wall_seconds": time.perf_counter() - t0}
     red = lambda a, b: f"{100 * (b / a - 1):+.1f} %"  # noqa: E731
+    lines = ["# Taylor pruning, Table 2 structure: a counterfactual at 224x224", "",
+             f"Untrained torchvision networks (10-class heads), {100 * args.share:.0f} % of each policy's prunable "
+             f"filters removed: **uniform** (every prunable layer loses the same share) or **global** ({args.steps} "
+             f"steps ranked across layers after per-layer L2 normalisation, l1 criterion). Not the paper's runs and "
+             f"not ours (those are in table.md, counted at 224 px with the paper's head): it shows how much the "
+             f"allocation alone moves the counts. Reduction = change against the unpruned network; M = 10^6.", "",
+             "| model | params 0 % (M) | paper | paper's reduction | paper policy, uniform | global | coupled, uniform | "
+             "global | MACs 0 % (G) | paper | paper's reduction | paper policy, uniform | global | coupled, uniform | global |",
+             "|" + "---|" * 15]
     for r in rows:
         p0, m0 = r["params_0"], r["macs_0"]
-        lines.append(
-            f"| {r['arch']} | {p0 / 1e6:.2f} | {r['paper_mparams_0']} | {r['params_30_paper'] / 1e6:.2f} | "
-            f"{red(p0, r['params_30_paper'])} | {red(r['paper_mparams_0'], r['paper_mparams_30'])} | "
-            f"{r['params_30_coupled'] / 1e6:.2f} | {red(p0, r['params_30_coupled'])} | {m0 / 1e9:.3f} | "
-            f"{r['paper_gflops_0']} | {r['macs_30_paper'] / 1e9:.3f} | {red(m0, r['macs_30_paper'])} | "
-            f"{red(r['paper_gflops_0'], r['paper_gflops_30'])} | {r['macs_30_coupled'] / 1e9:.3f} | "
-            f"{red(m0, r['macs_30_coupled'])} |")
-    lines += ["", "Where we differ from the paper's tool: it could reduce only SqueezeNet's first conv, where our",
+        cells = [r["arch"], f"{p0 / 1e6:.2f}", str(r["paper_mparams_0"]), red(r["paper_mparams_0"], r["paper_mparams_30"])]
+        cells += [red(p0, r[f"params_30_{pol}{g}"]) for pol in ("paper", "coupled") for g in ("", "_global")]
+        cells += [f"{m0 / 1e9:.3f}", str(r["paper_gflops_0"]), red(r["paper_gflops_0"], r["paper_gflops_30"])]
+        cells += [red(m0, r[f"macs_30_{pol}{g}"]) for pol in ("paper", "coupled") for g in ("", "_global")]
+        lines.append("| " + " | ".join(cells) + " |")
+    r50 = next(r for r in rows if r["arch"] == "resnet50")["stage_share_removed_paper_global"]
+    lines += ["", "Share of each ResNet-50 stage's filters removed under global ranking (paper policy): "
+              + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r50.items() if k.startswith("layer")) + ".", "",
+              "Where we differ from the paper's tool: it could reduce only SqueezeNet's first conv, where our",
               "dependency graph also prunes each fire module's squeeze conv (its output meets no addition or",
               "concatenation); the paper's VGG, SqueezeNet and DenseNet parameter counts are those of 1000-class",
-              "heads; and its per-layer shares came from Taylor ranking, not a uniform 30 %, so its ResNet50",
-              "(which loses 52 % of its parameters there) must have pruned its widest layers much harder.", "",
+              "heads (1000-class counts in structure.json).", "",
               f"How made: `{meta['command']}` at commit {meta['commit']}, torch {meta['torch']}, device {meta['device']}, "
               f"{meta['wall_seconds']:.0f} s."]
     out = Path(args.out)

@@ -1,8 +1,28 @@
+"""Taylor filter pruning (Martineau; Molchanov et al. 2017). The wrong versions these tests catch
+(each checked once by mutating the code by hand):
+
+- |.| taken after the batch mean instead of per example (taylor_takes_the_absolute_value_...);
+- positions or examples averaged in the wrong place, the L2 normalisation missing (hand_built_case);
+- a coupled group scored by the sum of its members (never chosen), a group never selected
+  (coupled_group_is_chosen_...); the random control drawing per member, not per channel
+  (random_control_reaches_coupled_groups); a coupled channel's filters not counted against the
+  step's budget (budget_counts_every_filter_...);
+- BN statistics kept (sliced) instead of reset, an unpruned BN reset, the FC not scaled or scaled
+  the wrong way, the paper surgery off by default (paper_surgery_..., applies_the_paper_surgery_...);
+- channels that meet an addition pruned under the paper policy, excluded layers touched;
+- Table 1's targets chained into one run, the fine-tuning budget ignored, costs counted at our input
+  size or with our head where the paper used 224 px / 1000 classes (a_run_per_target_...);
+- the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs.
+"""
+
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
+from rescomp import checkpoint
 from rescomp.cli import app
 from rescomp.compress.prune import channel_groups, prune, select, shapes, taylor
 from rescomp.config import PruneConfig, validate
@@ -77,7 +97,7 @@ def test_a_dead_channel_prunes_without_changing_outputs():
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
     pruned, new_spec, info = prune(model, spec, share=1 / 4224, criterion="taylor", policy="paper", exclude=[],
-                                   batches=_batches(), seed=0, image_size=32)
+                                   batches=_batches(), seed=0, image_size=32, bn_stats="slice")
     assert info["removed"] == 1 and info["per_layer"] == {"features.0": 1}
     assert torch.allclose(pruned.eval()(x), before, atol=1e-5)
     rebuilt = build_model(new_spec)  # a plain network from its spec: no pruning code replayed
@@ -129,6 +149,90 @@ def test_every_registry_model_prunes_runs_and_shrinks(arch):
         rebuilt.load_state_dict(pruned.state_dict())
 
 
+def _scores(model, value=1.0):
+    return {n: torch.full((m.out_channels,), value) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_a_coupled_group_is_chosen_when_its_channels_are_least_important_whatever_its_size():
+    """A channel of a coupled group scores the mean of its members' scores (importance per filter).
+    Wrong versions caught: the sum (a ten-conv group then never competes), a group never selected."""
+    from rescomp.compress.prune import group_scores
+
+    model = build_model({"arch": "resnet20", "num_classes": 10, "shortcut": "B"})
+    groups = channel_groups(model, X, [], "coupled")
+    big = max((g for g in groups if g.coupled), key=lambda g: len(g.members))
+    assert len(big.members) >= 4  # the stem and every unit's second conv of stage 1
+    scores = _scores(model, 0.5)
+    for name, idxs, _ in big.members:
+        scores[name][idxs[0]] = 0.2  # every member's channel 0 is the least important filter of the net
+    chosen = select(groups, group_scores(groups, scores), count=len(big.members))
+    assert chosen == {big.root: [0]}  # one channel of the group uses the whole budget of len(members) filters
+    summed = [torch.zeros(g.size).index_add_(0, torch.tensor([r for _, _, rs in g.members for r in rs]),
+                                              torch.cat([scores[n][i] for n, i, _ in g.members])) for g in groups]
+    assert big.root not in select(groups, summed, count=len(big.members))  # what the sum did
+
+
+def test_random_control_reaches_coupled_groups():
+    """One uniform draw per removable channel: coupled channels go about as often as any other.
+    The wrong version (a group's draw = the mean or sum of its members' draws) never picks them."""
+    spec = {"arch": "resnet56", "num_classes": 10, "shortcut": "B"}
+    model = build_model(spec)
+    groups = channel_groups(model, X, [], "coupled")
+    coupled, channels = sum(g.size for g in groups if g.coupled), sum(g.size for g in groups)  # 112 of 1,120
+    _, _, info = prune(model, spec, share=0.3, criterion="random", policy="coupled", exclude=[], batches=[], seed=0,
+                       image_size=32)
+    in_coupled = info["removed_coupled_channels"] / coupled
+    in_single = (info["removed_channels"] - info["removed_coupled_channels"]) / (channels - coupled)
+    assert 0.7 < in_coupled / in_single < 1.4  # 0.91 here; a mean of ten draws per group gives 0.43
+
+
+def test_budget_counts_every_filter_a_coupled_channel_removes():
+    from rescomp.compress.prune import Group
+
+    pair = Group("a", 3, [("a", [0, 1, 2], [0, 1, 2]), ("b", [0, 1, 2], [0, 1, 2])], True)  # 2 filters a channel
+    single = Group("c", 3, [("c", [0, 1, 2], [0, 1, 2])], False)
+    scores = [torch.tensor([0.1, 0.2, 0.9]), torch.tensor([0.15, 0.8, 0.9])]
+    assert pair.cost.tolist() == [2, 2, 2]
+    assert select([pair, single], scores, 3) == {"a": [0], "c": [0]}  # 2 + 1 filters; 0.2 would overshoot
+    assert select([pair, single], scores, 4) == {"a": [0], "c": [0, 1]}  # a1 would need 2 of the 1 left
+
+
+def test_paper_surgery_resets_pruned_batchnorm_statistics_and_scales_the_first_linear_layer():
+    """Martineau 0.3: a pruned BN's running statistics reset; the linear layer after the pruned conv
+    scaled by inputs before / after. Wrong versions caught: statistics sliced (kept), the FC not
+    scaled or scaled by after / before, an untouched BN reset."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(1, 2)
+        bn.running_var.uniform_(2, 3)
+    from rescomp.compress.prune import prune_step, surgery
+
+    pruned, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    for m, how in ((pruned, ("reset", True)), (sliced, ("slice", False))):
+        before = shapes(m)
+        prune_step(m, {"3": [1]}, torch.zeros(1, 3, 8, 8))  # the second conv loses filter 1
+        done = surgery(m, before, *how)
+        if m is pruned:
+            info = done
+    keep = [0, 2, 3]
+    assert info["bn_reset"] == ["4"] and info["fc_scaled"] == ["8"]
+    assert torch.equal(pruned[4].running_mean, torch.zeros(3)) and torch.equal(pruned[4].running_var, torch.ones(3))
+    assert torch.equal(pruned[1].running_mean, model[1].running_mean)  # the BN of an unpruned conv keeps its own
+    assert torch.allclose(pruned[8].weight, model[8].weight[:, keep] * 4 / 3)
+    assert torch.equal(sliced[4].running_mean, model[4].running_mean[keep])
+    assert torch.equal(sliced[8].weight, model[8].weight[:, keep])
+
+
+def test_prune_applies_the_paper_surgery_by_default():
+    spec = {"arch": "alexnet", "num_classes": 10}
+    model = build_model(spec)
+    _, _, info = prune(model, spec, share=0.3, criterion="l1", policy="paper", exclude=["features.[0-8]"],
+                       batches=[], seed=0, image_size=64)
+    assert info["fc_scaled"] == ["classifier.1"]  # the last conv's filters went: its FC is scaled
+
+
 def test_selection_global_and_uniform():
     from rescomp.compress.prune import Group
 
@@ -140,10 +244,20 @@ def test_selection_global_and_uniform():
 
 
 def test_schedules():
-    assert PruneConfig().cumulative() == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
-    assert PruneConfig(schedule="fast").cumulative() == [0.1, 0.3, 0.5, 0.75]
-    slow = PruneConfig(schedule="slow").cumulative()
-    assert len(slow) == 15 and {0.1, 0.3, 0.5, 0.75} <= set(slow)
+    assert PruneConfig().plan() == [(None, [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])]
+    # Martineau, Table 1 / Figure 3: each share in its own run, fast in 2 iterations, slow in 10
+    fast = PruneConfig(schedule="fast").plan()
+    assert fast == [(0.1, [0.05, 0.1]), (0.3, [0.15, 0.3]), (0.5, [0.25, 0.5]), (0.75, [0.375, 0.75])]
+    slow = dict(PruneConfig(schedule="slow").plan())
+    assert list(slow) == [0.1, 0.3, 0.5, 0.75] and slow[0.3] == [round(0.03 * i, 6) for i in range(1, 11)]
+    assert PruneConfig(targets=[0.1, 0.2], share_per_step=0.05).plan() == [(None, [0.05, 0.1, 0.15, 0.2])]
+    budget = PruneConfig(schedule="fast", finetune_epochs=2, finetune_budget=10)
+    assert [budget.epochs_at(s, 2) for s in (1, 2)] == [2, 8]  # the last step gets what is left
+    fast, slow = PruneConfig(schedule="fast", finetune_epochs=2), PruneConfig(schedule="slow", finetune_epochs=2)
+    assert [fast.epochs_at(s, 2) for s in (1, 2)] == [2, 18] and sum(slow.epochs_at(s, 10) for s in range(1, 11)) == 20
+    assert PruneConfig().epochs_at(6, 6) == 1  # a gradual run has no budget unless given one
+    with pytest.raises(ValueError, match="finetune_budget"):
+        PruneConfig(schedule="slow", finetune_epochs=2, finetune_budget=10)  # 9 steps x 2 > 10
 
 
 def _prune_cfg(tiny, **pc):
@@ -166,6 +280,26 @@ def test_prune_end_to_end_and_report(workdir, tiny):
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     assert {"accuracy_vs_share.png", "accuracy_vs_macs.png"} <= {p.name for p in (workdir / "results/pr").iterdir()}
+
+
+def test_a_run_per_target_and_costs_counted_the_papers_way(workdir, tiny):
+    """Table 1's schedules: each target from the trained network in `iterations` steps, the last step
+    taking what the fine-tuning budget left; Table 2's costs at the paper's input size and head.
+    Wrong versions caught: targets chained into one run, the budget ignored, MACs at our input size,
+    parameters with our head."""
+    t = _prune_cfg(tiny, targets=[0.1, 0.2], iterations=2, finetune_budget=3)
+    t["report"].update(paper_input=64, paper_head=100, paper_by_share={"0.2": {"params_paper_head": 1.0e5}})
+    out, s = run_prune(validate(t, "t"))
+    assert [(r["share"], r["step"]) for r in s["rows"]] == [(0.0, 0), (0.1, 2), (0.2, 2)]
+    assert [r.get("finetune_epochs_total") for r in s["rows"]] == [None, 3, 3]
+    assert {p.relative_to(out).as_posix() for p in out.glob("to*/step*")} == {"to10/step01", "to10/step02",
+                                                                              "to20/step01", "to20/step02"}
+    for r in s["rows"]:
+        fan_in = checkpoint.load_model(out / f"to{round(100 * r['share'])}/step02/model.pt")[0].fc.in_features \
+            if r["step"] else 16  # width 4: the unpruned head reads 4 x 4 channels
+        assert r["params_paper_head"] == r["params"] + (fan_in + 1) * (100 - 10)
+        assert r["macs_paper_input"] > 3.9 * r["macs"]  # 64 px: four times the positions of 32 px
+    assert s["rows"][2]["paper"] == {"params_paper_head": 1.0e5}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -41,3 +41,22 @@ def test_write_table_and_find_runs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_cost.png", "table.csv", "table.json", "table.md"]
     assert json.loads((out / "table.json").read_text())["rows"][0]["top1"] == 88.5
     assert (out / "accuracy_vs_cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_notes_and_a_difference_only_between_like_quantities(tmp_path):
+    """A prune row counted at 224 px with the paper's head is compared with the paper there, and
+    its costs at our input size get no paper column. --notes must name an existing file."""
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    row = {**ROW, "paper": {"macs_paper_input": 1.8e9, "top1": 94.8}, "macs_paper_input": 1.819e9, "paper_input": 224}
+    md = markdown("t", [row], notes="Rows cannot show X.")
+    assert "MACs (M) at paper's input, paper" in md and "Δ MACs (M) at paper's input" in md
+    assert "MACs (M), paper" not in md and "## What these rows can and cannot show\n\nRows cannot show X." in md
+    run = tmp_path / "runs" / "r20"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(ROW))
+    res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "results"), "--notes", "missing.md"])
+    assert res.exit_code == 2 and "--notes 'missing.md' is not a file" in res.stderr
+    assert not (tmp_path / "results").exists()

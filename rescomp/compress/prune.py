@@ -13,8 +13,18 @@ Criteria (per output channel of every conv, larger = more important):
 - l1: the L1 norm of the filter's weights; random: a seeded control.
 Policies: `paper` leaves alone convs whose channels meet an addition or a concatenation, convs
 called more than once, the layer that sets the number of outputs, and any excluded by name; each
-other conv's filters are scored alone. `coupled` scores channels tied by additions and
-concatenations as a group (the sum of its members' scores) and removes them together.
+other conv's filters are scored alone. `coupled` also prunes channels tied by additions and
+concatenations, all members together. Groups of different sizes are made comparable by what one
+removal costs: a channel of a group removes one filter from each member conv, so its score is the
+mean of its members' (per-layer normalised) scores, the importance per filter removed, and it uses
+that many filters of the step's budget, counted in filters like the paper's "5 % of the filters that
+can be reduced". The `random` control draws one score per removable channel, whatever its group.
+
+Surgery after the removal (Martineau, section 0.3): each BatchNorm whose channels changed has its
+running statistics reset (`bn_stats: reset`; `slice` keeps torch-pruning's sliced statistics), and a
+fully connected layer whose inputs shrank has its remaining weights multiplied by
+inputs before / inputs after (`fc_scaling`), the dropout weight-scaling rule read for removed inputs
+(the expected pre-activation is kept if removed inputs carried as much as kept ones).
 A pruned network is stored as its spec plus `shapes` (the new sizes of every resized module), so it
 rebuilds without torch-pruning replaying anything.
 """
@@ -72,6 +82,14 @@ class Group:
     size: int
     members: list[tuple[str, list[int], list[int]]]  # (conv name, its channel idxs, the root idxs they map to)
     coupled: bool  # meets an addition (several convs' outputs) or a concatenation
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """Filters removed with each of the root's channels: one per member conv the channel maps to."""
+        c = torch.zeros(self.size)
+        for _, _, root_idxs in self.members:
+            c.index_add_(0, torch.as_tensor(root_idxs, dtype=torch.long), torch.ones(len(root_idxs)))
+        return c.clamp(min=1)
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], policy: str) -> list[Group]:
@@ -192,26 +210,36 @@ def random_scores(model: nn.Module, batches, seed: int) -> dict[str, torch.Tenso
 # Pruning one step
 
 
-def group_scores(groups: list[Group], scores: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Each group's channel scores: the sum of its member convs' scores, at the root's channel index."""
+def group_scores(groups: list[Group], scores: dict[str, torch.Tensor], per_channel_draw: bool = False) -> list[torch.Tensor]:
+    """Each group's channel scores, at the root's channel index: the mean of its member convs' scores
+    (importance per filter removed, so a ten-conv group competes with a single conv on one scale).
+    per_channel_draw: the root's scores alone (the `random` control: one draw per removable channel)."""
     out = []
     for g in groups:
+        if per_channel_draw:
+            name, idxs, root_idxs = next(m for m in g.members if m[0] == g.root)
+            s = torch.zeros(g.size)
+            s[root_idxs] = scores[name].detach().cpu()[idxs]
+            out.append(s)
+            continue
         s = torch.zeros(g.size)
         for name, idxs, root_idxs in g.members:
-            s[root_idxs] += scores[name].detach().cpu()[idxs]
-        out.append(s)
+            s.index_add_(0, torch.as_tensor(root_idxs, dtype=torch.long), scores[name].detach().cpu()[idxs].float())
+        out.append(s / g.cost)
     return out
 
 
 def select(groups: list[Group], scores: list[torch.Tensor], count: int, min_channels: int = 1,
            allocation: str = "global") -> dict[str, list[int]]:
-    """The `count` lowest-scoring channels over all groups, leaving each group at least min_channels.
+    """The lowest-scoring channels over all groups, removing at most `count` filters (a group's channel
+    costs one filter per member conv), leaving each group at least min_channels.
 
     global: ranked across layers (scores are per-layer normalised); uniform: every group loses the
     same share of its channels, its lowest-scoring ones (structure alone decides the sizes).
     """
+    costs = {g.root: g.cost for g in groups}
     if allocation == "uniform":
-        total = sum(g.size for g in groups)
+        total = sum(float(c.sum()) for c in costs.values())
         chosen = {}
         for g, s in zip(groups, scores):
             k = min(int(round(count * g.size / total)), g.size - min_channels)
@@ -224,10 +252,11 @@ def select(groups: list[Group], scores: list[torch.Tensor], count: int, min_chan
     for _, root, i in candidates:
         if count <= 0:
             break
-        if left[root] > min_channels:
+        cost = int(costs[root][i])
+        if left[root] > min_channels and cost <= count:  # never past the step's budget
             chosen.setdefault(root, []).append(i)
             left[root] -= 1
-            count -= 1
+            count -= cost
     return chosen
 
 
@@ -276,9 +305,48 @@ def changed_shapes(before: dict[str, list[int]], after: dict[str, list[int]]) ->
     return {k: v for k, v in after.items() if before.get(k) != v}
 
 
+def with_head(model: nn.Module, classes: int, image_size: int) -> nn.Module:
+    """A copy of `model` whose output layer (the last conv or linear layer to run) has `classes`
+    outputs: to count a network's costs with another head (e.g. ImageNet's 1000 classes, as a paper did)."""
+    model = copy.deepcopy(model).cpu()
+    name = execution_order(model, torch.zeros(1, 3, image_size, image_size))[0][-1]
+    m = model.get_submodule(name)
+    if isinstance(m, nn.Linear):
+        new: nn.Module = nn.Linear(m.in_features, classes, m.bias is not None)
+    else:
+        new = nn.Conv2d(m.in_channels, classes, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def surgery(model: nn.Module, before: dict[str, list[int]], bn_stats: str, fc_scaling: bool) -> dict[str, list[str]]:
+    """The paper's adjustments after a removal (Martineau, section 0.3), given the layer sizes before it:
+    reset the running statistics of every BatchNorm whose channels changed, and multiply the kept
+    weights of every linear layer whose inputs shrank by inputs before / inputs after."""
+    reset, scaled = [], []
+    for name, m in model.named_modules():
+        if name not in before:
+            continue
+        if isinstance(m, nn.BatchNorm2d) and bn_stats == "reset" and before[name] != [m.num_features]:
+            m.reset_running_stats()
+            reset.append(name)
+        elif isinstance(m, nn.Linear) and fc_scaling and before[name][0] != m.in_features:
+            with torch.no_grad():
+                m.weight.mul_(before[name][0] / m.in_features)
+            scaled.append(name)
+    return {"bn_reset": reset, "fc_scaled": scaled}
+
+
+def prunable_filters(groups: list[Group]) -> int:
+    """The filters the policy may remove: one per channel of each member conv of each group."""
+    return int(sum(float(g.cost.sum()) for g in groups))
+
+
 def prune(model: nn.Module, spec: dict[str, Any], *, share: float, criterion: str, policy: str, exclude: list[str],
           batches: Iterable, seed: int, image_size: int, base_prunable: Optional[int] = None,
-          allocation: str = "global") -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+          allocation: str = "global", bn_stats: str = "reset", fc_scaling: bool = True
+          ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The technique: a pruned copy of `model` with `share` x (the policy's prunable filters at the start)
     fewer filters, its new spec, and what was done."""
     from rescomp.models import build_model
@@ -287,17 +355,25 @@ def prune(model: nn.Module, spec: dict[str, Any], *, share: float, criterion: st
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     model = copy.deepcopy(model)
     groups = channel_groups(model, example, exclude, policy)
-    prunable = sum(g.size for g in groups)
-    if not groups or prunable <= len(groups):
+    prunable = prunable_filters(groups)
+    if not groups or sum(g.size for g in groups) <= len(groups):
         raise ConfigError(f"policy '{policy}' leaves nothing prunable in {spec['arch']} (excluded: {exclude or 'none'}); "
                           f"try policy: coupled, or exclude fewer layers")
     scores = CRITERIA.get(criterion)(model, batches, seed)
     count = int(round(share * (base_prunable or prunable)))
-    chosen = select(groups, group_scores(groups, scores), count, allocation=allocation)
+    chosen = select(groups, group_scores(groups, scores, per_channel_draw=criterion == "random"), count,
+                    allocation=allocation)
+    sizes = shapes(model)
     prune_step(model, chosen, example)
+    done = surgery(model, sizes, bn_stats, fc_scaling)
     base = shapes(build_model({k: v for k, v in spec.items() if k != "shapes"}))
     new_spec = {**spec, "shapes": changed_shapes(base, shapes(model))}
-    info = {"criterion": criterion, "policy": policy, "removed": sum(len(v) for v in chosen.values()),
-            "prunable": prunable, "groups": len(groups), "coupled_groups": sum(g.coupled for g in groups),
-            "per_layer": {k: len(v) for k, v in chosen.items()}}
+    costs = {g.root: g.cost for g in groups}
+    coupled = {g.root for g in groups if g.coupled}
+    info = {"criterion": criterion, "policy": policy,
+            "removed": int(sum(float(costs[r][i]) for r, idxs in chosen.items() for i in idxs)),
+            "removed_channels": sum(len(v) for v in chosen.values()),
+            "removed_coupled_channels": sum(len(v) for r, v in chosen.items() if r in coupled),
+            "prunable": prunable, "groups": len(groups), "coupled_groups": len(coupled),
+            "per_layer": {k: len(v) for k, v in chosen.items()}, **done}
     return model, new_spec, info
