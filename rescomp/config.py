@@ -150,11 +150,25 @@ class TimingConfig(Strict):
 
 
 class BaselinesConfig(Strict):
-    scratch: bool = True  # the same shortened structure trained from scratch
+    # regular: ResNets of the run's family with the same number of units in every stage (paper 4.2.2 and
+    # Figure 3: 6, 5, ..., 1 units per stage, 56 ... 11 layers); reached: the irregular structures the
+    # deletion loop reached, each trained anew.
+    structure: Literal["regular", "reached"] = "regular"
+    depths: Optional[list[int]] = None  # regular: layers of the networks to train; default every depth of the family
+    scratch: bool = True  # trained from scratch
     distill: bool = True  # ... and distilled from the full network (Hinton et al. 2015)
-    epochs: Optional[int] = Field(None, ge=1, description="default: train.epochs")
+    # Epochs each baseline trains: default train.epochs (the full network's recipe); "matched": the
+    # layer-drop network's total at that depth, the full network's epochs + n x ceil(units removed / k).
+    epochs: Optional[int | str] = None
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, v: Optional[int | str]) -> Optional[int | str]:
+        if v is None or v == "matched" or (isinstance(v, int) and v >= 1):
+            return v
+        raise ValueError("must be a number of epochs (1 or more), or 'matched' (the layer-drop network's at that depth)")
 
 
 class LayerDropConfig(Strict):

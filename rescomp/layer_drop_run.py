@@ -5,13 +5,19 @@ criterion); delete the k lowest; retrain n epochs starting again from the initia
 evaluate} until the configured number of units is gone or top-1 falls below the full network's
 (minus a tolerance). Every step writes runs/<name>-layerdrop/stepNN/ (checkpoints while it retrains,
 then model.pt and row.json), so an interrupted loop resumes where it stopped, across invocations.
-The baselines train each reached structure from scratch and by distillation from the full network.
+The baselines are the paper's Figure 3 comparison (section 4.2.2): regular ResNets of the same family
+with 6, 5, ..., 1 units per stage (56 ... 11 layers), trained from scratch and by distillation from the
+full network; or (`structure: reached`) the irregular structures the loop reached, trained anew. Every
+row carries `epochs`, what its network was trained in all, so rows of unequal budgets can be told apart.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +32,7 @@ from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
+from rescomp.models.cifar_resnet import regular_spec
 from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, open_run_dir, retrain_config, stage_suffix,
                               start_model, train_and_eval, train_loaders)
 from rescomp.provenance import stamp
@@ -46,12 +53,59 @@ def check(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(f"layer_drop.max_units={ld.max_units}, but {spec['arch']} has only {deletable} deletable units")
     if ld.k > deletable:
         raise ConfigError(f"layer_drop.k={ld.k}, but {spec['arch']} has only {deletable} deletable units")
+    baseline_family(cfg, spec)
     return spec
 
 
+def baseline_family(cfg: ExperimentConfig, spec: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The regular networks of `spec`'s family the baselines compare against (layers -> spec), all
+    of them, not only the configured depths; {} unless regular baselines are on. ConfigError if none."""
+    b = cfg.layer_drop.baselines
+    if not (b.scratch or b.distill):
+        return {}
+    if b.structure == "reached":
+        if b.depths:
+            raise ConfigError("layer_drop.baselines.depths applies to regular baselines only; with structure: reached "
+                              "the baselines follow the depths the loop reaches")
+        return {}
+    try:
+        family = regular_baselines(spec)
+    except ConfigError as e:
+        raise ConfigError(f"layer_drop.baselines.structure=regular: {e}; set layer_drop.baselines.structure: "
+                          f"reached, or scratch and distill to false") from None
+    bad = [d for d in b.depths or [] if d not in family]
+    if bad:
+        raise ConfigError(f"layer_drop.baselines.depths: {', '.join(map(str, bad))} is no depth of the regular "
+                          f"{spec['arch']} family; valid: {', '.join(map(str, family))}")
+    return family
+
+
+def regular_baselines(spec: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Layers -> spec of each regular network of the run's family no deeper than it, deepest first
+    (paper 4.2.2: "the residual network varying the number of network layers from 56 to 11")."""
+    plain = {k: v for k, v in spec.items() if k not in ("gates", "deleted")}
+    model = build_model(plain)
+    most = max(Counter(u.stage for u in residual_units(model)).values())
+    family = {}
+    for units in range(most, 0, -1):
+        s = regular_spec(plain, units)
+        if (d := depth(build_model(s))) <= depth(model):
+            family[d] = s
+    return family
+
+
+def method_epochs(full_epochs: int, units_deleted: int, k: int, n: int) -> int:
+    """Epochs a layer-drop network with `units_deleted` units gone was trained in all: the full network's,
+    then n after each of the ceil(units_deleted / k) deletion steps that took it there."""
+    return full_epochs + n * math.ceil(units_deleted / k)
+
+
 def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) -> dict[str, Any]:
+    """Cost columns, measured on a CPU copy: `model` stays on its device, where the next step scores it."""
     m = cfg.measure if timing else MeasureConfig(latency=False, gpu_throughput=False)
-    row = {"layers": depth(model), "units_deleted": len(spec.get("deleted", [])), **measure(model.cpu(), cfg.data.image_size, m)}
+    row = {"layers": depth(model), "units_deleted": len(spec.get("deleted", [])),
+           "units_per_stage": list(Counter(u.stage for u in residual_units(model)).values()),
+           **measure(copy.deepcopy(model).cpu(), cfg.data.image_size, m)}
     if timing:
         t = cfg.layer_drop.timing
         row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup))
@@ -70,8 +124,10 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     full, payload, source = start_model(cfg, ctx, ld.checkpoint)  # the full gated network
     if not payload["arch"].get("gates"):
         raise ConfigError(f"'{source}' has no residual gates; train a config whose model has `gates:` first")
+    family = baseline_family(cfg, payload["arch"])  # of the network actually loaded
     open_run_dir(out)
     checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    full_epochs = int((payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
 
     splits = prepare(cfg.data, cfg.seed)
     loaders = train_loaders(cfg, ctx, splits)
@@ -81,7 +137,7 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     full = full.to(ctx.device)
     start = evaluate(full, loaders["test"], ctx)
     stats = {"gates": gates(full), "output_norm": output_norm(full, batches(), cfg.seed)}
-    rows = [{"method": "layer-drop", "step": 0, "top1": start["top1"], "loss": start["loss"],
+    rows = [{"method": "layer-drop", "step": 0, "epochs": full_epochs, "top1": start["top1"], "loss": start["loss"],
              **_costs(full, payload["arch"], cfg, ctx, timing=True)}]
     ctx.log(f"full network: {rows[0]['layers']} layers, top-1 {start['top1']:.2f}%")
 
@@ -100,8 +156,9 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
             ev = train_and_eval(model, spec, retrain_config(cfg, ld.retrain_epochs), ctx, loaders, step_dir)
             model, _ = checkpoint.load_model(step_dir / "model.pt")
             model = model.to(ctx.device)
-            row = {"method": "layer-drop", "step": step, "top1": ev["top1"], "loss": ev["loss"],
-                   "deleted_now": info["deleted"], **_costs(model, spec, cfg, ctx, timing=True)}
+            row = {"method": "layer-drop", "step": step, "epochs": full_epochs + step * ld.retrain_epochs,
+                   "top1": ev["top1"], "loss": ev["loss"], "deleted_now": info["deleted"],
+                   **_costs(model, spec, cfg, ctx, timing=True)}
             checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(row, indent=2))
         model = model.to(ctx.device)
         rows.append(row)
@@ -111,28 +168,42 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
         if row["top1"] < start["top1"] - ld.tolerance and not ld.keep_going:
             break
 
-    rows += _baselines(cfg, ctx, loaders, full, rows[1:], out)
-    summary = _summary(cfg, ctx, rows, stats, start, splits.source, time.perf_counter() - t_start, str(source))
+    rows += _baselines(cfg, ctx, loaders, full, family, full_epochs, rows[1:], out)
+    data = {"source": splits.source, "train_images": len(splits.train_y), "test_images": len(splits.test_y)}
+    summary = _summary(cfg, ctx, rows, stats, start, data, full_epochs, family, time.perf_counter() - t_start,
+                       str(source))
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return out, summary
 
 
-def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, steps: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    b = cfg.layer_drop.baselines
-    epochs_cfg = retrain_config(cfg, b.epochs or cfg.train.epochs)
+def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: dict[int, dict[str, Any]],
+               full_epochs: int, steps: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The comparison networks, each trained from scratch and distilled from the full network with the
+    same seed (so the same initial weights), for the configured budget."""
+    ld, b = cfg.layer_drop, cfg.layer_drop.baselines
+    methods = [m for m, on in (("scratch", b.scratch), ("distill", b.distill)) if on]
+    if not methods:
+        return []
+    if b.structure == "regular":
+        nets = [(f"regular-{d}", s, None) for d, s in family.items() if not b.depths or d in b.depths]
+    else:  # the same structure as each step's network, plain x + F(x)
+        arch = lambda r: checkpoint.load(out / f"step{r['step']:02d}" / "model.pt")["arch"]  # noqa: E731
+        nets = [(str(r["layers"]), {k: v for k, v in arch(r).items() if k != "gates"}, r["step"]) for r in steps]
+    teacher = distillation(copy.deepcopy(full).to(ctx.device), b.temperature, b.alpha) if b.distill else None
+    units = len(residual_units(full))
     rows = []
-    for r in steps:
-        step_model, payload = checkpoint.load_model(out / f"step{r['step']:02d}" / "model.pt")
-        plain = {k: v for k, v in payload["arch"].items() if k != "gates"}  # the same structure, plain x + F(x)
-        for method, enabled in (("scratch", b.scratch), ("distill", b.distill)):
-            if not enabled:
-                continue
+    for tag, spec, step in nets:
+        removed = units - len(residual_units(build_model(spec)))
+        epochs = (method_epochs(full_epochs, removed, ld.k, ld.retrain_epochs) if b.epochs == "matched"
+                  else b.epochs or cfg.train.epochs)
+        for method in methods:
             seed_everything(cfg.seed)
-            kd = distillation(full.to(ctx.device), b.temperature, b.alpha) if method == "distill" else None
-            ev = train_and_eval(build_model(plain), plain, epochs_cfg, ctx, loaders, out / f"{method}-{r['layers']}", kd)
-            rows.append({"method": method, "step": r["step"], "top1": ev["top1"], "loss": ev["loss"],
-                         **_costs(build_model(plain), plain, cfg, ctx, timing=False)})
-            ctx.log(f"{method} at {r['layers']} layers: top-1 {ev['top1']:.2f}%")
+            ev = train_and_eval(build_model(spec), spec, retrain_config(cfg, epochs), ctx, loaders,
+                                out / f"{method}-{tag}", teacher if method == "distill" else None)
+            rows.append({"method": method, "structure": b.structure, "step": step, "epochs": epochs,
+                         "top1": ev["top1"], "loss": ev["loss"], **_costs(build_model(spec), spec, cfg, ctx, timing=False),
+                         "units_deleted": removed})
+            ctx.log(f"{b.structure} {method} at {rows[-1]['layers']} layers, {epochs} epochs: top-1 {ev['top1']:.2f}%")
     return rows
 
 
@@ -149,13 +220,15 @@ def smallest_lossless(method_rows: list[dict[str, Any]], floor: float) -> dict[s
 
 
 def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]], stats: dict[str, Any],
-             start: dict[str, float], data_source: str, wall: float, source: str) -> dict[str, Any]:
+             start: dict[str, float], data: dict[str, Any], full_epochs: int, family: dict[int, dict[str, Any]],
+             wall: float, source: str) -> dict[str, Any]:
     ld = cfg.layer_drop
     series = f"{ld.criterion}, k={ld.k}, n={ld.retrain_epochs}"
-    label = {"layer-drop": series, "scratch": "from scratch", "distill": "distillation"}
+    kind = {"regular": "regular ResNet", "reached": "same structure"}
     for r in rows:
-        r["series"] = label[r["method"]]
-        r["row"] = f"{label[r['method']]}: {r['layers']} layers"
+        r["series"] = series if r["method"] == "layer-drop" else \
+            f"{kind[r['structure']]}, {'from scratch' if r['method'] == 'scratch' else 'distilled'}"
+        r["row"] = f"{r['series']}: {r['layers']} layers"
     method_rows = [r for r in rows if r["method"] == "layer-drop"]
     full = method_rows[0]
     smallest = smallest_lossless(method_rows, start["top1"] - ld.tolerance)
@@ -173,12 +246,82 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
           f"{ld.timing.runs} training steps at batch {tb} on {ctx.device.type}):", "",
           "| cost | ours % | paper % (CIFAR-10) | Δ |", "|---|---|---|---|"]
     md += [f"| {k} | {v:.2f} | {PAPER_RELATIVE[k]:.2f} | {v - PAPER_RELATIVE[k]:+.2f} |" for k, v in relative.items()]
+    md += ["", f"Training budget (the epochs column): the full network {full_epochs} epochs, then n = {ld.retrain_epochs} "
+               f"after each step of k = {ld.k} units, from the initial learning rate: the network after step s was "
+               f"trained {full_epochs} + s x {ld.retrain_epochs} epochs in all."]
+    sections = [{"title": f"Cost of the smallest lossless network (paper Table 2): {series}", "markdown": "\n".join(md)}]
+    if len(method_rows) < len(rows):
+        sections.append({"title": f"Layer-drop against the baselines, and training budgets (paper Figure 3): {series}",
+                         "markdown": _notes(cfg, rows, start, data, full_epochs, list(family))})
     return {
         "stage": "layerdrop", "name": f"{cfg.run_name}-{stage_suffix(cfg, 'layerdrop')}", "table": cfg.report.table, "dataset": cfg.data.dataset,
         "profile": cfg.profile, "arch": cfg.model.arch, "seed": cfg.seed, "config_hash": cfg.hash("layer_drop"),
         "source": source, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
+        "full_epochs": full_epochs, "baselines": ld.baselines.model_dump(),
         "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
-        "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
-        "sections": [{"title": f"Cost of the smallest lossless network (paper Table 2): {series}", "markdown": "\n".join(md)}],
-        "data_source": data_source, "wall_seconds": wall, **stamp(ctx.device),
+        "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative, "sections": sections,
+        "data_source": data["source"], "wall_seconds": wall, **stamp(ctx.device),
     }
+
+
+def _notes(cfg: ExperimentConfig, rows: list[dict[str, Any]], start: dict[str, float], data: dict[str, Any],
+           full_epochs: int, family: list[int]) -> str:
+    """Figure 3 as a table (top-1 and budget of every series at every depth), how each series was
+    trained, and what the rows can and cannot show."""
+    ld, b = cfg.layer_drop, cfg.layer_drop.baselines
+    names = list(dict.fromkeys(r["series"] for r in rows))
+    cell = {(r["series"], r["layers"]): f"{r['top1']:.2f} ({r['epochs']})" for r in rows}
+    depths = sorted({r["layers"] for r in rows}, reverse=True)
+    md = ["Top-1 % at each depth, with the epochs that network was trained in all in brackets:", "",
+          "| layers | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    md += [f"| {d} | " + " | ".join(cell.get((n, d), "–") for n in names) + " |" for d in depths]
+    base = [r for r in rows if r["method"] != "layer-drop"]
+    trace = [r["epochs"] for r in rows if r["method"] == "layer-drop"]
+    if b.structure == "regular":
+        trained = sorted({r["layers"] for r in base}, reverse=True)
+        left = [d for d in family if d not in trained]
+        what = (f"regular ResNets of the {cfg.model.arch} family, the same number of units in every stage, at "
+                f"{', '.join(map(str, trained))} layers"
+                + (f" ({', '.join(map(str, left))} left out by layer_drop.baselines.depths)" if left else ""))
+    else:
+        what = ("the irregular structures the loop reached, each trained anew (the paper compares regular ResNets: "
+                "layer_drop.baselines.structure: regular)")
+    if b.epochs == "matched":
+        budget = (f"each trained as many epochs as the layer-drop network of its depth, {full_epochs} + {ld.retrain_epochs} "
+                  f"x ceil(units removed / {ld.k}) (what the loop spends to get there)")
+    else:
+        budget = (f"each trained {b.epochs or cfg.train.epochs} epochs"
+                  + (" (train.epochs, the full network's recipe: the paper gives one training setting, section 4.1.3)"
+                     if b.epochs is None else ""))
+    distilled = (f"distilled from the full network (Hinton et al. 2015, T = {b.temperature}, alpha = {b.alpha}; the "
+                 f"teacher's own {full_epochs} epochs are not counted)")
+    trained_how = {(True, True): f"from scratch, and {distilled}, both from the same initial weights",
+                   (True, False): "from scratch", (False, True): distilled}[(b.scratch, b.distill)]
+    md += ["", f"**Series and budgets.** Layer-drop: the full gated network trained {full_epochs} epochs; each step "
+               f"deletes the k = {ld.k} units of lowest {ld.criterion} score and retrains n = {ld.retrain_epochs} epochs from the "
+               f"initial learning rate (Algorithm 1, line 9), so the network after step s had {full_epochs} + s x "
+               f"{ld.retrain_epochs} epochs in all. Baselines: {what}; {budget}; {trained_how}; their units_deleted "
+               f"is the number of units they have fewer than the full network."]
+    n = max(data["test_images"], 1)
+    se = 50 / math.sqrt(n)  # the binomial standard error at its largest, at 50 % (sqrt(p (1 - p) / n))
+    equal = all(r["epochs"] == method_epochs(full_epochs, r["units_deleted"], ld.k, ld.retrain_epochs) for r in base)
+    fair = ("Budgets are equal at each depth, so a gap between series at one depth is not extra epochs. "
+            if equal else
+            f"Budgets are not equal (layer-drop {min(trace)} to {max(trace)} epochs, baselines "
+            f"{', '.join(map(str, sorted({r['epochs'] for r in base})))}): part of any gap between series can be "
+            f"the extra training rather than the method. ")
+    if max(trace) > min(trace):
+        fair += (f"Down the layer-drop series the budget grows with every step ({min(trace)} to {max(trace)} epochs), "
+                 f"so a rise of its accuracy as units are deleted can be that extra training, not the deletion: "
+                 f"compare series at one depth, not along one. ")
+    md += ["", f"**What these rows can and cannot show.** They can show, for one seed, whether deleting the units of "
+               f"lowest {ld.criterion} score from the trained network and retraining keeps more accuracy than "
+               f"{'a regular ResNet of the same depth' if b.structure == 'regular' else 'the same structure'} trained "
+               f"{' or '.join(w for w, on in (('from scratch', b.scratch), ('distilled', b.distill)) if on)}, and what each depth costs (params, MACs; step times for the layer-drop "
+               f"rows). " + fair + "They cannot show the paper's accuracies "
+               f"unless trained as the paper was (200 epochs on all 50,000 CIFAR images); this run trained on "
+               f"{data['train_images']:,} images. With one seed and {n:,} test images one top-1 has a standard "
+               f"error of up to {se:.1f} points, the difference of two up to {se * math.sqrt(2):.1f}: differences "
+               f"under about {2 * se * math.sqrt(2):.1f} points can be noise. The "
+               f"smallest lossless network is chosen on the test set, as in the paper, which flatters it."]
+    return "\n".join(md)

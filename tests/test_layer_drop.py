@@ -1,20 +1,55 @@
+# Wrong versions of residual-block deletion (../shared/papers/residual-block-deletion.txt) that these
+# tests must catch; each was checked by mutating the code that way, running this file, and reverting.
+#  1. deleting a unit whose w is 0 changes the outputs, or leaves its parameters behind
+#       -> test_a_unit_whose_gate_is_zero_deletes_without_changing_outputs
+#  2. the first unit of a stage is gated / deletable (paper 3.1 keeps it)
+#       -> test_bottleneck_resnet56_depths_match_the_paper
+#  3. the criterion deletes the largest |w|, or drop() changes its input model
+#       -> test_criteria_rank_and_the_drop_is_rebuilt_from_its_spec
+#  4. output_norm measures F(x) instead of w * F(x) (paper, Figure 5) -> test_output_norm_scales_with_the_gate
+#  5. gates start at a constant, outside the configured range, or normal (paper 4.2.6: uniform random)
+#       -> test_gates_start_uniform_in_the_configured_range
+#  6. gates are weight-decayed by default -> test_gates_skip_weight_decay_unless_asked
+#  7. no stop rule: with keep_going false the loop deletes on past the first step below the full
+#     network's top-1 -> test_the_loop_stops_at_the_first_drop_and_the_table_follows_it
+#  8. the table's smallest lossless network is the smallest of all rows above the floor, not the last
+#     before the first drop -> test_stop_rule_is_the_last_network_before_the_first_drop,
+#     test_the_loop_stops_at_the_first_drop_and_the_table_follows_it
+#  9. retraining at another learning rate than train.optimizer.lr (lr/100 as for single weights, or the
+#     decayed end of the schedule) -> test_retraining_restarts_from_the_initial_learning_rate
+# 10. `_costs` moves the network to the CPU in place (on a GPU the next step then scores a CPU network
+#     with GPU batches) -> test_costs_measure_a_copy_and_leave_the_model_where_it_was
+# 11. baselines that are the irregular structures the loop reached, or lose the run's width / shortcut,
+#     instead of regular ResNets of the family (paper 4.2.2) -> test_regular_baselines_are_the_family_at_each_depth,
+#     test_the_baselines_are_regular_networks_from_scratch_and_distilled
+# 12. the distilled baseline trained without its teacher -> test_the_baselines_are_regular_networks_from_scratch_and_distilled
+# 13. an epochs column that is not what the network was trained in all, or "matched" budgets that do
+#     not match the layer-drop network's at that depth -> test_every_row_states_the_epochs_it_was_trained
+# 14. notes that do not state the budgets and limits -> test_the_notes_state_budgets_and_what_rows_cannot_show
+# 15. the distillation loss without the T^2 factor, or with teacher and student swapped
+#       -> test_distillation_loss_by_hand
+
+import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from rescomp import checkpoint
 from rescomp.cli import app
 from rescomp.compress.distill import kd_loss
 from rescomp.compress.layer_drop import Gated, choose, delete_units, depth, drop, gates, output_norm, residual_units
 from rescomp.config import OptimizerConfig, validate
+from rescomp.context import RunContext
 from rescomp.errors import ConfigError
-from rescomp.layer_drop_run import run_layer_drop
+from rescomp.layer_drop_run import regular_baselines, run_layer_drop
 from rescomp.models import build_model
 from rescomp.train import param_groups
 
-from conftest import write_config
+from conftest import TINY, write_config
 
 GATED = {"init": [-1.0, 1.0]}
 ARCHS = [
@@ -101,7 +136,7 @@ def test_output_norm_scales_with_the_gate():
 
 
 def test_distillation_loss_by_hand():
-    s, t, y = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([0])
+    s, t, y = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 3.0]]), torch.tensor([0])  # KL(p||q) != KL(q||p)
     p, q = torch.softmax(t / 2, 1), torch.softmax(s / 2, 1)
     kl = float((p * (p.log() - q.log())).sum())
     assert float(kd_loss(s, t, y, temperature=2.0, alpha=1.0)) == pytest.approx(4 * kl, rel=1e-6)
@@ -141,13 +176,15 @@ def test_layer_drop_end_to_end_resumes_and_reports(workdir, tiny, monkeypatch):
     method = [r for r in s["rows"] if r["method"] == "layer-drop"]
     assert [r["layers"] for r in method] == [20, 17, 14, 11]  # 3 deletable units, 3 convs each
     assert {r["method"] for r in s["rows"]} == {"layer-drop", "scratch", "distill"}
-    assert len([r for r in s["rows"] if r["method"] == "scratch"]) == 3
+    assert [r["layers"] for r in s["rows"] if r["method"] == "scratch"] == [20, 11]  # regular: 2 and 1 units per stage
     assert method[0]["params"] > method[-1]["params"] and "forward_ms_b4" in method[0]
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     table = workdir / "results" / "ld"
     assert {"accuracy_vs_layers.png", "gates.png", "table.md"} <= {p.name for p in table.iterdir()}
-    assert "Cost of the smallest lossless network" in (table / "table.md").read_text()
+    md = (table / "table.md").read_text()
+    assert "Cost of the smallest lossless network" in md and "What these rows can and cannot show" in md
+    assert "| epochs |" in md
 
 
 @pytest.mark.parametrize("change, message", [
@@ -157,6 +194,13 @@ def test_layer_drop_end_to_end_resumes_and_reports(workdir, tiny, monkeypatch):
     ({"model.gates": None}, "layer-drop needs gated residual units"),
     ({"layer_drop.criterion": "gates"}, "unknown layer-drop criterion 'gates' (did you mean 'gate'?)"),
     ({"model": {"arch": "vgg16", "gates": GATED}}, "no residual units that could be deleted"),
+    ({"layer_drop.baselines.depths": [17]}, "layer_drop.baselines.depths: 17 is no depth of the regular cifar_resnet "
+                                            "family; valid: 20, 11"),
+    ({"layer_drop.baselines.structure": "reached", "layer_drop.baselines.depths": [11]},
+     "layer_drop.baselines.depths applies to regular baselines only"),
+    ({"model": {"arch": "resnet18", "gates": GATED}}, "layer_drop.baselines.structure=regular: no regular family for "
+                                                      "model 'resnet18'"),
+    ({"layer_drop.baselines.epochs": "matchd"}, "layer_drop.baselines.epochs: must be a number of epochs"),
 ])
 def test_layer_drop_bad_input(workdir, tiny, change, message):
     path = write_config(workdir, _layer_drop_cfg(tiny))
@@ -195,3 +239,165 @@ def test_stop_rule_is_the_last_network_before_the_first_drop():
     assert smallest_lossless(rows, floor=90.0)["layers"] == 50
     assert smallest_lossless(rows, floor=89.0)["layers"] == 38  # with a tolerance of 1 point, no drop
     assert smallest_lossless(rows[:1] + [{"layers": 50, "top1": 80.0}], floor=90.0)["layers"] == 56
+
+
+def test_gates_start_uniform_in_the_configured_range():
+    """Paper 4.2.6: w is initialised with uniform random numbers; the range is the config's."""
+    torch.manual_seed(0)
+    w = torch.stack([Gated(torch.nn.Identity(), (0.2, 0.6)).gate.detach() for _ in range(4000)])
+    assert 0.2 <= float(w.min()) and float(w.max()) <= 0.6
+    assert float(w.min()) < 0.21 and float(w.max()) > 0.59  # it reaches both ends
+    assert len(set(w.tolist())) > 3990
+    assert float(w.mean()) == pytest.approx(0.4, abs=0.01)
+    assert float(w.std()) == pytest.approx(0.4 / 12**0.5, rel=0.05)  # the uniform distribution's
+    assert all(850 < c < 1150 for c in torch.histc(w, bins=4, min=0.2, max=0.6).tolist())  # flat, not bell-shaped
+    model = build_model({"arch": "resnet56_bottleneck", "num_classes": 10, "width": 4, "gates": {"init": [-0.5, 0.25]}})
+    g = list(gates(model).values())
+    assert len(g) == len(set(g)) == 15 and all(-0.5 <= v <= 0.25 for v in g)
+
+
+def test_regular_baselines_are_the_family_at_each_depth():
+    """Paper 4.2.2: the comparison networks are ResNets of 56 to 11 layers, 18, 15, ..., 3 layers per
+    stage: the same family with 6, 5, ..., 1 units in every stage, at the run's width."""
+    spec = {"arch": "resnet56_bottleneck", "num_classes": 10, "width": 8, "gates": GATED}
+    family = regular_baselines(spec)
+    assert list(family) == [56, 47, 38, 29, 20, 11]
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    for layers, s in family.items():
+        model = build_model(s)
+        assert depth(model) == layers and not gates(model)
+        assert list(Counter(u.stage for u in residual_units(model)).values()) == [(layers - 2) // 9] * 3
+        assert model.conv1.out_channels == 8
+    plain = {k: v for k, v in spec.items() if k != "gates"}
+    assert params(build_model(family[56])) == params(build_model(plain))  # the same network, ungated
+    shortest = build_model(spec)
+    delete_units(shortest, [u.name for u in residual_units(shortest) if u.deletable])
+    assert params(build_model(family[11])) == params(shortest)  # one unit per stage either way
+    basic = regular_baselines({"arch": "cifar_resnet", "num_classes": 10, "depth": 14, "shortcut": "B", "width": 4})
+    assert list(basic) == [14, 8] and isinstance(build_model(basic[8]).layer2[0].shortcut, torch.nn.Sequential)  # B: 1x1 conv
+
+
+def test_costs_measure_a_copy_and_leave_the_model_where_it_was(tiny, monkeypatch):
+    """`_costs` measures on the CPU; the network it is given must stay on its device, since the next
+    step scores it there with batches on the run's device (output_norm on a GPU). Without a GPU, a spy
+    on Module._apply sees any in-place move of that network (model.cpu(), model.to(...))."""
+    from rescomp.layer_drop_run import _costs
+
+    cfg = validate(_layer_drop_cfg(tiny), "t")
+    spec = {"num_classes": 100, **tiny["model"]}
+    model = build_model(spec)
+    moved = []
+    real = torch.nn.Module._apply
+
+    def spy(self, fn, *args, **kwargs):
+        if self is model:
+            moved.append(fn)
+        return real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "_apply", spy)
+    row = _costs(model, spec, cfg, RunContext(torch.device("cpu")), timing=True)
+    assert not moved, "_costs moved the network it was given"
+    assert row["params"] == sum(p.numel() for p in model.parameters()) and "forward_ms_b4" in row
+
+
+def test_the_loop_stops_at_the_first_drop_and_the_table_follows_it(workdir, tiny, monkeypatch):
+    """Scripted accuracies: full 50 %, then 60 / 40 / 70 % after steps 1-3. With keep_going false the
+    loop ends after step 2; traced on, it runs all 3, and in both the answer is step 1's network."""
+    import rescomp.layer_drop_run as runner
+
+    real = runner.train_and_eval
+    script = {"step01": 60.0, "step02": 40.0, "step03": 70.0}
+
+    def scripted(*args, **kwargs):
+        ev = real(*args, **kwargs)
+        return {**ev, "top1": script[args[5].name]}
+
+    monkeypatch.setattr(runner, "train_and_eval", scripted)
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: {"top1": 50.0, "loss": 1.0})
+    off = {"scratch": False, "distill": False}
+    _, stop = run_layer_drop(validate({**_layer_drop_cfg(tiny, keep_going=False, baselines=off), "name": "stop"}, "t"))
+    assert [r["top1"] for r in stop["rows"]] == [50.0, 60.0, 40.0]
+    assert stop["smallest_lossless"]["layers"] == stop["rows"][1]["layers"] == 17
+    traced = {**_layer_drop_cfg(tiny, keep_going=True, baselines=off, checkpoint="runs/stop/model.pt"), "name": "trace"}
+    _, trace = run_layer_drop(validate(traced, "t"))
+    assert [r["top1"] for r in trace["rows"]] == [50.0, 60.0, 40.0, 70.0]
+    assert trace["smallest_lossless"] == {"layers": 17, "top1": 60.0}  # 11 layers at 70 % came after the drop
+    assert "**17 layers**" in trace["sections"][0]["markdown"]
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """One small run shared by the tests below: a trained 20-layer network (2 epochs), 3 steps of k=1,
+    n=1, and regular baselines (20 and 11 layers) at matched budgets."""
+    root = tmp_path_factory.mktemp("traced")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("RESCOMP_CACHE", str(root / "cache"))
+        raw = _layer_drop_cfg(copy.deepcopy(TINY), baselines={"epochs": "matched"})
+        raw["train"]["epochs"] = 2
+        cfg = validate(raw, "t")
+        out, summary = run_layer_drop(cfg)
+    return cfg, root / "runs", root / out, summary
+
+
+def _epochs_trained(run_dir):
+    return len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_retraining_restarts_from_the_initial_learning_rate(traced):
+    """Paper 3.2 and Algorithm 1, line 9: each retraining starts at the first training's initial lr.
+    metrics.jsonl holds the optimizer's lr at the start of every epoch."""
+    cfg, _, out, s = traced
+    steps = sorted(out.glob("step*/metrics.jsonl"))
+    assert len(steps) == 3
+    for path in steps:
+        epochs = [json.loads(line) for line in path.read_text().splitlines()]
+        assert epochs[0]["lr"] == pytest.approx(cfg.train.optimizer.lr), path.parent.name
+        assert len(epochs) == cfg.layer_drop.retrain_epochs
+
+
+def test_every_row_states_the_epochs_it_was_trained(traced):
+    """The epochs column is what each network was trained in all, counted from the training logs: the
+    full network's, + n per step for layer-drop rows; matched baselines the layer-drop row's at their depth."""
+    cfg, runs, out, s = traced
+    full = _epochs_trained(runs / cfg.run_name)
+    assert full == 2
+    method = [r for r in s["rows"] if r["method"] == "layer-drop"]
+    for r in method:
+        assert r["epochs"] == full + sum(_epochs_trained(out / f"step{i:02d}") for i in range(1, r["step"] + 1))
+    by_depth = {r["layers"]: r["epochs"] for r in method}
+    base = [r for r in s["rows"] if r["method"] != "layer-drop"]
+    assert len(base) == 4
+    for r in base:
+        assert r["epochs"] == _epochs_trained(out / f"{r['method']}-regular-{r['layers']}") == by_depth[r["layers"]]
+    assert s["full_epochs"] == 2 and sorted({r["epochs"] for r in base}) == [2, 5]
+
+
+def test_the_baselines_are_regular_networks_from_scratch_and_distilled(traced):
+    _, _, out, s = traced
+    method = {r["layers"]: r for r in s["rows"] if r["method"] == "layer-drop"}
+    assert len(set(method[17]["units_per_stage"])) == 2  # the loop's networks are irregular: one unit gone from one stage
+    base = {(r["method"], r["layers"]): r for r in s["rows"] if r["method"] != "layer-drop"}
+    assert sorted(base) == [("distill", 11), ("distill", 20), ("scratch", 11), ("scratch", 20)]
+    for (method_name, layers), r in base.items():
+        assert r["units_per_stage"] == [(layers - 2) // 9] * 3 and r["structure"] == "regular"
+        spec = checkpoint.load(out / f"{method_name}-regular-{layers}" / "model.pt")["arch"]
+        assert spec["units_per_stage"] == r["units_per_stage"] and "gates" not in spec and spec["width"] == 4
+        assert r["series"] == f"regular ResNet, {'from scratch' if method_name == 'scratch' else 'distilled'}"
+    for layers in (20, 11):  # the same initial weights and batches: only the teacher's term differs
+        assert base[("scratch", layers)]["loss"] != base[("distill", layers)]["loss"]
+
+
+def test_the_notes_state_budgets_and_what_rows_cannot_show(traced):
+    _, _, _, s = traced
+    titles = [sec["title"] for sec in s["sections"]]
+    assert len(titles) == 2 and "Figure 3" in titles[1]
+    notes = s["sections"][1]["markdown"]
+    for text in ("| layers | gate, k=1, n=1 | regular ResNet, from scratch | regular ResNet, distilled |",
+                 "(5) | ", "the network after step s had 2 + s x 1 epochs in all",
+                 "2 + 1 x ceil(units removed / 1)", "Budgets are equal at each depth",
+                 "**What these rows can and cannot show.**", "32 test images", "error of up to 8.8 points", "can be noise",
+                 "chosen on the test set"):
+        assert text in notes, text
+    row11 = [line for line in notes.splitlines() if line.startswith("| 11 |")][0]
+    assert row11.count("(5)") == 3  # every series at 11 layers had 5 epochs

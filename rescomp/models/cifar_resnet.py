@@ -9,12 +9,13 @@ projection shortcuts where the shape changes, as in the residual-block-deletion 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rescomp.errors import ConfigError
 from rescomp.models import register_model
 
 
@@ -151,3 +152,23 @@ for _d in (20, 32, 44, 56, 110):
                 summary="CIFAR ResNet-56 of bottleneck units (3 x 6 x 3 convs + 2), projection shortcuts")
 def resnet56_bottleneck(num_classes: int = 10, width: int = 16) -> CifarResNet:
     return cifar_resnet(num_classes, 56, "bottleneck", "B", width)
+
+
+# The block and shortcut behind each named CIFAR ResNet (its builder does not take them).
+_FIXED = {"resnet56_bottleneck": {"block": "bottleneck", "shortcut": "B"},
+          **{f"resnet{d}": {"block": "basic"} for d in (20, 32, 44, 56, 110)}}
+
+
+def regular_spec(spec: dict[str, Any], units: int) -> dict[str, Any]:
+    """The regular network of `spec`'s family (block, shortcut, width, number of stages) with `units`
+    units in every stage, as a cifar_resnet spec: the residual-block-deletion paper's comparison
+    networks (section 4.2.2: ResNet-56 of bottleneck units down to 11 layers, 6, 5, ..., 1 units per
+    stage). Structural transforms of `spec` (gates, deleted units) are not carried over."""
+    arch = spec["arch"]
+    if arch != "cifar_resnet" and arch not in _FIXED:
+        raise ConfigError(f"no regular family for model '{arch}': regular baselines need a CIFAR ResNet "
+                          f"(cifar_resnet, {', '.join(_FIXED)})")
+    args = {"block": "basic", "shortcut": "A", "width": 16,
+            **{k: spec[k] for k in ("block", "shortcut", "width") if k in spec}, **_FIXED.get(arch, {})}
+    stages = len(spec.get("units_per_stage") or [None] * 3)
+    return {"arch": "cifar_resnet", "num_classes": spec["num_classes"], **args, "units_per_stage": [units] * stages}
