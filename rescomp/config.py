@@ -139,6 +139,9 @@ class QuantizeConfig(Strict):
     checkpoint: Optional[str] = None  # default: runs/<name>/model.pt, this config's training run
     method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
     backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
+    # true; qnnpack: false). rescomp.compress.quantize says why, and what false costs without VNNI.
+    reduce_range: Literal["auto", True, False] = "auto"
     calibration_images: int = Field(1000, ge=1, description="training images run through the observers")
     qat: QATConfig = QATConfig()
 

@@ -192,6 +192,10 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
                        device=ctx.device, image_size=size)
     model = model.eval().to(memory_format=torch.contiguous_format)
     run_dir, done = _claim_run_dir(cfg, fresh, stage=qc.method)
+    # _claim_run_dir compares configs by cfg.hash("ptq"), which leaves the `quantize` section out
+    if done is not None and done.get("config_hash") != cfg.hash("quantize"):
+        raise ConfigError(f"'{run_dir}' holds an int8 run of different quantize settings; re-run with --fresh to "
+                          f"replace it, or --set name=<new name> (and quantize.checkpoint) to keep both")
     if done is not None:
         ctx.log(f"{run_dir} is already complete; --fresh redoes it")
         return run_dir, done
@@ -200,7 +204,11 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
         qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     else:
         qmodel, info = _qat(model, cfg, splits, ctx, q)
-    ctx.log(f"int8 ({info['method']}, {qc.backend}) of {source}; calibrated on {qc.calibration_images} training images")
+    ctx.log(f"int8 ({info['method']}, {qc.backend}, {info['activation_bits']}-bit activations) of {source}; "
+            f"calibrated on {qc.calibration_images} training images")
+    if q.may_saturate(qc):
+        ctx.log(f"warning: quantize.reduce_range=false on {qc.backend} without VNNI: int8 convs sum products in "
+                f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or backend: qnnpack")
     fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
 
     costs = measure(model, size, cfg.measure)  # fp32, in the same process as the int8 timings below
@@ -213,8 +221,9 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics)
     summary = {
         "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
-        "row": f"{cfg.report.row or cfg.run_name} int8", "arch": spec, "dataset": cfg.data.dataset,
-        "profile": cfg.profile, "data_source": splits.source, "seed": cfg.seed, "config_hash": cfg.hash(qc.method), "source": str(source),
+        "row": f"{cfg.report.row or cfg.run_name} int8 ({info['activation_bits']}-bit act.)", "arch": spec,
+        "dataset": cfg.data.dataset,
+        "profile": cfg.profile, "data_source": splits.source, "seed": cfg.seed, "config_hash": cfg.hash("quantize"), "source": str(source),
         "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
         "params": costs["params"], "params_with_bn_stats": costs["params_with_bn_stats"], "macs": costs["macs"],
         "image_size": size, **int8,
@@ -239,8 +248,8 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any,
     loaders = train_loaders(tune, ctx, splits)
     # Fine-tuning is a stage the pipeline runs (DESIGN.md, habit 1); a few epochs, so no checkpoints.
     Trainer(prepared, loaders, tune, ctx, None, {}).fit()
-    return q.convert(prepared, cfg.data.image_size), {"method": "qat", "backend": qc.backend,
-                                                      "qat_epochs": qc.qat.epochs, "qat_lr": qc.qat.lr}
+    return q.convert(prepared, cfg.data.image_size), {**q.describe(qc), "qat_epochs": qc.qat.epochs,
+                                                      "qat_lr": qc.qat.lr}
 
 
 # Stages that fine-tune step by step (prune, layer-drop) keep one resumable folder per step.

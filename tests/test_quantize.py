@@ -1,3 +1,14 @@
+# Wrong versions this file must catch (each checked by mutating the code and seeing a test fail):
+# - weights quantized per tensor, not per output channel      -> test_weights_are_int8_per_output_channel
+# - calibration on test images, not training images           -> test_calibration_sees_training_images_only
+# - quantize.reduce_range ignored, or `auto` resolved to another
+#   backend's default (x86/fbgemm 7-bit, qnnpack 8-bit)        -> test_reduce_range_reaches_every_activation_observer
+# - the summary / row not saying which activation width ran, or
+#   a finished run returned for other quantize settings       -> test_quantize_run_measures_int8_beside_fp32
+# - the stem's zero pad re-quantized with scales of its own    -> test_zero_pad_keeps_its_inputs_int8_grid
+# - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
+# - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
+# - int8 far from fp32; a reload that recalibrates or differs -> test_int8_agrees_with_fp32_and_reloads_identically
 import json
 
 import pytest
@@ -31,8 +42,8 @@ def test_int8_agrees_with_fp32_and_reloads_identically(workdir, tiny):
     model, payload = checkpoint.load_model(workdir / f"runs/{cfg.run_name}/model.pt")
     model.eval()
     data = synthetic(DataConfig(dataset="synthetic", synthetic={"train_size": 64, "test_size": 64}))
-    x = (data.test_x.float() / 255 - 0.5) / 0.25
-    qmodel, info = ptq(model, QuantizeConfig(), [x[:32], x[32:]], 32)
+    calib, x = ((d.float() / 255 - 0.5) / 0.25 for d in (data.train_x, data.test_x))
+    qmodel, info = ptq(model, QuantizeConfig(), [calib[:32], calib[32:]], 32)
     assert info["calibration_images"] == 64
     with torch.no_grad():
         agree = (qmodel(x).argmax(1) == model(x).argmax(1)).float().mean().item()
@@ -46,7 +57,8 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     cfg = _trained_tiny(workdir, tiny)
     run_dir, s = run_quantize(cfg)
     assert run_dir.name == f"{cfg.run_name}-ptq"
-    assert s["quantization"] == {"method": "ptq", "backend": "x86", "calibration_images": 64}
+    assert s["quantization"] == {"method": "ptq", "backend": "x86", "activation_bits": 7, "calibration_images": 64}
+    assert s["row"] == f"{cfg.run_name} int8 (7-bit act.)"
     assert abs(s["top1"] - s["fp32_top1"]) <= 5
     assert s["size_ratio"] < 0.5 and s["size_bytes"] == s["fp32_size_bytes"] * s["size_ratio"]
     assert s["speedup_cpu_b8"] > 0 and s["act_peak_bytes_b1"] < s["fp32_act_peak_bytes_b1"]
@@ -56,6 +68,10 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     measured = json.loads(res.stdout)
     assert measured["dtype"] == "int8" and measured["size_bytes"] == s["size_bytes"]
     assert measured["act_peak_bytes_b1"] == s["act_peak_bytes_b1"] and measured["latency_ms_cpu_b64"] > 0
+    assert run_quantize(cfg)[1] == s  # done: found, not redone
+    other = validate({**cfg.to_dict(), "quantize": {**cfg.quantize.model_dump(), "reduce_range": False}}, "t")
+    with pytest.raises(ConfigError, match="different quantize settings"):
+        run_quantize(other)  # never the 7-bit result for an 8-bit request
 
 
 def test_qat_fine_tunes_then_converts(workdir, tiny):
@@ -74,6 +90,9 @@ def test_quantize_bad_input(workdir, tiny):
     assert res.exit_code == 2 and "no trained model at" in res.stderr and "rescomp train" in res.stderr
     res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.calibration_images=0"])
     assert res.exit_code == 2 and "quantize.calibration_images: Input should be greater than or equal to 1" in res.stderr
+    res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.reduce_range=7"])
+    assert res.exit_code == 2 and "quantize.reduce_range: Input should be 'auto', True or False (got 7)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
     untrained = workdir / "untrained.pt"
     from rescomp.models import build_model
     spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}
@@ -94,3 +113,121 @@ def test_untraceable_model_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="cannot trace this model"):
         ptq(Branchy(), QuantizeConfig(), [torch.zeros(1, 3, 32, 32)], 32)
+
+
+def test_weights_are_int8_per_output_channel():
+    # Output channel c's weights are 10**c times channel 0's: one scale per channel keeps each to
+    # 8 bits (scale = max|w_c| / 127.5, the symmetric qint8 observer); one scale for the tensor
+    # would round channel 0's weights to zero.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False)
+    conv.weight.data *= torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1, 1)
+    model = torch.nn.Sequential(conv).eval()
+    x = torch.randn(16, 3, 8, 8)
+    qmodel, _ = ptq(model, QuantizeConfig(), [x], 8)
+    w = qmodel.get_submodule("0").weight()
+    assert w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) and w.q_per_channel_axis() == 0
+    amax = conv.weight.detach().flatten(1).abs().amax(1)
+    assert torch.allclose(w.q_per_channel_scales().float(), amax / 127.5, rtol=1e-5)
+    err = (w.dequantize() - conv.weight.detach()).flatten(1).abs().amax(1) / amax
+    assert (err <= 0.5 / 127.5 + 1e-6).all()  # half a step; per tensor, channel 0 is all zeros (error 1.0)
+    # and so is every conv and linear of a ResNet whose BNs were folded into its convs
+    from torch.ao.nn.quantized import Conv2d as QConv2d, Linear as QLinear
+
+    from rescomp.models import build_model
+    resnet = build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}).eval()
+    q, _ = ptq(resnet, QuantizeConfig(), [torch.randn(4, 3, 32, 32)], 32)
+    packed = [m for m in q.modules() if isinstance(m, (QConv2d, QLinear))]
+    assert len(packed) == 8  # 7 convs (option A shortcuts have none) and the classifier
+    for m in packed:
+        assert m.weight().qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        assert m.weight().q_per_channel_scales().numel() == m.weight().shape[0]
+
+
+def _input_qparams(qmodel) -> tuple[float, int]:
+    """Scale and zero point with which the int8 model quantizes its input image."""
+    node = next(n for n in qmodel.graph.nodes if n.target is torch.quantize_per_tensor)
+    return float(getattr(qmodel, node.args[1].target)), int(getattr(qmodel, node.args[2].target))
+
+
+def test_calibration_sees_training_images_only(workdir, tiny, monkeypatch):
+    # Training images are dark (pixels 0..100: -2.0..-0.4 once normalized), test images bright
+    # (155..255: 0.43..2.0). The input's 7-bit grid, from its zero point and scale, must span the
+    # training images' values and not the test images'.
+    import rescomp.pipeline as pipeline
+    from rescomp.compress.quantize import load_int8
+    from rescomp.models import build_model
+
+    real = pipeline.prepare
+
+    def dark_train_bright_test(cfg, seed):
+        s = real(cfg, seed)
+        s.train_x = (s.train_x.float() * 100 / 255).round().to(torch.uint8)
+        s.test_x = (155 + s.test_x.float() * 100 / 255).round().to(torch.uint8)
+        return s
+
+    monkeypatch.setattr(pipeline, "prepare", dark_train_bright_test)
+    spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}
+    torch.manual_seed(0)
+    checkpoint.save(workdir / "m.pt", {"arch": spec, "state_dict": build_model(spec).state_dict(),
+                                       "metrics": {"test_top1": 10.0}})
+    tiny["measure"].update(latency=False, batch_sizes=[1])
+    cfg = validate({**tiny, "quantize": {"checkpoint": str(workdir / "m.pt"), "calibration_images": 32}}, "t")
+    run_dir, s = run_quantize(cfg)
+    assert s["quantization"]["calibration_images"] == 32
+    scale, zp = _input_qparams(load_int8(run_dir / "int8.pt")[0])
+    lowest, highest = -zp * scale, (127 - zp) * scale  # the real values the 7-bit grid spans
+    assert lowest < -1.5 and highest < 0.4  # test images: lowest 0 (grids hold 0), highest about 2
+
+
+@pytest.mark.parametrize("backend, setting, bits", [
+    ("x86", "auto", 7), ("fbgemm", "auto", 7), ("qnnpack", "auto", 8),
+    ("x86", False, 8), ("qnnpack", True, 7),
+])
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+def test_reduce_range_reaches_every_activation_observer(backend, setting, bits, method):
+    from torch.ao.quantization import get_default_qconfig
+    from torch.ao.quantization.observer import ObserverBase
+
+    from rescomp.compress import quantize as q
+
+    # `auto` is torch's own default for the backend (torch.ao.quantization.get_default_qconfig)
+    assert q.DEFAULT_REDUCE_RANGE[backend] == get_default_qconfig(backend).activation.p.keywords["reduce_range"]
+    cfg = QuantizeConfig(backend=backend, reduce_range=setting, method=method)
+    assert q.describe(cfg)["activation_bits"] == bits
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    prepared = q.prepare(model, cfg, 8)
+    acts = [m for m in prepared.modules() if isinstance(m, ObserverBase) and m.dtype == torch.quint8]
+    assert len(acts) >= 4
+    assert {(m.quant_min, m.quant_max) for m in acts} == {(0, 2**bits - 1)}
+
+
+def test_zero_pad_keeps_its_inputs_int8_grid():
+    # ResNet50V2's stem: conv, ZeroPad2d(1), max-pool. torch leaves the pad between a dequantize and
+    # a quantize; with its input's scale and zero point that round trip is exact.
+    from rescomp.models.resnet50v2 import BlockV2, ResNet50V2
+
+    torch.manual_seed(0)
+    model = ResNet50V2(10, blocks=(2, 2, 2, 2))
+    # its own stem and forward, one narrow block after them to keep the test fast
+    model.stacks, model.post_bn, model.fc = BlockV2(64, 4, 1, True), torch.nn.BatchNorm2d(16), torch.nn.Linear(16, 10)
+    qmodel, _ = ptq(model.eval(), QuantizeConfig(), [torch.randn(8, 3, 32, 32)], 32)
+    pad = next(n for n in qmodel.graph.nodes if n.target == "pad1")
+    requant = next(iter(pad.users))
+    assert requant.target is torch.quantize_per_tensor
+    scale, zp = (float(getattr(qmodel, a.target)) for a in requant.args[1:3])
+    assert (scale, zp) == (qmodel.conv1.scale, qmodel.conv1.zero_point)
+
+
+@pytest.mark.parametrize("backend, setting, flags, risky", [
+    ("x86", False, {"avx2"}, True), ("fbgemm", False, {"avx2"}, True), ("x86", "auto", {"avx2"}, False),
+    ("qnnpack", False, {"avx2"}, False), ("x86", False, {"avx2", "avx512_vnni"}, False),
+    ("x86", False, {"avx2", "avx_vnni"}, False),
+])
+def test_saturation_risk_is_flagged(monkeypatch, backend, setting, flags, risky):
+    import rescomp.hardware as hw
+    from rescomp.compress import quantize as q
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    assert q.may_saturate(QuantizeConfig(backend=backend, reduce_range=setting)) is risky

@@ -1,3 +1,13 @@
+# Kastanos 2020: ResNet50V2 and its spatially / depthwise separable variants. Wrong versions this
+# file must catch (each checked by mutating the code and seeing a test fail):
+# - a bias on the first half of a separable pair, or a BN between the halves (the paper adds
+#   nothing between them)                                    -> test_resnet50v2_parameter_counts_equal_the_papers
+# - the depthwise half as a full k x k conv (no groups)        -> test_resnet50v2_parameter_counts_equal_the_papers
+# - the stride on both halves, or the first spatial half
+#   mapping C_in -> C_in instead of C_in -> C_out              -> test_exactly_separable_kernels_are_reproduced
+# - `exclude` ignored, or the input model changed in place    -> test_separate_by_name_pattern_on_any_registry_model
+# - the stem max-pool padded with -inf (nn.MaxPool2d's own padding), a ReLU before the pool, or the
+#   zero pad on other sides than Keras' ZeroPadding2D(1)      -> test_resnet50v2_stem_pads_its_pool_with_zeros_as_keras
 import pytest
 import torch
 import torch.nn as nn
@@ -32,6 +42,24 @@ def test_resnet50v2_peak_activation_memory_equals_the_papers():
     for v in ("full", "depthwise"):
         act = activation_bytes(build_model({"arch": "resnet50v2", "num_classes": 10, "variant": v}), 32)
         assert act["act_peak_bytes"] == 196_608
+
+
+def test_resnet50v2_stem_pads_its_pool_with_zeros_as_keras():
+    # Keras: ZeroPadding2D(1), then MaxPool2D(3, strides=2) with no padding; no ReLU before it. With
+    # the stem conv's output -1 everywhere, a window that takes in a padded pixel gives 0 and the
+    # others -1. Padded, the 16 x 16 map is 18 x 18 and windows start at 0, 2, ..., 14: only those
+    # starting at 0 reach a pad (the last ends at 16, before the pad at 17), so the 8 x 8 output is 0
+    # on its first row and column (15 values) and -1 on the other 49. Padded with -inf, it is all -1.
+    m = build_model({"arch": "resnet50v2", "num_classes": 10}).eval()
+    m.conv1.weight.data.zero_()
+    m.conv1.bias.data.fill_(-1.0)
+    seen = []
+    m.stacks.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        m(torch.randn(1, 3, 32, 32))
+    expected = torch.full((1, 64, 8, 8), -1.0)
+    expected[:, :, 0, :] = expected[:, :, :, 0] = 0.0
+    assert torch.equal(seen[0], expected) and seen[0][0, 0].sum() == -49
 
 
 def test_exactly_separable_kernels_are_reproduced():

@@ -1,8 +1,22 @@
 """Int8 post-training quantization and quantization-aware training through torch.ao FX graph mode.
 
 Every call to the FX API (deprecated in current PyTorch, present in 2.14.x) lives in this file.
-Weights are int8 per output channel and activations uint8 per tensor, with the x86 backend's
-default observers; conv-BN(-ReLU) and linear(-ReLU) are fused by prepare_fx. A quantized network is
+Weights are int8 per output channel (x86, fbgemm; qnnpack's default is per tensor) and activations
+uint8 per tensor, with the backend's default observers; conv-BN(-ReLU) and linear(-ReLU) are fused
+by prepare_fx. torch lowers no pad op to int8: it leaves ResNet50V2's stem ZeroPad2d between a
+dequantize and a quantize, which `backend_config` makes lossless by giving the pad its input's scale
+and zero point (a real 0 is exactly the zero point).
+
+Activation range (`quantize.reduce_range`). Kastanos 2020 converts with TFLite: 8-bit activations.
+torch's x86 and fbgemm backends default to 7 (0..127) because their int8 kernels on a CPU without
+VNNI multiply u8 x s8 with VPMADDUBSW, which adds each pair of products into a saturating int16:
+2 x 255 x 127 = 64,770 > 32,767, while 2 x 127 x 128 = 32,512 fits. `auto` keeps the backend's
+default; `false` gives 8 bits, exact on qnnpack (int32 sums) and, not measured here, on a VNNI CPU
+(VPDPBUSD sums into int32); but on an AVX2 CPU without VNNI the x86/fbgemm convs then saturate (measured here, an AMD EPYC with AVX2 only: an
+all-255 x all-127 1x1 conv over 64 channels returns half the exact sum). The summary records the
+resolved choice as `activation_bits`.
+
+A quantized network is
 stored as {arch spec, backend, method, int8 state_dict} and reloaded by replaying
 prepare -> convert on the spec and loading the state_dict (scales, zero points and packed weights
 included): nothing is pickled and nothing is recalibrated.
@@ -30,7 +44,8 @@ QUANT_FORMAT = "rescomp-int8"
 def _fx_api() -> Iterator[Any]:
     """The FX quantization functions, with their deprecation warnings silenced; or a clear error."""
     try:
-        from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+        from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+        from torch.ao.quantization.backend_config import BackendPatternConfig, get_native_backend_config
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
     except ImportError as e:
         raise ConfigError(
@@ -43,10 +58,52 @@ def _fx_api() -> Iterator[Any]:
 
     api = API()
     api.__dict__.update(qconfig=get_default_qconfig_mapping, qat_qconfig=get_default_qat_qconfig_mapping,
-                        prepare=prepare_fx, prepare_qat=prepare_qat_fx, convert=convert_fx)
+                        prepare=prepare_fx, prepare_qat=prepare_qat_fx, convert=convert_fx, QConfig=QConfig,
+                        native=get_native_backend_config, Pattern=BackendPatternConfig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield api
+
+
+# torch.ao.quantization.get_default_qconfig: the activation observers' reduce_range per backend.
+DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False}
+
+
+def reduce_range(cfg: QuantizeConfig) -> bool:
+    """Whether activations get 7 bits (True) or 8: the config's choice, or its backend's default."""
+    return DEFAULT_REDUCE_RANGE[cfg.backend] if cfg.reduce_range == "auto" else cfg.reduce_range
+
+
+def may_saturate(cfg: QuantizeConfig) -> bool:
+    """8-bit activations on an x86/fbgemm kernel without VNNI: int16 pair sums can saturate."""
+    from rescomp.hardware import cpu_flags
+
+    return not reduce_range(cfg) and cfg.backend != "qnnpack" and not {"avx512_vnni", "avx_vnni"} & cpu_flags()
+
+
+def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
+    """The backend's default mapping (ptq or qat), its activation observers set to reduce_range(cfg)."""
+    mapping = (fx.qat_qconfig if cfg.method == "qat" else fx.qconfig)(cfg.backend)
+    default = mapping.global_qconfig.activation
+    act = default.with_args(reduce_range=reduce_range(cfg))
+
+    def swap(qc: Any) -> Any:  # only the qconfigs built on the default activation observer
+        return fx.QConfig(activation=act, weight=qc.weight) if qc is not None and qc.activation is default else qc
+
+    mapping.set_global(swap(mapping.global_qconfig))
+    for pattern, qc in list(mapping.object_type_qconfigs.items()):
+        mapping.set_object_type(pattern, swap(qc))
+    return mapping
+
+
+def backend_config(fx: Any) -> Any:
+    """torch's native patterns plus nn.ZeroPad2d as an op that keeps its input's scale and zero point,
+    as MaxPool2d does (ResNet50V2's stem pads with zeros before its pool, as Keras' ZeroPadding2D):
+    without it the pad gets an observer of its own, and the int8 stem an extra rounding."""
+    bc = fx.native()
+    pool = next(c for c in bc.configs if c.pattern is nn.MaxPool2d)
+    return bc.set_backend_pattern_config(
+        fx.Pattern(nn.ZeroPad2d).set_observation_type(pool.observation_type).set_dtype_configs(pool.dtype_configs))
 
 
 def set_engine(backend: str) -> None:
@@ -63,9 +120,10 @@ def prepare(model: nn.Module, cfg: QuantizeConfig, image_size: int) -> nn.Module
     example = (torch.zeros(1, 3, image_size, image_size),)
     try:
         with _fx_api() as fx:
+            mapping, bc = qconfig_mapping(fx, cfg), backend_config(fx)
             if cfg.method == "qat":
-                return fx.prepare_qat(model.train(), fx.qat_qconfig(cfg.backend), example)
-            return fx.prepare(model.eval(), fx.qconfig(cfg.backend), example)
+                return fx.prepare_qat(model.train(), mapping, example, backend_config=bc)
+            return fx.prepare(model.eval(), mapping, example, backend_config=bc)
     except ConfigError:
         raise
     except Exception as e:
@@ -86,7 +144,7 @@ def calibrate(prepared: nn.Module, batches: Iterable[torch.Tensor]) -> int:
 def convert(prepared: nn.Module, image_size: int) -> nn.Module:
     try:
         with _fx_api() as fx:
-            q = fx.convert(copy.deepcopy(prepared).cpu().eval())
+            q = fx.convert(copy.deepcopy(prepared).cpu().eval(), backend_config=backend_config(fx))
             q(torch.zeros(1, 3, image_size, image_size))  # fail here, with a clear message, not later
             return q
     except ConfigError:
@@ -100,7 +158,12 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
     """Post-training int8: prepare, calibrate on `calibration` batches, convert."""
     prepared = prepare(model, cfg, image_size)
     n = calibrate(prepared, calibration)
-    return convert(prepared, image_size), {"method": "ptq", "backend": cfg.backend, "calibration_images": n}
+    return convert(prepared, image_size), {**describe(cfg), "calibration_images": n}
+
+
+def describe(cfg: QuantizeConfig) -> dict[str, Any]:
+    """What a row must say about how it was quantized."""
+    return {"method": cfg.method, "backend": cfg.backend, "activation_bits": 7 if reduce_range(cfg) else 8}
 
 
 def skeleton(spec: dict[str, Any], cfg: QuantizeConfig, image_size: int) -> nn.Module:

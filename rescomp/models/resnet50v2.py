@@ -1,8 +1,10 @@
 """ResNet50V2 in the Keras layout (keras.applications.ResNet50V2), for 32x32 CIFAR inputs.
 
 Kastanos 2020 builds its three variants from this network; the layout, from Keras' source:
-- stem: 7x7 conv, stride 2, with bias (no BN: the blocks are pre-activation), then a 3x3 max-pool,
-  stride 2 (Keras pads 3 and 1 pixels with ZeroPadding2D; same shapes as symmetric padding here);
+- stem: ZeroPadding2D(3), 7x7 conv, stride 2, with bias (no BN or ReLU: the blocks are
+  pre-activation), then ZeroPadding2D(1) and a 3x3 max-pool, stride 2, without padding. The pool's
+  pad is zeros, not the -inf of a padded nn.MaxPool2d: with no ReLU before it, a border window whose
+  values are all negative gives 0 here (as in Keras), not its largest negative value;
 - 4 stacks of 3/4/6/3 blocks with 64/128/256/512 filters; a block is BN+ReLU (pre-activation), 1x1
   (no bias) + BN + ReLU, 3x3 (no bias) + BN + ReLU, 1x1 to 4x filters (with bias), added to the
   shortcut. The first block of a stack takes a 1x1 conv shortcut (with bias) from the
@@ -58,8 +60,9 @@ class BlockV2(nn.Module):
 class ResNet50V2(nn.Module):
     def __init__(self, num_classes: int = 10, blocks: tuple[int, ...] = (3, 4, 6, 3)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=True)
-        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=True)  # a conv's own padding is zeros, as ZeroPadding2D(3)
+        self.pad1 = nn.ZeroPad2d(1)  # Keras' ZeroPadding2D(1); no parameters, so state_dicts are unchanged
+        self.pool1 = nn.MaxPool2d(3, 2)
         in_ch, stacks = 64, []
         for i, (n, filters) in enumerate(zip(blocks, (64, 128, 256, 512))):
             last_stride = 1 if i == len(blocks) - 1 else 2
@@ -75,7 +78,7 @@ class ResNet50V2(nn.Module):
         self.fc = nn.Linear(in_ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stacks(self.pool1(self.conv1(x)))
+        x = self.stacks(self.pool1(self.pad1(self.conv1(x))))
         x = self.relu(self.post_bn(x))
         return self.fc(torch.flatten(self.pool(x), 1))
 
