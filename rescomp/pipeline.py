@@ -208,7 +208,7 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
             f"calibrated on {qc.calibration_images} training images")
     if q.may_saturate(qc):
         ctx.log(f"warning: quantize.reduce_range=false on {qc.backend} without VNNI: int8 convs sum products in "
-                f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or backend: qnnpack")
+                f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or a CPU with VNNI")
     fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
 
     costs = measure(model, size, cfg.measure)  # fp32, in the same process as the int8 timings below

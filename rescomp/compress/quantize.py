@@ -11,15 +11,18 @@ Activation range (`quantize.reduce_range`). Kastanos 2020 converts with TFLite: 
 torch's x86 and fbgemm backends default to 7 (0..127) because their int8 kernels on a CPU without
 VNNI multiply u8 x s8 with VPMADDUBSW, which adds each pair of products into a saturating int16:
 2 x 255 x 127 = 64,770 > 32,767, while 2 x 127 x 128 = 32,512 fits. `auto` keeps the backend's
-default; `false` gives 8 bits, exact on qnnpack (int32 sums) and, not measured here, on a VNNI CPU
-(VPDPBUSD sums into int32); but on an AVX2 CPU without VNNI the x86/fbgemm convs then saturate (measured here, an AMD EPYC with AVX2 only: an
-all-255 x all-127 1x1 conv over 64 channels returns half the exact sum). The summary records the
-resolved choice as `activation_bits`.
+default; `false` gives 8 bits (finer steps), exact on qnnpack (int32 sums) and, not measured here,
+on a VNNI CPU (VPDPBUSD sums into int32). On an AVX2 CPU without VNNI the x86/fbgemm convs then
+saturate: measured on an AMD EPYC with AVX2 only, an all-255 x all-127 1x1 conv over 64 channels
+returns half the exact sum, and random u8 x s8 3x3 convs are off by up to 13 output steps (0.5 with
+7-bit inputs). Even 7 bits only protect values inside the calibrated range: int8 tensors stay
+quint8, so a test activation up to twice the calibrated maximum reaches the kernel as 128..255.
+The summary records the resolved choice as `activation_bits`; qnnpack cannot run ResNet50V2 (its
+1x1 max-pool shortcuts), so it offers that network no exact 8-bit path.
 
-A quantized network is
-stored as {arch spec, backend, method, int8 state_dict} and reloaded by replaying
-prepare -> convert on the spec and loading the state_dict (scales, zero points and packed weights
-included): nothing is pickled and nothing is recalibrated.
+A quantized network is stored as {arch spec, backend, method, int8 state_dict} and reloaded by
+replaying prepare -> convert on the spec and loading the state_dict (scales, zero points and packed
+weights included): nothing is pickled and nothing is recalibrated.
 """
 
 from __future__ import annotations
