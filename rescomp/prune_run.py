@@ -115,7 +115,8 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         model, spec, previous, epochs = start, start_spec, 0.0, 0
         for step, share in enumerate(shares, start=1):
             step_dir = base / f"step{step:02d}"
-            epochs += pc.epochs_at(step, len(shares))
+            step_epochs = pc.epochs_at(step, len(shares))
+            epochs += step_epochs
             done = finished_step(step_dir)
             if done:
                 model, spec, r = done
@@ -128,8 +129,7 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
                                           base_prunable=base_prunable, allocation=pc.allocation,
                                           bn_stats=pc.bn_stats, fc_scaling=pc.fc_scaling)
                 scoring_s = time.perf_counter() - t0
-                tune = retrain_config(cfg, pc.epochs_at(step, len(shares)), lr)
-                train_and_eval(model, spec, tune, ctx, loaders, step_dir)
+                train_and_eval(model, spec, retrain_config(cfg, step_epochs, lr), ctx, loaders, step_dir)
                 model, _ = checkpoint.load_model(step_dir / "model.pt")
                 r = row(model, share, step, {
                     "target": target, "removed": info["removed"], "removed_coupled_channels": info["removed_coupled_channels"],

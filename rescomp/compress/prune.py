@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -83,7 +84,7 @@ class Group:
     members: list[tuple[str, list[int], list[int]]]  # (conv name, its channel idxs, the root idxs they map to)
     coupled: bool  # meets an addition (several convs' outputs) or a concatenation
 
-    @property
+    @functools.cached_property  # members are fixed once the group is built
     def cost(self) -> torch.Tensor:
         """Filters removed with each of the root's channels: one per member conv the channel maps to."""
         c = torch.zeros(self.size)
