@@ -61,9 +61,10 @@ table-separable: install
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
 	  $(BIN)/rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG) && \
 	  $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) || exit $$?; done; done
-	$(BIN)/rescomp report runs/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full
+	$(BIN)/rescomp report runs/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full \
+	  --notes configs/table-separable/notes.md
 	$(BIN)/rescomp report runs/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
-	  --baseline "ResNet-56 Full"
+	  --baseline "ResNet-56 Full" --notes configs/table-separable/notes.md
 
 # Residual-block deletion: accuracy vs layers (the method; regular ResNets of each depth from scratch
 # and distilled, each row with the epochs it was trained in all), the cost table, the study of k (units
