@@ -79,7 +79,8 @@ table-layer-drop: install
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
 	for n in $(LD_STUDY_N); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
-	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop
+	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop \
+	  $(if $(filter cpu,$(PROFILE)),--notes configs/table-layer-drop/notes.md)
 
 # Taylor filter pruning (Martineau): Table 2 at 0-30 % in both policies, each network counted again at
 # 224x224 with the paper's head; Table 1 (AlexNet: each share in its own run, fast = 2 iterations,
