@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -13,13 +15,70 @@ from rich.table import Table
 
 from rescomp.errors import RescompError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Reproduce and extend CNN-compression papers on CIFAR.")
 err = Console(stderr=True, log_path=False, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-SetOpt = typer.Option(None, "--set", help="override a config value: --set train.epochs=5 (repeatable)")
-ProfileOpt = typer.Option(None, "--profile", help="apply the config's `profiles:` entry of this name")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="override a config value: --set train.epochs=5 (repeatable)")
+ProfileOpt = typer.Option(None, "--profile", metavar="NAME", help="apply the config's `profiles:` entry of this name")
+SeedOpt = typer.Option(None, "--seed", metavar="N", help="run with this seed, in its own folder <name>-seed<N>")
+DryOpt = typer.Option(False, "--dry-run", help="check everything and say what would run, where and for how long; "
+                                               "run nothing")
+
+
+def _dry_run(cfgs: list, command: str) -> None:
+    from rescomp.plan import describe_all
+
+    print(describe_all(cfgs, command))
+
+
+def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int]) -> list:
+    """The runs a command makes: one per seed of the config's `seeds:` (or its one seed); --seed N picks one."""
+    from rescomp.config import load_config
+
+    overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
+    return load_config(config, overrides, profile).per_seed()
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+
+        from rescomp import __version__
+        from rescomp.provenance import git_commit
+
+        out.print(f"rescomp {__version__} (commit {git_commit()}), torch {torch.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print rescomp's version, commit and torch version, and exit")) -> None:
+    """Reproduce and extend CNN-compression papers on CIFAR."""
+    quiet_library_warnings()
+
+
+def quiet_library_warnings() -> None:
+    """Library warnings (deprecations in torch.ao, fvcore, ...) are for developers: each is written once
+    to <cache>/warnings.log instead of the terminal. RESCOMP_WARNINGS=1 shows them."""
+    if os.environ.get("RESCOMP_WARNINGS") == "1":
+        return
+    log = logging.getLogger("py.warnings")
+    if not log.handlers:
+        from rescomp.config import DataConfig
+        from rescomp.data import cache_root
+
+        path = cache_root(DataConfig()) / "warnings.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(path, delay=True)
+        except OSError:
+            handler = logging.NullHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    logging.captureWarnings(True)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -42,95 +101,120 @@ def user_errors(fn: Callable) -> Callable:
 @app.command()
 @user_errors
 def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Optional[List[str]] = SetOpt,
-          profile: Optional[str] = ProfileOpt,
+          profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
           fresh: bool = typer.Option(False, "--fresh", help="delete this run's folder and start over")) -> None:
     """Train what CONFIG describes; re-running an interrupted run resumes it."""
-    from rescomp.config import load_config
     from rescomp.pipeline import run_train
 
-    cfg = load_config(config, set_, profile)
-    run_dir, summary = run_train(cfg, fresh=fresh, console=err)
-    out.print(f"top-1 {summary['top1']:.2f}%  params {summary['params']:,}  MACs {summary['macs'] / 1e6:.2f} M  "
-              f"-> {run_dir}/summary.json")
+    cfgs = _configs(config, set_, profile, seed)
+    if dry_run:
+        return _dry_run(cfgs, "train")
+    for cfg in cfgs:
+        run_dir, summary = run_train(cfg, fresh=fresh, console=err)
+        out.print(f"top-1 {summary['top1']:.2f}%  params {summary['params']:,}  MACs {summary['macs'] / 1e6:.2f} M  "
+                  f"-> {run_dir}/summary.json")
 
 
 @app.command()
 @user_errors
 def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trained model to quantize"),
-             set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+             set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
              fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
     """Int8 a trained model (torch.fx, x86): calibrate, evaluate and time it beside its fp32 model."""
-    from rescomp.config import load_config
     from rescomp.pipeline import run_quantize
 
-    run_dir, s = run_quantize(load_config(config, set_, profile), fresh=fresh, console=err)
-    speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
-    out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
-              f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
+    cfgs = _configs(config, set_, profile, seed)
+    if dry_run:
+        return _dry_run(cfgs, "quantize")
+    for cfg in cfgs:
+        run_dir, s = run_quantize(cfg, fresh=fresh, console=err)
+        speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
+        out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
+                  f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
 
 
 @app.command()
 @user_errors
 def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune section"),
-          set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+          set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
           fresh: bool = typer.Option(False, "--fresh", help="redo a finished pruning run")) -> None:
     """Score filters, remove the lowest share, fine-tune, measure; repeat on the config's schedule."""
-    from rescomp.config import load_config
     from rescomp.prune_run import run_prune
 
-    run_dir, s = run_prune(load_config(config, set_, profile), fresh=fresh, console=err)
-    first, last = s["rows"][0], s["rows"][-1]
-    out.print(f"{100 * last['share']:.0f}% of {s['prunable_filters']:,} prunable filters removed: params "
-              f"{first['params']:,} -> {last['params']:,}, MACs {first['macs'] / 1e6:.1f} -> {last['macs'] / 1e6:.1f} M, "
-              f"top-1 {first['top1']:.2f} -> {last['top1']:.2f}%  -> {run_dir}/summary.json")
+    cfgs = _configs(config, set_, profile, seed)
+    if dry_run:
+        return _dry_run(cfgs, "prune")
+    for cfg in cfgs:
+        run_dir, s = run_prune(cfg, fresh=fresh, console=err)
+        first, last = s["rows"][0], s["rows"][-1]
+        out.print(f"{100 * last['share']:.0f}% of {s['prunable_filters']:,} prunable filters removed: params "
+                  f"{first['params']:,} -> {last['params']:,}, MACs {first['macs'] / 1e6:.1f} -> {last['macs'] / 1e6:.1f} M, "
+                  f"top-1 {first['top1']:.2f} -> {last['top1']:.2f}%  -> {run_dir}/summary.json")
 
 
 @app.command("layer-drop")
 @user_errors
 def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),
-               set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+               set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
                fresh: bool = typer.Option(False, "--fresh", help="redo a finished layer-drop run")) -> None:
     """Delete residual units by learned importance, retraining between deletions; resumable."""
-    from rescomp.config import load_config
     from rescomp.layer_drop_run import run_layer_drop
 
-    run_dir, s = run_layer_drop(load_config(config, set_, profile), fresh=fresh, console=err)
-    rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
-    out.print(f"smallest lossless: {smallest['layers']} layers, top-1 {smallest['top1']:.2f}% "
-              f"(full {s['start_top1']:.2f}%); MACs {rel['macs']:.1f}%, params {rel['params']:.1f}% of full "
-              f"-> {run_dir}/summary.json")
+    cfgs = _configs(config, set_, profile, seed)
+    if dry_run:
+        return _dry_run(cfgs, "layer-drop")
+    for cfg in cfgs:
+        run_dir, s = run_layer_drop(cfg, fresh=fresh, console=err)
+        rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
+        out.print(f"smallest lossless: {smallest['layers']} layers, top-1 {smallest['top1']:.2f}% "
+                  f"(full {s['start_top1']:.2f}%); MACs {rel['macs']:.1f}%, params {rel['params']:.1f}% of full "
+                  f"-> {run_dir}/summary.json")
 
 
 @app.command()
 @user_errors
 def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoint (.pt)"),
             set_: Optional[List[str]] = SetOpt, as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
-    """Parameters, MACs, bytes, CPU latency, GPU throughput and activation memory of a model."""
+    """Parameters, MACs, bytes, CPU latency, GPU throughput and activation memory of a model.
+
+    --set applies to a checkpoint's stored config too (measure.batch_sizes, device, ...)."""
     from rescomp import checkpoint
-    from rescomp.config import load_config, validate
+    from rescomp.config import apply_overrides, load_config, validate
+    from rescomp.context import resolve_device
+    from rescomp.errors import DeviceError
     from rescomp.measure import measure as measure_model
     from rescomp.models import build_model
     from rescomp.pipeline import model_spec
 
-    if target.suffix in (".pt", ".pth") and checkpoint.load(target).get("kind") == "rescomp-int8":
+    if target.suffix in (".pt", ".pth"):
+        payload = checkpoint.load(target)
+        raw = apply_overrides(dict(payload.get("config") or {}), list(set_ or []))
+        cfg = validate(raw, str(target)) if raw else None
+    else:
+        payload, cfg = None, load_config(target, set_)
+    device = resolve_device(cfg.device) if cfg else None  # a device that is not there is an error, never the CPU
+    if payload is not None and payload.get("kind") == "rescomp-int8":
         from rescomp.compress.quantize import load_int8
         from rescomp.measure import measure_int8
 
+        if device is not None and device.type != "cpu" and cfg.device != "auto":
+            raise DeviceError(f"'{target}' is an int8 model, which runs on the CPU only; drop --set device={cfg.device}")
         model, payload = load_int8(target)
         size = payload["image_size"]
-        row = {"arch": payload["arch"]["arch"], "dtype": "int8", **measure_int8(model, size)}
+        row = {"arch": payload["arch"]["arch"], "dtype": "int8", **measure_int8(model, size, cfg.measure if cfg else None)}
         _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
         return
-    if target.suffix in (".pt", ".pth"):
+    if payload is not None:
         model, payload = checkpoint.load_model(target)
-        cfg = validate(payload["config"], str(target)) if payload.get("config") else None
         arch = payload["arch"]["arch"]
     else:
-        cfg = load_config(target, set_)
         model = build_model(model_spec(cfg))
         arch = cfg.model.arch
     image_size = cfg.data.image_size if cfg else 32
-    row = {"arch": arch, **measure_model(model, image_size, cfg.measure if cfg else None)}
+    mc = cfg.measure if cfg else None
+    if mc is not None and device is not None and device.type == "cpu":
+        mc = mc.model_copy(update={"gpu_throughput": False})  # asked for the CPU: no GPU figure either
+    row = {"arch": arch, **measure_model(model, image_size, mc)}
     _show(row, f"{arch} at {image_size}x{image_size}", as_json)
 
 
@@ -172,18 +256,89 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
 
 @app.command()
 @user_errors
-def models() -> None:
-    """List the registered architectures with their parameter counts (10 classes)."""
-    from rescomp.measure import count_params
-    from rescomp.models import build_model, get_entry, model_names
+def runs(root: Path = typer.Argument(Path("runs"), help="the folder runs are written to (a config's out_dir)")) -> None:
+    """List the runs under ROOT with their state: complete, running, interrupted (resumable) or empty."""
+    from rescomp import runlock
+    from rescomp.errors import ConfigError
 
-    t = Table(title="rescomp models (10 classes, default arguments)")
-    for col in ("arch", "params", "min input", "family", "description"):
-        t.add_column(col, justify="right" if col in ("params", "min input") else "left")
+    if not root.is_dir():
+        raise ConfigError(f"'{root}' is not a folder of runs; pass a config's out_dir (default: runs)")
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        summary = d / "summary.json"
+        s = json.loads(summary.read_text()) if summary.is_file() else {}
+        who = runlock.holder(d)
+        state = ("running: " + who if who else "complete" if s else
+                 "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
+        top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
+        rows.append([d.name, s.get("stage", "-"), state, "-" if top1 is None else f"{top1:.2f}",
+                     str(s.get("seed", "-")), str(s.get("table") or "-"), s.get("commit", "-")])
+    cols = ["run", "stage", "state", "top-1 %", "seed", "table", "commit"]
+    if not out.is_terminal:
+        print("\t".join(cols))
+        for r in rows:
+            print("\t".join(r))
+        return
+    t = Table(title=f"runs in {root}")
+    for c in cols:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+
+
+@app.command("config")
+@user_errors
+def config_(config: Optional[Path] = typer.Argument(None, help="experiment YAML (omit with --keys)"),
+            set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt,
+            keys: bool = typer.Option(False, "--keys", help="list every config key with its type, default and meaning")) -> None:
+    """Print CONFIG as rescomp reads it (extends, profile and --set applied, every default filled in)."""
+    from rescomp.config import dump_config, load_config
+    from rescomp.errors import ConfigError
+
+    if keys:
+        from rescomp.config_doc import reference
+
+        print(reference(), end="")
+        return
+    if config is None:
+        raise ConfigError("pass a config file (rescomp config configs/demo/resnet20.yaml), or --keys for every key")
+    print(dump_config(load_config(config, set_, profile)), end="")
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the architectures: registered, installed plugins, and how to name your own."""
+    import inspect
+
+    import torch
+
+    from rescomp.measure import count_params
+    from rescomp.models import TRANSFORM_KEYS, build_model, get_entry, model_names
+
+    rows = []
     for name in model_names():
         e = get_entry(name)
-        t.add_row(name, f"{count_params(build_model({'arch': name, 'num_classes': 10})):,}", str(e.min_input),
-                  e.family, e.summary)
+        sig = inspect.signature(e.builder).parameters.values()
+        args = ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name
+                         for p in sig if p.name != "num_classes" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        with torch.device("meta"):  # shapes only: no memory, no initialisation, so the list is quick
+            n = count_params(build_model({"arch": name, "num_classes": 10}))
+        rows.append({"arch": name, "params": f"{n:,}", "min input": str(e.min_input), "family": e.family,
+                     "arguments (model: keys)": args or "-", "description": e.summary})
+    note = (f"Every model also takes {', '.join(TRANSFORM_KEYS)} (set by the techniques). Your own: model.arch "
+            f"module.path:function (README, 'Your own model').")
+    if not out.is_terminal:  # piped: one tab-separated line per model, nothing cut to the terminal's width
+        print("\t".join(rows[0]))
+        for r in rows:
+            print("\t".join(r.values()))
+        return
+    t = Table(title="rescomp models (params with 10 classes and default arguments)", caption=note)
+    for col in rows[0]:
+        t.add_column(col, justify="right" if col in ("params", "min input") else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*r.values())
     out.print(t)
 
 

@@ -25,31 +25,31 @@ class Strict(BaseModel):
 
 class AugmentConfig(Strict):
     crop_padding: int = Field(4, ge=0, description="random crop after zero-padding by this many pixels")
-    flip: bool = True
+    flip: bool = True  # random horizontal flips
     rotate_degrees: float = Field(0.0, ge=0, le=180, description="random rotation in +-degrees")
 
 
 class SyntheticConfig(Strict):
-    train_size: int = Field(256, ge=1)
-    test_size: int = Field(128, ge=1)
-    num_classes: int = Field(10, ge=2)
+    train_size: int = Field(256, ge=1)  # images in the synthetic train split (tests, smoke runs)
+    test_size: int = Field(128, ge=1)  # images in the synthetic test split
+    num_classes: int = Field(10, ge=2)  # classes of the synthetic data
 
 
 class DataConfig(Strict):
-    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"  # which dataset
     # auto: `path` if given, else the first local copy found (rescomp.data.search_paths), else a download.
     source: Literal["auto", "torchvision", "folder"] = "auto"
-    path: Optional[str] = None
+    path: Optional[str] = None  # a dataset folder, .tar(.gz) or torchvision root; default: searched (README, Set-up)
     # auto: download through torchvision (into rescomp.data.download_root) only when no local copy is
     # found; true: always use torchvision's official files, downloading them if missing; false: never.
     download: Literal["auto", True, False] = "auto"
     image_size: int = Field(32, ge=8, le=512, description="inputs are resized to this on the fly")
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # share of train held out (seeded) as a validation split
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded random subset of train")
-    test_limit: Optional[int] = Field(None, ge=1)
+    test_limit: Optional[int] = Field(None, ge=1)  # use a seeded random subset of test
     augment: AugmentConfig = AugmentConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None  # decoded-image caches and downloads; default $RESCOMP_CACHE or ~/.cache/rescomp
 
     @property
     def num_classes(self) -> int:
@@ -59,86 +59,90 @@ class DataConfig(Strict):
 class ModelConfig(BaseModel):
     # Extra keys are the builder's arguments, validated against its signature in models.build_model.
     model_config = ConfigDict(extra="allow")
-    arch: str = "resnet20"
+    arch: str = "resnet20"  # a name from `rescomp models`, or your own builder as module.path:function
 
     def spec(self, num_classes: int) -> dict[str, Any]:
         return {"num_classes": num_classes, **self.model_dump()}
 
 
 class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # optimizer
+    lr: float = Field(0.1, gt=0)  # initial learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float = Field(1e-4, ge=0)  # L2 weight decay
     no_decay_bn_bias: bool = Field(False, description="no weight decay on BatchNorm and bias parameters")
     gate_weight_decay: bool = Field(False, description="decay layer-drop's residual gates too")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam / AdamW betas
 
 
 class ScheduleConfig(Strict):
-    name: Literal["constant", "step", "multistep", "cosine", "onecycle"] = "multistep"
+    name: Literal["constant", "step", "multistep", "cosine", "onecycle"] = "multistep"  # the lr schedule, stepped per batch
     milestones: list[float] = [100, 150]  # epochs, for multistep (He et al. 2016: 32k, 48k of 64k iterations)
     step_size: float = Field(30, gt=0)  # epochs, for step
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0)  # decay factor of step / multistep
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor as a share of lr
     pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of training spent rising
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from 0 before the schedule
 
 
 class EarlyStoppingConfig(Strict):
     patience: Optional[int] = Field(None, ge=1, description="epochs without val-loss improvement")
-    min_delta: float = Field(0.0, ge=0)
-    restore_best: bool = True
+    min_delta: float = Field(0.0, ge=0)  # smallest val-loss decrease that counts
+    restore_best: bool = True  # end with the weights of the best validation epoch
 
 
 class DistillConfig(Strict):
     teacher: str  # a trained model.pt whose softened outputs the student learns from
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0)  # softmax temperature T (the soft term is scaled by T^2)
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) term")
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(200, ge=0)
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(1000, ge=1)
+    epochs: int = Field(200, ge=0)  # training epochs
+    batch_size: int = Field(128, ge=1)  # images per training step
+    eval_batch_size: int = Field(1000, ge=1)  # images per evaluation batch
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # auto: NHWC on CUDA (tensor cores); on the CPU NHWC unless the network has a conv that oneDNN
     # gets wrong in NHWC (rescomp.hardware.training_layout; results/bench/cpu_layout.md). true is
     # overridden on the CPU for such networks: wrong gradients are never worth the speed.
     channels_last: Literal["auto", True, False] = "auto"
-    compile: bool = False
-    grad_clip: Optional[float] = Field(None, gt=0)
+    compile: bool = False  # torch.compile the model (CUDA; slow to start)
+    grad_clip: Optional[float] = Field(None, gt=0)  # clip the gradient norm to this
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
-    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1)  # save a resumable checkpoint every N epochs
     eval_test_every: int = Field(1, ge=0, description="evaluate on test every N epochs (0: only at the end)")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for training; default all cores")
     distill: Optional[DistillConfig] = None  # knowledge distillation (Hinton et al. 2015) from a teacher
 
 
 class MeasureConfig(Strict):
-    latency: bool = True
-    batch_sizes: list[int] = [1, 64]
+    latency: bool = True  # time the forward pass on the CPU
+    batch_sizes: list[int] = [1, 64]  # batch sizes timed (latency_ms_cpu_b<N>)
     threads: Optional[int] = Field(None, ge=1, description="CPU threads pinned for latency; default all cores")
     channels_last: bool = True  # time the fp32 model in NHWC, the faster layout on CPUs with oneDNN
-    warmup: int = Field(3, ge=0)
-    repeats: int = Field(10, ge=1)
-    gpu_throughput: bool = True
+    warmup: int = Field(3, ge=0)  # untimed forward passes before timing
+    repeats: int = Field(10, ge=1)  # timed forward passes at least; the median is reported
+    # more passes (up to 20 x repeats, or max_seconds per batch size) until the interquartile range is
+    # at most this share of the median; null: exactly `repeats`
+    max_spread: Optional[float] = Field(0.05, gt=0)
+    max_seconds: float = Field(20.0, gt=0)  # timing time per batch size at most, when max_spread asks for more
+    gpu_throughput: bool = True  # also images/s on a GPU, where there is one
 
 
 class QATConfig(Strict):
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(3, ge=1)  # fake-quant fine-tuning epochs
+    lr: float = Field(1e-3, gt=0)  # fine-tuning learning rate
 
 
 class QuantizeConfig(Strict):
     checkpoint: Optional[str] = None  # default: runs/<name>/model.pt, this config's training run
     method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
-    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"
+    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"  # int8 engine: x86 (FBGEMM + oneDNN), fbgemm, qnnpack (ARM)
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
     # true; qnnpack: false). rescomp.compress.quantize says why, and what false costs without VNNI.
     reduce_range: Literal["auto", True, False] = "auto"
@@ -147,9 +151,9 @@ class QuantizeConfig(Strict):
 
 
 class TimingConfig(Strict):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1)  # batch of the timed training steps
     runs: int = Field(100, ge=1)  # paper: the mean of 100 runs
-    warmup: int = Field(10, ge=0)
+    warmup: int = Field(10, ge=0)  # untimed steps first
 
 
 class BaselinesConfig(Strict):
@@ -163,8 +167,8 @@ class BaselinesConfig(Strict):
     # Epochs each baseline trains: default train.epochs (the full network's recipe); "matched": the
     # layer-drop network's total at that depth, the full network's epochs + n x ceil(units removed / k).
     epochs: Optional[int | str] = None
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)  # distillation temperature T
+    alpha: float = Field(0.9, ge=0, le=1)  # distillation: weight of the soft term
 
     @field_validator("epochs")
     @classmethod
@@ -204,25 +208,25 @@ PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 2, "bu
 class PruneConfig(Strict):
     checkpoint: Optional[str] = None  # a trained model.pt; default: train this config first
     criterion: str = "taylor"  # taylor | mean_activation | l1 | random
-    policy: Literal["paper", "coupled"] = "paper"
+    policy: Literal["paper", "coupled"] = "paper"  # paper: never prune channels that meet an addition; coupled: prune them as groups
     exclude: list[str] = []  # fnmatch patterns of conv names never to prune
-    allocation: Literal["global", "uniform"] = "global"
+    allocation: Literal["global", "uniform"] = "global"  # global: rank all layers together (paper); uniform: the same share per layer
     # After each removal (Martineau 0.3): reset the running statistics of the BatchNorms whose channels
     # changed (`slice`: keep torch-pruning's sliced statistics), and scale a linear layer whose inputs
     # shrank by inputs before / after (the dropout weight-scaling rule).
     bn_stats: Literal["reset", "slice"] = "reset"
-    fc_scaling: bool = True
-    schedule: Literal["custom", "fast", "slow"] = "custom"
+    fc_scaling: bool = True  # scale a linear layer whose inputs shrank (see bn_stats)
+    schedule: Literal["custom", "fast", "slow"] = "custom"  # custom (share_per_step x steps, or targets) | fast / slow (Table 1 presets)
     share_per_step: Optional[float] = Field(0.05, gt=0, lt=1, description="share of the prunable filters per step")
     steps: int = Field(6, ge=1)  # paper: 5 % per step, 6 steps (about 30 %)
     targets: Optional[list[float]] = None  # cumulative shares to reach (each step ends on or before one)
     iterations: Optional[int] = Field(None, ge=1, description="reach each target in its own run from the trained "
                                                                "network, in this many equal steps")
-    finetune_epochs: int = Field(1, ge=0)
+    finetune_epochs: int = Field(1, ge=0)  # fine-tuning epochs after each step
     finetune_budget: Optional[int] = Field(None, ge=1, description="fine-tuning epochs per run in all: the last step "
                                                                     "gets what the steps before it left")
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
-    score_batches: int = Field(10, ge=1)
+    score_batches: int = Field(10, ge=1)  # training batches the criterion is averaged over
     stop_at: StopAtConfig = StopAtConfig()
 
     @field_validator("targets")
@@ -277,19 +281,30 @@ class ReportConfig(Strict):
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
     paper_by_share: dict[str, dict[str, float]] = {}  # prune rows: {"0": {...}, "0.3": {...}} by share pruned
     paper_by_schedule: dict[str, dict[str, dict[str, float]]] = {}  # the same for prune.schedule fast / slow
+    # layer-drop: the paper's costs of its smallest lossless network as % of the full one's (keys macs,
+    # forward, backward, params), compared only where a config gives them (residual-block deletion, Table 2)
+    paper_relative: dict[Literal["macs", "forward", "backward", "params"], float] = {}
     # Where the paper counted costs on another input size or head than ours (Martineau counts FLOPs at
     # 224x224, and some parameters with ImageNet's 1000-class head): prune rows are measured again that
     # way as macs_paper_input / params_paper_head, and compared with the paper only there.
     paper_input: Optional[int] = Field(None, ge=8)
-    paper_head: Optional[int] = Field(None, ge=1)
+    paper_head: Optional[int] = Field(None, ge=1)  # classes of the paper's head for params_paper_head (see paper_input)
+
+
+# Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure and
+# report say where results go and how they are shown, not what the run computes).
+LATER_SECTIONS = ("out_dir", "measure", "report", "quantize", "layer_drop", "prune")
 
 
 class ExperimentConfig(Strict):
     name: Optional[str] = None  # run name; default the config file's stem (+ "-<profile>")
     profile: Optional[str] = None  # the `profiles:` entry applied, if any
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order, augmentation and subsets
+    # run the command once per seed, each in its own folder <name>-seed<N> (the config's own seed keeps
+    # <name>); `rescomp report` gives the mean and standard deviation over a row's seeds
+    seeds: Optional[list[int]] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # where run folders go
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -316,15 +331,35 @@ class ExperimentConfig(Strict):
     def run_name(self) -> str:
         return self.name or f"{self.model.arch}-{self.hash()}"
 
+    @property
+    def label(self) -> str:
+        """The row label of this run in a table: report.row, else the run name without its seed suffix,
+        so that the seeds of one experiment share a row (rescomp.report.aggregate_seeds)."""
+        return self.report.row or self.run_name.removesuffix(f"-seed{self.seed}")
+
+    def per_seed(self) -> list["ExperimentConfig"]:
+        """One config per entry of `seeds` (or this one): each with its seed, in its own run folder."""
+        if not self.seeds:
+            return [self]
+        return [self.model_copy(update={"seed": s, "seeds": None,
+                                        "name": self.run_name if s == self.seed else f"{self.run_name}-seed{s}"})
+                for s in dict.fromkeys(self.seeds)]
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def hash(self, *stages: str) -> str:
-        """Identity of the training run (plus the sections of later `stages`), not where outputs go."""
+    def identity(self, *sections: str) -> dict[str, Any]:
+        """What decides the training run's result, plus the named later-stage `sections` (quantize,
+        layer_drop, prune): the config without where outputs go and how they are reported."""
         d = self.to_dict()
-        for key in {"out_dir", "measure", "report", "quantize", "layer_drop", "prune"} - set(stages):
+        for key in set(LATER_SECTIONS) - set(sections):
             d.pop(key, None)
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        d.pop("seeds", None)  # a list of runs, not part of any one run
+        return d
+
+    def hash(self, *sections: str) -> str:
+        """A short digest of identity(*sections): equal hashes, equal runs."""
+        blob = json.dumps(self.identity(*sections), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -438,7 +473,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
         raw = deep_merge(raw, profiles[profile])
         raw["name"] = f"{raw['name']}-{profile}"
         raw["profile"] = profile
+    own_seed = raw.get("seed", 0)
     raw = apply_overrides(raw, list(overrides or []))
+    keys = [parse_override(o)[0] for o in overrides or []]
+    if ["seed"] in keys and ["seeds"] not in keys:
+        raw["seeds"] = None  # one seed asked for: that run, not the config's list
+    if raw.get("seed", 0) != own_seed and ["name"] not in keys and isinstance(raw.get("seed"), int):
+        raw["name"] = f"{raw['name']}-seed{raw['seed']}"  # another seed is another run, in its own folder
     return validate(raw, str(path))
 
 

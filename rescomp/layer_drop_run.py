@@ -26,21 +26,17 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.compress.distill import distillation
 from rescomp.compress.layer_drop import CRITERIA, depth, drop, gates, output_norm, residual_units
-from rescomp.config import ExperimentConfig, dump_config
+from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, make_context, seed_everything
 from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, open_run_dir, retrain_config, stage_suffix,
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, stage_suffix, writing,
                               start_model, train_and_eval, train_loaders)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
-
-# The paper's Table 2, CIFAR-10: the smallest lossless network's costs as % of the full one's.
-PAPER_RELATIVE = {"macs": 60.93, "forward": 60.23, "backward": 59.71, "params": 69.82}
-
 
 def check(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything about the layer-drop section that can be wrong, before any work; returns the spec."""
@@ -108,6 +104,8 @@ def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) ->
            **measure(copy.deepcopy(model).cpu(), cfg.data.image_size, m)}
     if timing:
         t = cfg.layer_drop.timing
+        ctx.log(f"timing {t.warmup} + {t.runs} training steps at batch {t.batch_size} on {ctx.device.type} "
+                f"({row['layers']} layers)")
         row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup))
     return row
 
@@ -115,9 +113,10 @@ def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) ->
 def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     t_start = time.perf_counter()
     ld = cfg.layer_drop
+    ctx = make_context(cfg, console=console)  # a device that is not there is named first
     check(cfg)
-    ctx = make_context(cfg, console=console)
-    out, finished = _claim_run_dir(cfg, fresh, stage="layerdrop")
+    splits = prepare(cfg.data, cfg.seed)
+    out, finished = _claim_run_dir(cfg, fresh, stage="layerdrop", section="layer_drop")
     if finished is not None:
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
@@ -125,11 +124,15 @@ def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optio
     if not payload["arch"].get("gates"):
         raise ConfigError(f"'{source}' has no residual gates; train a config whose model has `gates:` first")
     family = baseline_family(cfg, payload["arch"])  # of the network actually loaded
-    open_run_dir(out)
-    checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with writing(out, cfg):
+        return _layer_drop(cfg, ctx, splits, out, full, payload, source, family, t_start)
+
+
+def _layer_drop(cfg: ExperimentConfig, ctx: RunContext, splits, out: Path, full, payload, source: Path,
+                family: dict[int, dict[str, Any]], t_start: float) -> tuple[Path, dict[str, Any]]:
+    ld = cfg.layer_drop
     full_epochs = int((payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
 
-    splits = prepare(cfg.data, cfg.seed)
     loaders = train_loaders(cfg, ctx, splits)
     scoring = sample_loader(splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
     batches = lambda: (x for x, _ in scoring)  # noqa: E731
@@ -243,9 +246,14 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
           + (f" - {ld.tolerance}" if ld.tolerance else "") + f"): **{smallest['layers']} layers** "
           f"({100 * (1 - smallest['layers'] / full['layers']):.2f}% of the {full['layers']} layers removed), "
           f"top-1 {smallest['top1']:.2f}%. Its costs relative to the full network (forward/backward: mean of "
-          f"{ld.timing.runs} training steps at batch {tb} on {ctx.device.type}):", "",
-          "| cost | ours % | paper % (CIFAR-10) | Δ |", "|---|---|---|---|"]
-    md += [f"| {k} | {v:.2f} | {PAPER_RELATIVE[k]:.2f} | {v - PAPER_RELATIVE[k]:+.2f} |" for k, v in relative.items()]
+          f"{ld.timing.runs} training steps at batch {tb} on {ctx.device.type}):", ""]
+    paper = cfg.report.paper_relative  # only where the config says which paper numbers apply
+    if paper:
+        md += ["| cost | ours % | paper % | Δ |", "|---|---|---|---|"]
+        md += [f"| {k} | {v:.2f} | " + (f"{paper[k]:.2f} | {v - paper[k]:+.2f} |" if k in paper else "– | – |")
+               for k, v in relative.items()]
+    else:
+        md += ["| cost | % of the full network |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in relative.items()]
     md += ["", f"Training budget (the epochs column): the full network {full_epochs} epochs, then n = {ld.retrain_epochs} "
                f"after each step of k = {ld.k} units, from the initial learning rate: the network after step s was "
                f"trained {full_epochs} + s x {ld.retrain_epochs} epochs in all."]
@@ -259,7 +267,8 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
         "source": source, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
         "full_epochs": full_epochs, "baselines": ld.baselines.model_dump(),
         "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
-        "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative, "sections": sections,
+        "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
+        "paper_relative": dict(cfg.report.paper_relative), "sections": sections,
         "data_source": data["source"], "wall_seconds": wall, **stamp(ctx.device),
     }
 

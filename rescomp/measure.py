@@ -69,19 +69,57 @@ def pinned_threads(n: Optional[int]) -> Iterator[int]:
 def cpu_latency_ms(model: nn.Module, image_size: int, batch: int, *, threads: Optional[int] = None,
                    warmup: int = 3, repeats: int = 10, channels_last: bool = False) -> float:
     """Median wall time of one forward pass on the CPU, in milliseconds, after warm-up."""
-    model = copy.deepcopy(model).cpu().eval()
+    return cpu_latency_stats({"m": (model, channels_last)}, image_size, batch, threads=threads, warmup=warmup,
+                             repeats=repeats, max_spread=None)["m"]["median"]
+
+
+def cpu_latency_stats(models: dict[str, tuple[nn.Module, bool]], image_size: int, batch: int, *,
+                      threads: Optional[int] = None, warmup: int = 3, repeats: int = 10,
+                      max_spread: Optional[float] = 0.05, max_seconds: float = 20.0) -> dict[str, dict[str, float]]:
+    """Forward-pass times of one or more models (name -> (model, channels_last)) on the CPU, in ms.
+
+    The models are timed interleaved, one pass of each per round, so that a slow spell of the machine
+    lands on all of them rather than on whichever was timed then. At least `repeats` rounds; then more,
+    until every model's interquartile range is at most `max_spread` of its median, or `max_seconds` of
+    timing have passed, or 20 x `repeats` rounds. Per model: median, q1, q3 and the number of passes.
+    """
     x = torch.randn(batch, 3, image_size, image_size)
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for name, (model, nhwc) in models.items():
+        m = copy.deepcopy(model).cpu().eval()
+        xi = x
+        if nhwc:
+            m, xi = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        runs[name] = (m, xi)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+
+    def spread_ok() -> bool:
+        return all(_iqr(t) <= max_spread * statistics.median(t) for t in times.values())
+
     with pinned_threads(threads), torch.inference_mode():
         for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+            for m, xi in runs.values():
+                m(xi)
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < repeats or (max_spread is not None and not spread_ok() and rounds < 20 * repeats
+                                   and time.perf_counter() - start < max_seconds):
+            for name, (m, xi) in runs.items():
+                t0 = time.perf_counter()
+                m(xi)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+    return {name: {"median": statistics.median(t), "q1": _quartiles(t)[0], "q3": _quartiles(t)[2], "n": len(t)}
+            for name, t in times.items()}
+
+
+def _quartiles(t: list[float]) -> list[float]:
+    return statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else [t[0]] * 3
+
+
+def _iqr(t: list[float]) -> float:
+    q = _quartiles(t)
+    return q[2] - q[0]
 
 
 def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters: int = 50) -> Optional[float]:
@@ -197,16 +235,21 @@ def _activation_row(model: nn.Module, image_size: int) -> dict[str, Any]:
     return {"act_peak_bytes_b1": act.get("act_peak_bytes"), "act_max_tensor_bytes_b1": act.get("act_max_tensor_bytes")}
 
 
-def _latency_row(model: nn.Module, image_size: int, cfg: MeasureConfig, channels_last: bool) -> dict[str, Any]:
-    """latency_ms_cpu_b<B> for each configured batch size, threads pinned; empty if latency is off."""
+def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg: MeasureConfig) -> dict[str, dict[str, Any]]:
+    """Per model (timed interleaved): latency_ms_cpu_b<B> (the median), latency_iqr_ms_cpu_b<B> and
+    latency_runs_cpu_b<B> for each configured batch size, threads pinned; empty rows if latency is off."""
     if not cfg.latency:
-        return {}
+        return {name: {} for name in models}
+    rows: dict[str, dict[str, Any]] = {}
     with pinned_threads(cfg.threads) as n:
-        row: dict[str, Any] = {"cpu_threads": n}
         for b in cfg.batch_sizes:
-            row[f"latency_ms_cpu_b{b}"] = cpu_latency_ms(model, image_size, b, threads=n, warmup=cfg.warmup,
-                                                          repeats=cfg.repeats, channels_last=channels_last)
-    return row
+            stats = cpu_latency_stats(models, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats,
+                                      max_spread=cfg.max_spread, max_seconds=cfg.max_seconds)
+            for name, st in stats.items():
+                rows.setdefault(name, {"cpu_threads": n}).update({
+                    f"latency_ms_cpu_b{b}": st["median"], f"latency_iqr_ms_cpu_b{b}": st["q3"] - st["q1"],
+                    f"latency_runs_cpu_b{b}": st["n"]})
+    return rows
 
 
 def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
@@ -220,17 +263,30 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         "size_bytes": state_dict_bytes(model),
         "image_size": image_size,
         **_activation_row(model, image_size),
-        **_latency_row(model, image_size, cfg, cfg.channels_last),
+        **_latency_row({"m": (model, cfg.channels_last)}, image_size, cfg)["m"],
     }
     if cfg.gpu_throughput and torch.cuda.is_available():
         row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
     return row
 
 
-def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
+def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None,
+                 fp32: Optional[nn.Module] = None) -> dict[str, Any]:
     """The cost columns of a quantized network: bytes, activation memory and CPU latency (its packed
     weights hide parameter counts and MACs from fvcore: take those from its fp32 model). Timed with
-    contiguous inputs; the int8 kernels choose their own layout."""
+    contiguous inputs; the int8 kernels choose their own layout. With its `fp32` model, the two are
+    timed interleaved, and the fp32 timings come back as fp32_latency_* with the speed-up."""
     cfg = cfg or MeasureConfig()
-    return {"size_bytes": state_dict_bytes(qmodel), **_activation_row(qmodel, image_size),
-            **_latency_row(qmodel, image_size, cfg, channels_last=False)}
+    models = {"int8": (qmodel, False)} | ({"fp32": (fp32, cfg.channels_last)} if fp32 is not None else {})
+    lat = _latency_row(models, image_size, cfg)
+    row = {"size_bytes": state_dict_bytes(qmodel), **_activation_row(qmodel, image_size), **lat["int8"]}
+    if fp32 is not None and cfg.latency:
+        row.update({f"fp32_{k}": v for k, v in lat["fp32"].items() if k.startswith("latency_")})
+        for b in cfg.batch_sizes:
+            f, q = lat["fp32"], lat["int8"]
+            row[f"speedup_cpu_b{b}"] = f[f"latency_ms_cpu_b{b}"] / q[f"latency_ms_cpu_b{b}"]
+            # the speed-up is within the noise when the two interquartile ranges overlap
+            row[f"speedup_within_noise_cpu_b{b}"] = (
+                abs(f[f"latency_ms_cpu_b{b}"] - q[f"latency_ms_cpu_b{b}"])
+                <= (f[f"latency_iqr_ms_cpu_b{b}"] + q[f"latency_iqr_ms_cpu_b{b}"]) / 2)
+    return row

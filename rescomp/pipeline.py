@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import yaml
@@ -18,11 +19,11 @@ from rich.console import Console
 
 from rescomp import checkpoint, runlock
 from rescomp.config import ExperimentConfig, dump_config, validate
-from rescomp.context import RunContext, make_context, seed_everything
+from rescomp.context import RunContext, make_context, resolve_device, seed_everything
 from rescomp.data import make_loaders, prepare
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
-from rescomp.models import build_model, check_spec, get_entry
+from rescomp.models import build_model, check_spec, get_entry, probe
 from rescomp.provenance import command_line, stamp
 from rescomp.train import Trainer, evaluate
 
@@ -37,6 +38,7 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
             f"model '{spec['arch']}' needs inputs of at least {entry.min_input} pixels but data.image_size is "
             f"{cfg.data.image_size}; raise data.image_size"
         )
+    probe(spec, cfg.data.image_size)
     return spec
 
 
@@ -48,29 +50,77 @@ def stage_suffix(cfg: ExperimentConfig, stage: str) -> str:
     return stage
 
 
-def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train") -> tuple[Path, Optional[dict[str, Any]]]:
-    """The run folder, after checking that it is ours to write; and its summary if the run is complete."""
-    run_dir = Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
+def differences(old: ExperimentConfig, new: ExperimentConfig, sections: tuple[str, ...] = ()) -> list[str]:
+    """'key (old -> new)' for every setting that decides a run's result (ExperimentConfig.hash) and differs."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict) and d:
+            return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): d}
+
+    a, b = flat(old.identity(*sections)), flat(new.identity(*sections))
+    shown = lambda v: "unset" if v is None else (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa: E731
+    return [f"{k} ({shown(a.get(k))} -> {shown(b.get(k))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def run_folder(cfg: ExperimentConfig, stage: str = "train") -> Path:
+    return Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
+
+
+def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] = None) -> list[str]:
+    """The settings in which the run saved in run_dir differs from cfg ([] if none, or nothing saved):
+    what decides the stage's result (the training sections and the stage's own `section`), and how it
+    was measured and labelled. A finished run is returned only if all of it is unchanged, so no
+    setting ever comes back with an old result."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    sections = ((section,) if section else ()) + ("measure", "report")
+    old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a run could resume from or report: any file but its config and lock."""
+    return any(p.is_file() and p.name not in ("config.yaml", runlock.LOCK_NAME) for p in run_dir.rglob("*"))
+
+
+def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train",
+                   section: Optional[str] = None) -> tuple[Path, Optional[dict[str, Any]]]:
+    """The run folder of `stage` (whose config section, if any, is `section`), after checking that it is
+    ours to write; and its summary if the run is complete.
+
+    Call it only once everything the run needs has been checked: `fresh` deletes here. A folder that
+    holds a run of other settings is refused with the keys that differ, unless it holds nothing to
+    resume (a run that failed before its first checkpoint), which is taken over.
+    """
+    run_dir = run_folder(cfg, stage)
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
-        return run_dir, None  # claimed by open_run_dir when the run starts writing
+        return run_dir, None  # claimed by `writing` when the run starts writing
     if fresh:
         if saved.is_file() or not runlock.contents(run_dir):
-            open_run_dir(run_dir)  # never delete what another live process is writing
-            for p in runlock.contents(run_dir):  # keep our lock: deleting it would let a second process in
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _empty(run_dir)
             return run_dir, None
         raise ConfigError(f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name")
     open_run_dir(run_dir)
-    if saved.is_file():
-        old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
-        if old.hash(stage) != cfg.hash(stage):
-            raise ConfigError(
-                f"'{run_dir}' holds a run of a different config; re-run with --fresh to replace it, or "
-                f"--set name=<new name> to keep both"
-            )
+    changed = other_settings(run_dir, cfg, section)
+    if changed:
+        if not resumable(run_dir):
+            _empty(run_dir)
+            return run_dir, None
+        keep = "--set name=<new name>"
+        if section and getattr(cfg, section).checkpoint is None:  # a new name alone would train anew
+            keep += f" --set {section}.checkpoint={Path(cfg.out_dir) / cfg.run_name / 'model.pt'}"
+        raise ConfigError(f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; "
+                          f"re-run with --fresh to replace it, or {keep} to keep both")
     summary = run_dir / "summary.json"
     return run_dir, (json.loads(summary.read_text()) if summary.is_file() else None)
+
+
+def _empty(run_dir: Path) -> None:
+    open_run_dir(run_dir)  # never delete what another live process is writing
+    for p in runlock.contents(run_dir):  # keep our lock: deleting it would let a second process in
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def open_run_dir(run_dir: Path) -> None:
@@ -79,22 +129,41 @@ def open_run_dir(run_dir: Path) -> None:
     runlock.claim(run_dir, command_line())
 
 
+@contextmanager
+def writing(run_dir: Path, cfg: ExperimentConfig) -> Iterator[Path]:
+    """Hold run_dir and save the config in it while a run writes there. A run that fails (or is
+    interrupted) before writing anything it could resume from leaves no folder behind, so the
+    corrected command starts clean instead of meeting a half-made folder."""
+    open_run_dir(run_dir)
+    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    try:
+        yield run_dir
+    except BaseException:
+        if not resumable(run_dir):
+            runlock.release(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     t_start = time.perf_counter()
     spec = model_spec(cfg)
     ctx = make_context(cfg, console=console)
     distill = teacher_loss(cfg, ctx)  # a missing or corrupt teacher fails here, before anything is written
     splits = prepare(cfg.data, cfg.seed)
+    seed_everything(cfg.seed)
+    model = build_model(spec)  # the model's arguments are checked here, before --fresh deletes anything
     run_dir, done = _claim_run_dir(cfg, fresh)
     if done is not None:
         ctx.log(f"{run_dir} is already complete; --fresh retrains it")
         return run_dir, done
     ctx.run_dir = run_dir
-    open_run_dir(run_dir)
-    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    with writing(run_dir, cfg):
+        return _train(cfg, ctx, spec, model, splits, distill, run_dir, t_start)
 
-    seed_everything(cfg.seed)
-    model = build_model(spec)
+
+def _train(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], model: torch.nn.Module, splits, distill,
+           run_dir: Path, t_start: float) -> tuple[Path, dict[str, Any]]:
     loaders = train_loaders(cfg, ctx, splits)
     ctx.log(f"{spec['arch']} on {splits.source}: {len(splits.train_y)} train / {len(splits.test_y)} test images, "
             f"device {ctx.device}, precision {ctx.precision}")
@@ -107,10 +176,17 @@ def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         metrics.update({f"val_{k}": v for k, v in evaluate(model, loaders["val"], ctx).items()})
     checkpoint.save(run_dir / "model.pt", {"arch": spec, "state_dict": model.state_dict(), "config": cfg.to_dict(),
                                            "metrics": metrics})
+    _log_measuring(ctx, cfg)
     costs = measure(model.cpu().float().to(memory_format=torch.contiguous_format), cfg.data.image_size, cfg.measure)
     summary = build_summary(cfg, ctx, spec, state, metrics, costs, time.perf_counter() - t_start, splits.source)
     checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir, summary
+
+
+def _log_measuring(ctx: RunContext, cfg: ExperimentConfig) -> None:
+    m = cfg.measure
+    ctx.log("measuring params, MACs, bytes" + (f" and CPU latency ({m.warmup} + {m.repeats} runs at batch "
+                                               f"{', '.join(map(str, m.batch_sizes))})" if m.latency else ""))
 
 
 def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, Any]:
@@ -145,7 +221,7 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
         "stage": "train",
         "name": cfg.run_name,
         "table": cfg.report.table,
-        "row": cfg.report.row or cfg.run_name,
+        "row": cfg.label,
         "arch": spec,
         "dataset": cfg.data.dataset,
         "profile": cfg.profile,
@@ -169,12 +245,11 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
 
 def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     """Int8 a trained checkpoint on the CPU; evaluate and measure it beside its fp32 model."""
-    from rescomp.compress import quantize as q
     from rescomp.data import BatchLoader, NORMALIZATION, sample_loader
-    from rescomp.measure import measure_int8
 
     t_start = time.perf_counter()
     qc = cfg.quantize
+    resolve_device(cfg.device)  # int8 runs on the CPU, but a device that is not there is still a mistake to name
     source = Path(qc.checkpoint) if qc.checkpoint else Path(cfg.out_dir) / cfg.run_name / "model.pt"
     if not source.is_file():
         raise ConfigError(f"no trained model at '{source}'; run `rescomp train` on this config first, or set "
@@ -191,15 +266,22 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     test = BatchLoader(splits.test_x, splits.test_y, cfg.train.eval_batch_size, mean=mean, std=std,
                        device=ctx.device, image_size=size)
     model = model.eval().to(memory_format=torch.contiguous_format)
-    run_dir, done = _claim_run_dir(cfg, fresh, stage=qc.method)
-    # _claim_run_dir compares configs by cfg.hash("ptq"), which leaves the `quantize` section out
-    if done is not None and done.get("config_hash") != cfg.hash("quantize"):
-        raise ConfigError(f"'{run_dir}' holds an int8 run of different quantize settings; re-run with --fresh to "
-                          f"replace it, or --set name=<new name> (and quantize.checkpoint) to keep both")
+    run_dir, done = _claim_run_dir(cfg, fresh, stage=qc.method, section="quantize")
     if done is not None:
         ctx.log(f"{run_dir} is already complete; --fresh redoes it")
         return run_dir, done
+    with writing(run_dir, cfg):
+        return _quantize(cfg, ctx, model, spec, source, splits, calib, test, run_dir, t_start)
 
+
+def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path, splits, calib, test, run_dir: Path,
+              t_start: float) -> tuple[Path, dict[str, Any]]:
+    from rescomp.compress import quantize as q
+    from rescomp.measure import measure_int8
+
+    qc, size = cfg.quantize, cfg.data.image_size
+    ctx.log(f"calibrating on {qc.calibration_images} training images" if qc.method == "ptq"
+            else f"quantization-aware training: {qc.qat.epochs} epochs of fake-quant fine-tuning")
     if qc.method == "ptq":
         qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     else:
@@ -211,24 +293,21 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
                 f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or a CPU with VNNI")
     fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
 
-    costs = measure(model, size, cfg.measure)  # fp32, in the same process as the int8 timings below
-    int8 = measure_int8(qmodel, size, cfg.measure)
-    int8.update({f"speedup_cpu_b{b}": costs[f"latency_ms_cpu_b{b}"] / int8[f"latency_ms_cpu_b{b}"]
-                 for b in cfg.measure.batch_sizes if cfg.measure.latency})
-    open_run_dir(run_dir)
-    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    _log_measuring(ctx, cfg)
+    costs = measure(model, size, cfg.measure.model_copy(update={"latency": False}))  # fp32; timed below
+    int8 = measure_int8(qmodel, size, cfg.measure, fp32=model)  # fp32 and int8 timed interleaved
     metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
     q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics)
     summary = {
         "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
-        "row": f"{cfg.report.row or cfg.run_name} int8 ({info['activation_bits']}-bit act.)", "arch": spec,
+        "row": f"{cfg.label} int8 ({info['activation_bits']}-bit act.)", "arch": spec,
         "dataset": cfg.data.dataset,
         "profile": cfg.profile, "data_source": splits.source, "seed": cfg.seed, "config_hash": cfg.hash("quantize"), "source": str(source),
         "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
         "params": costs["params"], "params_with_bn_stats": costs["params_with_bn_stats"], "macs": costs["macs"],
         "image_size": size, **int8,
         "fp32_top1": fp32_eval["top1"], "fp32_loss": fp32_eval["loss"], "top1_drop": fp32_eval["top1"] - int8_eval["top1"],
-        **{f"fp32_{k}": v for k, v in costs.items() if k.startswith(("size_bytes", "latency", "act_peak"))},
+        **{f"fp32_{k}": v for k, v in costs.items() if k.startswith(("size_bytes", "act_peak"))},
         "size_ratio": int8["size_bytes"] / costs["size_bytes"],
         "wall_seconds": time.perf_counter() - t_start, "paper": dict(cfg.report.paper_int8), **stamp(ctx.device),
     }

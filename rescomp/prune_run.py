@@ -24,14 +24,14 @@ from rich.console import Console
 
 from rescomp import checkpoint
 from rescomp.compress.prune import CRITERIA, channel_groups, prunable_filters, prune, with_head
-from rescomp.config import ExperimentConfig, dump_config
+from rescomp.config import ExperimentConfig
 from rescomp.context import make_context, seed_everything
 from rescomp.data import prepare, sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import count_macs, count_params, measure
 from rescomp.models import build_model
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, open_run_dir, retrain_config, start_model,
-                              train_and_eval, train_loaders)
+from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, start_model, train_and_eval,
+                              train_loaders, writing)
 from rescomp.provenance import stamp
 from rescomp.train import evaluate
 
@@ -82,17 +82,21 @@ def paper_costs(model: torch.nn.Module, cfg: ExperimentConfig) -> dict[str, Any]
 def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     t_start = time.perf_counter()
     pc = cfg.prune
+    ctx = make_context(cfg, console=console)  # a device that is not there is named first
     _, base_prunable = check(cfg)
-    ctx = make_context(cfg, console=console)
-    out, finished = _claim_run_dir(cfg, fresh, stage=suffix(cfg))
+    splits = prepare(cfg.data, cfg.seed)
+    out, finished = _claim_run_dir(cfg, fresh, stage=suffix(cfg), section="prune")
     if finished is not None:
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
     model, payload, source = start_model(cfg, ctx, pc.checkpoint)
-    open_run_dir(out)
-    checkpoint.atomic_write_text(out / "config.yaml", dump_config(cfg))
+    with writing(out, cfg):
+        return _prune(cfg, ctx, splits, out, model, payload, source, base_prunable, t_start)
 
-    splits = prepare(cfg.data, cfg.seed)
+
+def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source: Path, base_prunable: int,
+           t_start: float) -> tuple[Path, dict[str, Any]]:
+    pc = cfg.prune
     loaders = train_loaders(cfg, ctx, splits)
     scoring = sample_loader(splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
                             batch_size=cfg.train.batch_size)
@@ -122,6 +126,8 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
                 model, spec, r = done
             else:
                 seed_everything(cfg.seed + step)
+                ctx.log(f"step {step}: scoring filters ({pc.criterion}, {pc.score_batches} batches), removing "
+                        f"{100 * (share - previous):.1f}% of the prunable filters")
                 t0 = time.perf_counter()
                 model, spec, info = prune(ctx.layout(model.to(ctx.device)), spec, share=share - previous,
                                           criterion=pc.criterion, policy=pc.policy, exclude=pc.exclude,

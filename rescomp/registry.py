@@ -11,9 +11,23 @@ T = TypeVar("T")
 
 
 def suggest(name: str, valid: list[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest valid name, or ''."""
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """' (did you mean 'x'?)' for the nearest valid name, or ''. Candidates that difflib finds alike
+    are ranked by edit distance: for 'resnet21', 'resnet20' (one edit) before 'resnet32' (two)."""
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    if not close:
+        return ""
+    best = min(close, key=lambda c: (_edits(name, c), close.index(c)))
+    return f" (did you mean '{best}'?)"
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 class Registry(Generic[T]):

@@ -16,16 +16,18 @@ from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
-           "layers", "units_deleted", "top1", "loss", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
+           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
            "macs_paper_input", "params_paper_head", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+MD_HEADERS = {"top1_std": "top-1 sd", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
 MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+# The spread behind each latency (CSV and JSON columns; in Markdown folded into the latency cell).
+SPREAD = ("latency_iqr_ms", "latency_runs", "speedup_within_noise")
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]
 
 
@@ -64,6 +66,32 @@ def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one experiment under several seeds (same label, same stage, different seeds) become one
+    row: the mean of every number, `seeds` (how many) and `top1_std` (their sample standard deviation);
+    the seeds and config hashes are listed. A row with one seed is left as it is."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r.get("row"), r.get("stage"), r.get("series")), []).append(r)
+    out = []
+    for group in groups.values():
+        if len({r.get("seed") for r in group}) < 2:
+            out += group
+            continue
+        merged = dict(group[0])
+        for k in group[0]:
+            vals = [r.get(k) for r in group]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and len(set(vals)) > 1:
+                merged[k] = sum(vals) / len(vals)
+        tops = [r["top1"] for r in group]
+        mean = sum(tops) / len(tops)
+        merged.update(seeds=len(group), top1_std=(sum((t - mean) ** 2 for t in tops) / (len(tops) - 1)) ** 0.5,
+                      seed=", ".join(str(r.get("seed")) for r in group),
+                      config_hash=", ".join(str(r.get("config_hash")) for r in group))
+        out.append(merged)
+    return out
+
+
 def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """Each row's size_bytes as a share of the baseline row's (the papers' 'compression factor')."""
     base = [r for r in rows if r.get("row") == baseline]
@@ -78,6 +106,7 @@ def _ours(row: dict[str, Any]) -> list[str]:
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
+    extra += [f"{k}_cpu_b{b}" for b in batches for k in SPREAD if f"{k}_cpu_b{b}" in row]
     extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
 
@@ -119,6 +148,16 @@ def header(key: str) -> str:
     return MD_HEADERS.get(key, key)
 
 
+def _cell(key: str, f: dict[str, Any]) -> str:
+    """A Markdown cell: latencies with ± half their interquartile range, speed-ups within it marked."""
+    text = _fmt(key, f.get(key))
+    if key.startswith("latency_ms_cpu_b") and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
+        text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
+    if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
+        text += " (noise)"
+    return text
+
+
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "–"
@@ -139,19 +178,21 @@ SHARED = ("arch", "dataset", "profile")  # shown once above the table when every
 def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None,
              notes: str | None = None) -> str:
     flat = [flatten(r) for r in rows]
-    keys = [k for k in column_order(flat) if k not in PROVENANCE and any(f.get(k) is not None for f in flat)]
+    keys = [k for k in column_order(flat) if k not in PROVENANCE and not k.startswith(SPREAD)
+            and any(f.get(k) is not None for f in flat)]
     common = [k for k in SHARED if k in keys and len({str(f.get(k)) for f in flat}) == 1]
     keys = [k for k in keys if k not in common]
     lines = [f"# {table}", ""]
     if common:
         lines += ["All rows: " + ", ".join(f"{k} **{flat[0][k]}**" for k in common), ""]
     lines += ["| " + " | ".join(header(k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(k, f.get(k)) for k in keys) + " |" for f in flat]
+    lines += ["| " + " | ".join(_cell(k, f) for k in keys) + " |" for f in flat]
     lines += ["", "MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
               "saved state_dict (kB = 1000 bytes); compression is size / the baseline row's size; CPU latency is",
-              "the median forward time at batch 1 / 64 with threads pinned; act. peak is the most activation",
-              "memory live at once in a batch-1 forward pass; int8 rows (epochs = ptq/qat) give their speed-up",
-              "over the fp32 model timed in the same process. Δ = ours − paper.", ""]
+              "the median forward time at batch 1 / 64 with threads pinned, ± half its interquartile range",
+              "where measured; act. peak is the most activation memory live at once in a batch-1 forward pass;",
+              "int8 rows (epochs = ptq/qat) give their speed-up over the fp32 model, the two timed interleaved in",
+              "one process, marked (noise) where the two latencies' interquartile ranges overlap. Δ = ours − paper.", ""]
     if notes:
         lines += ["## What these rows can and cannot show", "", notes.strip(), ""]
     titles = [sec["title"] for s in summaries or [] for sec in s.get("sections", [])]
@@ -262,6 +303,7 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
                 baseline: str | None = None, summaries: list[dict[str, Any]] | None = None,
                 notes: str | None = None) -> Path:
     """Render every file in memory first, then write each atomically: a failure leaves the old table."""
+    rows = aggregate_seeds(rows)
     if baseline:
         rows = add_compression(rows, baseline)
     files = {

@@ -50,6 +50,28 @@ def claim(run_dir: Path, command: str = "") -> None:
     _HELD[key] = fd
 
 
+def holder(run_dir: Path) -> str | None:
+    """Who is writing run_dir now (the lock's note), or None if no live process holds it."""
+    lock = run_dir / LOCK_NAME
+    if not lock.is_file() or str(lock.resolve()) in _HELD:
+        return None
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 1024, 0).decode(errors="replace").strip() or "a live process"
+    finally:
+        os.close(fd)
+
+
+def release(run_dir: Path) -> None:
+    """Stop holding run_dir (before this process deletes it)."""
+    fd = _HELD.pop(str((run_dir / LOCK_NAME).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def contents(run_dir: Path) -> list[Path]:
     """What the run folder holds, without its lock."""
     return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]

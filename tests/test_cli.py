@@ -97,10 +97,10 @@ def test_other_bad_inputs(workdir, tiny):
 def test_a_changed_config_does_not_clobber_a_run(workdir, tiny):
     path = write_config(workdir, {**tiny, "measure": {"latency": False}})
     assert cli("train", path).exit_code == 0
-    res = cli("train", path, "--set", "seed=1")
-    assert res.exit_code == 2 and "holds a run of a different config" in res.stderr
-    assert cli("train", path, "--set", "seed=1", "--fresh").exit_code == 0
-    assert json.loads((workdir / "runs/exp/summary.json").read_text())["seed"] == 1
+    res = cli("train", path, "--set", "train.epochs=1")
+    assert res.exit_code == 2 and "holds a run with other settings: train.epochs (2 -> 1)" in res.stderr
+    assert cli("train", path, "--set", "train.epochs=1", "--fresh").exit_code == 0
+    assert json.loads((workdir / "runs/exp/summary.json").read_text())["epochs"] == 1
 
 
 def test_real_process_prints_one_line_and_no_traceback(workdir, tiny):

@@ -40,3 +40,71 @@ def test_size_and_latency_are_measured():
 def test_every_count_is_positive_for_registry_models(arch):
     row = measure(build_model({"arch": arch, "num_classes": 10}), 32, MeasureConfig(latency=False))
     assert row["params"] > 0 and row["macs"] > 0 and row["size_bytes"] > 4 * row["params"]
+
+
+# Latency with its spread (issue 15, point 5). Wrong versions these catch: models timed one after the
+# other instead of interleaved; the spread rule ignored (always exactly `repeats` passes, or never
+# stopping early when the spread is already small); the IQR computed on the wrong quartiles; a
+# speed-up flagged as real when the two ranges overlap.
+
+class _Scripted(nn.Module):
+    """A model whose forward pass 'takes' scripted milliseconds on a fake clock, and logs its calls."""
+
+    def __init__(self, name, durations, clock, log):
+        super().__init__()
+        self.name, self.durations, self.clock, self.log, self.i = name, durations, clock, log, 0
+
+    def forward(self, x):
+        self.log.append(self.name)
+        self.clock[0] += self.durations[self.i % len(self.durations)] / 1e3
+        self.i += 1
+        return x
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    import types
+
+    import rescomp.measure as m
+
+    clock = [0.0]
+    monkeypatch.setattr(m, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(m.copy, "deepcopy", lambda model: model)  # keep the scripted counters
+    return clock
+
+
+def test_models_are_timed_interleaved_until_the_spread_is_small(fake_clock):
+    from rescomp.measure import cpu_latency_stats
+
+    log = []
+    steady = _Scripted("steady", [2.0], fake_clock, log)
+    noisy = _Scripted("noisy", [1.0, 5.0], fake_clock, log)
+    st = cpu_latency_stats({"steady": (steady, False)}, 4, 1, warmup=0, repeats=4, max_spread=0.05)
+    assert st["steady"] == pytest.approx({"median": 2.0, "q1": 2.0, "q3": 2.0, "n": 4})  # no spread: stops at `repeats`
+    log.clear()
+    st = cpu_latency_stats({"steady": (steady, False), "noisy": (noisy, False)}, 4, 1, warmup=1, repeats=4,
+                           max_spread=0.05)
+    assert log[:6] == ["steady", "noisy"] * 3  # one pass of each per round
+    assert st["noisy"]["n"] == st["steady"]["n"] == 80  # spread never small: 20 x repeats rounds
+    # 80 passes alternating 5 and 1 ms (after a warm-up pass of 1): 40 of each
+    assert [st["noisy"][k] for k in ("median", "q1", "q3")] == pytest.approx([3.0, 1.0, 5.0])
+    log.clear()
+    st = cpu_latency_stats({"noisy": (noisy, False)}, 4, 1, warmup=0, repeats=4, max_spread=None)
+    assert st["noisy"]["n"] == 4  # max_spread null: exactly `repeats`
+
+
+def test_int8_speed_up_within_the_noise_is_flagged(fake_clock, monkeypatch):
+    import rescomp.measure as m
+
+    log = []
+    fp32 = _Scripted("fp32", [10.0, 12.0], fake_clock, log)
+    fast = _Scripted("int8", [5.0, 6.0], fake_clock, log)
+    close = _Scripted("int8", [10.5, 11.5], fake_clock, log)
+    monkeypatch.setattr(m, "state_dict_bytes", lambda model: 0)
+    monkeypatch.setattr(m, "_activation_row", lambda model, size: {})
+    cfg = MeasureConfig(batch_sizes=[1], warmup=0, repeats=4, max_spread=None)
+    row = m.measure_int8(fast, 4, cfg, fp32=fp32)
+    assert row["speedup_cpu_b1"] == pytest.approx(11.0 / 5.5) and not row["speedup_within_noise_cpu_b1"]
+    assert row["fp32_latency_ms_cpu_b1"] == pytest.approx(11.0) and row["latency_iqr_ms_cpu_b1"] == pytest.approx(1.0)
+    row = m.measure_int8(close, 4, cfg, fp32=fp32)
+    assert row["speedup_within_noise_cpu_b1"]

@@ -70,7 +70,7 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     assert measured["act_peak_bytes_b1"] == s["act_peak_bytes_b1"] and measured["latency_ms_cpu_b64"] > 0
     assert run_quantize(cfg)[1] == s  # done: found, not redone
     other = validate({**cfg.to_dict(), "quantize": {**cfg.quantize.model_dump(), "reduce_range": False}}, "t")
-    with pytest.raises(ConfigError, match="different quantize settings"):
+    with pytest.raises(ConfigError, match=r"other settings: quantize.reduce_range \('auto' -> False\)"):
         run_quantize(other)  # never the 7-bit result for an 8-bit request
 
 

@@ -4,10 +4,16 @@ stored in every checkpoint and rebuilds the network without pickling modules (DE
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import inspect
+import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from rescomp.errors import ConfigError
@@ -33,19 +39,85 @@ def register_model(name: str, *, min_input: int = 8, family: str, summary: str) 
     return add
 
 
+# Models of installed packages: `[project.entry-points."rescomp.models"] mynet = "my_pkg.models:build"`.
+PLUGIN_GROUP = "rescomp.models"
+
+
 def _load_builtin() -> None:
     # Importing the modules registers their builders; done on first use, not at package import.
     from rescomp.models import cifar_resnet, resnet50v2, torchvision_models  # noqa: F401
 
 
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)}
+
+
 def get_entry(arch: str) -> ModelEntry:
+    """The registered model `arch`, an installed plugin's, or `module.path:builder` imported as written."""
     _load_builtin()
-    return MODELS.get(arch)
+    if arch in MODELS:
+        return MODELS.get(arch)
+    if ":" in arch:
+        return _user_entry(arch, lambda: _import(arch))
+    plugins = _plugins()
+    if arch in plugins:
+        return _user_entry(arch, plugins[arch].load, plugins[arch].value)
+    try:
+        return MODELS.get(arch)  # unknown: names the nearest and lists the valid ones
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or your own builder as module.path:function (README, 'Your own model')") from None
 
 
 def model_names() -> list[str]:
     _load_builtin()
-    return MODELS.names()
+    return sorted(set(MODELS.names()) | set(_plugins()))
+
+
+_USER: dict[str, ModelEntry] = {}
+
+
+def _user_entry(arch: str, load: Callable[[], Any], origin: str = "") -> ModelEntry:
+    """A builder from outside rescomp: any callable taking num_classes (and its own keyword
+    arguments, which become the keys of `model:`) and returning an nn.Module. It may set the
+    attributes `min_input` and `family`; its docstring's first line is its summary."""
+    if arch not in _USER:
+        fn = load()
+        where = f"'{arch}'" + (f" (plugin {origin})" if origin else "")
+        if not callable(fn):
+            raise ConfigError(f"model.arch {where} is a {type(fn).__name__}, not a function that builds a model")
+        params = inspect.signature(fn).parameters
+        if "num_classes" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            raise ConfigError(f"model.arch {where}: the builder must take a num_classes argument (rescomp passes the "
+                              f"dataset's number of classes)")
+        summary = (inspect.getdoc(fn) or "a user-defined model").splitlines()[0]
+        _USER[arch] = ModelEntry(fn, int(getattr(fn, "min_input", 8)), str(getattr(fn, "family", "user")), summary)
+    return _USER[arch]
+
+
+def _import(arch: str) -> Any:
+    """`package.module:attribute` -> the attribute. The current folder is searched too (as `python -m`
+    does), so a models.py beside the config works without installing anything."""
+    module, _, attr = arch.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"model.arch '{arch}': write a builder as module.path:function, e.g. my_models:build")
+    try:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module.split(".")[0] or os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"model.arch '{arch}': cannot import '{e.name}'; run from the folder that holds "
+                          f"{module.replace('.', '/')}.py, or add its folder to PYTHONPATH") from None
+    except Exception as e:  # the user's module failed while importing
+        raise ConfigError(f"model.arch '{arch}': importing {module} failed: {type(e).__name__}: {e}") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        names = [n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))]
+        raise ConfigError(f"model.arch '{arch}': {module} has no '{attr}'{suggest(attr, names)}") from None
 
 
 # Spec keys every architecture takes: structural transforms applied after the builder.
@@ -86,9 +158,31 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
             from rescomp.compress.prune import resize
 
             resize(model, spec["shapes"])
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model '{spec['arch']}': {e}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a builder rejecting its arguments: the user's model section, not a rescomp bug
+        raise ConfigError(f"model '{spec['arch']}' with {_args(spec)}: {e}") from None
     return model
+
+
+def probe(spec: dict[str, Any], image_size: int) -> None:
+    """Build the spec's network and run one image through it, so that arguments a builder accepts but
+    the network cannot run with (a width of 0) fail as a ConfigError before any run folder is touched."""
+    shape_only = {k: v for k, v in spec.items() if k != "pretrained"}  # the same network, no weight download
+    with warnings.catch_warnings():  # torch warns of zero-size layers; the forward below says what is wrong
+        warnings.simplefilter("ignore", UserWarning)
+        model = build_model(shape_only).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:
+        raise ConfigError(f"model '{spec['arch']}' with {_args(spec)} cannot run on a {image_size}x{image_size} "
+                          f"image: {str(e).splitlines()[0]}") from None
+
+
+def _args(spec: dict[str, Any]) -> str:
+    args = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "shapes", "deleted")}
+    return ", ".join(f"{k}={v!r}" for k, v in args.items()) or "default arguments"
 
 
 def count_params(model: nn.Module) -> int:

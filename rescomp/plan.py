@@ -1,0 +1,130 @@
+"""`--dry-run`: what a command would run, where, and for how many epochs and steps, without running it.
+
+The same checks as the real command run first (config, model built and run on one image, device,
+technique settings), so a dry run that passes means the command will start; nothing is created,
+deleted or trained, and no data is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from rescomp.config import ExperimentConfig
+from rescomp.context import resolve_device
+from rescomp.pipeline import model_spec, other_settings, resumable, run_folder
+
+
+def folder_state(cfg: ExperimentConfig, stage: str = "train", section: Optional[str] = None) -> tuple[Path, str]:
+    """The run folder a command would use and what it would do there, read-only (pipeline._claim_run_dir)."""
+    run_dir = run_folder(cfg, stage)
+    if not run_dir.exists() or not resumable(run_dir):
+        return run_dir, "new run"
+    changed = other_settings(run_dir, cfg, section)
+    if changed:
+        return run_dir, f"refused: holds a run with other settings: {', '.join(changed)}"
+    if (run_dir / "summary.json").is_file():
+        return run_dir, "complete: nothing to run (--fresh redoes it)"
+    history = run_dir / "metrics.jsonl"
+    done = len(history.read_text().splitlines()) if history.is_file() else 0
+    steps = sorted(p.parent.name for p in run_dir.rglob("row.json"))
+    return run_dir, ("resumes" + (f" after epoch {done}" if done else "")
+                     + (f", {len(steps)} step(s) done" if steps else ""))
+
+
+def _data(cfg: ExperimentConfig) -> str:
+    d = cfg.data
+    if d.dataset == "synthetic":
+        where = f"synthetic, {d.synthetic.train_size} train / {d.synthetic.test_size} test images"
+    else:
+        from rescomp.data import resolve_source
+
+        kind, path, _ = resolve_source(d)
+        where = f"{d.dataset} from {path}" + (" (torchvision; downloaded if missing)" if kind == "torchvision" else "")
+    limits = ", ".join(f"{k} {v:,}" for k, v in (("train_limit", d.train_limit), ("test_limit", d.test_limit)) if v)
+    return where + (f" ({limits})" if limits else "") + f", {d.image_size}x{d.image_size} px"
+
+
+def _train_lines(cfg: ExperimentConfig) -> list[str]:
+    run_dir, state = folder_state(cfg)
+    t = cfg.train
+    return [f"train   {run_dir}: {state}",
+            f"        {cfg.model.arch} on {_data(cfg)}; device {resolve_device(cfg.device)}, seed {cfg.seed}",
+            f"        {t.epochs} epochs at batch {t.batch_size}, {t.optimizer.name} lr {t.optimizer.lr}, "
+            f"{t.schedule.name} schedule"]
+
+
+def describe(cfg: ExperimentConfig, command: str) -> str:
+    """The plan of `command` (train | prune | layer-drop | quantize) for cfg, after its checks."""
+    resolve_device(cfg.device)
+    if command == "train":
+        model_spec(cfg)
+        return "\n".join(_train_lines(cfg))
+    if command == "quantize":
+        qc = cfg.quantize
+        source = Path(qc.checkpoint) if qc.checkpoint else Path(cfg.out_dir) / cfg.run_name / "model.pt"
+        run_dir, state = folder_state(cfg, qc.method, "quantize")
+        lines = [f"{qc.method:7} {run_dir}: {state}",
+                 f"        int8 of {source}" + ("" if source.is_file() else " (missing: run `rescomp train` first)"),
+                 f"        backend {qc.backend}, reduce_range {qc.reduce_range}, "
+                 + (f"calibrated on {qc.calibration_images} training images" if qc.method == "ptq"
+                    else f"{qc.qat.epochs} epochs of QAT at lr {qc.qat.lr}")
+                 + "; int8 runs on the CPU"]
+        return "\n".join(lines)
+    if command == "prune":
+        from rescomp.prune_run import check, suffix
+
+        pc = cfg.prune
+        _, prunable = check(cfg)
+        lines = [] if pc.checkpoint else _train_lines(cfg)
+        run_dir, state = folder_state(cfg, suffix(cfg), "prune")
+        lines += [f"prune   {run_dir}: {state}",
+                  f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
+                  f"policy, {pc.allocation} allocation, {prunable:,} prunable filters"]
+        for target, shares in pc.plan():
+            epochs = [pc.epochs_at(i, len(shares)) for i in range(1, len(shares) + 1)]
+            head = "one run" if target is None else f"to {100 * target:g}% (its own run)"
+            lines.append(f"        {head}: {len(shares)} step(s) to "
+                         f"{', '.join(f'{100 * s:g}%' for s in shares)} of the filters; fine-tuning "
+                         f"{'+'.join(map(str, epochs))} = {sum(epochs)} epochs")
+        return "\n".join(lines)
+    if command == "layer-drop":
+        from rescomp.compress.layer_drop import residual_units
+        from rescomp.layer_drop_run import baseline_family, check, method_epochs
+        from rescomp.models import build_model
+
+        ld = cfg.layer_drop
+        spec = check(cfg)
+        deletable = sum(u.deletable for u in residual_units(build_model(spec)))
+        limit = ld.max_units or deletable
+        steps = math.ceil(limit / ld.k)
+        lines = [] if ld.checkpoint else _train_lines(cfg)
+        run_dir, state = folder_state(cfg, "layerdrop", "layer_drop")
+        lines += [f"layer-drop {run_dir}: {state}",
+                  f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
+                  f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "
+                  f"epochs" + ("" if ld.keep_going else "; stops at the first step below the full network's top-1"
+                                                              + (f" - {ld.tolerance}" if ld.tolerance else "")),
+                  f"        each step timed over {ld.timing.warmup} + {ld.timing.runs} training steps at batch "
+                  f"{ld.timing.batch_size}"]
+        family, b = baseline_family(cfg, spec), ld.baselines
+        if family:
+            full = cfg.train.epochs
+            units = len(residual_units(build_model(spec)))
+            for depth, s in family.items():
+                if b.depths and depth not in b.depths:
+                    continue
+                removed = units - len(residual_units(build_model(s)))
+                epochs = method_epochs(full, removed, ld.k, ld.retrain_epochs) if b.epochs == "matched" else b.epochs or full
+                kinds = " and ".join(k for k, on in (("from scratch", b.scratch), ("distilled", b.distill)) if on)
+                lines.append(f"        baseline: regular {depth} layers, {kinds}, {epochs} epochs each")
+        elif b.scratch or b.distill:
+            lines.append("        baselines: the structures the loop reaches, each trained anew")
+        return "\n".join(lines)
+    raise ValueError(command)
+
+
+def describe_all(cfgs: list[ExperimentConfig], command: str) -> str:
+    return "\n".join(describe(c, command) for c in cfgs)
+

@@ -1,0 +1,356 @@
+# A researcher's workflow as a user hits it (issue 15): the command, its exit code, what is left on disk.
+# Wrong versions these tests must catch; each was checked by mutating the code that way, running this
+# file, and reverting.
+#  1. a later stage compares configs without its own section (the old `cfg.hash("prune-...")`, which
+#     left `prune` out), so a changed setting returns the old result with exit 0
+#       -> test_a_changed_stage_setting_is_refused_naming_the_key
+#  2. the refusal does not say which keys differ -> every test that matches "(old -> new)"
+#  3. a finished run whose measure or report settings changed is returned as it was
+#       -> test_a_changed_stage_setting_is_refused_naming_the_key[measure]
+#  4. --fresh deletes the finished run before the model's arguments are checked
+#       -> test_fresh_with_a_bad_model_argument_keeps_the_finished_run
+#  5. model arguments the builder accepts but the network cannot run with (width 0) end in a traceback
+#       -> test_a_model_that_cannot_run_is_one_line_and_leaves_nothing
+#  6. a run that fails before its first checkpoint leaves a folder holding only its config, which the
+#     corrected command then refuses as "other settings"
+#       -> test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder,
+#          test_a_folder_with_nothing_to_resume_is_taken_over
+#  7. a failed run removes a folder that holds checkpoints to resume from
+#       -> test_a_run_that_fails_after_a_checkpoint_keeps_it
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rescomp.cli import app
+
+from conftest import write_config
+
+runner = CliRunner()
+
+
+def cli(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _quick(tiny: dict) -> dict:
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    return tiny
+
+
+STAGES = {
+    "prune": ({"prune": {"share_per_step": 0.1, "steps": 2, "finetune_epochs": 0, "score_batches": 1}},
+              "prune.share_per_step=0.05", "prune.share_per_step (0.1 -> 0.05)", "runs/exp-prune-paper-taylor-custom"),
+    "quantize": ({"quantize": {"calibration_images": 16}}, "quantize.calibration_images=32",
+                 "quantize.calibration_images (16 -> 32)", "runs/exp-ptq"),
+    "checkpoint": ({"quantize": {"calibration_images": 16}}, "quantize.checkpoint=other.pt",
+                   "quantize.checkpoint (unset -> 'other.pt')", "runs/exp-ptq"),
+    "layer-drop": ({"model": {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}},
+                    "layer_drop": {"k": 1, "retrain_epochs": 0, "max_units": 1, "score_images": 16,
+                                   "timing": {"batch_size": 2, "runs": 1, "warmup": 0},
+                                   "baselines": {"scratch": False, "distill": False}}},
+                   "layer_drop.max_units=2", "layer_drop.max_units (1 -> 2)", "runs/exp-layerdrop-gate-k1-n0"),
+    "measure": ({"quantize": {"calibration_images": 16}}, "measure.batch_sizes=[2]",
+                "measure.batch_sizes ([1, 64] -> [2])", "runs/exp-ptq"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_changed_stage_setting_is_refused_naming_the_key(workdir, tiny, stage):
+    extra, override, named, folder = STAGES[stage]
+    command = {"prune": "prune", "layer-drop": "layer-drop"}.get(stage, "quantize")
+    path = write_config(workdir, {**_quick(tiny), **extra})
+    if command == "quantize":
+        assert cli("train", path).exit_code == 0
+        (workdir / "other.pt").write_bytes((workdir / "runs/exp/model.pt").read_bytes())
+    first = cli(command, path)
+    assert first.exit_code == 0, first.output
+    before = (workdir / folder / "summary.json").read_text()
+
+    res = cli(command, path, "--set", override)
+    assert res.exit_code == 2, res.output
+    assert f"holds a run with other settings: {named}" in res.stderr
+    assert "--fresh" in res.stderr and "Traceback" not in res.output
+    if command != "train":  # a new name alone would train anew: the hint keeps the trained network
+        assert "checkpoint=runs/exp/model.pt" in res.stderr or stage == "checkpoint"
+    assert (workdir / folder / "summary.json").read_text() == before
+
+
+def test_the_training_keys_that_differ_are_named(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    res = cli("train", path, "--set", "data.augment.flip=false", "--set", "train.optimizer.lr=0.2")
+    assert res.exit_code == 2
+    assert "other settings: data.augment.flip (True -> False), train.optimizer.lr (0.05 -> 0.2)" in res.stderr
+    assert "--set name=<new name> to keep both" in res.stderr
+
+
+def test_fresh_with_a_bad_model_argument_keeps_the_finished_run(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    run = workdir / "runs/exp"
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = cli("train", path, "--fresh", "--set", "model.block=bottlenek")
+    assert res.exit_code == 2 and "block must be one of" in res.stderr and "Traceback" not in res.output
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    assert cli("train", path).exit_code == 0  # and the unchanged command still finds its finished run
+
+
+def test_a_model_that_cannot_run_is_one_line_and_leaves_nothing(workdir, tiny):
+    res = cli("train", write_config(workdir, tiny), "--set", "model.width=0")
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines() == [
+        "error: model 'cifar_resnet' with depth=8, width=0 cannot run on a 32x32 image: Given groups=1, expected "
+        "weight to be at least 1 at dimension 0, but got weight of size [0, 3, 3, 3] instead"]
+    assert not (workdir / "runs").exists()
+
+
+def _fail_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException) -> None:
+    """Make training fail at the start of `epoch` (1-based), after the checkpoints of the epochs before."""
+    import rescomp.train as train
+
+    real = train.Trainer.train_epoch
+
+    def train_epoch(self, *a, **kw):
+        if self.state.epoch + 1 == epoch:
+            raise error
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (RuntimeError("boom"), 1)])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workdir, tiny, monkeypatch, error, code):
+    path = write_config(workdir, _quick(tiny))
+    with monkeypatch.context() as m:
+        _fail_in_epoch(m, 1, error)
+        res = cli("train", path)
+    assert res.exit_code == code, res.output
+    assert not (workdir / "runs/exp").exists()
+    assert cli("train", path, "--set", "train.epochs=2").exit_code == 0
+
+
+def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch):
+    path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 2}})
+    with monkeypatch.context() as m:
+        _fail_in_epoch(m, 2, KeyboardInterrupt())
+        assert cli("train", path).exit_code == 130
+    assert list((workdir / "runs/exp/checkpoints").iterdir())
+    res = cli("train", path)
+    assert res.exit_code == 0 and "resum" in res.stderr.lower()
+
+
+def test_a_folder_with_nothing_to_resume_is_taken_over(workdir, tiny):
+    """A run killed before its first checkpoint (kill -9: no cleanup ran) left only its config."""
+    path = write_config(workdir, _quick(tiny))
+    run = workdir / "runs/exp"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(Path(path).read_text().replace("seed: 0", "seed: 5"))
+    (run / "checkpoints").mkdir()
+    res = cli("train", path)
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "summary.json").read_text())["seed"] == 0
+
+
+# -- your own model ------------------------------------------------------------------------------
+# Wrong versions: the import path is not stored in the spec, so `measure` on the saved model.pt fails;
+# the module is searched only on sys.path, not in the folder the command runs from; a missing module,
+# attribute or num_classes argument ends in a traceback.
+
+def test_your_own_model_trains_prunes_quantizes_and_measures(workdir, tiny):
+    tiny = _quick(tiny)
+    tiny["model"] = {"arch": "my_models:build", "width": 6}
+    tiny["prune"] = {"share_per_step": 0.25, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    tiny["quantize"] = {"calibration_images": 16}
+    path = write_config(workdir, tiny)
+    for command in ("train", "prune", "quantize"):
+        res = cli(command, path)
+        assert res.exit_code == 0, res.output
+    s = json.loads((workdir / "runs/exp/summary.json").read_text())
+    # by hand: 3*6*9 + 2*6 (BN) + 6*12*9 + 2*12 + 12*10 + 10
+    assert s["params"] == 162 + 12 + 648 + 24 + 130 and s["arch"]["arch"] == "my_models:build"
+    ps = json.loads((workdir / "runs/exp-prune-paper-taylor-custom/summary.json").read_text())
+    assert ps["prunable_filters"] == 6 + 12
+    assert ps["rows"][-1]["removed"] == round(0.25 * 18) and ps["rows"][-1]["params"] < s["params"]
+    for model_file in ("runs/exp/model.pt", "runs/exp-prune-paper-taylor-custom/step01/model.pt", "runs/exp-ptq/int8.pt"):
+        res = cli("measure", workdir / model_file, "--json")
+        assert res.exit_code == 0, (model_file, res.output)
+
+
+def test_your_own_model_is_found_in_the_folder_the_command_runs_from(workdir, tiny):
+    """A real process that does not put the current folder on sys.path (python -P), as an installed
+    `rescomp` script does not."""
+    import subprocess
+    import sys
+
+    (workdir / "lab_models.py").write_text((Path(__file__).parent / "my_models.py").read_text())
+    tiny = _quick(tiny)
+    tiny["model"] = {"arch": "lab_models:build"}
+    path = write_config(workdir, tiny)
+    proc = subprocess.run([sys.executable, "-P", "-m", "rescomp.cli", "measure", str(path), "--json"],
+                          capture_output=True, text=True, cwd=workdir, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["params"] == 3 * 8 * 9 + 2 * 8 + 8 * 16 * 9 + 2 * 16 + 16 * 10 + 10
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("no_such_module:build", "cannot import 'no_such_module'; run from the folder that holds no_such_module.py"),
+    ("my_models:biuld", "my_models has no 'biuld' (did you mean 'build'?)"),
+    ("my_models:NOT_A_BUILDER", "is a int, not a function that builds a model"),
+    ("my_models:no_classes", "the builder must take a num_classes argument"),
+    ("my_models:", "write a builder as module.path:function"),
+    ("mynet", "unknown model 'mynet'"),
+])
+def test_your_own_model_mistakes_are_one_line(workdir, tiny, arch, message):
+    tiny["model"] = {"arch": arch}
+    res = cli("train", write_config(workdir, tiny))
+    assert res.exit_code == 2, res.output
+    assert message in res.stderr and "Traceback" not in res.output
+    assert not (workdir / "runs").exists()
+
+
+# -- paper numbers only where a config names them -------------------------------------------------
+# Wrong version: layer-drop compares every run with the paper's Table 2 constants, whatever it trained.
+
+@pytest.mark.parametrize("paper", [{}, {"macs": 60.93, "params": 69.82}])
+def test_layer_drop_compares_with_the_paper_only_where_the_config_says(tiny, paper):
+    import torch
+
+    from rescomp.config import validate
+    from rescomp.context import RunContext
+    from rescomp.layer_drop_run import _summary
+
+    tiny["layer_drop"] = {"k": 1, "timing": {"batch_size": 4}, "baselines": {"scratch": False, "distill": False}}
+    tiny["report"] = {"table": "ld", "paper_relative": paper}
+    cfg = validate(tiny, "t")
+    costs = lambda layers, macs, params, ms: {"layers": layers, "macs": macs, "params": params,  # noqa: E731
+                                             "forward_ms_b4": ms, "backward_ms_b4": 2 * ms}
+    rows = [{"method": "layer-drop", "step": 0, "epochs": 2, "top1": 50.0, "units_deleted": 0, **costs(20, 100, 10, 2.0)},
+            {"method": "layer-drop", "step": 1, "epochs": 3, "top1": 51.0, "units_deleted": 1, **costs(17, 60, 7, 1.5)}]
+    s = _summary(cfg, RunContext(torch.device("cpu"), 0), rows, {}, {"top1": 50.0}, {"source": "x", "train_images": 64,
+                 "test_images": 32}, 2, {}, 1.0, "m.pt")
+    md = s["sections"][0]["markdown"]
+    assert s["relative_smallest_lossless"] == {"macs": 60.0, "forward": 75.0, "backward": 75.0, "params": 70.0}
+    if paper:
+        assert "| macs | 60.00 | 60.93 | -0.93 |" in md and "| forward | 75.00 | – | – |" in md
+    else:
+        assert "paper" not in md.lower() and "| macs | 60.00 |" in md
+
+
+# -- discovering keys, conventions ----------------------------------------------------------------
+# Wrong versions: a config key reference written by hand (it drifts: a new key is missing); `config`
+# printing the file instead of what rescomp reads; flags rendered as taking a value; a device that is
+# not there measured silently on the CPU; the nearest name chosen by difflib's ratio alone
+# ('resnet21' -> 'resnet32').
+
+def test_config_prints_what_rescomp_reads_and_the_key_reference_is_current(workdir, tiny):
+    from rescomp.config import ExperimentConfig, _known_keys
+    from rescomp.config_doc import reference
+
+    res = cli("config", write_config(workdir, tiny), "--set", "train.epochs=7")
+    assert res.exit_code == 0, res.output
+    import yaml
+    printed = yaml.safe_load(res.stdout)
+    assert printed["train"]["epochs"] == 7 and printed["name"] == "exp" and printed["quantize"]["backend"] == "x86"
+    committed = (Path(__file__).resolve().parent.parent / "docs/config-keys.md").read_text()
+    assert committed == reference(), "docs/config-keys.md is stale: rescomp config --keys > docs/config-keys.md"
+    documented = {line.split("`")[1] for line in committed.splitlines() if line.startswith("| `")}
+    leaves = {k for k in _known_keys(ExperimentConfig)
+              if not any(other.startswith(k + ".") for other in _known_keys(ExperimentConfig))}
+    assert leaves <= documented
+    assert all(not line.endswith("|  |") for line in committed.splitlines()), "every key says what it does"
+
+
+def test_conventions(workdir):
+    res = cli("--version")
+    assert res.exit_code == 0 and res.stdout.startswith("rescomp ") and "torch" in res.stdout
+    help_text = cli("train", "--help").stdout
+    assert "--fresh " in help_text and "--fresh <bool>" not in help_text and "KEY=VALUE" in help_text
+    assert "--install-completion" in cli("--help").stdout
+    res = cli("train", workdir / "x.yaml", "--set", "model.arch=resnet21")
+    assert res.exit_code == 2  # the file is missing; the suggestion itself:
+    from rescomp.registry import suggest
+    assert suggest("resnet21", ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56"]) == " (did you mean 'resnet20'?)"
+
+
+def test_models_lists_builder_arguments_untruncated_when_piped():
+    res = cli("models")
+    assert res.exit_code == 0
+    lines = {line.split("\t")[0]: line.split("\t") for line in res.stdout.splitlines()}
+    assert lines["resnet56"][1] == "853,018" and "shortcut='A', width=16" in lines["resnet56"][4]
+    assert "units_per_stage=None" in lines["cifar_resnet"][4]
+    assert "densenet121" in lines
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_a_device_that_is_not_there_is_an_error_in_every_command(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    for args in (["measure", path], ["measure", workdir / "runs/exp/model.pt"], ["quantize", path],
+                 ["prune", path], ["layer-drop", path]):
+        res = cli(*args, "--set", "device=cuda")
+        assert res.exit_code == 2, (args, res.output)
+        assert "has no CUDA GPU" in res.stderr, (args, res.stderr)
+
+
+# -- seeds and the list of runs ---------------------------------------------------------------------
+# Wrong versions: another seed refused as "other settings" under the same name (or worse, mixed into
+# it); `seeds:` running only the first seed; a report that lists seeds as unrelated rows, or averages
+# rows of different experiments; a standard deviation over the population instead of the sample;
+# `runs` calling an interrupted run complete.
+
+def test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd(workdir, tiny):
+    path = write_config(workdir, {**_quick(tiny), "seeds": [0, 1]})
+    res = cli("train", path)
+    assert res.exit_code == 0, res.output
+    assert cli("train", path, "--seed", "2").exit_code == 0
+    assert cli("train", path, "--set", "seed=2").exit_code == 0  # the same run as --seed 2: found complete
+    tops = {s: json.loads((workdir / f"runs/{d}/summary.json").read_text())["top1"]
+            for s, d in ((0, "exp"), (1, "exp-seed1"), (2, "exp-seed2"))}
+    assert not (workdir / "runs/exp-seed0").exists()
+    res = cli("report", "runs", "--table", "seeds")
+    assert res.exit_code == 0, res.output
+    row = json.loads((workdir / "results/seeds/table.json").read_text())["rows"]
+    assert len(row) == 1 and row[0]["seeds"] == 3 and row[0]["row"] == "exp"
+    mean = sum(tops.values()) / 3
+    assert row[0]["top1"] == pytest.approx(mean)
+    assert row[0]["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in tops.values()) / 2) ** 0.5)
+    assert "| top-1 sd |" in (workdir / "results/seeds/table.md").read_text().replace("top-1 % | top-1 sd", "| top-1 sd |")
+
+
+def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
+    path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 2}})
+    assert cli("train", path).exit_code == 0
+    with monkeypatch.context() as m:
+        _fail_in_epoch(m, 2, KeyboardInterrupt())
+        assert cli("train", path, "--seed", "3").exit_code == 130
+    res = cli("runs")
+    assert res.exit_code == 0, res.output
+    states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
+    assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable"}
+    assert cli("runs", workdir / "nowhere").exit_code == 2
+
+
+# -- dry runs ---------------------------------------------------------------------------------------
+# Wrong versions: a dry run that writes a folder or trains; one that skips the checks (a bad model
+# argument passes); a plan whose step shares or fine-tuning epochs are not the run's.
+
+def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdir, tiny):
+    tiny = _quick(tiny)
+    tiny["prune"] = {"targets": [0.1, 0.3], "iterations": 2, "finetune_epochs": 1, "finetune_budget": 3}
+    path = write_config(workdir, tiny)
+    res = cli("prune", path, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "train   runs/exp: new run" in res.stdout and "1 epochs at batch 16" in res.stdout
+    assert "to 10% (its own run): 2 step(s) to 5%, 10% of the filters; fine-tuning 1+2 = 3 epochs" in res.stdout
+    assert "to 30% (its own run): 2 step(s) to 15%, 30% of the filters" in res.stdout
+    assert not (workdir / "runs").exists()
+    res = cli("prune", path, "--dry-run", "--set", "model.width=0")
+    assert res.exit_code == 2 and "cannot run" in res.stderr
+    assert cli("train", path).exit_code == 0
+    res = cli("train", path, "--dry-run", "--set", "train.epochs=3")
+    assert "refused: holds a run with other settings: train.epochs (1 -> 3)" in res.stdout
+    assert "complete: nothing to run" in cli("train", path, "--dry-run").stdout
