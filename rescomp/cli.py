@@ -273,18 +273,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="the folder runs are wri
         top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
         rows.append([d.name, s.get("stage", "-"), state, "-" if top1 is None else f"{top1:.2f}",
                      str(s.get("seed", "-")), str(s.get("table") or "-"), s.get("commit", "-")])
-    cols = ["run", "stage", "state", "top-1 %", "seed", "table", "commit"]
-    if not out.is_terminal:
-        print("\t".join(cols))
-        for r in rows:
-            print("\t".join(r))
-        return
-    t = Table(title=f"runs in {root}")
-    for c in cols:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    out.print(t)
+    _print_rows(f"runs in {root}", ["run", "stage", "state", "top-1 %", "seed", "table", "commit"], rows)
 
 
 @app.command("config")
@@ -329,16 +318,23 @@ def models() -> None:
                      "arguments (model: keys)": args or "-", "description": e.summary})
     note = (f"Every model also takes {', '.join(TRANSFORM_KEYS)} (set by the techniques). Your own: model.arch "
             f"module.path:function (README, 'Your own model').")
-    if not out.is_terminal:  # piped: one tab-separated line per model, nothing cut to the terminal's width
-        print("\t".join(rows[0]))
+    _print_rows("rescomp models (params with 10 classes and default arguments)", list(rows[0]),
+                [list(r.values()) for r in rows], caption=note, right=("params", "min input"))
+
+
+def _print_rows(title: str, cols: list[str], rows: list[list[str]], caption: Optional[str] = None,
+                right: tuple[str, ...] = ()) -> None:
+    """A table on a terminal; piped, one tab-separated line per row, nothing cut to the terminal's width."""
+    if not out.is_terminal:
+        print("\t".join(cols))
         for r in rows:
-            print("\t".join(r.values()))
+            print("\t".join(r))
         return
-    t = Table(title="rescomp models (params with 10 classes and default arguments)", caption=note)
-    for col in rows[0]:
-        t.add_column(col, justify="right" if col in ("params", "min input") else "left", overflow="fold")
+    t = Table(title=title, caption=caption)
+    for c in cols:
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     for r in rows:
-        t.add_row(*r.values())
+        t.add_row(*r)
     out.print(t)
 
 
