@@ -23,11 +23,13 @@ def git_commit() -> str:
     """HEAD of the rescomp checkout, with '-dirty' when tracked code differs from it.
 
     Tracked results/ files are outputs, not code: regenerating a table must not mark the next run dirty.
+    Markdown (README, a table's notes) is prose that no run reads, so editing a table's notes while its
+    runs go on does not mark them dirty either.
     """
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results", ":!*.md"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
