@@ -6,13 +6,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor clean
+.PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
+	report-separable report-layer-drop report-taylor clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
 PROFILE ?= cpu
 PFLAG := $(if $(filter paper,$(PROFILE)),,--profile $(PROFILE))
 PSUF := $(if $(filter paper,$(PROFILE)),,-$(PROFILE))
+# Where the tables' runs are; `make report-taylor RUNS=elsewhere/runs` re-renders a table from them.
+RUNS ?= runs
 
 install: $(STAMP)
 
@@ -61,9 +64,12 @@ table-separable: install
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
 	  $(BIN)/rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG) && \
 	  $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) || exit $$?; done; done
-	$(BIN)/rescomp report runs/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full \
+	$(MAKE) report-separable
+
+report-separable: install
+	$(BIN)/rescomp report $(RUNS)/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable --baseline Full \
 	  --notes configs/table-separable/notes.md
-	$(BIN)/rescomp report runs/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
+	$(BIN)/rescomp report $(RUNS)/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq} --table table-separable-resnet56 \
 	  --baseline "ResNet-56 Full" --notes configs/table-separable/notes.md
 
 # Residual-block deletion: accuracy vs layers (the method; regular ResNets of each depth from scratch
@@ -79,7 +85,10 @@ table-layer-drop: install
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
 	for n in $(LD_STUDY_N); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
 	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
-	$(BIN)/rescomp report runs/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop \
+	$(MAKE) report-layer-drop
+
+report-layer-drop: install
+	$(BIN)/rescomp report $(RUNS)/ld-resnet56$(PSUF)-layerdrop-* --table table-layer-drop \
 	  $(if $(filter cpu,$(PROFILE)),--notes configs/table-layer-drop/notes.md)
 
 # Taylor filter pruning (Martineau): Table 2 at 0-30 % in both policies, each network counted again at
@@ -97,11 +106,14 @@ table-taylor: install
 	for c in taylor mean_activation l1 random; do for p in paper coupled; do \
 	  $(BIN)/rescomp prune configs/table-taylor/resnet56.yaml $(PFLAG) --set prune.criterion=$$c --set prune.policy=$$p \
 	  || exit $$?; done; done
-	$(BIN)/rescomp report $(foreach m,$(TAYLOR_MODELS),runs/taylor-$(m)$(PSUF)-prune-*-taylor-custom) --table table-taylor \
+	$(MAKE) report-taylor
+
+report-taylor: install
+	$(BIN)/rescomp report $(foreach m,$(TAYLOR_MODELS),$(RUNS)/taylor-$(m)$(PSUF)-prune-*-taylor-custom) --table table-taylor \
 	  --notes configs/table-taylor/notes.md
-	$(BIN)/rescomp report runs/taylor-alexnet$(PSUF)-prune-paper-taylor-{fast,slow} --table table-taylor-alexnet-schedules \
+	$(BIN)/rescomp report $(RUNS)/taylor-alexnet$(PSUF)-prune-paper-taylor-{fast,slow} --table table-taylor-alexnet-schedules \
 	  --notes configs/table-taylor/notes-alexnet-schedules.md
-	$(BIN)/rescomp report runs/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56 \
+	$(BIN)/rescomp report $(RUNS)/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56 \
 	  --notes configs/table-taylor/notes-resnet56.md
 
 clean:

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rescomp.errors import RescompError
@@ -89,7 +90,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except RescompError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] stays text
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: run the same command again to resume from the last checkpoint")
@@ -179,7 +180,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
 
     --set applies to a checkpoint's stored config too (measure.batch_sizes, device, ...)."""
     from rescomp import checkpoint
-    from rescomp.config import apply_overrides, load_config, validate
+    from rescomp.config import apply_overrides, load_config, project_root, validate
     from rescomp.context import resolve_device
     from rescomp.errors import DeviceError
     from rescomp.measure import measure as measure_model
@@ -189,7 +190,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     if target.suffix in (".pt", ".pth"):
         payload = checkpoint.load(target)
         raw = apply_overrides(dict(payload.get("config") or {}), list(set_ or []))
-        cfg = validate(raw, str(target)) if raw else None
+        cfg = validate(raw, str(target)).rooted(project_root(target)) if raw else None
     else:
         payload, cfg = None, load_config(target, set_)
     device = resolve_device(cfg.device) if cfg else None  # a device that is not there is an error, never the CPU
@@ -234,14 +235,17 @@ def _show(row: dict, title: str, as_json: bool) -> None:
 @user_errors
 def report(targets: List[str] = typer.Argument(..., help="run folders, folders of runs, or a table name"),
            table: Optional[str] = typer.Option(None, help="name of results/<table>/ (default: the runs' table)"),
-           runs: Path = typer.Option(Path("runs"), help="where table names are looked up"),
+           runs: Path = typer.Option(Path("runs"), help="where table names are looked up: a folder, or a config file (its out_dir)"),
            out_dir: Path = typer.Option(Path("results"), "--out", help="results root"),
            baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by"),
            notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the table's rows can and cannot show")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
+    from rescomp.config import load_config
     from rescomp.report import expand, find_runs, load_rows, write_table
 
+    if runs.suffix in (".yaml", ".yml"):
+        runs = load_config(runs).runs_dir
     if notes is not None and not notes.is_file():
         raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-taylor/notes.md")
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
@@ -256,13 +260,16 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
 
 @app.command()
 @user_errors
-def runs(root: Path = typer.Argument(Path("runs"), help="the folder runs are written to (a config's out_dir)")) -> None:
+def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a config file (its out_dir)")) -> None:
     """List the runs under ROOT with their state: complete, running, interrupted (resumable) or empty."""
     from rescomp import runlock
+    from rescomp.config import load_config
     from rescomp.errors import ConfigError
 
+    if root.suffix in (".yaml", ".yml"):
+        root = load_config(root).runs_dir
     if not root.is_dir():
-        raise ConfigError(f"'{root}' is not a folder of runs; pass a config's out_dir (default: runs)")
+        raise ConfigError(f"'{root}' is not a folder of runs; pass a config's out_dir (default: runs) or the config file")
     rows = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         summary = d / "summary.json"

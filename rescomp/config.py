@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rescomp.errors import ConfigError
 from rescomp.registry import suggest
@@ -21,6 +22,20 @@ from rescomp.registry import suggest
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Rooted(Strict):
+    """A section whose paths are relative to its project (project_root), not to the shell's folder."""
+    _root: Optional[Path] = PrivateAttr(None)
+
+    def at(self, p: str) -> Path:
+        """Where the config path `p` is, as a path usable from this process's folder: a relative `p` is
+        relative to the config's project (relative to the current folder only for a config that came
+        from no file)."""
+        path = Path(p).expanduser()
+        if path.is_absolute() or self._root is None:
+            return path
+        return Path(os.path.relpath(self._root / path))
 
 
 class AugmentConfig(Strict):
@@ -35,7 +50,7 @@ class SyntheticConfig(Strict):
     num_classes: int = Field(10, ge=2)  # classes of the synthetic data
 
 
-class DataConfig(Strict):
+class DataConfig(Rooted):
     dataset: Literal["cifar10", "cifar100", "synthetic"] = "cifar10"  # which dataset
     # auto: `path` if given, else the first local copy found (rescomp.data.search_paths), else a download.
     source: Literal["auto", "torchvision", "folder"] = "auto"
@@ -291,12 +306,19 @@ class ReportConfig(Strict):
     paper_head: Optional[int] = Field(None, ge=1)  # classes of the paper's head for params_paper_head (see paper_input)
 
 
-# Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure and
-# report say where results go and how they are shown, not what the run computes).
-LATER_SECTIONS = ("out_dir", "measure", "report", "quantize", "layer_drop", "prune")
+# Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure, report
+# and log say where results go and how they are shown, not what the run computes).
+LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune")
 
 
-class ExperimentConfig(Strict):
+class LogConfig(Strict):
+    # also write every training run's per-epoch metrics (losses, top-1, learning rate, images/s) as
+    # TensorBoard events in <run folder>/tensorboard/ (`tensorboard --logdir runs`); needs the
+    # optional package: pip install 'rescomp[tensorboard]'
+    tensorboard: bool = False
+
+
+class ExperimentConfig(Rooted):
     name: Optional[str] = None  # run name; default the config file's stem (+ "-<profile>")
     profile: Optional[str] = None  # the `profiles:` entry applied, if any
     seed: int = 0  # seeds weights, data order, augmentation and subsets
@@ -304,12 +326,16 @@ class ExperimentConfig(Strict):
     # <name>); `rescomp report` gives the mean and standard deviation over a row's seeds
     seeds: Optional[list[int]] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out_dir: str = "runs"  # where run folders go
+    # where run folders go; this and every other relative path in a config (data.path, *.checkpoint,
+    # train.distill.teacher, data.cache_dir) is relative to the config's project: the nearest folder
+    # above the config file that holds pyproject.toml or .git, else the config file's own folder
+    out_dir: str = "runs"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     measure: MeasureConfig = MeasureConfig()
     report: ReportConfig = ReportConfig()
+    log: LogConfig = LogConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     layer_drop: LayerDropConfig = LayerDropConfig()
     prune: PruneConfig = PruneConfig()
@@ -325,6 +351,15 @@ class ExperimentConfig(Strict):
     def _coherent(self) -> "ExperimentConfig":
         if self.train.early_stopping.patience and self.data.val_fraction <= 0:
             raise ValueError("train.early_stopping.patience needs data.val_fraction > 0 (it watches validation loss)")
+        return self
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.at(self.out_dir)
+
+    def rooted(self, root: Optional[Path]) -> "ExperimentConfig":
+        """This config with its relative paths taken from the project at `root` (see out_dir)."""
+        self._root = self.data._root = root
         return self
 
     @property
@@ -480,7 +515,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
         raw["seeds"] = None  # one seed asked for: that run, not the config's list
     if raw.get("seed", 0) != own_seed and ["name"] not in keys and isinstance(raw.get("seed"), int):
         raw["name"] = f"{raw['name']}-seed{raw['seed']}"  # another seed is another run, in its own folder
-    return validate(raw, str(path))
+    root = project_root(path)
+    raw = _rebase_cli_paths(raw, overrides or [], root)
+    return validate(raw, str(path)).rooted(root)
+
+
+# The config keys that hold paths (see ExperimentConfig.out_dir)
+PATH_KEYS = (("out_dir",), ("data", "path"), ("data", "cache_dir"), ("quantize", "checkpoint"),
+             ("prune", "checkpoint"), ("layer_drop", "checkpoint"), ("train", "distill", "teacher"))
+
+
+def project_root(config_file: Path) -> Path:
+    """The project a config file belongs to: the nearest folder above it (itself included) holding
+    pyproject.toml or .git, else the config file's own folder."""
+    here = config_file.resolve().parent
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").exists() or (d / ".git").exists():
+            return d
+    return here
+
+
+def _rebase_cli_paths(raw: dict[str, Any], overrides: list[str], root: Path) -> dict[str, Any]:
+    """A relative path given with --set is typed from the shell's folder (tab completion): store it
+    relative to the project instead, where the config file's own paths are relative to."""
+    given = {tuple(parse_override(o)[0]) for o in overrides}
+    for key in PATH_KEYS:
+        if key not in given:
+            continue
+        node = raw
+        for k in key[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        value = node.get(key[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            node[key[-1]] = os.path.relpath(Path.cwd() / value, root)
+    return raw
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

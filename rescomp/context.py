@@ -79,8 +79,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def tensorboard_writer_class():
+    """torch's TensorBoard SummaryWriter, or a ConfigError saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from rescomp.errors import ConfigError
+
+        raise ConfigError("log.tensorboard needs the tensorboard package: pip install 'rescomp[tensorboard]' "
+                          "(or set log.tensorboard=false)") from None
+    return SummaryWriter
+
+
 def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console: Optional[Console] = None) -> RunContext:
     device = resolve_device(cfg.device)
+    if cfg.log.tensorboard:
+        tensorboard_writer_class()  # a missing package is named before any folder is made
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -53,6 +53,10 @@ class Splits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def stamp(self) -> dict[str, Any]:
+        """What a summary records of its data: where it came from and how many images trained and tested."""
+        return {"data_source": self.source, "train_images": len(self.train_y), "test_images": len(self.test_y)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +216,9 @@ def _describe_copy(path: Path, splits: Splits) -> str:
 
 def cache_root(cfg: DataConfig) -> Path:
     """data.cache_dir, else $RESCOMP_CACHE, else ~/.cache/rescomp: decoded-image caches and downloads."""
-    return Path(cfg.cache_dir or os.environ.get("RESCOMP_CACHE") or Path.home() / ".cache" / "rescomp").expanduser()
+    if cfg.cache_dir:
+        return cfg.at(cfg.cache_dir)
+    return Path(os.environ.get("RESCOMP_CACHE") or Path.home() / ".cache" / "rescomp").expanduser()
 
 
 def download_root(cfg: DataConfig) -> Path:
@@ -251,7 +257,7 @@ def _is_imagefolder(p: Path) -> bool:
 def resolve_source(cfg: DataConfig) -> tuple[str, Path, list[str]]:
     """('torchvision' | 'folder', path, folders searched) for a CIFAR dataset, or why there is none."""
     if cfg.path is not None:
-        p = Path(cfg.path).expanduser()
+        p = cfg.at(cfg.path)
         if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download is True or _is_torchvision_root(p, cfg.dataset))):
             return "torchvision", p, []
         if not p.exists():

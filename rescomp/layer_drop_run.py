@@ -96,17 +96,21 @@ def method_epochs(full_epochs: int, units_deleted: int, k: int, n: int) -> int:
     return full_epochs + n * math.ceil(units_deleted / k)
 
 
-def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool) -> dict[str, Any]:
-    """Cost columns, measured on a CPU copy: `model` stays on its device, where the next step scores it."""
+def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool, full=None) -> dict[str, Any]:
+    """Cost columns, measured on a CPU copy: `model` stays on its device, where the next step scores it.
+    With the `full` network, a shortened one is timed interleaved with it (its speed-up, and the
+    reference_* times its relative costs divide by)."""
     m = cfg.measure if timing else MeasureConfig(latency=False, gpu_throughput=False)
     row = {"layers": depth(model), "units_deleted": len(spec.get("deleted", [])),
            "units_per_stage": list(Counter(u.stage for u in residual_units(model)).values()),
-           **measure(copy.deepcopy(model).cpu(), cfg.data.image_size, m)}
+           **measure(copy.deepcopy(model).cpu(), cfg.data.image_size, m,
+                     reference=None if full is None else copy.deepcopy(full).cpu())}
     if timing:
         t = cfg.layer_drop.timing
         ctx.log(f"timing {t.warmup} + {t.runs} training steps at batch {t.batch_size} on {ctx.device.type} "
-                f"({row['layers']} layers)")
-        row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup))
+                f"({row['layers']} layers" + (", interleaved with the full network)" if full is not None else ")"))
+        row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup,
+                                 reference=full))
     return row
 
 
@@ -161,7 +165,7 @@ def _layer_drop(cfg: ExperimentConfig, ctx: RunContext, splits, out: Path, full,
             model = model.to(ctx.device)
             row = {"method": "layer-drop", "step": step, "epochs": full_epochs + step * ld.retrain_epochs,
                    "top1": ev["top1"], "loss": ev["loss"], "deleted_now": info["deleted"],
-                   **_costs(model, spec, cfg, ctx, timing=True)}
+                   **_costs(model, spec, cfg, ctx, timing=True, full=full)}
             checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(row, indent=2))
         model = model.to(ctx.device)
         rows.append(row)
@@ -172,7 +176,7 @@ def _layer_drop(cfg: ExperimentConfig, ctx: RunContext, splits, out: Path, full,
             break
 
     rows += _baselines(cfg, ctx, loaders, full, family, full_epochs, rows[1:], out)
-    data = {"source": splits.source, "train_images": len(splits.train_y), "test_images": len(splits.test_y)}
+    data = splits.stamp()
     summary = _summary(cfg, ctx, rows, stats, start, data, full_epochs, family, time.perf_counter() - t_start,
                        str(source))
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -238,8 +242,9 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
     tb = ld.timing.batch_size
     relative = {
         "macs": 100 * smallest["macs"] / full["macs"],
-        "forward": 100 * smallest[f"forward_ms_b{tb}"] / full[f"forward_ms_b{tb}"],
-        "backward": 100 * smallest[f"backward_ms_b{tb}"] / full[f"backward_ms_b{tb}"],
+        # over the full network's times taken beside the smallest one's (interleaved), where there are any
+        **{k: 100 * smallest[f"{k}_ms_b{tb}"] / smallest.get(f"reference_{k}_ms_b{tb}", full[f"{k}_ms_b{tb}"])
+           for k in ("forward", "backward")},
         "params": 100 * smallest["params"] / full["params"],
     }
     md = [f"Smallest network with top-1 >= the full network's ({start['top1']:.2f}%"
@@ -269,7 +274,7 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
         "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
         "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
         "paper_relative": dict(cfg.report.paper_relative), "sections": sections,
-        "data_source": data["source"], "wall_seconds": wall, **stamp(ctx.device),
+        **data, "wall_seconds": wall, **stamp(ctx.device),
     }
 
 

@@ -141,26 +141,33 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
 
 
 def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.device, *, runs: int = 100,
-                  warmup: int = 10) -> dict[str, float]:
-    """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs)."""
-    model = copy.deepcopy(model).to(device).train()
+                  warmup: int = 10, reference: Optional[nn.Module] = None) -> dict[str, float]:
+    """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs).
+    With a `reference` network, a step of each is timed in turn, so that both see the same machine,
+    and its times come back as reference_forward_ms_b<B> / reference_backward_ms_b<B>."""
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fwd = bwd = 0.0
+    models = {"": copy.deepcopy(model).to(device).train()}
+    if reference is not None:
+        models["reference_"] = copy.deepcopy(reference).to(device).train()
+    fwd = dict.fromkeys(models, 0.0)
+    bwd = dict.fromkeys(models, 0.0)
     for i in range(warmup + runs):
-        sync()
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        if i >= warmup:
-            fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
-    return {f"forward_ms_b{batch}": 1e3 * fwd / runs, f"backward_ms_b{batch}": 1e3 * bwd / runs}
+        for name, m in models.items():
+            sync()
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(m(x), y)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            m.zero_grad(set_to_none=True)
+            if i >= warmup:
+                fwd[name], bwd[name] = fwd[name] + t1 - t0, bwd[name] + t2 - t1
+    return {k: v for name in models for k, v in ((f"{name}forward_ms_b{batch}", 1e3 * fwd[name] / runs),
+                                                  (f"{name}backward_ms_b{batch}", 1e3 * bwd[name] / runs))}
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -252,9 +259,14 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
     return rows
 
 
-def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None) -> dict[str, Any]:
-    """Every cost column of a table row, with units in the names."""
+def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None,
+            reference: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Every cost column of a table row, with units in the names. With a `reference` (the network a
+    pruned or shortened one came from), the two are timed interleaved and the row gets the speed-up
+    over it (speedup_cpu_b<B>, and whether it is within the noise)."""
     cfg = cfg or MeasureConfig()
+    models = {"m": (model, cfg.channels_last)} | ({"ref": (reference, cfg.channels_last)} if reference is not None else {})
+    lat = _latency_row(models, image_size, cfg)
     row: dict[str, Any] = {
         "params": count_params(model),
         "buffers": count_buffers(model),
@@ -263,10 +275,23 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         "size_bytes": state_dict_bytes(model),
         "image_size": image_size,
         **_activation_row(model, image_size),
-        **_latency_row({"m": (model, cfg.channels_last)}, image_size, cfg)["m"],
+        **lat["m"],
     }
+    if reference is not None and cfg.latency:
+        row.update(_speedup(lat["ref"], lat["m"], cfg, "reference"))
     if cfg.gpu_throughput and torch.cuda.is_available():
         row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
+    return row
+
+
+def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, prefix: str) -> dict[str, Any]:
+    """The base model's latencies (as <prefix>_latency_*) and the speed-up of `new` over it per batch
+    size; the speed-up is within the noise when the two interquartile ranges overlap."""
+    row = {f"{prefix}_{k}": v for k, v in base.items() if k.startswith("latency_")}
+    for b in cfg.batch_sizes:
+        f, q = base[f"latency_ms_cpu_b{b}"], new[f"latency_ms_cpu_b{b}"]
+        row[f"speedup_cpu_b{b}"] = f / q
+        row[f"speedup_within_noise_cpu_b{b}"] = abs(f - q) <= (base[f"latency_iqr_ms_cpu_b{b}"] + new[f"latency_iqr_ms_cpu_b{b}"]) / 2
     return row
 
 
@@ -281,12 +306,5 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     lat = _latency_row(models, image_size, cfg)
     row = {"size_bytes": state_dict_bytes(qmodel), **_activation_row(qmodel, image_size), **lat["int8"]}
     if fp32 is not None and cfg.latency:
-        row.update({f"fp32_{k}": v for k, v in lat["fp32"].items() if k.startswith("latency_")})
-        for b in cfg.batch_sizes:
-            f, q = lat["fp32"], lat["int8"]
-            row[f"speedup_cpu_b{b}"] = f[f"latency_ms_cpu_b{b}"] / q[f"latency_ms_cpu_b{b}"]
-            # the speed-up is within the noise when the two interquartile ranges overlap
-            row[f"speedup_within_noise_cpu_b{b}"] = (
-                abs(f[f"latency_ms_cpu_b{b}"] - q[f"latency_ms_cpu_b{b}"])
-                <= (f[f"latency_iqr_ms_cpu_b{b}"] + q[f"latency_iqr_ms_cpu_b{b}"]) / 2)
+        row.update(_speedup(lat["fp32"], lat["int8"], cfg, "fp32"))
     return row

@@ -63,7 +63,7 @@ def differences(old: ExperimentConfig, new: ExperimentConfig, sections: tuple[st
 
 
 def run_folder(cfg: ExperimentConfig, stage: str = "train") -> Path:
-    return Path(cfg.out_dir) / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
+    return cfg.runs_dir / (cfg.run_name if stage == "train" else f"{cfg.run_name}-{stage_suffix(cfg, stage)}")
 
 
 def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] = None) -> list[str]:
@@ -110,7 +110,7 @@ def _claim_run_dir(cfg: ExperimentConfig, fresh: bool, stage: str = "train",
             return run_dir, None
         keep = "--set name=<new name>"
         if section and getattr(cfg, section).checkpoint is None:  # a new name alone would train anew
-            keep += f" --set {section}.checkpoint={Path(cfg.out_dir) / cfg.run_name / 'model.pt'}"
+            keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
         raise ConfigError(f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; "
                           f"re-run with --fresh to replace it, or {keep} to keep both")
     summary = run_dir / "summary.json"
@@ -178,7 +178,7 @@ def _train(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], model: 
                                            "metrics": metrics})
     _log_measuring(ctx, cfg)
     costs = measure(model.cpu().float().to(memory_format=torch.contiguous_format), cfg.data.image_size, cfg.measure)
-    summary = build_summary(cfg, ctx, spec, state, metrics, costs, time.perf_counter() - t_start, splits.source)
+    summary = build_summary(cfg, ctx, spec, state, metrics, costs, time.perf_counter() - t_start, splits.stamp())
     checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir, summary
 
@@ -198,7 +198,7 @@ def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, A
 def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> tuple[torch.nn.Module, dict[str, Any], Path]:
     """What a later stage starts from: the checkpoint at `path`, or this config's own training run
     (trained first, resumed, or found finished)."""
-    source = Path(path) if path else run_train(cfg, console=ctx.console)[0] / "model.pt"
+    source = cfg.at(path) if path else run_train(cfg, console=ctx.console)[0] / "model.pt"
     model, payload = checkpoint.load_model(source)
     return model, payload, source
 
@@ -210,12 +210,12 @@ def teacher_loss(cfg: ExperimentConfig, ctx: RunContext):
     from rescomp.compress.distill import distillation
 
     d = cfg.train.distill
-    teacher, _ = checkpoint.load_model(d.teacher)
+    teacher, _ = checkpoint.load_model(cfg.at(d.teacher))
     return distillation(teacher.to(ctx.device), d.temperature, d.alpha)
 
 
 def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], state, metrics: dict[str, Any],
-                  costs: dict[str, Any], wall_seconds: float, data_source: str) -> dict[str, Any]:
+                  costs: dict[str, Any], wall_seconds: float, data: dict[str, Any]) -> dict[str, Any]:
     last = state.history[-1] if state.history else {}
     return {
         "stage": "train",
@@ -225,7 +225,7 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
         "arch": spec,
         "dataset": cfg.data.dataset,
         "profile": cfg.profile,
-        "data_source": data_source,
+        **data,
         "seed": cfg.seed,
         "config_hash": cfg.hash(),
         "epochs": state.epoch,
@@ -243,6 +243,11 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
     }
 
 
+def quantize_source(cfg: ExperimentConfig) -> Path:
+    """The fp32 model `rescomp quantize` starts from: quantize.checkpoint, else this config's training run."""
+    return cfg.at(cfg.quantize.checkpoint) if cfg.quantize.checkpoint else run_folder(cfg) / "model.pt"
+
+
 def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
     """Int8 a trained checkpoint on the CPU; evaluate and measure it beside its fp32 model."""
     from rescomp.data import BatchLoader, NORMALIZATION, sample_loader
@@ -250,7 +255,7 @@ def run_quantize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optiona
     t_start = time.perf_counter()
     qc = cfg.quantize
     resolve_device(cfg.device)  # int8 runs on the CPU, but a device that is not there is still a mistake to name
-    source = Path(qc.checkpoint) if qc.checkpoint else Path(cfg.out_dir) / cfg.run_name / "model.pt"
+    source = quantize_source(cfg)
     if not source.is_file():
         raise ConfigError(f"no trained model at '{source}'; run `rescomp train` on this config first, or set "
                           f"quantize.checkpoint to a trained model.pt")
@@ -302,7 +307,7 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
         "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
         "row": f"{cfg.label} int8 ({info['activation_bits']}-bit act.)", "arch": spec,
         "dataset": cfg.data.dataset,
-        "profile": cfg.profile, "data_source": splits.source, "seed": cfg.seed, "config_hash": cfg.hash("quantize"), "source": str(source),
+        "profile": cfg.profile, **splits.stamp(), "seed": cfg.seed, "config_hash": cfg.hash("quantize"), "source": str(source),
         "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
         "params": costs["params"], "params_with_bn_stats": costs["params_with_bn_stats"], "macs": costs["macs"],
         "image_size": size, **int8,

@@ -13,7 +13,7 @@ from typing import Optional
 
 from rescomp.config import ExperimentConfig
 from rescomp.context import resolve_device
-from rescomp.pipeline import model_spec, other_settings, resumable, run_folder
+from rescomp.pipeline import model_spec, other_settings, quantize_source, resumable, run_folder
 
 
 def folder_state(cfg: ExperimentConfig, stage: str = "train", section: Optional[str] = None) -> tuple[Path, str]:
@@ -63,7 +63,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         return "\n".join(_train_lines(cfg))
     if command == "quantize":
         qc = cfg.quantize
-        source = Path(qc.checkpoint) if qc.checkpoint else Path(cfg.out_dir) / cfg.run_name / "model.pt"
+        source = quantize_source(cfg)
         run_dir, state = folder_state(cfg, qc.method, "quantize")
         lines = [f"{qc.method:7} {run_dir}: {state}",
                  f"        int8 of {source}" + ("" if source.is_file() else " (missing: run `rescomp train` first)"),

@@ -103,11 +103,15 @@ def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source
     lr = pc.finetune_lr or cfg.train.optimizer.lr / 10
     size = cfg.data.image_size
 
+    cpu_copy = lambda m: copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format)  # noqa: E731
+    unpruned = cpu_copy(model)
+
     def row(m, share, step, extra) -> dict[str, Any]:
         ev = evaluate(m.to(ctx.device), loaders["test"], ctx)
-        cpu = copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format)  # `m` stays on the run's device
+        cpu = cpu_copy(m)  # `m` stays on the run's device
+        # a pruned network is timed interleaved with the unpruned one: its speed-up, and whether it is noise
         return {"step": step, "share": share, "top1": ev["top1"], "loss": ev["loss"], **extra,
-                **measure(cpu, size, cfg.measure), **paper_costs(cpu, cfg)}
+                **measure(cpu, size, cfg.measure, reference=unpruned if step else None), **paper_costs(cpu, cfg)}
 
     start, start_spec = model.to(ctx.device), payload["arch"]
     rows = [row(start, 0.0, 0, {})]
@@ -162,7 +166,7 @@ def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source
         "source": str(source), "criterion": pc.criterion, "policy": pc.policy, "schedule": pc.schedule,
         "bn_stats": pc.bn_stats, "fc_scaling": pc.fc_scaling, "plan": [{"target": t, "shares": s} for t, s in plan],
         "prunable_filters": base_prunable, "rows": rows,
-        "data_source": splits.source, "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device),
+        **splits.stamp(), "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device),
     }
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return out, summary

@@ -15,20 +15,29 @@ from typing import Any, Iterable
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
-           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
+           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
            "macs_paper_input", "params_paper_head", "size_bytes", "compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1_std": "top-1 sd", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "method": "int8 by", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
 MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
 # The spread behind each latency (CSV and JSON columns; in Markdown folded into the latency cell).
 SPREAD = ("latency_iqr_ms", "latency_runs", "speedup_within_noise")
-PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source"]
+PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source",
+              "train_images", "test_images"]
+# Markdown: one section per kind of row (stage), each split into tables of at most MAX_COLUMNS columns
+# (the row label repeated in each) so that a table fits a screen; whole column groups go together.
+STAGES = {"train": "Trained networks", "ptq": "int8 networks", "qat": "int8 networks", "prune": "Pruned networks",
+          "layerdrop": "Layer deletion"}
+MAX_COLUMNS = 11
+CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels",
+           "finetune_epochs_total", "layers", "units_deleted", "seeds")
+ACCURACY = ("top1", "top1_std", "loss", "fp32_top1", "top1_drop")
 
 
 def find_runs(target: str, runs_root: Path) -> list[Path]:
@@ -122,7 +131,7 @@ def flatten(row: dict[str, Any]) -> dict[str, Any]:
             out[f"Δ {k}"] = None if row.get(k) is None else row[k] - paper[k]
     out["arch"] = row["arch"]["arch"] if isinstance(row.get("arch"), dict) else row.get("arch")
     if row.get("stage") in ("ptq", "qat"):
-        out["epochs"] = row["stage"]
+        out["method"] = row["stage"]
     return out
 
 
@@ -175,24 +184,82 @@ def _fmt(key: str, v: Any) -> str:
 SHARED = ("arch", "dataset", "profile")  # shown once above the table when every row has the same value
 
 
+def _group(key: str) -> int:
+    """Which column group a key belongs to: 0 what the row is, 1 accuracy, 2 size and work, 3 speed."""
+    if key in CONTEXT:
+        return 0
+    if key in ACCURACY:
+        return 1
+    if key.startswith(("latency_", "speedup_", "forward_ms", "backward_ms", "act_peak", "gpu_", "train_seconds")):
+        return 3
+    return 2
+
+
+def split_columns(keys: list[str], limit: int = MAX_COLUMNS) -> list[list[str]]:
+    """The columns of one section as tables of at most `limit` columns, `row` first in each: column groups
+    (_group) are packed in order, a group split only where it alone is wider than a table."""
+    groups: dict[int, list[str]] = {}
+    for k in keys:
+        if k != "row":
+            groups.setdefault(_group(k), []).append(k)
+    parts: list[list[str]] = [[]]
+    for g in sorted(groups):
+        cols = groups[g]
+        if parts[-1] and len(parts[-1]) + len(cols) > limit - 1:
+            parts.append([])
+        for k in cols:
+            if len(parts[-1]) == limit - 1:
+                parts.append([])
+            parts[-1].append(k)
+    return [["row", *p] for p in parts if p]
+
+
+def _table(keys: list[str], flat: list[dict[str, Any]]) -> list[str]:
+    return (["| " + " | ".join(header(k) for k in keys) + " |", "|" + "---|" * len(keys)]
+            + ["| " + " | ".join(_cell(k, f) for k in keys) + " |" for f in flat] + [""])
+
+
+def paper_table(flat: list[dict[str, Any]]) -> list[str]:
+    """Every comparison with the paper as its own line: row, measure, ours, the paper's, the difference."""
+    lines = []
+    for f in flat:
+        for k in f:
+            if k.endswith(" (paper)"):
+                base = k.removesuffix(" (paper)")
+                lines.append(f"| {_fmt('row', f.get('row'))} | {header(base)} | {_fmt(base, f.get(base))} | "
+                             f"{_fmt(k, f[k])} | {_fmt('Δ ' + base, f.get('Δ ' + base))} |")
+    if not lines:
+        return []
+    return ["## Against the paper", "", "| row | measure | ours | paper | Δ = ours − paper |", "|---|---|---|---|---|",
+            *lines, ""]
+
+
 def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None,
              notes: str | None = None) -> str:
     flat = [flatten(r) for r in rows]
-    keys = [k for k in column_order(flat) if k not in PROVENANCE and not k.startswith(SPREAD)
-            and any(f.get(k) is not None for f in flat)]
-    common = [k for k in SHARED if k in keys and len({str(f.get(k)) for f in flat}) == 1]
-    keys = [k for k in keys if k not in common]
+    ours = [k for k in column_order(flat) if k not in PROVENANCE and not k.startswith(SPREAD)
+            and not k.endswith(" (paper)") and not k.startswith("Δ ")]
+    common = [k for k in SHARED if k in ours and len({str(f.get(k)) for f in flat}) == 1]
     lines = [f"# {table}", ""]
     if common:
         lines += ["All rows: " + ", ".join(f"{k} **{flat[0][k]}**" for k in common), ""]
-    lines += ["| " + " | ".join(header(k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_cell(k, f) for k in keys) + " |" for f in flat]
-    lines += ["", "MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for r, f in zip(rows, flat):
+        sections.setdefault(STAGES.get(r.get("stage", "train"), "Other rows"), []).append(f)
+    for title, group in sections.items():
+        if len(sections) > 1:
+            lines += [f"## {title}", ""]
+        keys = [k for k in ours if k not in common and any(f.get(k) is not None for f in group)]
+        for part in split_columns(keys):
+            lines += _table(part, group)
+    lines += ["MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
               "saved state_dict (kB = 1000 bytes); compression is size / the baseline row's size; CPU latency is",
               "the median forward time at batch 1 / 64 with threads pinned, ± half its interquartile range",
               "where measured; act. peak is the most activation memory live at once in a batch-1 forward pass;",
-              "int8 rows (epochs = ptq/qat) give their speed-up over the fp32 model, the two timed interleaved in",
-              "one process, marked (noise) where the two latencies' interquartile ranges overlap. Δ = ours − paper.", ""]
+              "a speed-up is over the network a row came from (an int8 row's fp32 model, a pruned or shortened",
+              "row's unpruned network), the two timed interleaved in one process, marked (noise) where their",
+              "interquartile ranges overlap.", ""]
+    lines += paper_table(flat)
     if notes:
         lines += ["## What these rows can and cannot show", "", notes.strip(), ""]
     titles = [sec["title"] for s in summaries or [] for sec in s.get("sections", [])]
@@ -207,9 +274,11 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
         if "step" in r and key in seen:  # a layer-drop run's rows share one provenance line
             continue
         seen.add(key)
+        images = (f", {r['train_images']:,} train / {r['test_images']:,} test images"
+                  if isinstance(r.get("train_images"), int) and isinstance(r.get("test_images"), int) else "")
         lines.append(f"- **{r.get('name') if 'step' in r else r.get('row')}**: `{r.get('command')}` — config {r.get('config_hash')}, seed {r.get('seed')}, "
                      f"commit {r.get('commit')}, torch {r.get('torch')}, device {r.get('device')}, "
-                     f"wall {r.get('wall_seconds', 0):.0f} s, data {r.get('data_source')}")
+                     f"wall {r.get('wall_seconds', 0):.0f} s, data {r.get('data_source')}{images}")
     return "\n".join(lines) + "\n"
 
 
@@ -226,9 +295,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")  # the legend beside the axes included
     plt.close(fig)
     return buf.getvalue()
 
@@ -242,23 +310,94 @@ def _pyplot():
     return plt
 
 
-def plot_png(rows: list[dict[str, Any]]) -> bytes:
-    """Top-1 against MACs and against CPU latency, one labelled point per row."""
+def _span(values: list[Any], what: str) -> str | None:
+    vals = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not vals:
+        return None
+    fmt = lambda v: f"{v:,g}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
+    return f"{what} {fmt(vals[0])}" if len(vals) == 1 else f"{what} {fmt(vals[0])}–{fmt(vals[-1])}"
+
+
+def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
+    """What data and budget made these rows, for a plot's subtitle: dataset, images, profile, epochs,
+    seeds, and the device for latencies."""
+    one = lambda k: sorted({str(r[k]) for r in rows if r.get(k) is not None})  # noqa: E731
+    data = ", ".join(one("dataset")) or "?"
+    train, test = _span([r.get("train_images") for r in rows], ""), _span([r.get("test_images") for r in rows], "")
+    if train and test:
+        data += f" ({train.strip()} training / {test.strip()} test images)"
+    if one("profile"):
+        data += f", profile {', '.join(one('profile'))}"
+    budget = [b for b in (_span([r.get("epochs") for r in rows if r.get("stage", "train") in ("train", "layerdrop")], "epochs"),
+                          _span([r.get("finetune_epochs_total") for r in rows], "fine-tune epochs")) if b]
+    seeds = sorted({str(r.get("seed")) for r in rows if r.get("seed") is not None})
+    parts = [data, ", ".join(budget) or None, (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(seeds)}") if seeds else None]
+    line = "; ".join(p for p in parts if p)
+    if latency and one("device"):
+        line += "\nlatency on " + "; ".join(one("device"))
+    return line
+
+
+def _title(fig, title: str, subtitle: str) -> None:
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=9, y=1.0, va="bottom")
+
+
+def _curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of each curve: a series per architecture where the rows' architectures differ (never one
+    line through several networks), else a series; a row outside any series is its own point."""
+    arch = lambda r: r["arch"].get("arch") if isinstance(r.get("arch"), dict) else r.get("arch")  # noqa: E731
+    several = len({str(arch(r)) for r in rows}) > 1
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        name = (f"{arch(r)}: {r['series']}" if several else str(r["series"])) if r.get("series") else str(r.get("row"))
+        curves.setdefault(name, []).append(r)
+    return curves
+
+
+def _style(i: int) -> dict[str, Any]:
+    return {"color": f"C{i % 10}", "marker": "osD^vP*Xph"[(i // 10) % 10]}
+
+
+def plot_curves(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
+                latency: bool = False) -> bytes | None:
+    fig = curves_figure(rows, panels, title, latency)
+    return None if fig is None else _png(fig)
+
+
+def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
+                  latency: bool = False):
+    """Top-1 against each panel's x column (key, axis label, scale, inverted), one curve (or point) per
+    _curves entry, its name in one legend beside the axes: no labels on the points to collide, and a
+    legend entry only for a curve with a point. None where no panel has a point."""
+    panels = [p for p in panels if any(r.get(p[0]) is not None and r.get("top1") is not None for r in rows)]
+    if not panels:
+        return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in [(axes[0], "macs", "MACs (M)"), (axes[1], "latency_ms_cpu_b1", "CPU latency, batch 1 (ms)")]:
-        for r in rows:
-            if r.get(key) is None:
-                continue
-            x = r[key] * (1e-6 if key == "macs" else 1)
-            ax.scatter(x, r["top1"])
-            ax.annotate(str(r["row"]), (x, r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    handles = {}
+    for i, (name, curve) in enumerate(_curves(rows).items()):
+        for ax, (key, _, scale, _) in zip(axes[0], panels):
+            # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path, and a
+            # latency that does not fall at every step must show as such, not be reordered away
+            pts = [(r[key] * scale, r["top1"]) for r in curve if r.get(key) is not None and r.get("top1") is not None]
+            if pts:
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if len(pts) > 1 else "none",
+                                  markersize=5, **_style(i))
+                handles.setdefault(name, line)
+    for ax, (_, label, _, invert) in zip(axes[0], panels):
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
-    return _png(fig)
+        if invert:
+            ax.invert_xaxis()
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+               frameon=False)
+    _title(fig, title, caption(rows, latency))
+    return fig
 
 
+COST_PANELS = [("macs", "MACs (M)", 1e-6, False), ("latency_ms_cpu_b1", "CPU latency, batch 1 (ms)", 1, False)]
 SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further along)
     "accuracy_vs_layers.png": ("layers", "layers", 1, True),
     "accuracy_vs_share.png": ("share", "share of prunable filters removed (%)", 100, False),
@@ -266,23 +405,7 @@ SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further alo
 }
 
 
-def plot_series_png(rows: list[dict[str, Any]], x: str, label: str, scale: float, invert: bool) -> bytes:
-    """Top-1 against one column, a line per series (e.g. per criterion, per method)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for series in dict.fromkeys(r["series"] for r in rows if "series" in r):
-        pts = sorted((r[x] * scale, r["top1"]) for r in rows if r.get("series") == series and r.get(x) is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
-    ax.set_xlabel(label)
-    ax.set_ylabel("top-1 %")
-    if invert:
-        ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def plot_gates_png(stats: dict[str, Any]) -> bytes:
+def plot_gates_png(stats: dict[str, Any], title: str, subtitle: str) -> bytes:
     """The learned w of the full network: histogram (paper, Figure 6) and |w| vs output norm (Figure 5)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -296,6 +419,8 @@ def plot_gates_png(stats: dict[str, Any]) -> bytes:
     axes[1].set_ylabel("mean L2 norm of w·F(x)")
     for ax in axes:
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _title(fig, title, subtitle)
     return _png(fig)
 
 
@@ -310,15 +435,23 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         "table.md": markdown(table, rows, summaries, notes).encode(),
         "table.csv": to_csv(rows).encode(),
         "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
-        "accuracy_vs_cost.png": plot_png(rows),
+        "accuracy_vs_cost.png": plot_curves(rows, COST_PANELS, f"{table}: top-1 against MACs and CPU latency",
+                                            latency=True),
     }
     for name, (x, label, scale, invert) in SERIES_PLOTS.items():
         if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
-            files[name] = plot_series_png(rows, x, label, scale, invert)
-    unique = {json.dumps(s["full_stats"], sort_keys=True): s["full_stats"] for s in summaries or [] if s.get("full_stats")}
-    for i, stats in enumerate(unique.values()):  # runs that start from one trained network share one plot
-        files[f"gates{i or ''}.png"] = plot_gates_png(stats)
+            files[name] = plot_curves([r for r in rows if "series" in r], [(x, label, scale, invert)],
+                                      f"{table}: top-1 against {label.split(' (')[0]}")
+    unique = {json.dumps(s["full_stats"], sort_keys=True): s for s in summaries or [] if s.get("full_stats")}
+    for i, s in enumerate(unique.values()):  # runs that start from one trained network share one plot
+        files[f"gates{i or ''}.png"] = plot_gates_png(
+            s["full_stats"], f"{table}: learned gates w of the full network ({s.get('arch')})",
+            caption([{**s, "stage": "train", "epochs": s.get("full_epochs")}]))
+    files = {name: blob for name, blob in files.items() if blob is not None}
     final = out_root / table
     for name, blob in files.items():
         atomic_write_bytes(final / name, lambda f, b=blob: f.write(b))
+    for old in [*final.glob("accuracy_vs_*.png"), *final.glob("gates*.png")]:
+        if old.name not in files:  # a plot of an earlier report that these rows no longer make
+            old.unlink()
     return final

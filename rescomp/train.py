@@ -258,6 +258,7 @@ class Trainer:
         columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}%  {task.fields[ips]} img/s"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
+        self.board = self.tensorboard()
         with Progress(*columns, console=self.ctx.console, disable=not self.ctx.is_main, transient=True) as progress:
             while s.epoch < tc.epochs and not s.stopped_early:
                 task = progress.add_task(f"epoch {s.epoch + 1}/{tc.epochs}", total=len(self.loaders["train"]),
@@ -277,14 +278,36 @@ class Trainer:
                 self.log_epoch(row)
                 if s.epoch % tc.checkpoint_every == 0 or s.epoch == tc.epochs or s.stopped_early:
                     self.save()
+        if self.board is not None:
+            self.board.close()
         if s.stopped_early and tc.early_stopping.restore_best and self.ckpt_dir and (self.ckpt_dir / "best.pt").is_file():
             self.model.load_state_dict(checkpoint.load(self.ckpt_dir / "best.pt")["state_dict"])
             self.ctx.log(f"early stop after epoch {s.epoch}; restored the best weights (epoch {s.best_epoch})")
         return s
 
+    def tensorboard(self):
+        """A TensorBoard writer in <run_dir>/tensorboard when log.tensorboard is set, else None. Events
+        of epochs after the checkpoint resumed from (an interrupted run wrote them; they are trained
+        again) are purged, so each epoch appears once."""
+        if not (self.cfg.log.tensorboard and self.run_dir and self.ctx.is_main):
+            return None
+        from rescomp.config import dump_config
+        from rescomp.context import tensorboard_writer_class
+
+        board = tensorboard_writer_class()(str(self.run_dir / "tensorboard"), purge_step=self.state.epoch + 1)
+        if self.state.epoch == 0:
+            board.add_text("config", "```yaml\n" + dump_config(self.cfg) + "```", 0)
+        return board
+
     def log_epoch(self, row: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
+        if getattr(self, "board", None) is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    group, _, name = k.partition("_") if k.startswith(("train_", "val_", "test_")) else ("train", "", k)
+                    self.board.add_scalar(f"{group}/{name}", v, row["epoch"])
+            self.board.flush()
         if self.run_dir:  # rewritten whole from the history, so a resumed run never repeats an epoch's line
             checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl",
                                          "".join(json.dumps(r) + "\n" for r in self.state.history))

@@ -23,7 +23,9 @@ def cli(*args: str):
 
 
 def test_smoke_config_trains_measures_and_reports(workdir):
-    res = cli("train", REPO / "configs/smoke/tiny.yaml", "--set", "train.epochs=1")
+    # the config's project is this checkout, so its runs would go to the checkout's runs/; a path given
+    # with --set is typed from the shell's folder: this test's folder
+    res = cli("train", REPO / "configs/smoke/tiny.yaml", "--set", "train.epochs=1", "--set", "out_dir=runs")
     assert res.exit_code == 0, res.output
     summary = json.loads((workdir / "runs/tiny/summary.json").read_text())
     assert summary["params"] == 5006 and summary["epochs"] == 1

@@ -173,6 +173,15 @@ def test_layer_drop_end_to_end_resumes_and_reports(workdir, tiny, monkeypatch):
     monkeypatch.setattr(runner, "_costs", real)
     out, s = run_layer_drop(cfg)
     assert out.name.endswith("-layerdrop-gate-k1-n1")
+    # a shortened network is timed interleaved with the full one; its relative costs divide by the full
+    # network's times taken beside it
+    steps = [r for r in s["rows"] if r["method"] == "layer-drop"]
+    assert "reference_forward_ms_b4" not in steps[0]
+    assert all(r["reference_forward_ms_b4"] > 0 and "speedup_cpu_b1" in r for r in steps[1:])
+    small = next(r for r in steps if r["layers"] == s["smallest_lossless"]["layers"])
+    if small["step"]:
+        assert s["relative_smallest_lossless"]["forward"] == pytest.approx(
+            100 * small["forward_ms_b4"] / small["reference_forward_ms_b4"])
     method = [r for r in s["rows"] if r["method"] == "layer-drop"]
     assert [r["layers"] for r in method] == [20, 17, 14, 11]  # 3 deletable units, 3 convs each
     assert {r["method"] for r in s["rows"]} == {"layer-drop", "scratch", "distill"}

@@ -108,3 +108,35 @@ def test_int8_speed_up_within_the_noise_is_flagged(fake_clock, monkeypatch):
     assert row["fp32_latency_ms_cpu_b1"] == pytest.approx(11.0) and row["latency_iqr_ms_cpu_b1"] == pytest.approx(1.0)
     row = m.measure_int8(close, 4, cfg, fp32=fp32)
     assert row["speedup_within_noise_cpu_b1"]
+
+
+# Wrong versions: a pruned or shortened network timed alone (at another moment than the network it is
+# compared with), or the two timed one after the other; the speed-up inverted.
+def test_a_network_is_timed_interleaved_with_its_reference(fake_clock, monkeypatch):
+    import torch
+
+    import rescomp.measure as m
+
+    for name in ("count_params", "count_buffers", "count_bn_stats", "count_macs", "state_dict_bytes"):
+        monkeypatch.setattr(m, name, lambda *a, **k: 0)
+    monkeypatch.setattr(m, "_activation_row", lambda model, size: {})
+    log = []
+    small, big = _Scripted("small", [4.0], fake_clock, log), _Scripted("big", [8.0, 10.0], fake_clock, log)
+    row = m.measure(small, 4, MeasureConfig(batch_sizes=[1], warmup=0, repeats=4, max_spread=None), reference=big)
+    assert log == ["small", "big"] * 4
+    assert row["speedup_cpu_b1"] == pytest.approx(9.0 / 4.0) and not row["speedup_within_noise_cpu_b1"]
+    assert row["reference_latency_ms_cpu_b1"] == pytest.approx(9.0)
+
+    class Step(nn.Module):  # a training step: forward on the fake clock, then a linear head to backward through
+        def __init__(self, name, ms):
+            super().__init__()
+            self.tick, self.head = _Scripted(name, [ms], fake_clock, log), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.tick(x).mean(dim=(2, 3)))
+
+    log.clear()
+    t = m.step_times_ms(Step("small", 2.0), 4, 2, torch.device("cpu"), runs=3, warmup=1, reference=Step("big", 6.0))
+    assert log == ["small", "big"] * 4
+    assert t["forward_ms_b2"] == pytest.approx(2.0) and t["reference_forward_ms_b2"] == pytest.approx(6.0)
+    assert set(t) == {"forward_ms_b2", "backward_ms_b2", "reference_forward_ms_b2", "reference_backward_ms_b2"}

@@ -277,6 +277,12 @@ def test_prune_end_to_end_and_report(workdir, tiny):
     assert s["rows"][1]["removed"] == round(0.1 * s["prunable_filters"]) and s["rows"][1]["scoring_seconds"] > 0
     again_dir, again = run_prune(cfg)
     assert again == s
+    # each pruned row is timed interleaved with the unpruned network (issue 15): its speed-up over it,
+    # and whether that is within the noise; the unpruned row has none
+    assert "speedup_cpu_b1" not in s["rows"][0]
+    for r in s["rows"][1:]:
+        assert r["speedup_cpu_b1"] == pytest.approx(r["reference_latency_ms_cpu_b1"] / r["latency_ms_cpu_b1"])
+        assert isinstance(r["speedup_within_noise_cpu_b1"], bool)
     res = CliRunner().invoke(app, ["report", str(out)])
     assert res.exit_code == 0, res.output
     assert {"accuracy_vs_share.png", "accuracy_vs_macs.png"} <= {p.name for p in (workdir / "results/pr").iterdir()}

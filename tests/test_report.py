@@ -19,7 +19,7 @@ def test_paper_values_sit_beside_ours_with_the_difference():
     assert flat["top1 (paper)"] == 91.25
     assert flat["Δ top1"] == pytest.approx(-2.75)
     md = markdown("demo", [ROW])
-    assert "| top-1 % |" in md and "| 91.25 | -2.75 |" in md
+    assert "| top-1 % |" in md and "| ResNet-20 | top-1 % | 88.50 | 91.25 | -2.75 |" in md
     assert "MACs (M)" in md and "| 40.93 |" in md
     assert "`rescomp train c.yaml` — config abc, seed 0, commit 123, torch 2.14.1, device cpu:x" in md
 
@@ -52,11 +52,157 @@ def test_notes_and_a_difference_only_between_like_quantities(tmp_path):
 
     row = {**ROW, "paper": {"macs_paper_input": 1.8e9, "top1": 94.8}, "macs_paper_input": 1.819e9, "paper_input": 224}
     md = markdown("t", [row], notes="Rows cannot show X.")
-    assert "MACs (M) at paper's input, paper" in md and "Δ MACs (M) at paper's input" in md
-    assert "MACs (M), paper" not in md and "## What these rows can and cannot show\n\nRows cannot show X." in md
+    assert "| ResNet-20 | MACs (M) at paper's input | 1,819.00 | 1,800.00 | +19.00 |" in md
+    assert "| ResNet-20 | MACs (M) |" not in md and "## What these rows can and cannot show\n\nRows cannot show X." in md
     run = tmp_path / "runs" / "r20"
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps(ROW))
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "results"), "--notes", "missing.md"])
     assert res.exit_code == 2 and "--notes 'missing.md' is not a file" in res.stderr
     assert not (tmp_path / "results").exists()
+
+
+# Wrong versions: a run made from edited code stamped with the bare commit (the change hidden); a run
+# stamped "-dirty" because a regenerated table or a table's notes (Markdown, read by no run) changed.
+def test_the_commit_stamp_is_dirty_for_code_and_config_changes_only(tmp_path, monkeypatch):
+    import subprocess
+
+    from rescomp import provenance
+
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,  # noqa: E731
+                                    check=True, capture_output=True)
+    for f in ("rescomp/x.py", "configs/a.yaml", "configs/notes.md", "results/t/table.md"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
+
+    def stamp() -> str:
+        provenance.git_commit.cache_clear()
+        return provenance.git_commit()
+
+    clean = stamp()
+    assert len(clean) == 12 and not clean.endswith("-dirty")
+    for harmless in ("configs/notes.md", "results/t/table.md"):
+        (tmp_path / harmless).write_text("1\n")
+        assert stamp() == clean, harmless
+    for code in ("rescomp/x.py", "configs/a.yaml"):
+        (tmp_path / code).write_text("1\n")
+        assert stamp() == clean + "-dirty", code
+        git("checkout", "--", code)
+    provenance.git_commit.cache_clear()
+
+
+# -- tables and plots that stand alone (issue 15, point 6) --------------------------------------------
+# Wrong versions: one table of every column (wider than a screen, mostly "–"); a column shown for rows
+# it does not belong to (an int8 row's "ptq" in the epochs column, a prune column in the fp32 table);
+# a plot without a title or without its data and budget; point labels that overprint; a legend entry
+# for a series with no point; one line drawn through the points of several architectures; curves
+# reordered by x (a latency that rises at a step hidden); a stale plot left from an earlier report.
+
+def _prune_rows(arch: str, tops: list[float], lat: list[float | None]) -> list[dict]:
+    return [{**ROW, "stage": "prune", "name": f"{arch}-prune", "arch": arch, "series": "taylor, paper",
+             "row": f"{arch} taylor {5 * i}%", "share": 0.05 * i, "removed": 10 * i, "finetune_epochs_total": i or None,
+             "top1": t, "macs": 4e7 - 1e6 * i, "latency_ms_cpu_b1": l, "paper": {}}
+            for i, (t, l) in enumerate(zip(tops, lat))]
+
+
+def _tables(md: str) -> list[list[list[str]]]:
+    """Every Markdown table: its header and body rows as lists of cells."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables, current = tables + [current], []
+    return tables
+
+
+def test_each_table_fits_a_screen_and_its_columns_belong_to_its_rows():
+    from rescomp.report import MAX_COLUMNS
+
+    int8 = {**ROW, "stage": "ptq", "row": "ResNet-20 int8", "epochs": None, "fp32_top1": 88.5, "top1": 88.0,
+            "top1_drop": 0.5, "speedup_cpu_b1": 2.0, "paper": {"top1": 90.0}}
+    rows = [ROW, int8, *_prune_rows("resnet20", [88.5, 88.0, 87.0], [1.5, 1.4, 1.3])]
+    md = markdown("t", rows)
+    tables = _tables(md)
+    assert all(len(t[0]) <= MAX_COLUMNS for t in tables) and len(tables) >= 4
+    for t in tables[:-1]:  # every column but the paper table's has a value in one of its rows at least
+        assert t[0][0] == "row"
+        for j, name in enumerate(t[0]):
+            assert any(r[j] != "–" for r in t[1:]), name
+    assert md.index("## Trained networks") < md.index("## int8 networks") < md.index("## Pruned networks")
+    fp32 = md[md.index("## Trained networks"):md.index("## int8 networks")]
+    assert "ptq" not in fp32 and "pruned %" not in fp32 and "speed-up" not in fp32
+    int8_part = md[md.index("## int8 networks"):md.index("## Pruned networks")]
+    assert "| int8 by |" in int8_part and "| ResNet-20 int8 | ptq |" in int8_part and "| epochs |" not in int8_part
+    assert "| ResNet-20 int8 | top-1 % | 88.00 | 90.00 | -2.00 |" in md
+    assert "| fp32 top-1 % | top-1 drop |" in int8_part
+
+
+def test_split_columns_packs_whole_groups_and_splits_only_an_oversized_one():
+    from rescomp.report import split_columns
+
+    keys = ["row", "epochs", "top1", "loss", "params", "macs", "size_bytes", "latency_ms_cpu_b1"]
+    assert split_columns(keys, limit=11) == [keys]
+    assert split_columns(keys, limit=5) == [["row", "epochs", "top1", "loss"],
+                                            ["row", "params", "macs", "size_bytes", "latency_ms_cpu_b1"]]
+    assert split_columns(keys, limit=4) == [["row", "epochs", "top1", "loss"], ["row", "params", "macs", "size_bytes"],
+                                            ["row", "latency_ms_cpu_b1"]]
+    wide = ["row"] + [f"latency_ms_cpu_b{b}" for b in range(7)]
+    assert split_columns(wide, limit=4) == [["row", *wide[1:4]], ["row", *wide[4:7]], ["row", wide[7]]]
+
+
+def test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points():
+    from rescomp.report import COST_PANELS, curves_figure
+
+    rows = [*_prune_rows("alexnet", [17.0, 18.0, 19.0], [9.0, 9.5, 8.0]),
+            *_prune_rows("resnet18", [30.0, 31.0, 32.0], [None, None, None]),
+            {**ROW, "row": "no points", "macs": None, "latency_ms_cpu_b1": None},
+            {**ROW, "row": "ResNet-20", "train_images": 8000, "test_images": 2000, "profile": "cpu"}]
+    for r in rows:
+        r.setdefault("train_images", 8000), r.setdefault("test_images", 2000)
+    fig = curves_figure(rows, COST_PANELS, "t: top-1 against MACs and CPU latency", latency=True)
+    title = fig._suptitle.get_text()
+    assert title.startswith("t: top-1 against MACs and CPU latency\n")
+    assert "cifar10 (8,000 training / 2,000 test images), profile cpu" in title
+    assert "epochs 3" in title and "fine-tune epochs 1–2" in title and "seed 0" in title and "latency on cpu:x" in title
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["alexnet: taylor, paper", "resnet18: taylor, paper", "ResNet-20"]  # "no points": none
+    macs_ax, lat_ax = fig.axes
+    lines = {line.get_label(): line for line in macs_ax.get_lines()}
+    assert len(macs_ax.get_lines()) == 3 and not macs_ax.texts and not lat_ax.texts  # no labels on points
+    alex = [line for line in lat_ax.get_lines() if list(line.get_ydata()) == [17.0, 18.0, 19.0]]
+    assert len(alex) == 1 and list(alex[0].get_xdata()) == [9.0, 9.5, 8.0]  # the rows' order: the rise shows
+    assert len(lat_ax.get_lines()) == 2  # resnet18 has no latency: no line there
+    assert lines  # the MACs panel has every curve
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.legends[0].get_texts()] + [fig._suptitle.get_window_extent()]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_a_plot_these_rows_do_not_make_is_removed(tmp_path):
+    rows = _prune_rows("alexnet", [17.0, 18.0], [9.0, 8.0])
+    out = write_table("t", rows, tmp_path)
+    assert (out / "accuracy_vs_share.png").is_file()
+    out = write_table("t", [{**ROW, "latency_ms_cpu_b1": None, "macs": None}], tmp_path)
+    assert not list(out.glob("*.png"))
+
+
+# Wrong versions: the population standard deviation instead of the sample's; rows of different
+# experiments (other label or stage) averaged together; a one-seed row given a spread.
+def test_seeds_of_one_row_become_its_mean_and_sample_sd():
+    from rescomp.report import aggregate_seeds
+
+    runs = [{**ROW, "seed": s, "top1": t, "params": 100} for s, t in ((0, 80.0), (1, 82.0), (2, 84.0))]
+    other = {**ROW, "row": "other", "seed": 0, "top1": 50.0}
+    int8 = {**ROW, "stage": "ptq", "seed": 0, "top1": 70.0}
+    out = aggregate_seeds([*runs, other, int8])
+    assert len(out) == 3
+    row = out[0]
+    assert row["top1"] == pytest.approx(82.0) and row["top1_std"] == pytest.approx(2.0) and row["seeds"] == 3
+    assert row["params"] == 100 and row["seed"] == "0, 1, 2"
+    assert out[1] == other and out[2] == int8 and "top1_std" not in other

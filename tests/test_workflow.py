@@ -230,7 +230,7 @@ def test_layer_drop_compares_with_the_paper_only_where_the_config_says(tiny, pap
                                              "forward_ms_b4": ms, "backward_ms_b4": 2 * ms}
     rows = [{"method": "layer-drop", "step": 0, "epochs": 2, "top1": 50.0, "units_deleted": 0, **costs(20, 100, 10, 2.0)},
             {"method": "layer-drop", "step": 1, "epochs": 3, "top1": 51.0, "units_deleted": 1, **costs(17, 60, 7, 1.5)}]
-    s = _summary(cfg, RunContext(torch.device("cpu"), 0), rows, {}, {"top1": 50.0}, {"source": "x", "train_images": 64,
+    s = _summary(cfg, RunContext(torch.device("cpu"), 0), rows, {}, {"top1": 50.0}, {"data_source": "x", "train_images": 64,
                  "test_images": 32}, 2, {}, 1.0, "m.pt")
     md = s["sections"][0]["markdown"]
     assert s["relative_smallest_lossless"] == {"macs": 60.0, "forward": 75.0, "backward": 75.0, "params": 70.0}
@@ -299,7 +299,8 @@ def test_a_device_that_is_not_there_is_an_error_in_every_command(workdir, tiny):
 # -- seeds and the list of runs ---------------------------------------------------------------------
 # Wrong versions: another seed refused as "other settings" under the same name (or worse, mixed into
 # it); `seeds:` running only the first seed; a report that lists seeds as unrelated rows, or averages
-# rows of different experiments; a standard deviation over the population instead of the sample;
+# rows of different experiments; a standard deviation over the population instead of the sample
+# (caught by test_report.py::test_seeds_of_one_row_become_its_mean_and_sample_sd: 1-epoch tiny runs can tie);
 # `runs` calling an interrupted run complete.
 
 def test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd(workdir, tiny):
@@ -332,6 +333,98 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
     assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable"}
     assert cli("runs", workdir / "nowhere").exit_code == 2
+
+
+# -- runs are found by the config, not by the shell's folder (issue 15, point 9) -------------------
+# Wrong versions: out_dir taken from the shell's folder (a run from another folder trains again, into
+# a stray runs/ there); a checkpoint path in the config read from the shell's folder; a --set path
+# read from the project instead of the shell's folder; a project root found above the project
+# (the first marker missed) or not at all (the config's own folder used inside a project).
+
+def test_runs_are_located_by_out_dir_not_by_the_shells_folder(workdir, tiny, monkeypatch):
+    project = workdir / "proj"
+    (project / "configs").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
+    (workdir / "pyproject.toml").write_text("[project]\nname = 'outer'\n")  # a project above: not this one
+    path = write_config(project / "configs", {**_quick(tiny), "quantize": {"calibration_images": 16}})
+    elsewhere = workdir / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli("train", path).exit_code == 0
+    assert (project / "runs/exp/model.pt").is_file() and not (elsewhere / "runs").exists()
+    monkeypatch.chdir(project / "configs")  # another folder again: the finished run is found, not retrained
+    res = cli("train", path)
+    assert res.exit_code == 0 and "already complete" in res.output, res.output
+    assert cli("quantize", path).exit_code == 0
+    assert (project / "runs/exp-ptq/summary.json").is_file() and not (project / "configs/runs").exists()
+    res = cli("runs", path)
+    assert res.exit_code == 0 and {line.split("\t")[0] for line in res.stdout.splitlines()[1:]} == {"exp", "exp-ptq"}
+
+    # a --set path is typed from the shell's folder and stored relative to the project
+    monkeypatch.chdir(project / "runs")
+    res = cli("quantize", path, "--set", "quantize.checkpoint=exp/model.pt", "--set", "name=again")
+    assert res.exit_code == 0, res.output
+    saved = (project / "runs/again-ptq/config.yaml").read_text()
+    assert "checkpoint: runs/exp/model.pt" in saved and str(workdir) not in saved
+
+
+def test_a_config_outside_any_project_keeps_its_runs_beside_it(workdir, tiny, monkeypatch):
+    from rescomp.config import load_config, project_root
+
+    folder = workdir / "loose"
+    folder.mkdir()
+    path = write_config(folder, _quick(tiny))
+    assert project_root(path) == folder.resolve()
+    monkeypatch.chdir(workdir)
+    cfg = load_config(path)
+    assert cfg.runs_dir == Path("loose/runs")
+    assert load_config(path, ["out_dir=/abs/runs"]).runs_dir == Path("/abs/runs")
+
+
+# -- TensorBoard --------------------------------------------------------------------------------------
+# Wrong versions: events written without log.tensorboard, or not at all with it; a resumed run that
+# repeats the epochs it trains again (a doubled point at a step); log.tensorboard taken as a training
+# setting (turning it on refuses the finished run or its checkpoint); a missing package as a traceback
+# after the run folder was made; an error line whose [brackets] rich takes for markup and drops.
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_each_epoch_once_even_across_a_resume(workdir, tiny, monkeypatch):
+    pytest.importorskip("tensorboard")  # in the dev extra; a plain install has no tensorboard
+    t = _quick(tiny)
+    t["train"].update(epochs=4, checkpoint_every=2)
+    path = write_config(workdir, t)
+    with monkeypatch.context() as m:
+        _fail_in_epoch(m, 4, KeyboardInterrupt())  # epoch 3 was logged, but its checkpoint is epoch 2's
+        assert cli("train", path, "--set", "log.tensorboard=true").exit_code == 130
+    res = cli("train", path, "--set", "log.tensorboard=true")
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+    scalars = _scalars(workdir / "runs/exp/tensorboard")
+    history = [json.loads(line) for line in (workdir / "runs/exp/metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["train_loss"] for h in history])
+    assert {"train/top1", "train/lr", "train/images_per_s"} <= set(scalars)
+    assert cli("train", path).exit_code == 0  # log is not a training setting: the run is complete
+
+    other = write_config(workdir, {**t, "name": "quiet"})
+    assert cli("train", other).exit_code == 0
+    assert not (workdir / "runs/quiet/tensorboard").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line_and_makes_nothing(workdir, tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    path = write_config(workdir, {**_quick(tiny), "log": {"tensorboard": True}})
+    res = cli("train", path)
+    assert res.exit_code == 2 and "pip install 'rescomp[tensorboard]'" in res.stderr and "Traceback" not in res.output
+    assert not (workdir / "runs").exists()
 
 
 # -- dry runs ---------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Hand-written mutants of issue 15's code: apply one at a time, run the tests that must catch it, restore.
+
+Each entry is a wrong version listed in a test file's comments (id, file, exact text, wrong text, tests).
+Prints CAUGHT or SURVIVED per mutant; PATTERN NOT FOUND means the code moved on and the entry needs
+updating. Usage: .venv/bin/python scripts/mutants.py [id ...]   (a few seconds per mutant)
+"""
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+M = [
+ ("stage-section-ignored", "rescomp/pipeline.py", "changed = other_settings(run_dir, cfg, section)", "changed = other_settings(run_dir, cfg, None)",
+  "tests/test_workflow.py::test_a_changed_stage_setting_is_refused_naming_the_key"),
+ ("keys-not-named", "rescomp/pipeline.py", "holds a run with other settings: {', '.join(changed)}", "holds a run with other settings: a different config",
+  "tests/test_workflow.py::test_the_training_keys_that_differ_are_named"),
+ ("no-probe", "rescomp/models/__init__.py", "            model(torch.zeros(1, 3, image_size, image_size))", "            pass",
+  "tests/test_workflow.py::test_a_model_that_cannot_run_is_one_line_and_leaves_nothing"),
+ ("failed-run-keeps-folder", "rescomp/pipeline.py", "            shutil.rmtree(run_dir, ignore_errors=True)\n        raise", "            pass\n        raise",
+  "tests/test_workflow.py::test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder"),
+ ("failed-run-removes-checkpoints", "rescomp/pipeline.py", "    except BaseException:\n        if not resumable(run_dir):", "    except BaseException:\n        if True:",
+  "tests/test_workflow.py::test_a_run_that_fails_after_a_checkpoint_keeps_it"),
+ ("one-seed-only", "rescomp/config.py", "                for s in dict.fromkeys(self.seeds)]", "                for s in list(dict.fromkeys(self.seeds))[:1]]",
+  "tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd"),
+ ("population-sd", "rescomp/report.py", "/ (len(tops) - 1)) ** 0.5", "/ len(tops)) ** 0.5",
+  "tests/test_report.py::test_seeds_of_one_row_become_its_mean_and_sample_sd"),
+ ("not-interleaved", "rescomp/measure.py", "        while rounds < repeats or (max_spread is not None and not spread_ok() and rounds < 20 * repeats\n                                   and time.perf_counter() - start < max_seconds):\n            for name, (m, xi) in runs.items():\n                t0 = time.perf_counter()\n                m(xi)\n                times[name].append((time.perf_counter() - t0) * 1e3)\n            rounds += 1",
+  "        for name, (m, xi) in runs.items():\n            rounds = 0\n            while rounds < repeats or (max_spread is not None and _iqr(times[name] or [0]) > max_spread * statistics.median(times[name] or [1]) and rounds < 20 * repeats):\n                t0 = time.perf_counter()\n                m(xi)\n                times[name].append((time.perf_counter() - t0) * 1e3)\n                rounds += 1",
+  "tests/test_measure.py::test_models_are_timed_interleaved_until_the_spread_is_small tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference"),
+ ("spread-ignored", "rescomp/measure.py", "while rounds < repeats or (max_spread is not None", "while rounds < repeats or (False and max_spread is not None",
+  "tests/test_measure.py::test_models_are_timed_interleaved_until_the_spread_is_small"),
+ ("noise-flag-inverted", "rescomp/measure.py", "row[f\"speedup_within_noise_cpu_b{b}\"] = abs(f - q) <=", "row[f\"speedup_within_noise_cpu_b{b}\"] = abs(f - q) >",
+  "tests/test_measure.py::test_int8_speed_up_within_the_noise_is_flagged"),
+ ("reference-not-interleaved", "rescomp/measure.py", "    models = {\"m\": (model, cfg.channels_last)} | ({\"ref\": (reference, cfg.channels_last)} if reference is not None else {})\n    lat = _latency_row(models, image_size, cfg)",
+  "    lat = _latency_row({\"m\": (model, cfg.channels_last)}, image_size, cfg)\n    if reference is not None:\n        lat[\"ref\"] = _latency_row({\"ref\": (reference, cfg.channels_last)}, image_size, cfg)[\"ref\"]",
+  "tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference"),
+ ("prune-no-reference", "rescomp/prune_run.py", "reference=unpruned if step else None", "reference=None",
+  "tests/test_prune.py::test_prune_end_to_end_and_report"),
+ ("project-root-ignored", "rescomp/config.py", "        if (d / \"pyproject.toml\").exists() or (d / \".git\").exists():\n            return d", "        pass",
+  "tests/test_workflow.py::test_runs_are_located_by_out_dir_not_by_the_shells_folder"),
+ ("cli-paths-not-rebased", "rescomp/config.py", "            node[key[-1]] = os.path.relpath(Path.cwd() / value, root)", "            pass",
+  "tests/test_workflow.py::test_runs_are_located_by_out_dir_not_by_the_shells_folder"),
+ ("md-marks-dirty", "rescomp/provenance.py", ", \":!*.md\"]", "]",
+  "tests/test_report.py::test_the_commit_stamp_is_dirty_for_code_and_config_changes_only"),
+ ("one-line-through-archs", "rescomp/report.py", "    several = len({str(arch(r)) for r in rows}) > 1", "    several = False",
+  "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
+ ("empty-legend-entry", "rescomp/report.py", "                handles.setdefault(name, line)", "                handles.setdefault(name, line)\n            handles.setdefault(name, None) if False else ax.plot([], [], label=name)",
+  "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
+ ("sorted-by-x", "rescomp/report.py", "            pts = [(r[key] * scale, r[\"top1\"]) for r in curve if r.get(key) is not None and r.get(\"top1\") is not None]",
+  "            pts = sorted((r[key] * scale, r[\"top1\"]) for r in curve if r.get(key) is not None and r.get(\"top1\") is not None)",
+  "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
+ ("one-wide-table", "rescomp/report.py", "        for part in split_columns(keys):", "        for part in split_columns(keys, limit=99):",
+  "tests/test_report.py::test_each_table_fits_a_screen_and_its_columns_belong_to_its_rows"),
+ ("ptq-in-epochs", "rescomp/report.py", "        out[\"method\"] = row[\"stage\"]", "        out[\"epochs\"] = row[\"stage\"]",
+  "tests/test_report.py::test_each_table_fits_a_screen_and_its_columns_belong_to_its_rows"),
+ ("stale-plot-kept", "rescomp/report.py", "            old.unlink()", "            pass",
+  "tests/test_report.py::test_a_plot_these_rows_do_not_make_is_removed"),
+ ("tb-no-purge", "rescomp/train.py", "purge_step=self.state.epoch + 1)", "purge_step=None)",
+  "tests/test_workflow.py::test_tensorboard_logs_each_epoch_once_even_across_a_resume"),
+ ("log-in-identity", "rescomp/config.py", "\"report\", \"log\", \"quantize\"", "\"report\", \"quantize\"",
+  "tests/test_workflow.py::test_tensorboard_logs_each_epoch_once_even_across_a_resume"),
+ ("tb-late-check", "rescomp/context.py", "        tensorboard_writer_class()  # a missing package", "        pass  # a missing package",
+  "tests/test_workflow.py::test_tensorboard_without_the_package_is_one_line_and_makes_nothing"),
+ ("ld-relative-not-interleaved", "rescomp/layer_drop_run.py", "smallest.get(f\"reference_{k}_ms_b{tb}\", full[f\"{k}_ms_b{tb}\"])", "full[f\"{k}_ms_b{tb}\"]",
+  "tests/test_layer_drop.py::test_layer_drop_end_to_end_resumes_and_reports"),
+]
+only = set(sys.argv[1:])
+survived = 0
+for mid, f, old, new, test in M:
+    if only and mid not in only:
+        continue
+    p = ROOT / f
+    src = p.read_text()
+    if src.count(old) != 1:
+        print(f"{mid}: PATTERN NOT FOUND ({src.count(old)})", flush=True); continue
+    p.write_text(src.replace(old, new))
+    try:
+        t0 = time.time()
+        r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:faulthandler", "-p", "no:cacheprovider", *test.split()],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
+        survived += r.returncode == 0
+        print(f"{mid}: {'CAUGHT' if r.returncode != 0 else 'SURVIVED'} ({time.time() - t0:.0f}s) {last}", flush=True)
+    finally:
+        p.write_text(src)
+sys.exit(1 if survived else 0)
