@@ -233,6 +233,32 @@ def _show(row: dict, title: str, as_json: bool) -> None:
 
 @app.command()
 @user_errors
+def export(target: Path = typer.Argument(..., help="a trained model.pt, or an experiment YAML (its training run's model.pt)"),
+           out_path: Optional[Path] = typer.Option(None, "--out", help="the .onnx file (default: beside the model.pt)"),
+           opset: int = typer.Option(18, help="ONNX opset"), set_: Optional[List[str]] = SetOpt,
+           profile: Optional[str] = ProfileOpt) -> None:
+    """Write a trained network as ONNX (dynamic batch), kept only if ONNX Runtime's outputs match PyTorch's."""
+    from rescomp.config import load_config
+    from rescomp.errors import ConfigError
+    from rescomp.export import export_checkpoint
+    from rescomp.pipeline import run_folder
+
+    if out_path is not None and out_path.suffix != ".onnx":
+        raise ConfigError(f"--out '{out_path}' must end in .onnx")
+    source = target
+    if target.suffix in (".yaml", ".yml"):
+        source = run_folder(load_config(target, set_, profile)) / "model.pt"
+        if not source.is_file():
+            raise ConfigError(f"no trained model at '{source}'; run `rescomp train {target}` first, or pass a model.pt")
+    elif target.suffix not in (".pt", ".pth"):
+        raise ConfigError(f"'{target}' is neither a model.pt nor a config (.yaml); pass one of them")
+    path, rec = export_checkpoint(source, out_path, opset)
+    out.print(f"{rec['arch']['arch']} -> {path} ({rec['onnx_bytes'] / 1e6:.2f} MB, opset {rec['opset']}); ONNX Runtime "
+              f"matches PyTorch to {rec['max_abs_diff']:.2g} (allowed {rec['tolerance']:.2g}) -> {path}.json", highlight=False)
+
+
+@app.command()
+@user_errors
 def report(targets: List[str] = typer.Argument(..., help="run folders, folders of runs, or a table name"),
            table: Optional[str] = typer.Option(None, help="name of results/<table>/ (default: the runs' table)"),
            runs: Path = typer.Option(Path("runs"), help="where table names are looked up: a folder, or a config file (its out_dir)"),

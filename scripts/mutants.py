@@ -1,4 +1,4 @@
-"""Hand-written mutants of issue 15's code: apply one at a time, run the tests that must catch it, restore.
+"""Hand-written mutants (issue 15 onwards): apply one at a time, run the tests that must catch it, restore.
 
 Each entry is a wrong version listed in a test file's comments (id, file, exact text, wrong text, tests).
 Prints CAUGHT or SURVIVED per mutant; PATTERN NOT FOUND means the code moved on and the entry needs
@@ -64,6 +64,14 @@ M = [
   "tests/test_workflow.py::test_tensorboard_without_the_package_is_one_line_and_makes_nothing"),
  ("ld-relative-not-interleaved", "rescomp/layer_drop_run.py", "smallest.get(f\"reference_{k}_ms_b{tb}\", full[f\"{k}_ms_b{tb}\"])", "full[f\"{k}_ms_b{tb}\"]",
   "tests/test_layer_drop.py::test_layer_drop_end_to_end_resumes_and_reports"),
+ ("export-check-skipped", "rescomp/export.py", "        if worst > RTOL * scale:", "        if False:",
+  "tests/test_export.py::test_a_graph_that_disagrees_with_pytorch_is_not_kept"),
+ ("export-batch-frozen", "rescomp/export.py", "dynamic_shapes=({0: torch.export.Dim(\"batch\", min=1, max=MAX_BATCH)},))", "dynamic_shapes=None)",
+  "tests/test_export.py::test_compressed_networks_export_with_any_batch_size"),
+ ("export-missing-runtime-traceback", "rescomp/export.py", "    except ImportError as e:\n        raise ConfigError(f\"ONNX export", "    except KeyError as e:\n        raise ConfigError(f\"ONNX export",
+  "tests/test_export.py::test_a_missing_runtime_is_one_line_and_writes_nothing"),
+ ("export-int8-as-fp32", "rescomp/export.py", "    if payload.get(\"kind\") == \"rescomp-int8\":", "    if payload.get(\"kind\") == \"nope\":",
+  "tests/test_export.py::test_an_int8_checkpoint_is_refused"),
 ]
 only = set(sys.argv[1:])
 survived = 0

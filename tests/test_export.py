@@ -1,0 +1,128 @@
+# `rescomp export`: ONNX files that compute what the PyTorch network computes (issue 11).
+# Wrong versions these tests must catch (each checked once by mutating the code, see scripts/mutants.py):
+#  1. an export whose outputs differ from PyTorch's is kept (the agreement check skipped or too loose)
+#       -> test_a_graph_that_disagrees_with_pytorch_is_not_kept
+#  2. the batch dimension frozen at the batch used to capture the graph (only that batch runs)
+#       -> test_compressed_networks_export_with_any_batch_size
+#  3. a missing runtime package as a traceback -> test_a_missing_runtime_is_one_line_and_writes_nothing
+#  4. an int8 checkpoint exported as if it were fp32 -> test_an_int8_checkpoint_is_refused
+# and, checked by behaviour only: a pruned network exported with more parameters than it has
+# (test_a_pruned_checkpoint_exports_its_pruned_network); a config without a trained run or a wrong
+# --out suffix failing late (test_bad_targets_are_one_line).
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescomp.cli import app
+from rescomp.export import export_onnx, ort_session
+from rescomp.models import build_model
+
+from conftest import write_config
+
+onnx = pytest.importorskip("onnx")  # a dependency: present wherever rescomp is installed
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _ort(path: Path, x: torch.Tensor) -> torch.Tensor:
+    s = ort_session(path)
+    return torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("spec", [
+    {"arch": "cifar_resnet", "depth": 8, "width": 4, "separable": {"mode": "depthwise"}},
+    {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}, "deleted": ["layer1.1", "layer2.1"]},
+    {"arch": "squeezenet1_0"},
+])
+def test_compressed_networks_export_with_any_batch_size(tmp_path, spec):
+    model = build_model({"num_classes": 10, **spec}).eval()
+    info = export_onnx(model, 32, tmp_path / "m.onnx")
+    assert info["opset"] == 18 and info["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    for batch in (1, 3, 7):  # none of them the batch the graph was captured with (4)
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ours = model(x)
+        assert torch.allclose(_ort(tmp_path / "m.onnx", x), ours, atol=1e-4 * max(1.0, float(ours.abs().max())))
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_not_kept(tmp_path, monkeypatch):
+    import rescomp.export as ex
+
+    real = ex._run
+    monkeypatch.setattr(ex, "_run", lambda session, x: real(session, x) + 1e-2)  # a runtime 1 % off
+    with pytest.raises(ex.ExportError, match="differ from PyTorch's by up to 0.01"):
+        export_onnx(build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}), 32,
+                    tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pruned_checkpoint_exports_its_pruned_network(workdir, tiny):
+    tiny["model"] = {"arch": "resnet20", "width": 4, "shortcut": "B"}
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    tiny["prune"] = {"share_per_step": 0.2, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    path = write_config(workdir, tiny)
+    assert cli("prune", path).exit_code == 0
+    pruned = next(workdir.glob("runs/exp-prune-*/step01/model.pt"))
+    res = cli("export", pruned)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(pruned.with_suffix(".onnx.json").read_text())
+    assert rec["max_abs_diff"] <= rec["tolerance"] and rec["commit"] and rec["torch"] and rec["onnxruntime"]
+    from rescomp import checkpoint
+
+    model, payload = checkpoint.load_model(pruned)
+    graph = onnx.load(str(pruned.with_suffix(".onnx")))
+    onnx_params = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+    pytorch = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers()
+                                                                if not n.endswith("num_batches_tracked"))
+    # conv-BN folding may merge BN tensors into convs: the graph never holds more than the pruned network
+    full = build_model({k: v for k, v in payload["arch"].items() if k != "shapes"})
+    assert onnx_params <= pytorch < sum(p.numel() for p in full.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(_ort(pruned.with_suffix(".onnx"), x), model.eval()(x), atol=1e-4)
+
+    res = cli("export", path, "--out", workdir / "out/r20.onnx")  # a config: its training run's model.pt
+    assert res.exit_code == 0, res.output
+    assert (workdir / "out/r20.onnx").is_file() and (workdir / "out/r20.onnx.json").is_file()
+
+
+def test_a_missing_runtime_is_one_line_and_writes_nothing(workdir, tiny, monkeypatch):
+    import sys
+
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    res = cli("export", workdir / "runs/exp/model.pt")
+    assert res.exit_code == 2 and "pip install" in res.stderr and "onnxruntime" in res.stderr
+    assert "Traceback" not in res.output and not list(workdir.glob("runs/exp/*.onnx*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["exp.yaml"], "no trained model at"),
+    (["exp.yaml", "--out", "m.pt"], "must end in .onnx"),
+    (["notes.txt"], "neither a model.pt nor a config"),
+])
+def test_bad_targets_are_one_line(workdir, tiny, args, message):
+    write_config(workdir, tiny)
+    res = cli("export", *args)
+    assert res.exit_code == 2 and message in res.stderr, res.output
+
+
+def test_an_int8_checkpoint_is_refused(workdir, tiny):
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    tiny["quantize"] = {"calibration_images": 16}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0 and cli("quantize", path).exit_code == 0
+    res = cli("export", workdir / "runs/exp-ptq/int8.pt")
+    assert res.exit_code == 2 and "is an int8 model" in res.stderr
