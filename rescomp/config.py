@@ -147,6 +147,18 @@ class MeasureConfig(Strict):
     max_spread: Optional[float] = Field(0.05, gt=0)
     max_seconds: float = Field(20.0, gt=0)  # timing time per batch size at most, when max_spread asks for more
     gpu_throughput: bool = True  # also images/s on a GPU, where there is one
+    # where fp32 latency is timed, all in one process, interleaved, same threads: eager = PyTorch in
+    # the layout channels_last says (latency_ms_cpu_b<N>); onnxruntime = the network exported to ONNX
+    # (checked against PyTorch) and run by ONNX Runtime's CPU provider (latency_ms_ort_b<N>). With more
+    # than one, each row also names its fastest (fastest_runtime_b<N>).
+    runtimes: list[Literal["eager", "onnxruntime"]] = ["eager"]
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v: list[str]) -> list[str]:
+        if "eager" not in v:
+            raise ValueError("must include eager (the latency columns every table has); add onnxruntime beside it")
+        return list(dict.fromkeys(v))
 
 
 class QATConfig(Strict):

@@ -13,6 +13,7 @@ import statistics
 import time
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -242,21 +243,63 @@ def _activation_row(model: nn.Module, image_size: int) -> dict[str, Any]:
     return {"act_peak_bytes_b1": act.get("act_peak_bytes"), "act_max_tensor_bytes_b1": act.get("act_max_tensor_bytes")}
 
 
-def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg: MeasureConfig) -> dict[str, dict[str, Any]]:
+class OrtForward(nn.Module):
+    """An ONNX Runtime session behind a module's call, so that it is timed beside the eager models (it
+    takes and returns CPU tensors; copies of it share the one session)."""
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session, self.input = session, session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+    def __deepcopy__(self, memo: dict) -> "OrtForward":
+        return self
+
+
+RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort"}  # latency_ms_<column>_b<N>
+
+
+def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg: MeasureConfig,
+                 runtimes: bool = False) -> dict[str, dict[str, Any]]:
     """Per model (timed interleaved): latency_ms_cpu_b<B> (the median), latency_iqr_ms_cpu_b<B> and
-    latency_runs_cpu_b<B> for each configured batch size, threads pinned; empty rows if latency is off."""
+    latency_runs_cpu_b<B> for each configured batch size, threads pinned; empty rows if latency is off.
+    With `runtimes`, each model is also timed on every other runtime of cfg.runtimes in the same rounds
+    (latency_ms_ort_b<B>, ...), and its row names the fastest."""
     if not cfg.latency:
         return {name: {} for name in models}
     rows: dict[str, dict[str, Any]] = {}
     with pinned_threads(cfg.threads) as n:
+        timed = dict(models)
+        if runtimes and "onnxruntime" in cfg.runtimes:
+            timed.update({f"{name}@onnxruntime": (_ort_forward(m, image_size, n), False) for name, (m, _) in models.items()})
         for b in cfg.batch_sizes:
-            stats = cpu_latency_stats(models, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats,
+            stats = cpu_latency_stats(timed, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats,
                                       max_spread=cfg.max_spread, max_seconds=cfg.max_seconds)
-            for name, st in stats.items():
+            for key, st in stats.items():
+                name, _, runtime = key.partition("@")
+                col = RUNTIME_COLUMN[runtime or "eager"]
                 rows.setdefault(name, {"cpu_threads": n}).update({
-                    f"latency_ms_cpu_b{b}": st["median"], f"latency_iqr_ms_cpu_b{b}": st["q3"] - st["q1"],
-                    f"latency_runs_cpu_b{b}": st["n"]})
+                    f"latency_ms_{col}_b{b}": st["median"], f"latency_iqr_ms_{col}_b{b}": st["q3"] - st["q1"],
+                    f"latency_runs_{col}_b{b}": st["n"]})
+            if len(timed) > len(models):
+                for row in rows.values():
+                    row[f"fastest_runtime_b{b}"] = min(cfg.runtimes, key=lambda r: row[f"latency_ms_{RUNTIME_COLUMN[r]}_b{b}"])
     return rows
+
+
+def _ort_forward(model: nn.Module, image_size: int, threads: int) -> OrtForward:
+    """The model exported to ONNX (checked against PyTorch, rescomp.export) in an ONNX Runtime session
+    with `threads` intra-op threads, as the eager models get."""
+    import tempfile
+
+    from rescomp.export import export_onnx, ort_session
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.onnx"
+        export_onnx(model, image_size, path)
+        return OrtForward(ort_session(path, threads))  # the session holds the graph: the file may go
 
 
 def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None,
@@ -266,7 +309,7 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
     over it (speedup_cpu_b<B>, and whether it is within the noise)."""
     cfg = cfg or MeasureConfig()
     models = {"m": (model, cfg.channels_last)} | ({"ref": (reference, cfg.channels_last)} if reference is not None else {})
-    lat = _latency_row(models, image_size, cfg)
+    lat = _latency_row(models, image_size, cfg, runtimes=True)
     row: dict[str, Any] = {
         "params": count_params(model),
         "buffers": count_buffers(model),

@@ -115,7 +115,8 @@ def _ours(row: dict[str, Any]) -> list[str]:
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
-    extra += [f"{k}_cpu_b{b}" for b in batches for k in SPREAD if f"{k}_cpu_b{b}" in row]
+    extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "fastest_runtime") if f"{k}_b{b}" in row]
+    extra += [f"{k}_{rt}_b{b}" for b in batches for rt in ("cpu", "ort") for k in SPREAD if f"{k}_{rt}_b{b}" in row]
     extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
 
@@ -147,6 +148,10 @@ def column_order(flat: list[dict[str, Any]]) -> list[str]:
 def header(key: str) -> str:
     if key.startswith("latency_ms_cpu_b"):
         return f"CPU ms b{key.rsplit('b', 1)[1]}"
+    if key.startswith("latency_ms_ort_b"):
+        return f"ONNX Runtime ms b{key.rsplit('b', 1)[1]}"
+    if key.startswith("fastest_runtime_b"):
+        return f"fastest b{key.rsplit('b', 1)[1]}"
     if key.startswith("speedup_cpu_b"):
         return f"speed-up b{key.rsplit('b', 1)[1]}"
     if key.startswith(("forward_ms_b", "backward_ms_b")):
@@ -160,7 +165,7 @@ def header(key: str) -> str:
 def _cell(key: str, f: dict[str, Any]) -> str:
     """A Markdown cell: latencies with ± half their interquartile range, speed-ups within it marked."""
     text = _fmt(key, f.get(key))
-    if key.startswith("latency_ms_cpu_b") and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
+    if key.startswith(("latency_ms_cpu_b", "latency_ms_ort_b")) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
         text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
     if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
         text += " (noise)"
@@ -190,7 +195,7 @@ def _group(key: str) -> int:
         return 0
     if key in ACCURACY:
         return 1
-    if key.startswith(("latency_", "speedup_", "forward_ms", "backward_ms", "act_peak", "gpu_", "train_seconds")):
+    if key.startswith(("latency_", "speedup_", "fastest_", "forward_ms", "backward_ms", "act_peak", "gpu_", "train_seconds")):
         return 3
     return 2
 

@@ -32,7 +32,7 @@ M = [
   "tests/test_measure.py::test_models_are_timed_interleaved_until_the_spread_is_small"),
  ("noise-flag-inverted", "rescomp/measure.py", "row[f\"speedup_within_noise_cpu_b{b}\"] = abs(f - q) <=", "row[f\"speedup_within_noise_cpu_b{b}\"] = abs(f - q) >",
   "tests/test_measure.py::test_int8_speed_up_within_the_noise_is_flagged"),
- ("reference-not-interleaved", "rescomp/measure.py", "    models = {\"m\": (model, cfg.channels_last)} | ({\"ref\": (reference, cfg.channels_last)} if reference is not None else {})\n    lat = _latency_row(models, image_size, cfg)",
+ ("reference-not-interleaved", "rescomp/measure.py", "    models = {\"m\": (model, cfg.channels_last)} | ({\"ref\": (reference, cfg.channels_last)} if reference is not None else {})\n    lat = _latency_row(models, image_size, cfg, runtimes=True)",
   "    lat = _latency_row({\"m\": (model, cfg.channels_last)}, image_size, cfg)\n    if reference is not None:\n        lat[\"ref\"] = _latency_row({\"ref\": (reference, cfg.channels_last)}, image_size, cfg)[\"ref\"]",
   "tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference"),
  ("prune-no-reference", "rescomp/prune_run.py", "reference=unpruned if step else None", "reference=None",
@@ -72,6 +72,15 @@ M = [
   "tests/test_export.py::test_a_missing_runtime_is_one_line_and_writes_nothing"),
  ("export-int8-as-fp32", "rescomp/export.py", "    if payload.get(\"kind\") == \"rescomp-int8\":", "    if payload.get(\"kind\") == \"nope\":",
   "tests/test_export.py::test_an_int8_checkpoint_is_refused"),
+ ("ort-other-threads", "rescomp/measure.py", "        return OrtForward(ort_session(path, threads))", "        return OrtForward(ort_session(path, None))",
+  "tests/test_measure.py::test_onnxruntime_is_timed_beside_eager_with_the_same_threads"),
+ ("fastest-is-slowest", "rescomp/measure.py", "row[f\"fastest_runtime_b{b}\"] = min(", "row[f\"fastest_runtime_b{b}\"] = max(",
+  "tests/test_measure.py::test_the_fastest_runtime_is_the_one_with_the_lowest_median"),
+ ("ort-separate-rounds", "rescomp/measure.py", "            stats = cpu_latency_stats(timed, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats,\n                                      max_spread=cfg.max_spread, max_seconds=cfg.max_seconds)",
+  "            stats = {k: v for name in timed for k, v in cpu_latency_stats({name: timed[name]}, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats, max_spread=cfg.max_spread, max_seconds=cfg.max_seconds).items()}",
+  "tests/test_measure.py::test_onnxruntime_is_timed_beside_eager_with_the_same_threads"),
+ ("runtimes-without-eager", "rescomp/config.py", "        if \"eager\" not in v:", "        if False:",
+  "tests/test_measure.py::test_onnxruntime_is_timed_beside_eager_with_the_same_threads"),
 ]
 only = set(sys.argv[1:])
 survived = 0

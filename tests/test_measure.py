@@ -1,4 +1,5 @@
 import pytest
+import torch
 import torch.nn as nn
 
 from rescomp.config import MeasureConfig
@@ -140,3 +141,44 @@ def test_a_network_is_timed_interleaved_with_its_reference(fake_clock, monkeypat
     assert log == ["small", "big"] * 4
     assert t["forward_ms_b2"] == pytest.approx(2.0) and t["reference_forward_ms_b2"] == pytest.approx(6.0)
     assert set(t) == {"forward_ms_b2", "backward_ms_b2", "reference_forward_ms_b2", "reference_backward_ms_b2"}
+
+
+# Wrong versions: ONNX Runtime timed with other threads than PyTorch (its default: every core); the
+# fastest runtime chosen as the slowest; ONNX Runtime timed apart from eager (separate rounds); a
+# runtime list without eager (the tables' latency columns would vanish).
+def test_onnxruntime_is_timed_beside_eager_with_the_same_threads(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import rescomp.measure as m
+
+    net = tiny_net()
+    cfg = MeasureConfig(batch_sizes=[1, 2], warmup=1, repeats=3, threads=1, runtimes=["eager", "onnxruntime"])
+    seen = []
+    real = m.cpu_latency_stats
+
+    def spy(models, *a, **kw):
+        seen.append(sorted(models))
+        return real(models, *a, **kw)
+
+    monkeypatch.setattr(m, "cpu_latency_stats", spy)
+    row = m.measure(net, 8, cfg)
+    assert seen == [["m", "m@onnxruntime"]] * 2  # both runtimes in the same interleaved rounds, per batch size
+    for b in (1, 2):
+        assert row[f"latency_ms_ort_b{b}"] > 0 and row[f"latency_ms_cpu_b{b}"] > 0
+        assert row[f"fastest_runtime_b{b}"] == min(("eager", "onnxruntime"),
+                                                    key=lambda r: row[f"latency_ms_{m.RUNTIME_COLUMN[r]}_b{b}"])
+    ort = m._ort_forward(net, 8, threads=1)
+    assert ort.session.get_session_options().intra_op_num_threads == 1
+    assert torch.allclose(ort(torch.ones(2, 3, 8, 8)), net.eval()(torch.ones(2, 3, 8, 8)), atol=1e-5)
+    with pytest.raises(ValueError, match="must include eager"):
+        MeasureConfig(runtimes=["onnxruntime"])
+
+
+def test_the_fastest_runtime_is_the_one_with_the_lowest_median(monkeypatch):
+    import rescomp.measure as m
+
+    monkeypatch.setattr(m, "_ort_forward", lambda model, size, n: model)
+    monkeypatch.setattr(m, "cpu_latency_stats", lambda models, *a, **kw: {
+        k: {"median": 2.0 if "@" in k else 5.0, "q1": 1.0, "q3": 3.0, "n": 3} for k in models})
+    rows = m._latency_row({"m": (tiny_net(), False)}, 8, MeasureConfig(batch_sizes=[1], runtimes=["eager", "onnxruntime"]),
+                          runtimes=True)
+    assert rows["m"]["fastest_runtime_b1"] == "onnxruntime" and rows["m"]["latency_ms_ort_b1"] == 2.0

@@ -206,3 +206,14 @@ def test_seeds_of_one_row_become_its_mean_and_sample_sd():
     assert row["top1"] == pytest.approx(82.0) and row["top1_std"] == pytest.approx(2.0) and row["seeds"] == 3
     assert row["params"] == 100 and row["seed"] == "0, 1, 2"
     assert out[1] == other and out[2] == int8 and "top1_std" not in other
+
+
+def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
+    row = {**ROW, "latency_ms_ort_b1": 0.5, "latency_iqr_ms_ort_b1": 0.2, "latency_iqr_ms_cpu_b1": 0.4,
+           "fastest_runtime_b1": "onnxruntime"}
+    md = markdown("t", [row])
+    speed = next(t for t in _tables(md) if "CPU ms b1" in t[0])
+    cells = dict(zip(speed[0], speed[1]))
+    assert cells["CPU ms b1"] == "1.50 ±0.20" and cells["ONNX Runtime ms b1"] == "0.50 ±0.10"
+    assert cells["fastest b1"] == "onnxruntime"
+    assert "latency_ms_ort_b1" in to_csv([row]).splitlines()[0]
