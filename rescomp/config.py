@@ -169,12 +169,29 @@ class QATConfig(Strict):
 class QuantizeConfig(Strict):
     checkpoint: Optional[str] = None  # default: runs/<name>/model.pt, this config's training run
     method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
-    backend: Literal["x86", "fbgemm", "qnnpack"] = "x86"  # int8 engine: x86 (FBGEMM + oneDNN), fbgemm, qnnpack (ARM)
+    # int8 engine. torch.ao FX: x86 (FBGEMM + oneDNN), fbgemm, qnnpack (ARM); onnxruntime: ONNX
+    # Runtime's static QDQ quantization (int8 activations and per-channel weights, PTQ only)
+    backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime"] = "x86"
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
     # true; qnnpack: false). rescomp.compress.quantize says why, and what false costs without VNNI.
     reduce_range: Literal["auto", True, False] = "auto"
     calibration_images: int = Field(1000, ge=1, description="training images run through the observers")
+    # how onnxruntime turns calibration activations into ranges (the FX backends use their own observers)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     qat: QATConfig = QATConfig()
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> "QuantizeConfig":
+        if self.backend == "onnxruntime":
+            if self.method == "qat":
+                raise ValueError("method qat is not available with backend onnxruntime (it has no quantization-aware "
+                                 "training); use method ptq, or backend x86 for QAT")
+            if self.reduce_range != "auto":
+                raise ValueError("reduce_range applies to the FX backends (x86, fbgemm, qnnpack); onnxruntime "
+                                 "quantizes activations and weights to signed 8 bits: leave it auto")
+        elif self.calibration_method != "minmax":
+            raise ValueError(f"calibration_method applies to backend onnxruntime; {self.backend} uses its own observers")
+        return self
 
 
 class TimingConfig(Strict):

@@ -52,14 +52,16 @@ def onnx_modules() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def ort_session(path: Path | str, threads: int | None = None):
-    """An ONNX Runtime CPU session, with `threads` intra-op threads (default: ONNX Runtime's)."""
+def ort_session(path: Path | str | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session of an ONNX file (or its bytes), with `threads` intra-op threads
+    (default: ONNX Runtime's)."""
     _, ort = onnx_modules()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # errors only: its warnings about unused initializers are for developers
     if threads:
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def _run(session, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -247,9 +247,16 @@ class OrtForward(nn.Module):
     """An ONNX Runtime session behind a module's call, so that it is timed beside the eager models (it
     takes and returns CPU tensors; copies of it share the one session)."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, model: Optional[bytes] = None) -> None:
         super().__init__()
-        self.session, self.input = session, session.get_inputs()[0].name
+        self.session, self.input, self.model = session, session.get_inputs()[0].name, model
+
+    def threads(self, n: int) -> None:
+        """Run with n intra-op threads: a new session of the same graph where it was built with others."""
+        if self.model is not None and self.session.get_session_options().intra_op_num_threads != n:
+            from rescomp.export import ort_session
+
+            self.session = ort_session(self.model, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
@@ -262,18 +269,22 @@ RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort"}  # latency_ms_<column>_b
 
 
 def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg: MeasureConfig,
-                 runtimes: bool = False) -> dict[str, dict[str, Any]]:
+                 runtimes: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """Per model (timed interleaved): latency_ms_cpu_b<B> (the median), latency_iqr_ms_cpu_b<B> and
     latency_runs_cpu_b<B> for each configured batch size, threads pinned; empty rows if latency is off.
-    With `runtimes`, each model is also timed on every other runtime of cfg.runtimes in the same rounds
-    (latency_ms_ort_b<B>, ...), and its row names the fastest."""
+    The models named in `runtimes` are also timed on every other runtime of cfg.runtimes in the same
+    rounds (latency_ms_ort_b<B>, ...), and their rows name the fastest."""
     if not cfg.latency:
         return {name: {} for name in models}
     rows: dict[str, dict[str, Any]] = {}
     with pinned_threads(cfg.threads) as n:
         timed = dict(models)
-        if runtimes and "onnxruntime" in cfg.runtimes:
-            timed.update({f"{name}@onnxruntime": (_ort_forward(m, image_size, n), False) for name, (m, _) in models.items()})
+        if "onnxruntime" in cfg.runtimes:
+            timed.update({f"{name}@onnxruntime": (_ort_forward(m, image_size, n), False)
+                          for name, (m, _) in models.items() if name in runtimes})
+        for name, (m, _) in models.items():
+            if isinstance(m, OrtForward):
+                m.threads(n)  # an int8 graph in ONNX Runtime gets the threads PyTorch has
         for b in cfg.batch_sizes:
             stats = cpu_latency_stats(timed, image_size, b, threads=n, warmup=cfg.warmup, repeats=cfg.repeats,
                                       max_spread=cfg.max_spread, max_seconds=cfg.max_seconds)
@@ -283,8 +294,9 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
                 rows.setdefault(name, {"cpu_threads": n}).update({
                     f"latency_ms_{col}_b{b}": st["median"], f"latency_iqr_ms_{col}_b{b}": st["q3"] - st["q1"],
                     f"latency_runs_{col}_b{b}": st["n"]})
-            if len(timed) > len(models):
-                for row in rows.values():
+            for name in models:
+                if f"{name}@onnxruntime" in timed:
+                    row = rows[name]
                     row[f"fastest_runtime_b{b}"] = min(cfg.runtimes, key=lambda r: row[f"latency_ms_{RUNTIME_COLUMN[r]}_b{b}"])
     return rows
 
@@ -309,7 +321,7 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
     over it (speedup_cpu_b<B>, and whether it is within the noise)."""
     cfg = cfg or MeasureConfig()
     models = {"m": (model, cfg.channels_last)} | ({"ref": (reference, cfg.channels_last)} if reference is not None else {})
-    lat = _latency_row(models, image_size, cfg, runtimes=True)
+    lat = _latency_row(models, image_size, cfg, runtimes=models)
     row: dict[str, Any] = {
         "params": count_params(model),
         "buffers": count_buffers(model),
@@ -327,14 +339,24 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
     return row
 
 
+def _fastest(row: dict[str, Any], b: int) -> str:
+    """The latency column (cpu, ort) of a row's fastest runtime at batch b, or of its only one."""
+    if f"fastest_runtime_b{b}" in row:
+        return RUNTIME_COLUMN[row[f"fastest_runtime_b{b}"]]
+    return next(c for c in RUNTIME_COLUMN.values() if f"latency_ms_{c}_b{b}" in row)
+
+
 def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, prefix: str) -> dict[str, Any]:
     """The base model's latencies (as <prefix>_latency_*) and the speed-up of `new` over it per batch
-    size; the speed-up is within the noise when the two interquartile ranges overlap."""
-    row = {f"{prefix}_{k}": v for k, v in base.items() if k.startswith("latency_")}
+    size, each on its fastest runtime measured: never against a slower runtime than the base has. The
+    speed-up is within the noise when the two interquartile ranges overlap."""
+    row = {f"{prefix}_{k}": v for k, v in base.items() if k.startswith(("latency_", "fastest_"))}
     for b in cfg.batch_sizes:
-        f, q = base[f"latency_ms_cpu_b{b}"], new[f"latency_ms_cpu_b{b}"]
+        bc, nc = _fastest(base, b), _fastest(new, b)
+        f, q = base[f"latency_ms_{bc}_b{b}"], new[f"latency_ms_{nc}_b{b}"]
         row[f"speedup_cpu_b{b}"] = f / q
-        row[f"speedup_within_noise_cpu_b{b}"] = abs(f - q) <= (base[f"latency_iqr_ms_cpu_b{b}"] + new[f"latency_iqr_ms_cpu_b{b}"]) / 2
+        row[f"speedup_within_noise_cpu_b{b}"] = (
+            abs(f - q) <= (base[f"latency_iqr_ms_{bc}_b{b}"] + new[f"latency_iqr_ms_{nc}_b{b}"]) / 2)
     return row
 
 
@@ -343,11 +365,18 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     """The cost columns of a quantized network: bytes, activation memory and CPU latency (its packed
     weights hide parameter counts and MACs from fvcore: take those from its fp32 model). Timed with
     contiguous inputs; the int8 kernels choose their own layout. With its `fp32` model, the two are
-    timed interleaved, and the fp32 timings come back as fp32_latency_* with the speed-up."""
+    timed interleaved, the fp32 model on every runtime of measure.runtimes (and on ONNX Runtime when the
+    int8 model runs there), and the speed-up is over the fastest of them. An int8 model running in ONNX
+    Runtime has ort latency columns, and its size is its graph's bytes."""
     cfg = cfg or MeasureConfig()
+    in_ort = isinstance(qmodel, OrtForward)
+    if in_ort and "onnxruntime" not in cfg.runtimes:
+        cfg = cfg.model_copy(update={"runtimes": [*cfg.runtimes, "onnxruntime"]})
     models = {"int8": (qmodel, False)} | ({"fp32": (fp32, cfg.channels_last)} if fp32 is not None else {})
-    lat = _latency_row(models, image_size, cfg)
-    row = {"size_bytes": state_dict_bytes(qmodel), **_activation_row(qmodel, image_size), **lat["int8"]}
+    lat = _latency_row(models, image_size, cfg, runtimes=("fp32",))
+    int8 = {k.replace("_cpu_", "_ort_"): v for k, v in lat["int8"].items()} if in_ort else lat["int8"]
+    row = {"size_bytes": len(qmodel.model) if in_ort else state_dict_bytes(qmodel),
+           **({} if in_ort else _activation_row(qmodel, image_size)), **int8}
     if fp32 is not None and cfg.latency:
-        row.update(_speedup(lat["fp32"], lat["int8"], cfg, "fp32"))
+        row.update(_speedup(lat["fp32"], int8, cfg, "fp32"))
     return row

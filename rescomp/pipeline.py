@@ -287,7 +287,12 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
     qc, size = cfg.quantize, cfg.data.image_size
     ctx.log(f"calibrating on {qc.calibration_images} training images" if qc.method == "ptq"
             else f"quantization-aware training: {qc.qat.epochs} epochs of fake-quant fine-tuning")
-    if qc.method == "ptq":
+    blob = None
+    if qc.backend == "onnxruntime":
+        from rescomp.compress import quantize_ort
+
+        qmodel, info, blob = quantize_ort.ptq(model, qc, (x for x, _ in calib), size)
+    elif qc.method == "ptq":
         qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     else:
         qmodel, info = _qat(model, cfg, splits, ctx, q)
@@ -302,7 +307,7 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
     costs = measure(model, size, cfg.measure.model_copy(update={"latency": False}))  # fp32; timed below
     int8 = measure_int8(qmodel, size, cfg.measure, fp32=model)  # fp32 and int8 timed interleaved
     metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
-    q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics)
+    q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics, onnx=blob)
     summary = {
         "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
         "row": f"{cfg.label} int8 ({info['activation_bits']}-bit act.)", "arch": spec,

@@ -111,7 +111,7 @@ def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str,
 
 def _ours(row: dict[str, Any]) -> list[str]:
     """Our columns for a row, in table order (latencies and speed-ups for whatever batch sizes it has)."""
-    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith("latency_ms_cpu_b")})
+    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith(("latency_ms_cpu_b", "latency_ms_ort_b"))})
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]

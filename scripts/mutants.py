@@ -81,6 +81,18 @@ M = [
   "tests/test_measure.py::test_onnxruntime_is_timed_beside_eager_with_the_same_threads"),
  ("runtimes-without-eager", "rescomp/config.py", "        if \"eager\" not in v:", "        if False:",
   "tests/test_measure.py::test_onnxruntime_is_timed_beside_eager_with_the_same_threads"),
+ ("ort-calibration-ignored", "rescomp/compress/quantize_ort.py", "    batches = [x.cpu().contiguous().numpy() for x in calibration]",
+  "    batches = [0 * x.cpu().contiguous().numpy() for x in calibration]",
+  "tests/test_quantize_ort.py::test_onnxruntime_int8_tracks_fp32_and_reloads_identically"),
+ ("ort-reload-recalibrates", "rescomp/compress/quantize.py", "        return quantize_ort.load(payload[\"onnx\"]), payload",
+  "        from rescomp.models import build_model\n        return quantize_ort.ptq(build_model(payload[\"arch\"]).eval(), cfg, [torch.randn(4, 3, payload[\"image_size\"], payload[\"image_size\"])], payload[\"image_size\"])[0], payload",
+  "tests/test_quantize_ort.py::test_onnxruntime_int8_tracks_fp32_and_reloads_identically"),
+ ("speedup-over-eager", "rescomp/measure.py", "        bc, nc = _fastest(base, b), _fastest(new, b)", "        bc, nc = \"cpu\", _fastest(new, b)",
+  "tests/test_quantize_ort.py::test_a_speed_up_is_over_the_fastest_fp32_runtime"),
+ ("ort-qat-accepted", "rescomp/config.py", "            if self.method == \"qat\":", "            if False:",
+  "tests/test_quantize_ort.py::test_options_the_backend_cannot_honour_are_one_line"),
+ ("ort-int8-under-pytorch-column", "rescomp/measure.py", "    int8 = {k.replace(\"_cpu_\", \"_ort_\"): v for k, v in lat[\"int8\"].items()} if in_ort else lat[\"int8\"]",
+  "    int8 = lat[\"int8\"]", "tests/test_quantize_ort.py::test_a_quantize_run_in_onnxruntime_end_to_end"),
 ]
 only = set(sys.argv[1:])
 survived = 0

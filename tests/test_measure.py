@@ -180,5 +180,5 @@ def test_the_fastest_runtime_is_the_one_with_the_lowest_median(monkeypatch):
     monkeypatch.setattr(m, "cpu_latency_stats", lambda models, *a, **kw: {
         k: {"median": 2.0 if "@" in k else 5.0, "q1": 1.0, "q3": 3.0, "n": 3} for k in models})
     rows = m._latency_row({"m": (tiny_net(), False)}, 8, MeasureConfig(batch_sizes=[1], runtimes=["eager", "onnxruntime"]),
-                          runtimes=True)
+                          runtimes=("m",))
     assert rows["m"]["fastest_runtime_b1"] == "onnxruntime" and rows["m"]["latency_ms_ort_b1"] == 2.0

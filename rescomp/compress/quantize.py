@@ -69,7 +69,7 @@ def _fx_api() -> Iterator[Any]:
 
 
 # torch.ao.quantization.get_default_qconfig: the activation observers' reduce_range per backend.
-DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False}
+DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False, "onnxruntime": False}
 
 
 def reduce_range(cfg: QuantizeConfig) -> bool:
@@ -81,7 +81,8 @@ def may_saturate(cfg: QuantizeConfig) -> bool:
     """8-bit activations on an x86/fbgemm kernel without VNNI: int16 pair sums can saturate."""
     from rescomp.hardware import cpu_flags
 
-    return not reduce_range(cfg) and cfg.backend != "qnnpack" and not {"avx512_vnni", "avx_vnni"} & cpu_flags()
+    return (not reduce_range(cfg) and cfg.backend in ("x86", "fbgemm")
+            and not {"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
@@ -179,9 +180,11 @@ def skeleton(spec: dict[str, Any], cfg: QuantizeConfig, image_size: int) -> nn.M
 
 
 def save_int8(path: Path, qmodel: nn.Module, spec: dict[str, Any], cfg: QuantizeConfig, image_size: int,
-              metrics: dict[str, Any]) -> None:
+              metrics: dict[str, Any], onnx: bytes | None = None) -> None:
+    """An FX int8 network as its state_dict; an onnxruntime one as its int8 ONNX graph's bytes."""
+    weights = {"onnx": onnx} if onnx is not None else {"state_dict": qmodel.state_dict()}
     checkpoint.save(path, {"kind": QUANT_FORMAT, "arch": spec, "quantize": cfg.model_dump(), "image_size": image_size,
-                           "state_dict": qmodel.state_dict(), "metrics": metrics})
+                           **weights, "metrics": metrics})
 
 
 def load_int8(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -191,6 +194,10 @@ def load_int8(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if payload.get("kind") != QUANT_FORMAT:
         raise CheckpointError(f"'{path}' is not an int8 rescomp model")
     cfg = QuantizeConfig.model_validate(payload["quantize"])
+    if cfg.backend == "onnxruntime":
+        from rescomp.compress import quantize_ort
+
+        return quantize_ort.load(payload["onnx"]), payload
     q = skeleton(payload["arch"], cfg, payload["image_size"])
     try:
         q.load_state_dict(payload["state_dict"])

@@ -1,0 +1,69 @@
+"""Int8 post-training quantization in ONNX Runtime (`quantize.backend: onnxruntime`).
+
+Every ONNX Runtime quantization call lives here. The fp32 network goes through `rescomp export`'s
+checked path, then `quant_pre_process` (shape inference, graph optimisation), then `quantize_static`:
+QDQ format, signed int8 activations and weights (S8S8, ONNX Runtime's recommended x86 default: the
+U8S8 kernels of a CPU without VNNI sum products in saturating int16, as the FX backends' do), weights
+per output channel, and activation ranges from `quantize.calibration_method` over the same training
+images the FX backends calibrate on. The int8 graph is stored whole (its bytes) in int8.pt, so it
+reloads and runs without recalibrating. ONNX Runtime has no quantization-aware training.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from rescomp.config import QuantizeConfig
+
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def describe(cfg: QuantizeConfig) -> dict[str, Any]:
+    return {"method": "ptq", "backend": "onnxruntime", "activation_bits": 8, "format": "QDQ",
+            "activations": "int8 per tensor", "weights": "int8 per channel",
+            "calibration_method": cfg.calibration_method}
+
+
+def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tensor],
+        image_size: int) -> tuple[nn.Module, dict[str, Any], bytes]:
+    """(the int8 network as a module running in ONNX Runtime, what was done, the int8 ONNX bytes)."""
+    from rescomp.export import export_onnx, onnx_modules
+
+    onnx_modules()
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batches = [x.cpu().contiguous().numpy() for x in calibration]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            self.items = iter({name: b} for b in batches)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        fp32, pre, int8 = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "int8.onnx"
+        export_onnx(model, image_size, fp32)
+        quant_pre_process(str(fp32), str(pre))
+        from rescomp.export import ort_session
+
+        name = ort_session(pre).get_inputs()[0].name
+        quantize_static(str(pre), str(int8), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, METHODS[cfg.calibration_method]))
+        blob = int8.read_bytes()
+    return load(blob), {**describe(cfg), "calibration_images": sum(len(b) for b in batches)}, blob
+
+
+def load(blob: bytes, threads: int | None = None) -> nn.Module:
+    """The int8 graph in an ONNX Runtime session, behind a module's call."""
+    from rescomp.export import ort_session
+    from rescomp.measure import OrtForward
+
+    return OrtForward(ort_session(blob, threads), blob)

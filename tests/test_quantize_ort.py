@@ -1,0 +1,99 @@
+# int8 in ONNX Runtime (`quantize.backend: onnxruntime`, issue 11). Wrong versions these tests must
+# catch (checked by mutating the code, scripts/mutants.py):
+#  1. calibration data ignored (ranges from other data than the training images): int8 outputs far
+#       from fp32 -> test_onnxruntime_int8_tracks_fp32_and_reloads_identically
+#  2. the int8 graph not stored whole (a reload that recalibrates or rebuilds): outputs differ
+#       -> test_onnxruntime_int8_tracks_fp32_and_reloads_identically
+#  3. a speed-up stated against a slower fp32 runtime than the fastest measured
+#       -> test_a_speed_up_is_over_the_fastest_fp32_runtime
+#  4. options that do not apply to the backend accepted silently (qat, reduce_range; calibration_method
+#       on FX) -> test_options_the_backend_cannot_honour_are_one_line
+#  5. the int8 row's latency filed under PyTorch's column (its runtime not named)
+#       -> test_a_quantize_run_in_onnxruntime_end_to_end
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rescomp.cli import app
+from rescomp.config import MeasureConfig, QuantizeConfig
+from rescomp.models import build_model
+
+from conftest import write_config
+
+pytest.importorskip("onnxruntime")
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_onnxruntime_int8_tracks_fp32_and_reloads_identically(tmp_path):
+    from rescomp.compress import quantize_ort
+    from rescomp.compress.quantize import load_int8, save_int8
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "cifar_resnet", "depth": 8, "width": 8, "num_classes": 10}).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(4)]
+    cfg = QuantizeConfig(backend="onnxruntime")
+    q, info, blob = quantize_ort.ptq(model, cfg, data, 32)
+    assert info["calibration_images"] == 64 and info["activation_bits"] == 8 and info["format"] == "QDQ"
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+    out = q(x)
+    spread = float(ref.max() - ref.min())
+    # int8 follows fp32 (a value past a calibrated range clips, so the mean, not the largest error)
+    assert float((out - ref).abs().mean()) < 0.03 * spread
+    save_int8(tmp_path / "int8.pt", q, {"arch": "cifar_resnet", "depth": 8, "width": 8, "num_classes": 10}, cfg, 32,
+              {"top1": 0.0}, onnx=blob)
+    again, payload = load_int8(tmp_path / "int8.pt")
+    assert torch.equal(again(x), out) and payload["onnx"] == blob
+
+
+def test_a_speed_up_is_over_the_fastest_fp32_runtime():
+    from rescomp.measure import _speedup
+
+    fp32 = {"latency_ms_cpu_b1": 10.0, "latency_iqr_ms_cpu_b1": 0.1, "latency_ms_ort_b1": 2.0,
+            "latency_iqr_ms_ort_b1": 0.1, "fastest_runtime_b1": "onnxruntime"}
+    int8 = {"latency_ms_ort_b1": 1.0, "latency_iqr_ms_ort_b1": 0.1}
+    row = _speedup(fp32, int8, MeasureConfig(batch_sizes=[1]), "fp32")
+    assert row["speedup_cpu_b1"] == pytest.approx(2.0) and row["fp32_fastest_runtime_b1"] == "onnxruntime"
+    slower = {"latency_ms_cpu_b1": 4.0, "latency_iqr_ms_cpu_b1": 0.1}
+    assert _speedup(fp32, slower, MeasureConfig(batch_sizes=[1]), "fp32")["speedup_cpu_b1"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quantize.method=qat", "method qat is not available with backend onnxruntime"),
+    ("quantize.reduce_range=true", "reduce_range applies to the FX backends"),
+])
+def test_options_the_backend_cannot_honour_are_one_line(workdir, tiny, override, message):
+    tiny["quantize"] = {"backend": "onnxruntime"}
+    path = write_config(workdir, tiny)
+    res = cli("quantize", path, "--set", override)
+    assert res.exit_code == 2 and message in res.stderr and not (workdir / "runs").exists()
+    res = cli("quantize", path, "--set", "quantize.backend=x86", "--set", "quantize.calibration_method=entropy")
+    assert res.exit_code == 2 and "calibration_method applies to backend onnxruntime" in res.stderr
+
+
+def test_a_quantize_run_in_onnxruntime_end_to_end(workdir, tiny):
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"batch_sizes": [1], "repeats": 2, "max_spread": None, "gpu_throughput": False}
+    tiny["quantize"] = {"backend": "onnxruntime", "calibration_images": 32, "calibration_method": "percentile"}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    res = cli("quantize", path)
+    assert res.exit_code == 0, res.output
+    s = json.loads((workdir / "runs/exp-ptq/summary.json").read_text())
+    assert s["quantization"]["backend"] == "onnxruntime" and s["quantization"]["calibration_method"] == "percentile"
+    assert s["latency_ms_ort_b1"] > 0 and "latency_ms_cpu_b1" not in s  # its runtime's column, not PyTorch's
+    assert s["fp32_latency_ms_cpu_b1"] > 0 and s["fp32_latency_ms_ort_b1"] > 0  # fp32 timed on both runtimes
+    best = min(s["fp32_latency_ms_cpu_b1"], s["fp32_latency_ms_ort_b1"])
+    assert s["speedup_cpu_b1"] == pytest.approx(best / s["latency_ms_ort_b1"])
+    res = cli("measure", workdir / "runs/exp-ptq/int8.pt", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"]
+    assert cli("report", "runs/exp-ptq", "--table", "q").exit_code == 0
+    assert "ONNX Runtime ms b1" in (workdir / "results/q/table.md").read_text()
