@@ -115,7 +115,8 @@ def _ours(row: dict[str, Any]) -> list[str]:
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
-    extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "fastest_runtime") if f"{k}_b{b}" in row]
+    extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "fastest_runtime", "fp32_fastest_runtime")
+              if f"{k}_b{b}" in row]
     extra += [f"{k}_{rt}_b{b}" for b in batches for rt in ("cpu", "ort") for k in SPREAD if f"{k}_{rt}_b{b}" in row]
     extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
@@ -152,6 +153,8 @@ def header(key: str) -> str:
         return f"ONNX Runtime ms b{key.rsplit('b', 1)[1]}"
     if key.startswith("fastest_runtime_b"):
         return f"fastest b{key.rsplit('b', 1)[1]}"
+    if key.startswith("fp32_fastest_runtime_b"):
+        return f"speed-up over fp32 in, b{key.rsplit('b', 1)[1]}"
     if key.startswith("speedup_cpu_b"):
         return f"speed-up b{key.rsplit('b', 1)[1]}"
     if key.startswith(("forward_ms_b", "backward_ms_b")):
@@ -195,7 +198,7 @@ def _group(key: str) -> int:
         return 0
     if key in ACCURACY:
         return 1
-    if key.startswith(("latency_", "speedup_", "fastest_", "forward_ms", "backward_ms", "act_peak", "gpu_", "train_seconds")):
+    if key.startswith(("latency_", "speedup_", "fastest_", "fp32_fastest_", "forward_ms", "backward_ms", "act_peak", "gpu_", "train_seconds")):
         return 3
     return 2
 

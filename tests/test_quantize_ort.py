@@ -96,4 +96,5 @@ def test_a_quantize_run_in_onnxruntime_end_to_end(workdir, tiny):
     res = cli("measure", workdir / "runs/exp-ptq/int8.pt", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"]
     assert cli("report", "runs/exp-ptq", "--table", "q").exit_code == 0
-    assert "ONNX Runtime ms b1" in (workdir / "results/q/table.md").read_text()
+    md = (workdir / "results/q/table.md").read_text()
+    assert "ONNX Runtime ms b1" in md and "| speed-up over fp32 in, b1 |" in md and "| onnxruntime |" in md
