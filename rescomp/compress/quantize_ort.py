@@ -11,6 +11,7 @@ reloads and runs without recalibrating. ONNX Runtime has no quantization-aware t
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -54,9 +55,14 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
         from rescomp.export import ort_session
 
         name = ort_session(pre).get_inputs()[0].name
-        quantize_static(str(pre), str(int8), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, METHODS[cfg.calibration_method]))
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR  # its per-tensor notes (a BN weight kept per tensor) are not for users
+        try:
+            quantize_static(str(pre), str(int8), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, METHODS[cfg.calibration_method]))
+        finally:
+            root.level = level
         blob = int8.read_bytes()
     return load(blob), {**describe(cfg), "calibration_images": sum(len(b) for b in batches)}, blob
 
