@@ -149,9 +149,10 @@ class MeasureConfig(Strict):
     gpu_throughput: bool = True  # also images/s on a GPU, where there is one
     # where fp32 latency is timed, all in one process, interleaved, same threads: eager = PyTorch in
     # the layout channels_last says (latency_ms_cpu_b<N>); onnxruntime = the network exported to ONNX
-    # (checked against PyTorch) and run by ONNX Runtime's CPU provider (latency_ms_ort_b<N>). With more
+    # (checked against PyTorch) and run by ONNX Runtime's CPU provider (latency_ms_ort_b<N>); inductor =
+    # torch.compile with weight freezing (latency_ms_ind_b<N>; compiles once per batch size). With more
     # than one, each row also names its fastest (fastest_runtime_b<N>).
-    runtimes: list[Literal["eager", "onnxruntime"]] = ["eager"]
+    runtimes: list[Literal["eager", "onnxruntime", "inductor"]] = ["eager"]
 
     @field_validator("runtimes")
     @classmethod
@@ -170,8 +171,9 @@ class QuantizeConfig(Strict):
     checkpoint: Optional[str] = None  # default: runs/<name>/model.pt, this config's training run
     method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
     # int8 engine. torch.ao FX: x86 (FBGEMM + oneDNN), fbgemm, qnnpack (ARM); onnxruntime: ONNX
-    # Runtime's static QDQ quantization (int8 activations and per-channel weights, PTQ only)
-    backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime"] = "x86"
+    # Runtime's static QDQ quantization (int8 activations and per-channel weights, PTQ only); pt2e:
+    # torchao's PT2E flow with X86InductorQuantizer, run compiled by Inductor (PTQ only here)
+    backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime", "pt2e"] = "x86"
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
     # true; qnnpack: false). rescomp.compress.quantize says why, and what false costs without VNNI.
     reduce_range: Literal["auto", True, False] = "auto"
@@ -189,7 +191,9 @@ class QuantizeConfig(Strict):
             if self.reduce_range != "auto":
                 raise ValueError("reduce_range applies to the FX backends (x86, fbgemm, qnnpack); onnxruntime "
                                  "quantizes activations and weights to signed 8 bits: leave it auto")
-        elif self.calibration_method != "minmax":
+        elif self.backend == "pt2e" and self.method == "qat":
+            raise ValueError("method qat with backend pt2e is not wired in yet; use method ptq, or backend x86 for QAT")
+        if self.backend != "onnxruntime" and self.calibration_method != "minmax":
             raise ValueError(f"calibration_method applies to backend onnxruntime; {self.backend} uses its own observers")
         return self
 

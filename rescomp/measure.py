@@ -265,7 +265,25 @@ class OrtForward(nn.Module):
         return self
 
 
-RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort"}  # latency_ms_<column>_b<N>
+RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort", "inductor": "ind"}  # latency_ms_<column>_b<N>
+
+
+class InductorForward(nn.Module):
+    """An fp32 network compiled by Inductor with weight freezing on first use (copies share it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+        self.compiled = torch.compile(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor
+
+        with inductor.patch(freezing=True), torch.no_grad():
+            return self.compiled(x.contiguous())
+
+    def __deepcopy__(self, memo: dict) -> "InductorForward":
+        return self
 
 
 def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg: MeasureConfig,
@@ -282,6 +300,8 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
         if "onnxruntime" in cfg.runtimes:
             timed.update({f"{name}@onnxruntime": (_ort_forward(m, image_size, n), False)
                           for name, (m, _) in models.items() if name in runtimes})
+        if "inductor" in cfg.runtimes:
+            timed.update({f"{name}@inductor": (InductorForward(m), False) for name, (m, _) in models.items() if name in runtimes})
         for name, (m, _) in models.items():
             if isinstance(m, OrtForward):
                 m.threads(n)  # an int8 graph in ONNX Runtime gets the threads PyTorch has
@@ -295,7 +315,7 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
                     f"latency_ms_{col}_b{b}": st["median"], f"latency_iqr_ms_{col}_b{b}": st["q3"] - st["q1"],
                     f"latency_runs_{col}_b{b}": st["n"]})
             for name in models:
-                if f"{name}@onnxruntime" in timed:
+                if len(cfg.runtimes) > 1 and name in runtimes:
                     row = rows[name]
                     row[f"fastest_runtime_b{b}"] = min(cfg.runtimes, key=lambda r: row[f"latency_ms_{RUNTIME_COLUMN[r]}_b{b}"])
     return rows
@@ -368,15 +388,18 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     timed interleaved, the fp32 model on every runtime of measure.runtimes (and on ONNX Runtime when the
     int8 model runs there), and the speed-up is over the fastest of them. An int8 model running in ONNX
     Runtime has ort latency columns, and its size is its graph's bytes."""
+    from rescomp.compress.quantize_pt2e import Pt2eForward
+
     cfg = cfg or MeasureConfig()
-    in_ort = isinstance(qmodel, OrtForward)
-    if in_ort and "onnxruntime" not in cfg.runtimes:
-        cfg = cfg.model_copy(update={"runtimes": [*cfg.runtimes, "onnxruntime"]})
+    runtime = "onnxruntime" if isinstance(qmodel, OrtForward) else "inductor" if isinstance(qmodel, Pt2eForward) else None
+    if runtime and runtime not in cfg.runtimes:  # its fp32 model is timed where it runs too
+        cfg = cfg.model_copy(update={"runtimes": [*cfg.runtimes, runtime]})
     models = {"int8": (qmodel, False)} | ({"fp32": (fp32, cfg.channels_last)} if fp32 is not None else {})
     lat = _latency_row(models, image_size, cfg, runtimes=("fp32",))
-    int8 = {k.replace("_cpu_", "_ort_"): v for k, v in lat["int8"].items()} if in_ort else lat["int8"]
-    row = {"size_bytes": len(qmodel.model) if in_ort else state_dict_bytes(qmodel),
-           **({} if in_ort else _activation_row(qmodel, image_size)), **int8}
+    col = RUNTIME_COLUMN.get(runtime or "eager")
+    int8 = {k.replace("_cpu_", f"_{col}_"): v for k, v in lat["int8"].items()}
+    row = {"size_bytes": len(qmodel.model) if runtime else state_dict_bytes(qmodel),
+           **({} if runtime else _activation_row(qmodel, image_size)), **int8}
     if fp32 is not None and cfg.latency:
         row.update(_speedup(lat["fp32"], int8, cfg, "fp32"))
     return row

@@ -292,6 +292,10 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
         from rescomp.compress import quantize_ort
 
         qmodel, info, blob = quantize_ort.ptq(model, qc, (x for x, _ in calib), size)
+    elif qc.backend == "pt2e":
+        from rescomp.compress import quantize_pt2e
+
+        qmodel, info, blob = quantize_pt2e.ptq(model, qc, (x for x, _ in calib), size)
     elif qc.method == "ptq":
         qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     else:

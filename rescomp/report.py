@@ -111,13 +111,13 @@ def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str,
 
 def _ours(row: dict[str, Any]) -> list[str]:
     """Our columns for a row, in table order (latencies and speed-ups for whatever batch sizes it has)."""
-    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith(("latency_ms_cpu_b", "latency_ms_ort_b"))})
+    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith(("latency_ms_cpu_b", "latency_ms_ort_b", "latency_ms_ind_b"))})
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
-    extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "fastest_runtime", "fp32_fastest_runtime")
+    extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "latency_ms_ind", "fastest_runtime", "fp32_fastest_runtime")
               if f"{k}_b{b}" in row]
-    extra += [f"{k}_{rt}_b{b}" for b in batches for rt in ("cpu", "ort") for k in SPREAD if f"{k}_{rt}_b{b}" in row]
+    extra += [f"{k}_{rt}_b{b}" for b in batches for rt in ("cpu", "ort", "ind") for k in SPREAD if f"{k}_{rt}_b{b}" in row]
     extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
 
@@ -151,6 +151,8 @@ def header(key: str) -> str:
         return f"CPU ms b{key.rsplit('b', 1)[1]}"
     if key.startswith("latency_ms_ort_b"):
         return f"ONNX Runtime ms b{key.rsplit('b', 1)[1]}"
+    if key.startswith("latency_ms_ind_b"):
+        return f"Inductor ms b{key.rsplit('b', 1)[1]}"
     if key.startswith("fastest_runtime_b"):
         return f"fastest b{key.rsplit('b', 1)[1]}"
     if key.startswith("fp32_fastest_runtime_b"):
@@ -168,7 +170,7 @@ def header(key: str) -> str:
 def _cell(key: str, f: dict[str, Any]) -> str:
     """A Markdown cell: latencies with ± half their interquartile range, speed-ups within it marked."""
     text = _fmt(key, f.get(key))
-    if key.startswith(("latency_ms_cpu_b", "latency_ms_ort_b")) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
+    if key.startswith(("latency_ms_cpu_b", "latency_ms_ort_b", "latency_ms_ind_b")) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
         text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
     if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
         text += " (noise)"

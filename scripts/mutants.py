@@ -93,6 +93,15 @@ M = [
   "tests/test_quantize_ort.py::test_options_the_backend_cannot_honour_are_one_line"),
  ("ort-int8-under-pytorch-column", "rescomp/measure.py", "    int8 = {k.replace(\"_cpu_\", \"_ort_\"): v for k, v in lat[\"int8\"].items()} if in_ort else lat[\"int8\"]",
   "    int8 = lat[\"int8\"]", "tests/test_quantize_ort.py::test_a_quantize_run_in_onnxruntime_end_to_end"),
+ ("pt2e-calibration-ignored", "rescomp/compress/quantize_pt2e.py", "            prepared(x.cpu().contiguous())", "            prepared(0 * x.cpu().contiguous())",
+  "tests/test_quantize_pt2e.py::test_pt2e_int8_tracks_fp32_and_reloads_identically"),
+ ("pt2e-reload-recalibrates", "rescomp/compress/quantize.py", "        return quantize_pt2e.load(payload[\"pt2\"]), payload",
+  "        from rescomp.models import build_model\n        return quantize_pt2e.ptq(build_model(payload[\"arch\"]).eval(), cfg, [torch.randn(4, 3, payload[\"image_size\"], payload[\"image_size\"])], payload[\"image_size\"])[0], payload",
+  "tests/test_quantize_pt2e.py::test_pt2e_int8_tracks_fp32_and_reloads_identically"),
+ ("pt2e-fp32-eager-only", "rescomp/measure.py", "    if runtime and runtime not in cfg.runtimes:", "    if False:",
+  "tests/test_quantize_pt2e.py::test_a_quantize_run_with_pt2e_end_to_end"),
+ ("pt2e-qat-accepted", "rescomp/config.py", "        elif self.backend == \"pt2e\" and self.method == \"qat\":", "        elif False:",
+  "tests/test_quantize_pt2e.py::test_a_quantize_run_with_pt2e_end_to_end"),
 ]
 only = set(sys.argv[1:])
 survived = 0

@@ -69,7 +69,7 @@ def _fx_api() -> Iterator[Any]:
 
 
 # torch.ao.quantization.get_default_qconfig: the activation observers' reduce_range per backend.
-DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False, "onnxruntime": False}
+DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False, "onnxruntime": False, "pt2e": False}
 
 
 def reduce_range(cfg: QuantizeConfig) -> bool:
@@ -181,8 +181,10 @@ def skeleton(spec: dict[str, Any], cfg: QuantizeConfig, image_size: int) -> nn.M
 
 def save_int8(path: Path, qmodel: nn.Module, spec: dict[str, Any], cfg: QuantizeConfig, image_size: int,
               metrics: dict[str, Any], onnx: bytes | None = None) -> None:
-    """An FX int8 network as its state_dict; an onnxruntime one as its int8 ONNX graph's bytes."""
-    weights = {"onnx": onnx} if onnx is not None else {"state_dict": qmodel.state_dict()}
+    """An FX int8 network as its state_dict; an onnxruntime one as its int8 ONNX graph's bytes (`onnx`),
+    a pt2e one as its converted program's (torch.export.save) bytes."""
+    key = "pt2" if cfg.backend == "pt2e" else "onnx"
+    weights = {key: onnx} if onnx is not None else {"state_dict": qmodel.state_dict()}
     checkpoint.save(path, {"kind": QUANT_FORMAT, "arch": spec, "quantize": cfg.model_dump(), "image_size": image_size,
                            **weights, "metrics": metrics})
 
@@ -198,6 +200,10 @@ def load_int8(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         from rescomp.compress import quantize_ort
 
         return quantize_ort.load(payload["onnx"]), payload
+    if cfg.backend == "pt2e":
+        from rescomp.compress import quantize_pt2e
+
+        return quantize_pt2e.load(payload["pt2"]), payload
     q = skeleton(payload["arch"], cfg, payload["image_size"])
     try:
         q.load_state_dict(payload["state_dict"])
