@@ -6,7 +6,9 @@ interquartile range is within 5 % of its median or 20 s pass:
 
 - fp32 in PyTorch eager, NCHW and NHWC;
 - fp32 in ONNX Runtime (the `rescomp export` graph, checked against PyTorch);
+- fp32 compiled by Inductor (torch.compile, weight freezing);
 - int8 through torch.ao FX (x86 backend, 7-bit activations);
+- int8 through torchao PT2E (X86InductorQuantizer), compiled by Inductor (`quantize.backend: pt2e`);
 - int8 in ONNX Runtime (static QDQ, S8S8, per-channel weights: `quantize.backend: onnxruntime`).
 
 Every int8 speed-up is over the fastest fp32 path measured, never a slower one. Weights are freshly
@@ -35,17 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from rescomp import checkpoint, provenance  # noqa: E402
-from rescomp.compress import quantize_ort  # noqa: E402
+from rescomp.compress import quantize_ort, quantize_pt2e  # noqa: E402
 from rescomp.compress.quantize import ptq  # noqa: E402
 from rescomp.config import QuantizeConfig  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
 from rescomp.hardware import cpu_flags  # noqa: E402
-from rescomp.measure import OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
+from rescomp.measure import InductorForward, OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
 from rescomp.models import build_model  # noqa: E402
 
 PATHS = {  # name: (label, int8?)
     "fp32_nchw": ("fp32 PyTorch NCHW", False), "fp32_nhwc": ("fp32 PyTorch NHWC", False),
-    "fp32_ort": ("fp32 ONNX Runtime", False), "int8_fx": ("int8 PyTorch FX x86", True),
+    "fp32_ort": ("fp32 ONNX Runtime", False), "fp32_ind": ("fp32 Inductor", False),
+    "int8_fx": ("int8 PyTorch FX x86", True), "int8_pt2e": ("int8 PT2E Inductor", True),
     "int8_ort": ("int8 ONNX Runtime QDQ", True),
 }
 BATCHES = (1, 64)
@@ -58,14 +61,16 @@ def bench(arch: str, threads: int, warmup: int, repeats: int) -> dict:
     fx, _ = ptq(model, QuantizeConfig(), calib, 32)
     ort_int8, _, blob = quantize_ort.ptq(model, QuantizeConfig(backend="onnxruntime"), calib, 32)
     ort_int8.threads(threads)
+    pt2e, _, pt2 = quantize_pt2e.ptq(model, QuantizeConfig(backend="pt2e"), calib, 32)
     with tempfile.TemporaryDirectory() as d:
         export_onnx(model, 32, Path(d) / "fp32.onnx")
         fp32_onnx_bytes = (Path(d) / "fp32.onnx").stat().st_size
         ort_fp32 = OrtForward(ort_session(Path(d) / "fp32.onnx", threads))
     models = {"fp32_nchw": (model, False), "fp32_nhwc": (model, True), "fp32_ort": (ort_fp32, False),
-              "int8_fx": (fx, False), "int8_ort": (ort_int8, False)}
+              "fp32_ind": (InductorForward(model), False), "int8_fx": (fx, False), "int8_pt2e": (pt2e, False),
+              "int8_ort": (ort_int8, False)}
     row = {"arch": arch, "fp32_size_bytes": state_dict_bytes(model), "fp32_onnx_bytes": fp32_onnx_bytes,
-           "int8_fx_size_bytes": state_dict_bytes(fx), "int8_ort_onnx_bytes": len(blob)}
+           "int8_fx_size_bytes": state_dict_bytes(fx), "int8_pt2e_pt2_bytes": len(pt2), "int8_ort_onnx_bytes": len(blob)}
     for b in BATCHES:
         stats = cpu_latency_stats(models, 32, b, threads=threads, warmup=warmup, repeats=repeats if b == 1 else max(3, repeats // 2))
         for name, st in stats.items():
@@ -102,7 +107,8 @@ def main() -> None:
     for r in rows:
         lines += [f"## {r['arch']}", "", "| path | ms b1 | ms b64 | speed-up b1 | speed-up b64 | bytes |", "|---|---|---|---|---|---|"]
         size = {"fp32_nchw": r["fp32_size_bytes"], "fp32_nhwc": r["fp32_size_bytes"], "fp32_ort": r["fp32_onnx_bytes"],
-                "int8_fx": r["int8_fx_size_bytes"], "int8_ort": r["int8_ort_onnx_bytes"]}
+                "fp32_ind": r["fp32_size_bytes"], "int8_fx": r["int8_fx_size_bytes"], "int8_pt2e": r["int8_pt2e_pt2_bytes"],
+                "int8_ort": r["int8_ort_onnx_bytes"]}
         for name, (label, q) in PATHS.items():
             cells = [f"{r[f'{name}_ms_b{b}']:.2f} ±{r[f'{name}_iqr_ms_b{b}'] / 2:.2f}" for b in BATCHES]
             ups = [f"{r[f'{name}_speedup_b{b}']:.2f}x" if q else ("fastest fp32" if r[f"fastest_fp32_b{b}"] == name else "")
