@@ -40,6 +40,7 @@ from rescomp import checkpoint, provenance  # noqa: E402
 from rescomp.compress import quantize_ort, quantize_pt2e  # noqa: E402
 from rescomp.compress.quantize import ptq  # noqa: E402
 from rescomp.config import QuantizeConfig  # noqa: E402
+from rescomp.errors import ConfigError  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
 from rescomp.hardware import cpu_flags  # noqa: E402
 from rescomp.measure import InductorForward, OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
@@ -61,7 +62,12 @@ def bench(arch: str, threads: int, warmup: int, repeats: int) -> dict:
     fx, _ = ptq(model, QuantizeConfig(), calib, 32)
     ort_int8, _, blob = quantize_ort.ptq(model, QuantizeConfig(backend="onnxruntime"), calib, 32)
     ort_int8.threads(threads)
-    pt2e, _, pt2 = quantize_pt2e.ptq(model, QuantizeConfig(backend="pt2e"), calib, 32)
+    try:
+        pt2e, _, pt2 = quantize_pt2e.ptq(model, QuantizeConfig(backend="pt2e"), calib, 32)
+    except ConfigError as e:  # a network torchao cannot annotate: the path is reported as not available
+        pt2e, pt2, unavailable = None, b"", str(e)
+    else:
+        unavailable = None
     with tempfile.TemporaryDirectory() as d:
         export_onnx(model, 32, Path(d) / "fp32.onnx")
         fp32_onnx_bytes = (Path(d) / "fp32.onnx").stat().st_size
@@ -69,17 +75,20 @@ def bench(arch: str, threads: int, warmup: int, repeats: int) -> dict:
     models = {"fp32_nchw": (model, False), "fp32_nhwc": (model, True), "fp32_ort": (ort_fp32, False),
               "fp32_ind": (InductorForward(model), False), "int8_fx": (fx, False), "int8_pt2e": (pt2e, False),
               "int8_ort": (ort_int8, False)}
+    if pt2e is None:
+        del models["int8_pt2e"]
     row = {"arch": arch, "fp32_size_bytes": state_dict_bytes(model), "fp32_onnx_bytes": fp32_onnx_bytes,
-           "int8_fx_size_bytes": state_dict_bytes(fx), "int8_pt2e_pt2_bytes": len(pt2), "int8_ort_onnx_bytes": len(blob)}
+           "int8_fx_size_bytes": state_dict_bytes(fx), "int8_pt2e_pt2_bytes": len(pt2), "int8_ort_onnx_bytes": len(blob),
+           "unavailable": {"int8_pt2e": unavailable} if unavailable else {}}
     for b in BATCHES:
         stats = cpu_latency_stats(models, 32, b, threads=threads, warmup=warmup, repeats=repeats if b == 1 else max(3, repeats // 2))
         for name, st in stats.items():
             row[f"{name}_ms_b{b}"], row[f"{name}_iqr_ms_b{b}"], row[f"{name}_runs_b{b}"] = st["median"], st["q3"] - st["q1"], st["n"]
-        fastest_fp32 = min((n for n, (_, q) in PATHS.items() if not q), key=lambda n: row[f"{n}_ms_b{b}"])
-        fastest_int8 = min((n for n, (_, q) in PATHS.items() if q), key=lambda n: row[f"{n}_ms_b{b}"])
+        fastest_fp32 = min((n for n, (_, q) in PATHS.items() if not q and n in models), key=lambda n: row[f"{n}_ms_b{b}"])
+        fastest_int8 = min((n for n, (_, q) in PATHS.items() if q and n in models), key=lambda n: row[f"{n}_ms_b{b}"])
         row[f"fastest_fp32_b{b}"], row[f"fastest_int8_b{b}"] = fastest_fp32, fastest_int8
         for n, (_, q) in PATHS.items():
-            if q:
+            if q and n in models:
                 row[f"{n}_speedup_b{b}"] = row[f"{fastest_fp32}_ms_b{b}"] / row[f"{n}_ms_b{b}"]
         row[f"best_speedup_b{b}"] = row[f"{fastest_fp32}_ms_b{b}"] / row[f"{fastest_int8}_ms_b{b}"]
     return row
@@ -110,6 +119,9 @@ def main() -> None:
                 "fp32_ind": r["fp32_size_bytes"], "int8_fx": r["int8_fx_size_bytes"], "int8_pt2e": r["int8_pt2e_pt2_bytes"],
                 "int8_ort": r["int8_ort_onnx_bytes"]}
         for name, (label, q) in PATHS.items():
+            if name in r["unavailable"]:
+                lines.append(f"| {label} | not available: {r['unavailable'][name]} |  |  |  |  |")
+                continue
             cells = [f"{r[f'{name}_ms_b{b}']:.2f} ±{r[f'{name}_iqr_ms_b{b}'] / 2:.2f}" for b in BATCHES]
             ups = [f"{r[f'{name}_speedup_b{b}']:.2f}x" if q else ("fastest fp32" if r[f"fastest_fp32_b{b}"] == name else "")
                    for b in BATCHES]

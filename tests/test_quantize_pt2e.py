@@ -75,3 +75,28 @@ def test_a_quantize_run_with_pt2e_end_to_end(workdir, tiny):
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"]
     res = cli("quantize", path, "--set", "quantize.method=qat")
     assert res.exit_code == 2 and "method qat with backend pt2e is not wired in yet" in res.stderr
+
+
+def test_a_network_torchao_cannot_annotate_is_one_line(workdir, tiny, monkeypatch):
+    # as torchao 0.18's X86InductorQuantizer does for ResNet50V2, whose pre-activations feed two convs
+    import rescomp.compress.quantize_pt2e as p
+
+    real = p._api
+
+    def refusing():
+        prepare, *rest = real()
+
+        def prepare_pt2e(*a, **k):
+            raise ValueError("Input partition has more than one output node")
+
+        return (prepare_pt2e, *rest)
+
+    monkeypatch.setattr(p, "_api", refusing)
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    tiny["quantize"] = {"backend": "pt2e", "calibration_images": 8}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    res = cli("quantize", path)
+    assert res.exit_code == 2 and "cannot annotate this network" in res.stderr and "Traceback" not in res.output
+    assert not (workdir / "runs/exp-ptq").exists()

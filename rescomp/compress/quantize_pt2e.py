@@ -83,7 +83,11 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
         raise ConfigError(f"torch.export cannot capture this model for PT2E ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
     quantizer = Quantizer().set_global(default_config(reduce_range=reduce_range(cfg)))
-    prepared = prepare_pt2e(captured, quantizer)
+    try:
+        prepared = prepare_pt2e(captured, quantizer)
+    except Exception as e:  # torchao's annotation has patterns it cannot take (ResNet50V2's shared pre-activations)
+        raise ConfigError(f"torchao's X86InductorQuantizer cannot annotate this network ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
     n = 0
     with torch.no_grad():
         for x in calibration:
