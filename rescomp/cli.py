@@ -121,7 +121,7 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
 def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trained model to quantize"),
              set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
              fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
-    """Int8 a trained model (torch.fx, x86): calibrate, evaluate and time it beside its fp32 model."""
+    """Int8 a trained model (quantize.backend: FX x86, pt2e or onnxruntime): calibrate, evaluate and time it beside its fp32 model."""
     from rescomp.pipeline import run_quantize
 
     cfgs = _configs(config, set_, profile, seed)

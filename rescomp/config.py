@@ -175,7 +175,8 @@ class QuantizeConfig(Strict):
     # torchao's PT2E flow with X86InductorQuantizer, run compiled by Inductor (PTQ only here)
     backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime", "pt2e"] = "x86"
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
-    # true; qnnpack: false). rescomp.compress.quantize says why, and what false costs without VNNI.
+    # true; qnnpack, pt2e: false). rescomp.compress.quantize says why, and what false costs without
+    # VNNI. onnxruntime: weights in 7 bits instead; auto = 7 where the CPU has no VNNI (quantize_ort).
     reduce_range: Literal["auto", True, False] = "auto"
     calibration_images: int = Field(1000, ge=1, description="training images run through the observers")
     # how onnxruntime turns calibration activations into ranges (the FX backends use their own observers)
@@ -188,9 +189,6 @@ class QuantizeConfig(Strict):
             if self.method == "qat":
                 raise ValueError("method qat is not available with backend onnxruntime (it has no quantization-aware "
                                  "training); use method ptq, or backend x86 for QAT")
-            if self.reduce_range != "auto":
-                raise ValueError("reduce_range applies to the FX backends (x86, fbgemm, qnnpack); onnxruntime "
-                                 "quantizes activations and weights to signed 8 bits: leave it auto")
         elif self.backend == "pt2e" and self.method == "qat":
             raise ValueError("method qat with backend pt2e is not wired in yet; use method ptq, or backend x86 for QAT")
         if self.backend != "onnxruntime" and self.calibration_method != "minmax":

@@ -353,7 +353,7 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
         **lat["m"],
     }
     if reference is not None and cfg.latency:
-        row.update(_speedup(lat["ref"], lat["m"], cfg, "reference"))
+        row.update(_speedup(lat["ref"], lat["m"], cfg, "reference", same_runtime=True))
     if cfg.gpu_throughput and torch.cuda.is_available():
         row["gpu_images_per_s_b256"] = gpu_images_per_s(model, image_size)
     return row
@@ -366,13 +366,16 @@ def _fastest(row: dict[str, Any], b: int) -> str:
     return next(c for c in RUNTIME_COLUMN.values() if f"latency_ms_{c}_b{b}" in row)
 
 
-def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, prefix: str) -> dict[str, Any]:
+def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, prefix: str,
+             same_runtime: bool = False) -> dict[str, Any]:
     """The base model's latencies (as <prefix>_latency_*) and the speed-up of `new` over it per batch
     size, each on its fastest runtime measured: never against a slower runtime than the base has. The
-    speed-up is within the noise when the two interquartile ranges overlap."""
+    speed-up is within the noise when the two interquartile ranges overlap. With `same_runtime` (a pruned
+    network over its unpruned one), both are read on the base's fastest runtime: like with like."""
     row = {f"{prefix}_{k}": v for k, v in base.items() if k.startswith(("latency_", "fastest_"))}
     for b in cfg.batch_sizes:
-        bc, nc = _fastest(base, b), _fastest(new, b)
+        bc = _fastest(base, b)
+        nc = bc if same_runtime else _fastest(new, b)
         f, q = base[f"latency_ms_{bc}_b{b}"], new[f"latency_ms_{nc}_b{b}"]
         row[f"speedup_cpu_b{b}"] = f / q
         row[f"speedup_within_noise_cpu_b{b}"] = (

@@ -126,3 +126,19 @@ def test_an_int8_checkpoint_is_refused(workdir, tiny):
     assert cli("train", path).exit_code == 0 and cli("quantize", path).exit_code == 0
     res = cli("export", workdir / "runs/exp-ptq/int8.pt")
     assert res.exit_code == 2 and "is an int8 model" in res.stderr
+
+
+def test_nan_outputs_and_the_opset_written(tmp_path, monkeypatch):
+    # Wrong versions: a NaN difference passing the check (max(0.0, nan) is 0.0); the opset asked for
+    # recorded instead of the one the exporter wrote
+    import rescomp.export as ex
+
+    model = build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10})
+    info = export_onnx(model, 32, tmp_path / "m.onnx", opset=13)
+    written = [o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain in ("", "ai.onnx")]
+    assert info["opset"] == written[0]
+    real = ex._run
+    monkeypatch.setattr(ex, "_run", lambda session, x: real(session, x) * float("nan"))
+    with pytest.raises(ex.ExportError, match="NaN"):
+        export_onnx(model, 32, tmp_path / "n.onnx")
+    assert not (tmp_path / "n.onnx").exists()

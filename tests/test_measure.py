@@ -182,3 +182,16 @@ def test_the_fastest_runtime_is_the_one_with_the_lowest_median(monkeypatch):
     rows = m._latency_row({"m": (tiny_net(), False)}, 8, MeasureConfig(batch_sizes=[1], runtimes=["eager", "onnxruntime"]),
                           runtimes=("m",))
     assert rows["m"]["fastest_runtime_b1"] == "onnxruntime" and rows["m"]["latency_ms_ort_b1"] == 2.0
+
+
+# Wrong version: a pruned network's speed-up read on another runtime than its unpruned one (the
+# unpruned network in ONNX Runtime against the pruned one in eager PyTorch).
+def test_a_pruned_speed_up_compares_both_networks_on_one_runtime():
+    from rescomp.measure import _speedup
+
+    cfg = MeasureConfig(batch_sizes=[1])
+    base = {"latency_ms_cpu_b1": 10.0, "latency_iqr_ms_cpu_b1": 0.1, "latency_ms_ort_b1": 2.0,
+            "latency_iqr_ms_ort_b1": 0.1, "fastest_runtime_b1": "onnxruntime"}
+    new = {"latency_ms_cpu_b1": 1.0, "latency_iqr_ms_cpu_b1": 0.1, "latency_ms_ort_b1": 1.6,
+           "latency_iqr_ms_ort_b1": 0.1, "fastest_runtime_b1": "eager"}
+    assert _speedup(base, new, cfg, "reference", same_runtime=True)["speedup_cpu_b1"] == pytest.approx(2.0 / 1.6)

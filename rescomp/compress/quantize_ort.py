@@ -2,10 +2,16 @@
 
 Every ONNX Runtime quantization call lives here. The fp32 network goes through `rescomp export`'s
 checked path, then `quant_pre_process` (shape inference, graph optimisation), then `quantize_static`:
-QDQ format, signed int8 activations and weights (S8S8, ONNX Runtime's recommended x86 default: the
-U8S8 kernels of a CPU without VNNI sum products in saturating int16, as the FX backends' do), weights
-per output channel, and activation ranges from `quantize.calibration_method` over the same training
-images the FX backends calibrate on. The int8 graph is stored whole (its bytes) in int8.pt, so it
+QDQ format, signed int8 activations and weights (S8S8, ONNX Runtime's x86 default), weights per
+output channel, and activation ranges from `quantize.calibration_method` over the same training
+images the FX backends calibrate on.
+
+Saturation. On an x86 CPU without VNNI, ONNX Runtime's int8 convs add pairs of products in a
+saturating int16, as the FX backends' do, for S8S8 as well as U8S8: measured on an AVX2-only EPYC, a
+3x3 conv of +-1 weights over an all-ones input came out up to 19.8 off on outputs of 21. ONNX
+Runtime's remedy is `reduce_range`: 7-bit weights (not activations, as in FX), which keeps every pair
+sum within int16. `quantize.reduce_range: auto` therefore gives 7-bit weights on a CPU without VNNI
+and 8-bit ones where VNNI sums into int32; the summary records `weight_bits`. The int8 graph is stored whole (its bytes) in int8.pt, so it
 reloads and runs without recalibrating. ONNX Runtime has no quantization-aware training.
 """
 
@@ -24,8 +30,18 @@ from rescomp.config import QuantizeConfig
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
+def seven_bit_weights(cfg: QuantizeConfig) -> bool:
+    """Whether weights get 7 bits: the config's choice, or (auto) where the CPU has no VNNI."""
+    from rescomp.hardware import cpu_flags
+
+    if cfg.reduce_range != "auto":
+        return cfg.reduce_range
+    return not {"avx512_vnni", "avx_vnni"} & cpu_flags()
+
+
 def describe(cfg: QuantizeConfig) -> dict[str, Any]:
-    return {"method": "ptq", "backend": "onnxruntime", "activation_bits": 8, "format": "QDQ",
+    return {"method": "ptq", "backend": "onnxruntime", "activation_bits": 8,
+            "weight_bits": 7 if seven_bit_weights(cfg) else 8, "format": "QDQ",
             "activations": "int8 per tensor", "weights": "int8 per channel",
             "calibration_method": cfg.calibration_method}
 
@@ -60,6 +76,7 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
         try:
             quantize_static(str(pre), str(int8), Reader(name), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            reduce_range=seven_bit_weights(cfg),
                             calibrate_method=getattr(CalibrationMethod, METHODS[cfg.calibration_method]))
         finally:
             root.level = level
