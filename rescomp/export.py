@@ -40,6 +40,11 @@ class ExportError(RescompError):
     exit_code = 1
 
 
+def dynamic_batch() -> tuple[dict[int, Any]]:
+    """torch.export's dynamic_shapes for a network's one input: its batch dimension, 1 to MAX_BATCH."""
+    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+
+
 def onnx_modules() -> tuple[Any, Any]:
     """(onnx, onnxruntime), after checking onnxscript (torch.onnx's exporter needs it), or one line of what to install."""
     try:
@@ -84,7 +89,7 @@ def export_onnx(model: nn.Module, image_size: int, path: Path, opset: int = OPSE
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
             program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},))
+                                        dynamic_shapes=dynamic_batch())
         program.save(str(tmp))
         onnx.checker.check_model(str(tmp))
         session = ort_session(tmp)

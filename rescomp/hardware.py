@@ -53,6 +53,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(m.group(1).split()) if m else frozenset()
 
 
+def has_vnni() -> bool:
+    """Whether int8 dot products sum into int32 (AVX512-VNNI or AVX-VNNI). Without VNNI, x86 int8
+    kernels add pairs of u8 x s8 products in a saturating int16 (rescomp.compress.quantize)."""
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+
+
 def cpu_isa() -> list[str]:
     """The instruction sets of ISA_FLAGS this CPU has, in that order."""
     flags = cpu_flags()

@@ -269,11 +269,13 @@ RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort", "inductor": "ind"}  # la
 
 
 class InductorForward(nn.Module):
-    """An fp32 network compiled by Inductor with weight freezing on first use (copies share it)."""
+    """A network compiled by Inductor with weight freezing on first use (copies share it); `model` is
+    copied to the CPU for inference, unless `as_is` (a program torch.export captured, which has no
+    train or eval mode to set)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, as_is: bool = False) -> None:
         super().__init__()
-        self.net = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+        self.net = model if as_is else copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
         self.compiled = torch.compile(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -391,10 +393,8 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     timed interleaved, the fp32 model on every runtime of measure.runtimes (and on ONNX Runtime when the
     int8 model runs there), and the speed-up is over the fastest of them. An int8 model running in ONNX
     Runtime has ort latency columns, and its size is its graph's bytes."""
-    from rescomp.compress.quantize_pt2e import Pt2eForward
-
     cfg = cfg or MeasureConfig()
-    runtime = "onnxruntime" if isinstance(qmodel, OrtForward) else "inductor" if isinstance(qmodel, Pt2eForward) else None
+    runtime = "onnxruntime" if isinstance(qmodel, OrtForward) else "inductor" if isinstance(qmodel, InductorForward) else None
     if runtime and runtime not in cfg.runtimes:  # its fp32 model is timed where it runs too
         cfg = cfg.model_copy(update={"runtimes": [*cfg.runtimes, runtime]})
     models = {"int8": (qmodel, False)} | ({"fp32": (fp32, cfg.channels_last)} if fp32 is not None else {})

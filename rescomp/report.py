@@ -26,6 +26,9 @@ MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": 
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
 MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+# The runtimes a latency can come from (rescomp.measure.RUNTIME_COLUMN): latency_ms_<column>_b<N>
+RUNTIME_HEADERS = {"cpu": "CPU ms", "ort": "ONNX Runtime ms", "ind": "Inductor ms"}
+LATENCY = tuple(f"latency_ms_{c}_b" for c in RUNTIME_HEADERS)
 # The spread behind each latency (CSV and JSON columns; in Markdown folded into the latency cell).
 SPREAD = ("latency_iqr_ms", "latency_runs", "speedup_within_noise")
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source",
@@ -111,13 +114,13 @@ def add_compression(rows: list[dict[str, Any]], baseline: str) -> list[dict[str,
 
 def _ours(row: dict[str, Any]) -> list[str]:
     """Our columns for a row, in table order (latencies and speed-ups for whatever batch sizes it has)."""
-    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith(("latency_ms_cpu_b", "latency_ms_ort_b", "latency_ms_ind_b"))})
+    batches = sorted({int(k.rsplit("b", 1)[1]) for k in row if k.startswith(LATENCY)})
     cols = [c for c in COLUMNS if not c.startswith("latency_ms_cpu_b")]
     at = cols.index("compression") + 1
     extra = [f"latency_ms_cpu_b{b}" for b in batches] + [f"speedup_cpu_b{b}" for b in batches if f"speedup_cpu_b{b}" in row]
     extra += [f"{k}_b{b}" for b in batches for k in ("latency_ms_ort", "latency_ms_ind", "fastest_runtime", "fp32_fastest_runtime")
               if f"{k}_b{b}" in row]
-    extra += [f"{k}_{rt}_b{b}" for b in batches for rt in ("cpu", "ort", "ind") for k in SPREAD if f"{k}_{rt}_b{b}" in row]
+    extra += [f"{k}_{rt}_b{b}" for b in batches for rt in RUNTIME_HEADERS for k in SPREAD if f"{k}_{rt}_b{b}" in row]
     extra += sorted(k for k in row if k.startswith(("forward_ms_b", "backward_ms_b")))
     return cols[:at] + extra + cols[at:]
 
@@ -147,12 +150,8 @@ def column_order(flat: list[dict[str, Any]]) -> list[str]:
 
 
 def header(key: str) -> str:
-    if key.startswith("latency_ms_cpu_b"):
-        return f"CPU ms b{key.rsplit('b', 1)[1]}"
-    if key.startswith("latency_ms_ort_b"):
-        return f"ONNX Runtime ms b{key.rsplit('b', 1)[1]}"
-    if key.startswith("latency_ms_ind_b"):
-        return f"Inductor ms b{key.rsplit('b', 1)[1]}"
+    if key.startswith(LATENCY):
+        return f"{RUNTIME_HEADERS[key.split('_')[2]]} b{key.rsplit('b', 1)[1]}"
     if key.startswith("fastest_runtime_b"):
         return f"fastest b{key.rsplit('b', 1)[1]}"
     if key.startswith("fp32_fastest_runtime_b"):
@@ -170,7 +169,7 @@ def header(key: str) -> str:
 def _cell(key: str, f: dict[str, Any]) -> str:
     """A Markdown cell: latencies with ± half their interquartile range, speed-ups within it marked."""
     text = _fmt(key, f.get(key))
-    if key.startswith(("latency_ms_cpu_b", "latency_ms_ort_b", "latency_ms_ind_b")) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
+    if key.startswith(LATENCY) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
         text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
     if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
         text += " (noise)"

@@ -42,7 +42,7 @@ from rescomp.compress.quantize import ptq  # noqa: E402
 from rescomp.config import QuantizeConfig  # noqa: E402
 from rescomp.errors import ConfigError  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
-from rescomp.hardware import cpu_flags  # noqa: E402
+from rescomp.hardware import cpu_flags, has_vnni  # noqa: E402
 from rescomp.measure import InductorForward, OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
 from rescomp.models import build_model  # noqa: E402
 
@@ -104,7 +104,7 @@ def main() -> None:
     args = p.parse_args()
     archs = args.arch or ["resnet56", "resnet50v2"]
     flags = cpu_flags()
-    vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
+    vnni = has_vnni()
     with pinned_threads(args.threads) as n:
         rows = [bench(a, n, args.warmup, args.repeats) for a in archs]
         meta = {**provenance.stamp("cpu"), "threads": n, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -51,3 +51,22 @@ def write_config(folder: Path, cfg: dict, name: str = "exp.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def quantized(workdir: Path, tiny: dict, **quantize) -> dict:
+    """Train the tiny experiment for one epoch, quantize it with these quantize settings (latency at batch
+    1, two timed passes each), and return the int8 run's summary."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"batch_sizes": [1], "repeats": 2, "max_spread": None, "gpu_throughput": False}
+    tiny["quantize"] = quantize
+    path = write_config(workdir, tiny)
+    for command in ("train", "quantize"):
+        res = CliRunner().invoke(app, [command, str(path)])
+        assert res.exit_code == 0, res.output
+    return json.loads((workdir / "runs/exp-ptq/summary.json").read_text())

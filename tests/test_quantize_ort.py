@@ -23,7 +23,7 @@ from rescomp.cli import app
 from rescomp.config import MeasureConfig, QuantizeConfig
 from rescomp.models import build_model
 
-from conftest import write_config
+from conftest import quantized, write_config
 
 pytest.importorskip("onnxruntime")
 
@@ -81,14 +81,7 @@ def test_options_the_backend_cannot_honour_are_one_line(workdir, tiny, override,
 
 
 def test_a_quantize_run_in_onnxruntime_end_to_end(workdir, tiny):
-    tiny["train"]["epochs"] = 1
-    tiny["measure"] = {"batch_sizes": [1], "repeats": 2, "max_spread": None, "gpu_throughput": False}
-    tiny["quantize"] = {"backend": "onnxruntime", "calibration_images": 32, "calibration_method": "percentile"}
-    path = write_config(workdir, tiny)
-    assert cli("train", path).exit_code == 0
-    res = cli("quantize", path)
-    assert res.exit_code == 0, res.output
-    s = json.loads((workdir / "runs/exp-ptq/summary.json").read_text())
+    s = quantized(workdir, tiny, backend="onnxruntime", calibration_images=32, calibration_method="percentile")
     assert s["quantization"]["backend"] == "onnxruntime" and s["quantization"]["calibration_method"] == "percentile"
     assert s["latency_ms_ort_b1"] > 0 and "latency_ms_cpu_b1" not in s  # its runtime's column, not PyTorch's
     assert s["fp32_latency_ms_cpu_b1"] > 0 and s["fp32_latency_ms_ort_b1"] > 0  # fp32 timed on both runtimes

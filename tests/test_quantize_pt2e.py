@@ -17,7 +17,7 @@ from rescomp.cli import app
 from rescomp.config import QuantizeConfig
 from rescomp.models import build_model
 
-from conftest import write_config
+from conftest import quantized, write_config
 
 pytest.importorskip("torchao")
 
@@ -58,14 +58,7 @@ def test_inductor_runs_the_fp32_network_it_compiles():
 
 
 def test_a_quantize_run_with_pt2e_end_to_end(workdir, tiny):
-    tiny["train"]["epochs"] = 1
-    tiny["measure"] = {"batch_sizes": [1], "repeats": 2, "max_spread": None, "gpu_throughput": False}
-    tiny["quantize"] = {"backend": "pt2e", "calibration_images": 32}
-    path = write_config(workdir, tiny)
-    assert cli("train", path).exit_code == 0
-    res = cli("quantize", path)
-    assert res.exit_code == 0, res.output
-    s = json.loads((workdir / "runs/exp-ptq/summary.json").read_text())
+    s = quantized(workdir, tiny, backend="pt2e", calibration_images=32)
     assert s["quantization"]["backend"] == "pt2e" and s["quantization"]["lowering"] == "Inductor, freezing"
     assert s["latency_ms_ind_b1"] > 0 and "latency_ms_cpu_b1" not in s
     assert s["fp32_latency_ms_cpu_b1"] > 0 and s["fp32_latency_ms_ind_b1"] > 0  # fp32 where int8 runs, too
@@ -73,7 +66,7 @@ def test_a_quantize_run_with_pt2e_end_to_end(workdir, tiny):
     assert s["speedup_cpu_b1"] == pytest.approx(best / s["latency_ms_ind_b1"])
     res = cli("measure", workdir / "runs/exp-ptq/int8.pt", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"]
-    res = cli("quantize", path, "--set", "quantize.method=qat")
+    res = cli("quantize", workdir / "exp.yaml", "--set", "quantize.method=qat")
     assert res.exit_code == 2 and "method qat with backend pt2e is not wired in yet" in res.stderr
 
 

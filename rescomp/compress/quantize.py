@@ -79,10 +79,9 @@ def reduce_range(cfg: QuantizeConfig) -> bool:
 
 def may_saturate(cfg: QuantizeConfig) -> bool:
     """8-bit activations on an x86/fbgemm kernel without VNNI: int16 pair sums can saturate."""
-    from rescomp.hardware import cpu_flags
+    from rescomp.hardware import has_vnni
 
-    return (not reduce_range(cfg) and cfg.backend in ("x86", "fbgemm")
-            and not {"avx512_vnni", "avx_vnni"} & cpu_flags())
+    return not reduce_range(cfg) and cfg.backend in ("x86", "fbgemm") and not has_vnni()
 
 
 def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:

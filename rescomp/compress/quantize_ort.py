@@ -32,11 +32,9 @@ METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 def seven_bit_weights(cfg: QuantizeConfig) -> bool:
     """Whether weights get 7 bits: the config's choice, or (auto) where the CPU has no VNNI."""
-    from rescomp.hardware import cpu_flags
+    from rescomp.hardware import has_vnni
 
-    if cfg.reduce_range != "auto":
-        return cfg.reduce_range
-    return not {"avx512_vnni", "avx_vnni"} & cpu_flags()
+    return cfg.reduce_range if cfg.reduce_range != "auto" else not has_vnni()
 
 
 def describe(cfg: QuantizeConfig) -> dict[str, Any]:
@@ -51,7 +49,7 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
     """(the int8 network as a module running in ONNX Runtime, what was done, the int8 ONNX bytes)."""
     from rescomp.export import export_onnx, onnx_modules
 
-    onnx_modules()
+    onnx, _ = onnx_modules()
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -68,9 +66,7 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
         fp32, pre, int8 = Path(d) / "fp32.onnx", Path(d) / "pre.onnx", Path(d) / "int8.onnx"
         export_onnx(model, image_size, fp32)
         quant_pre_process(str(fp32), str(pre))
-        from rescomp.export import ort_session
-
-        name = ort_session(pre).get_inputs()[0].name
+        name = onnx.load(str(pre)).graph.input[0].name
         root = logging.getLogger()
         level, root.level = root.level, logging.ERROR  # its per-tensor notes (a BN weight kept per tensor) are not for users
         try:

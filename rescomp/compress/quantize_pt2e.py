@@ -20,8 +20,7 @@ import torch.nn as nn
 
 from rescomp.config import QuantizeConfig
 from rescomp.errors import ConfigError
-
-MAX_BATCH = 4096
+from rescomp.measure import InductorForward
 
 
 def _api() -> tuple[Any, Any, Any, Any]:
@@ -42,22 +41,12 @@ def describe(cfg: QuantizeConfig) -> dict[str, Any]:
             "lowering": "Inductor, freezing"}
 
 
-class Pt2eForward(nn.Module):
-    """A PT2E int8 program, compiled by Inductor with freezing on first use (copies share it)."""
+class Pt2eForward(InductorForward):
+    """A PT2E int8 program (its torch.export.save bytes in `model`), compiled by Inductor with freezing."""
 
     def __init__(self, program: nn.Module, blob: bytes) -> None:
-        super().__init__()
-        self.program, self.model = program, blob
-        self.compiled = torch.compile(program)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor
-
-        with inductor.patch(freezing=True), torch.no_grad():
-            return self.compiled(x.contiguous())
-
-    def __deepcopy__(self, memo: dict) -> "Pt2eForward":
-        return self
+        super().__init__(program, as_is=True)
+        self.model = blob
 
     def train(self, mode: bool = True) -> "Pt2eForward":
         """An exported program has no train mode (torch.export refuses it); it always runs for inference."""
@@ -65,20 +54,17 @@ class Pt2eForward(nn.Module):
         return self
 
 
-def _dynamic() -> tuple[dict[int, Any]]:
-    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
-
-
 def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tensor],
         image_size: int) -> tuple[nn.Module, dict[str, Any], bytes]:
     """(the int8 network compiled by Inductor, what was done, the converted program's bytes)."""
     from rescomp.compress.quantize import reduce_range
+    from rescomp.export import dynamic_batch
 
     prepare_pt2e, convert_pt2e, Quantizer, default_config = _api()
     example = (torch.zeros(2, 3, image_size, image_size),)
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     try:
-        captured = torch.export.export(model, example, dynamic_shapes=_dynamic()).module()
+        captured = torch.export.export(model, example, dynamic_shapes=dynamic_batch()).module()
     except Exception as e:
         raise ConfigError(f"torch.export cannot capture this model for PT2E ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
@@ -95,7 +81,7 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
             n += len(x)
     converted = convert_pt2e(prepared)
     buf = io.BytesIO()
-    torch.export.save(torch.export.export(converted, example, dynamic_shapes=_dynamic()), buf)
+    torch.export.save(torch.export.export(converted, example, dynamic_shapes=dynamic_batch()), buf)
     blob = buf.getvalue()
     return load(blob), {**describe(cfg), "calibration_images": n}, blob
 
