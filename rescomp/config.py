@@ -172,7 +172,7 @@ class QuantizeConfig(Strict):
     method: Literal["ptq", "qat"] = "ptq"  # qat: fake-quant fine-tuning for qat.epochs, then convert
     # int8 engine. torch.ao FX: x86 (FBGEMM + oneDNN), fbgemm, qnnpack (ARM); onnxruntime: ONNX
     # Runtime's static QDQ quantization (int8 activations and per-channel weights, PTQ only); pt2e:
-    # torchao's PT2E flow with X86InductorQuantizer, run compiled by Inductor (PTQ only here)
+    # torchao's PT2E flow with X86InductorQuantizer, run compiled by Inductor (PTQ and QAT)
     backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime", "pt2e"] = "x86"
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
     # true; qnnpack, pt2e: false). rescomp.compress.quantize says why, and what false costs without
@@ -189,8 +189,6 @@ class QuantizeConfig(Strict):
             if self.method == "qat":
                 raise ValueError("method qat is not available with backend onnxruntime (it has no quantization-aware "
                                  "training); use method ptq, or backend x86 for QAT")
-        elif self.backend == "pt2e" and self.method == "qat":
-            raise ValueError("method qat with backend pt2e is not wired in yet; use method ptq, or backend x86 for QAT")
         if self.backend != "onnxruntime" and self.calibration_method != "minmax":
             raise ValueError(f"calibration_method applies to backend onnxruntime; {self.backend} uses its own observers")
         return self

@@ -288,7 +288,9 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
     ctx.log(f"calibrating on {qc.calibration_images} training images" if qc.method == "ptq"
             else f"quantization-aware training: {qc.qat.epochs} epochs of fake-quant fine-tuning")
     blob = None
-    if qc.backend == "onnxruntime":
+    if qc.method == "qat":  # the config refuses it for a backend without QAT (onnxruntime)
+        qmodel, info, blob = _qat(model, cfg, splits, ctx)
+    elif qc.backend == "onnxruntime":
         from rescomp.compress import quantize_ort
 
         qmodel, info, blob = quantize_ort.ptq(model, qc, (x for x, _ in calib), size)
@@ -296,10 +298,8 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
         from rescomp.compress import quantize_pt2e
 
         qmodel, info, blob = quantize_pt2e.ptq(model, qc, (x for x, _ in calib), size)
-    elif qc.method == "ptq":
-        qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     else:
-        qmodel, info = _qat(model, cfg, splits, ctx, q)
+        qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
     ctx.log(f"int8 ({info['method']}, {qc.backend}, {info['activation_bits']}-bit activations) of {source}; "
             f"calibrated on {qc.calibration_images} training images")
     if q.may_saturate(qc):
@@ -329,10 +329,19 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
     return run_dir, summary
 
 
-def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any, dict[str, Any]]:
-    """Quantization-aware training: fake-quant fine-tuning with the config's data, then convert."""
-    qc = cfg.quantize
-    prepared = q.prepare(model, qc, cfg.data.image_size)
+def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext) -> tuple[Any, dict[str, Any], Optional[bytes]]:
+    """Quantization-aware training: fake-quant fine-tuning with the config's data, then convert (FX, or
+    PT2E, whose program's bytes come back too)."""
+    from rescomp.compress import quantize as q
+
+    qc, size = cfg.quantize, cfg.data.image_size
+    if qc.backend == "pt2e":
+        from rescomp.compress import quantize_pt2e as pt2e
+
+        prepared, finish = pt2e.prepare_qat(model, qc, size), lambda p: pt2e.convert_qat(p, size)
+        describe = pt2e.describe
+    else:
+        prepared, finish, describe = q.prepare(model, qc, size), lambda p: (q.convert(p, size), None), q.describe
     tune = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "epochs": qc.qat.epochs, "optimizer": cfg.train.optimizer.model_copy(update={"lr": qc.qat.lr}),
         "schedule": cfg.train.schedule.model_copy(update={"name": "cosine", "warmup_epochs": 0}),
@@ -341,8 +350,8 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, q) -> tuple[Any,
     loaders = train_loaders(tune, ctx, splits)
     # Fine-tuning is a stage the pipeline runs (DESIGN.md, habit 1); a few epochs, so no checkpoints.
     Trainer(prepared, loaders, tune, ctx, None, {}).fit()
-    return q.convert(prepared, cfg.data.image_size), {**q.describe(qc), "qat_epochs": qc.qat.epochs,
-                                                      "qat_lr": qc.qat.lr}
+    qmodel, blob = finish(prepared)
+    return qmodel, {**describe(qc), "qat_epochs": qc.qat.epochs, "qat_lr": qc.qat.lr}, blob
 
 
 # Stages that fine-tune step by step (prune, layer-drop) keep one resumable folder per step.

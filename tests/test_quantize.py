@@ -222,6 +222,7 @@ def test_zero_pad_keeps_its_inputs_int8_grid():
 
 @pytest.mark.parametrize("backend, setting, flags, risky", [
     ("x86", False, {"avx2"}, True), ("fbgemm", False, {"avx2"}, True), ("x86", "auto", {"avx2"}, False),
+    ("pt2e", False, {"avx2"}, True), ("pt2e", "auto", {"avx2"}, False), ("pt2e", "auto", {"avx2", "avx512_vnni"}, False),
     ("qnnpack", False, {"avx2"}, False), ("x86", False, {"avx2", "avx512_vnni"}, False),
     ("x86", False, {"avx2", "avx_vnni"}, False),
 ])

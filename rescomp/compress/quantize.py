@@ -69,19 +69,28 @@ def _fx_api() -> Iterator[Any]:
 
 
 # torch.ao.quantization.get_default_qconfig: the activation observers' reduce_range per backend.
-DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False, "onnxruntime": False, "pt2e": False}
+DEFAULT_REDUCE_RANGE = {"x86": True, "fbgemm": True, "qnnpack": False, "onnxruntime": False}
+# Backends whose x86 int8 kernels multiply u8 x s8 into saturating int16 pairs where the CPU has no VNNI.
+# pt2e's (oneDNN, through Inductor) do too: measured on an AVX2-only AMD EPYC, an all-255 x all-127
+# 1x1 conv over 64 channels returned 31.6 for an exact 64 with 8-bit activations, 63.0 with 7.
+SATURATING = ("x86", "fbgemm", "pt2e")
 
 
 def reduce_range(cfg: QuantizeConfig) -> bool:
-    """Whether activations get 7 bits (True) or 8: the config's choice, or its backend's default."""
-    return DEFAULT_REDUCE_RANGE[cfg.backend] if cfg.reduce_range == "auto" else cfg.reduce_range
+    """Whether activations get 7 bits (True) or 8: the config's choice, else its backend's default (for
+    pt2e, whose X86InductorQuantizer defaults to 8 bits: 7 where the CPU has no VNNI, 8 where it has)."""
+    from rescomp.hardware import has_vnni
+
+    if cfg.reduce_range != "auto":
+        return cfg.reduce_range
+    return not has_vnni() if cfg.backend == "pt2e" else DEFAULT_REDUCE_RANGE[cfg.backend]
 
 
 def may_saturate(cfg: QuantizeConfig) -> bool:
-    """8-bit activations on an x86/fbgemm kernel without VNNI: int16 pair sums can saturate."""
+    """8-bit activations on an x86/fbgemm/oneDNN kernel without VNNI: int16 pair sums can saturate."""
     from rescomp.hardware import has_vnni
 
-    return not reduce_range(cfg) and cfg.backend in ("x86", "fbgemm") and not has_vnni()
+    return not reduce_range(cfg) and cfg.backend in SATURATING and not has_vnni()
 
 
 def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:

@@ -2,17 +2,30 @@
 
 Every torchao call lives here. The network is captured with torch.export (a dynamic batch
 dimension), annotated by `X86InductorQuantizer` with its default config (uint8 activations per tensor,
-int8 weights per output channel; `quantize.reduce_range` gives 7-bit activations), calibrated on the
+int8 weights per output channel), calibrated on the
 same training images as the other backends, and converted. This replaces torch.ao's deprecated FX
 flow. The converted program is stored whole (torch.export.save bytes) in int8.pt, so it reloads
 without recalibrating, and runs compiled by Inductor with weight freezing, which fuses the
 quantize/dequantize patterns into oneDNN int8 kernels. Inductor compiles once per input shape on
-first use; the timing's warm-up passes absorb that. QAT through PT2E is not wired in here yet.
+first use; the timing's warm-up passes absorb that.
+
+Activations get 8 bits where the CPU has VNNI and 7 where it has not (`quantize.reduce_range: auto`):
+oneDNN's int8 convs on an AVX2 CPU without VNNI add u8 x s8 products in saturating int16 pairs, as
+FBGEMM's do (rescomp.compress.quantize), and with torchao's default of 8 bits a conv's sums come out
+wrong; measured on an AVX2-only AMD EPYC, an all-255 x all-127 1x1 conv over 64 channels gave half
+the exact sum, and a QAT ResNet-8's int8 outputs were 7x further from its fake-quantized ones.
+
+QAT (`method: qat`) captures the network in train mode, so its batch norms keep learning, and
+torchao's prepare_qat_pt2e folds each conv-BN pair into a fake-quantized conv; the Trainer fine-tunes
+it like any network (QatProgram switches train and eval the way torchao does for exported graphs),
+and the result is converted and stored as the PTQ program is.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch
@@ -23,20 +36,23 @@ from rescomp.errors import ConfigError
 from rescomp.measure import InductorForward
 
 
-def _api() -> tuple[Any, Any, Any, Any]:
+def _api() -> Any:
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     except ImportError as e:
         raise ConfigError(f"quantize.backend pt2e needs torchao ({e.name} is missing): pip install 'torchao==0.18.0'") from None
-    return prepare_pt2e, convert_pt2e, X86InductorQuantizer, get_default_x86_inductor_quantization_config
+    return SimpleNamespace(prepare=prepare_pt2e, prepare_qat=prepare_qat_pt2e, convert=convert_pt2e,
+                           to_train=move_exported_model_to_train, to_eval=move_exported_model_to_eval,
+                           Quantizer=X86InductorQuantizer, config=get_default_x86_inductor_quantization_config)
 
 
 def describe(cfg: QuantizeConfig) -> dict[str, Any]:
     from rescomp.compress.quantize import reduce_range
 
-    return {"method": "ptq", "backend": "pt2e", "activation_bits": 7 if reduce_range(cfg) else 8,
+    return {"method": cfg.method, "backend": "pt2e", "activation_bits": 7 if reduce_range(cfg) else 8,
             "quantizer": "X86InductorQuantizer", "activations": "uint8 per tensor", "weights": "int8 per channel",
             "lowering": "Inductor, freezing"}
 
@@ -54,36 +70,89 @@ class Pt2eForward(InductorForward):
         return self
 
 
-def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tensor],
-        image_size: int) -> tuple[nn.Module, dict[str, Any], bytes]:
-    """(the int8 network compiled by Inductor, what was done, the converted program's bytes)."""
+class QatProgram(nn.Module):
+    """A captured network with fake quantization, fine-tuned by the Trainer: train() and eval() switch its
+    batch norms (batch or running statistics) as torchao does for exported graphs, which refuse .train()."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> "QatProgram":
+        api = _api()
+        (api.to_train if mode else api.to_eval)(self.program)
+        self.training = mode
+        return self
+
+
+def _annotated(model: nn.Module, cfg: QuantizeConfig, image_size: int, qat: bool) -> nn.Module:
+    """A copy of `model` captured by torch.export (in train mode for QAT: batch norms that learn) and
+    annotated with X86InductorQuantizer's observers (ptq) or fake quantization (qat)."""
     from rescomp.compress.quantize import reduce_range
     from rescomp.export import dynamic_batch
 
-    prepare_pt2e, convert_pt2e, Quantizer, default_config = _api()
+    api = _api()
+    model = copy.deepcopy(model).cpu().train(qat).to(memory_format=torch.contiguous_format)
     example = (torch.zeros(2, 3, image_size, image_size),)
-    model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     try:
         captured = torch.export.export(model, example, dynamic_shapes=dynamic_batch()).module()
     except Exception as e:
         raise ConfigError(f"torch.export cannot capture this model for PT2E ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
-    quantizer = Quantizer().set_global(default_config(reduce_range=reduce_range(cfg)))
+    quantizer = api.Quantizer().set_global(api.config(is_qat=qat, reduce_range=reduce_range(cfg)))
     try:
-        prepared = prepare_pt2e(captured, quantizer)
+        return (api.prepare_qat if qat else api.prepare)(captured, quantizer)
     except Exception as e:  # torchao's annotation has patterns it cannot take (ResNet50V2's shared pre-activations)
         raise ConfigError(f"torchao's X86InductorQuantizer cannot annotate this network ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
+
+
+def _converted(prepared: nn.Module, image_size: int) -> tuple[Pt2eForward, bytes]:
+    """Convert, drop what the int8 graph no longer reads, and store the program (torch.export.save).
+    convert_pt2e folds each weight's quantization into an int8 constant but keeps the fp32 weight as an
+    unused parameter, which torch.export would save too (ResNet-56: 5.26 MB instead of 1.80 MB)."""
+    from rescomp.export import dynamic_batch
+
+    converted = _api().convert(prepared)
+    converted.graph.eliminate_dead_code()
+    read = {n.target for n in converted.graph.nodes if n.op == "get_attr"}
+    for name, _ in [*converted.named_parameters(), *converted.named_buffers()]:
+        if name not in read:
+            owner, _, attr = name.rpartition(".")
+            delattr(converted.get_submodule(owner), attr)
+    converted.recompile()
+    buf = io.BytesIO()
+    example = (torch.zeros(2, 3, image_size, image_size),)
+    torch.export.save(torch.export.export(converted, example, dynamic_shapes=dynamic_batch()), buf)
+    blob = buf.getvalue()
+    return load(blob), blob
+
+
+def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tensor],
+        image_size: int) -> tuple[nn.Module, dict[str, Any], bytes]:
+    """(the int8 network compiled by Inductor, what was done, the converted program's bytes)."""
+    prepared = _annotated(model, cfg, image_size, qat=False)
     n = 0
     with torch.no_grad():
         for x in calibration:
             prepared(x.cpu().contiguous())
             n += len(x)
-    converted = convert_pt2e(prepared)
-    buf = io.BytesIO()
-    torch.export.save(torch.export.export(converted, example, dynamic_shapes=dynamic_batch()), buf)
-    blob = buf.getvalue()
-    return load(blob), {**describe(cfg), "calibration_images": n}, blob
+    qmodel, blob = _converted(prepared, image_size)
+    return qmodel, {**describe(cfg), "calibration_images": n}, blob
+
+
+def prepare_qat(model: nn.Module, cfg: QuantizeConfig, image_size: int) -> QatProgram:
+    """A copy of `model` with fake quantization, in train mode, for the Trainer to fine-tune."""
+    return QatProgram(_annotated(model, cfg, image_size, qat=True)).train()
+
+
+def convert_qat(prepared: QatProgram, image_size: int) -> tuple[Pt2eForward, bytes]:
+    """The int8 network of a fine-tuned QatProgram (batch norms folded with their running statistics)."""
+    prepared.eval()
+    return _converted(prepared.program, image_size)
 
 
 def load(blob: bytes) -> Pt2eForward:
