@@ -233,11 +233,14 @@ def _show(row: dict, title: str, as_json: bool) -> None:
 
 @app.command()
 @user_errors
-def export(target: Path = typer.Argument(..., help="a trained model.pt, or an experiment YAML (its training run's model.pt)"),
+def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an experiment YAML (its training "
+                                          "run's model.pt; with --int8, its quantize run's int8.pt)"),
            out_path: Optional[Path] = typer.Option(None, "--out", help="the .onnx file (default: beside the model.pt)"),
+           int8: bool = typer.Option(False, "--int8", help="export the int8 model (quantize.backend pt2e or onnxruntime)"),
            opset: int = typer.Option(18, help="ONNX opset"), set_: Optional[List[str]] = SetOpt,
            profile: Optional[str] = ProfileOpt) -> None:
-    """Write a trained network as ONNX (dynamic batch), kept only if ONNX Runtime's outputs match PyTorch's."""
+    """Write a trained network as ONNX (dynamic batch), kept only if ONNX Runtime agrees with PyTorch
+    (fp32: outputs to 1e-4; int8: top-1 on a batch)."""
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
     from rescomp.export import export_checkpoint
@@ -247,14 +250,22 @@ def export(target: Path = typer.Argument(..., help="a trained model.pt, or an ex
         raise ConfigError(f"--out '{out_path}' must end in .onnx")
     source = target
     if target.suffix in (".yaml", ".yml"):
-        source = run_folder(load_config(target, set_, profile)) / "model.pt"
+        cfg = load_config(target, set_, profile)
+        source = run_folder(cfg, cfg.quantize.method) / "int8.pt" if int8 else run_folder(cfg) / "model.pt"
         if not source.is_file():
-            raise ConfigError(f"no trained model at '{source}'; run `rescomp train {target}` first, or pass a model.pt")
+            todo = f"rescomp quantize {target}` (quantize.backend pt2e or onnxruntime)" if int8 else f"rescomp train {target}`"
+            raise ConfigError(f"no {'int8' if int8 else 'trained'} model at '{source}'; run `{todo} first, or pass "
+                              f"{'an int8.pt' if int8 else 'a model.pt'}")
     elif target.suffix not in (".pt", ".pth"):
         raise ConfigError(f"'{target}' is neither a model.pt nor a config (.yaml); pass one of them")
-    path, rec = export_checkpoint(source, out_path, opset)
-    out.print(f"{rec['arch']['arch']} -> {path} ({rec['onnx_bytes'] / 1e6:.2f} MB, opset {rec['opset']}); ONNX Runtime "
-              f"matches PyTorch to {rec['max_abs_diff']:.2g} (allowed {rec['tolerance']:.2g}) -> {path}.json", highlight=False)
+    path, rec = export_checkpoint(source, out_path, opset, int8=int8)
+    if rec.get("int8"):
+        agreement = (f"ONNX Runtime's top-1 agrees with the {rec['backend']} int8 model's on {rec['top1_agreement']:.0%} "
+                     f"of {rec['checked_batches'][0]} images")
+    else:
+        agreement = f"ONNX Runtime matches PyTorch to {rec['max_abs_diff']:.2g} (allowed {rec['tolerance']:.2g})"
+    out.print(f"{rec['arch']['arch']} -> {path} ({rec['onnx_bytes'] / 1e6:.2f} MB, opset {rec['opset']}); {agreement} "
+              f"-> {path}.json", highlight=False)
 
 
 @app.command()

@@ -8,6 +8,12 @@ magnitude, and never less than `RTOL` absolute. An absolute bound alone would fa
 an untrained ResNet-56 gives logits near 1e4, whose float32 rounding differs by 1e-3 between
 runtimes. Otherwise nothing is written and the error says by how much the outputs differ.
 
+An int8 model (`rescomp quantize` with backend pt2e or onnxruntime) exports as a QDQ graph: ONNX
+Runtime's own int8 graph as it is, or PT2E's converted program through the same exporter. It is kept
+where ONNX Runtime's top-1 agrees with the int8 model's on INT8_AGREEMENT of a seeded batch: int8
+kernels round differently from one library to the next, so outputs agree to a quantization step, not
+to 1e-4. FX int8 models (packed torch.ao ops) have no ONNX form.
+
 onnx, onnxscript and onnxruntime are rescomp dependencies; an install without them gets one line
 saying what to install.
 """
@@ -20,7 +26,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -32,6 +38,8 @@ OPSET = 18
 RTOL = 1e-4  # of max(1, the largest |logit|): the agreement an export must show
 CHECK_BATCH = 4
 MAX_BATCH = 4096
+AGREE_BATCH = 64  # int8: the seeded random images whose top-1 must agree
+INT8_AGREEMENT = 0.95
 
 
 class ExportError(RescompError):
@@ -76,38 +84,26 @@ def _run(session, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path, opset: int = OPSET, seed: int = 0) -> dict[str, Any]:
-    """Write `model` as ONNX to `path` (batch dimension dynamic) after checking it against PyTorch;
-    returns what was checked. Raises ExportError, and leaves no file, where the two disagree."""
+def _torch_onnx(model: Any, x: torch.Tensor, opset: int, path: Path) -> None:
+    """torch.onnx's exporter (torch.export, then onnxscript), batch dimension dynamic."""
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
+                                    dynamic_shapes=dynamic_batch())
+    program.save(str(path))
+
+
+def _checked_write(path: Path, write: Callable[[Path], None], check: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """`write` an ONNX file beside `path`, pass onnx.checker and `check` (given an ONNX Runtime session of
+    it; raises ExportError or returns what it checked), then move it into place; nothing is left otherwise."""
     onnx, ort = onnx_modules()
     import onnxscript
 
-    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=g)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
-                                        dynamic_shapes=dynamic_batch())
-        program.save(str(tmp))
+        write(tmp)
         onnx.checker.check_model(str(tmp))
-        session = ort_session(tmp)
-        worst, scale = 0.0, 1.0
-        with torch.no_grad():
-            for batch in (x, x[:1]):
-                ours, theirs = model(batch), _run(session, batch)
-                if not bool(torch.isfinite(theirs).all()):
-                    raise ExportError("ONNX Runtime's outputs hold NaN or infinite values; the export was not kept")
-                if ours.shape != theirs.shape:
-                    raise ExportError(f"the ONNX graph returns shape {tuple(theirs.shape)} for a batch of "
-                                      f"{len(batch)}, PyTorch {tuple(ours.shape)}")
-                worst = max(worst, float((ours - theirs).abs().max()))
-                scale = max(scale, float(ours.abs().max()))
-        if not worst <= RTOL * scale:  # a NaN difference fails too
-            raise ExportError(f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.3g} (allowed "
-                              f"{RTOL:g} x {scale:.3g}); the export was not kept")
-        written = next((o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx")), opset)
+        checked = check(ort_session(tmp))
+        written = next((o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx")), None)
         tmp.replace(path)
     except RescompError:
         raise
@@ -115,26 +111,106 @@ def export_onnx(model: nn.Module, image_size: int, path: Path, opset: int = OPSE
         raise ExportError(f"torch.onnx could not export this network: {str(e).strip().splitlines()[0][:300]}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return {"opset": written, "onnx_bytes": path.stat().st_size, "image_size": image_size, "batch": "dynamic",
-            "checked_batches": [CHECK_BATCH, 1], "max_abs_diff": worst, "tolerance": RTOL * scale,
+    return {"opset": written, "onnx_bytes": path.stat().st_size, "batch": "dynamic", **checked,
             "onnx": onnx.__version__, "onnxscript": onnxscript.__version__, "onnxruntime": ort.__version__}
 
 
-def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET) -> tuple[Path, dict[str, Any]]:
-    """Export the fp32 network of a rescomp model.pt to `out` (default: beside it, .onnx), with a JSON
-    record of the check and its provenance beside the file (<out>.json)."""
+def _outputs(session: Any, batch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's outputs for `batch`, refused where they hold NaN or infinities or have another shape
+    than PyTorch's (`like`)."""
+    theirs = _run(session, batch)
+    if not bool(torch.isfinite(theirs).all()):
+        raise ExportError("ONNX Runtime's outputs hold NaN or infinite values; the export was not kept")
+    if like.shape != theirs.shape:
+        raise ExportError(f"the ONNX graph returns shape {tuple(theirs.shape)} for a batch of "
+                          f"{len(batch)}, PyTorch {tuple(like.shape)}")
+    return theirs
+
+
+def export_onnx(model: nn.Module, image_size: int, path: Path, opset: int = OPSET, seed: int = 0) -> dict[str, Any]:
+    """Write `model` as ONNX to `path` (batch dimension dynamic) after checking it against PyTorch;
+    returns what was checked. Raises ExportError, and leaves no file, where the two disagree."""
+    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+
+    def check(session: Any) -> dict[str, Any]:
+        worst, scale = 0.0, 1.0
+        with torch.no_grad():
+            for batch in (x, x[:1]):
+                ours = model(batch)
+                theirs = _outputs(session, batch, ours)
+                worst = max(worst, float((ours - theirs).abs().max()))
+                scale = max(scale, float(ours.abs().max()))
+        if not worst <= RTOL * scale:  # a NaN difference fails too
+            raise ExportError(f"ONNX Runtime's outputs differ from PyTorch's by up to {worst:.3g} (allowed "
+                              f"{RTOL:g} x {scale:.3g}); the export was not kept")
+        return {"image_size": image_size, "checked_batches": [CHECK_BATCH, 1], "max_abs_diff": worst,
+                "tolerance": RTOL * scale}
+
+    return _checked_write(path, lambda tmp: _torch_onnx(model, x, opset, tmp), check)
+
+
+def _no_onnx_form(backend: str) -> ConfigError:
+    return ConfigError(f"an int8 model of backend {backend} (torch.ao FX, packed int8 ops) has no ONNX form; "
+                       f"quantize with --set quantize.backend=pt2e or onnxruntime, then export that int8.pt")
+
+
+def export_int8_onnx(qmodel: nn.Module, payload: dict[str, Any], path: Path, opset: int = OPSET,
+                     seed: int = 0) -> dict[str, Any]:
+    """Write a rescomp int8 model (rescomp.compress.quantize.load_int8) as an int8 ONNX graph (QuantizeLinear /
+    DequantizeLinear around float ops, which ONNX Runtime fuses into int8 kernels): backend onnxruntime's
+    graph as it is, pt2e's converted program through torch.onnx. Kept where ONNX Runtime's top-1 agrees
+    with the int8 model's own on at least INT8_AGREEMENT of a seeded batch of AGREE_BATCH random images
+    (int8 kernels round differently, so outputs agree to a step, not to 1e-4)."""
+    backend, size = payload["quantize"]["backend"], payload["image_size"]
+    x = torch.randn(AGREE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    if backend == "onnxruntime":
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(payload["onnx"])
+    elif backend == "pt2e":
+        def write(tmp: Path) -> None:
+            _torch_onnx(torch.export.load(io.BytesIO(payload["pt2"])), x, opset, tmp)
+    else:
+        raise _no_onnx_form(backend)
+
+    def check(session: Any) -> dict[str, Any]:
+        with torch.no_grad():
+            ours = qmodel(x)
+            theirs = _outputs(session, x, ours)
+            _outputs(session, x[:1], ours[:1])
+        agree = float((ours.argmax(1) == theirs.argmax(1)).float().mean())
+        if not agree >= INT8_AGREEMENT:
+            raise ExportError(f"ONNX Runtime's top-1 agrees with the int8 model's on {agree:.0%} of "
+                              f"{AGREE_BATCH} images (at least {INT8_AGREEMENT:.0%} needed); the export was not kept")
+        return {"image_size": size, "int8": True, "backend": backend, "checked_batches": [AGREE_BATCH, 1],
+                "top1_agreement": agree, "max_abs_diff": float((ours - theirs).abs().max())}
+
+    return _checked_write(path, write, check)
+
+
+def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
+                      int8: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Export the network of a rescomp model.pt (fp32) or int8.pt (int8; `int8` asks for one) to `out`
+    (default: beside it, .onnx), with a JSON record of the check and its provenance beside the file
+    (<out>.json)."""
+    from rescomp.compress.quantize import QUANT_FORMAT, load_int8
     from rescomp.provenance import stamp
 
     payload = checkpoint.load(source)
-    if payload.get("kind") == "rescomp-int8":
-        raise ConfigError(f"'{source}' is an int8 model; ONNX export takes fp32 models: export the model.pt it "
-                          f"was quantized from ({payload.get('source', 'its training run')})")
+    quantized = payload.get("kind") == QUANT_FORMAT
+    if int8 and not quantized:
+        raise ConfigError(f"'{source}' is an fp32 model; --int8 exports an int8 model: run `rescomp quantize` with "
+                          f"quantize.backend pt2e or onnxruntime and export its int8.pt")
     onnx_modules()  # what to install, before any work
-    model, payload = checkpoint.load_model(source)
-    image_size = ((payload.get("config") or {}).get("data") or {}).get("image_size", 32)
     out = out or source.with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = export_onnx(model, image_size, out, opset)
+    if quantized:
+        model, payload = load_int8(source)
+        info = export_int8_onnx(model, payload, out, opset)
+    else:
+        model, payload = checkpoint.load_model(source)
+        image_size = ((payload.get("config") or {}).get("data") or {}).get("image_size", 32)
+        info = export_onnx(model, image_size, out, opset)
     record = {"file": str(out), "source": str(source), "arch": payload["arch"], **info, **stamp("cpu")}
     checkpoint.atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2))
     return out, record

@@ -43,10 +43,13 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def stage_suffix(cfg: ExperimentConfig, stage: str) -> str:
-    """Run-folder suffix of a later stage; layer-drop runs of one trained network differ by k, n, criterion."""
+    """Run-folder suffix of a later stage; layer-drop runs of one trained network differ by k, n, criterion,
+    and int8 runs by backend."""
     if stage == "layerdrop":
         ld = cfg.layer_drop
         return f"layerdrop-{ld.criterion}-k{ld.k}-n{ld.retrain_epochs}"
+    if stage in ("ptq", "qat") and cfg.quantize.backend != "x86":  # x86 (torch.ao FX) is the default
+        return f"{stage}-{cfg.quantize.backend}"
     return stage
 
 
@@ -243,6 +246,9 @@ def build_summary(cfg: ExperimentConfig, ctx: RunContext, spec: dict[str, Any], 
     }
 
 
+BACKEND_LABEL = {"x86": "FX x86", "fbgemm": "FX fbgemm", "qnnpack": "FX qnnpack", "pt2e": "PT2E", "onnxruntime": "ONNX Runtime"}
+
+
 def quantize_source(cfg: ExperimentConfig) -> Path:
     """The fp32 model `rescomp quantize` starts from: quantize.checkpoint, else this config's training run."""
     return cfg.at(cfg.quantize.checkpoint) if cfg.quantize.checkpoint else run_folder(cfg) / "model.pt"
@@ -300,8 +306,8 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
         qmodel, info, blob = quantize_pt2e.ptq(model, qc, (x for x, _ in calib), size)
     else:
         qmodel, info = q.ptq(model, qc, (x for x, _ in calib), size)
-    ctx.log(f"int8 ({info['method']}, {qc.backend}, {info['activation_bits']}-bit activations) of {source}; "
-            f"calibrated on {qc.calibration_images} training images")
+    ctx.log(f"int8 ({info['method']}, {qc.backend}, {info['activation_bits']}-bit activations) of {source}"
+            + (f"; calibrated on {info['calibration_images']} training images" if "calibration_images" in info else ""))
     if q.may_saturate(qc):
         ctx.log(f"warning: quantize.reduce_range=false on {qc.backend} without VNNI: int8 convs sum products in "
                 f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or a CPU with VNNI")
@@ -313,8 +319,9 @@ def _quantize(cfg: ExperimentConfig, ctx: RunContext, model, spec, source: Path,
     metrics = {"test_top1": int8_eval["top1"], "test_loss": int8_eval["loss"]}
     q.save_int8(run_dir / "int8.pt", qmodel, spec, qc, size, metrics, onnx=blob)
     summary = {
-        "stage": qc.method, "name": f"{cfg.run_name}-{qc.method}", "table": cfg.report.table,
-        "row": f"{cfg.label} int8 ({info['activation_bits']}-bit act.)", "arch": spec,
+        "stage": qc.method, "name": run_dir.name, "table": cfg.report.table,
+        "row": f"{cfg.label} int8 {BACKEND_LABEL[qc.backend]}{' QAT' if qc.method == 'qat' else ''} "
+               f"({info['activation_bits']}-bit act.)", "arch": spec,
         "dataset": cfg.data.dataset,
         "profile": cfg.profile, **splits.stamp(), "seed": cfg.seed, "config_hash": cfg.hash("quantize"), "source": str(source),
         "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],

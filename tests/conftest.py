@@ -69,4 +69,5 @@ def quantized(workdir: Path, tiny: dict, **quantize) -> dict:
     for command in ("train", "quantize"):
         res = CliRunner().invoke(app, [command, str(path)])
         assert res.exit_code == 0, res.output
-    return json.loads((workdir / "runs/exp-ptq/summary.json").read_text())
+    backend = quantize.get("backend", "x86")
+    return json.loads((workdir / f"runs/exp-ptq{'' if backend == 'x86' else '-' + backend}/summary.json").read_text())

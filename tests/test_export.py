@@ -5,7 +5,10 @@
 #  2. the batch dimension frozen at the batch used to capture the graph (only that batch runs)
 #       -> test_compressed_networks_export_with_any_batch_size
 #  3. a missing runtime package as a traceback -> test_a_missing_runtime_is_one_line_and_writes_nothing
-#  4. an int8 checkpoint exported as if it were fp32 -> test_an_int8_checkpoint_is_refused
+#  4. an int8 checkpoint exported as if it were fp32, or an FX one (packed ops, no ONNX form) tried
+#       -> test_an_fx_int8_checkpoint_is_refused
+#  5. an int8 graph whose top-1 disagrees with the int8 model's is kept (the agreement check skipped)
+#       -> test_a_pt2e_int8_model_exports_as_a_qdq_graph_that_agrees
 # and, checked by behaviour only: a pruned network exported with more parameters than it has
 # (test_a_pruned_checkpoint_exports_its_pruned_network); a config without a trained run or a wrong
 # --out suffix failing late (test_bad_targets_are_one_line).
@@ -118,14 +121,47 @@ def test_bad_targets_are_one_line(workdir, tiny, args, message):
     assert res.exit_code == 2 and message in res.stderr, res.output
 
 
-def test_an_int8_checkpoint_is_refused(workdir, tiny):
+def test_an_fx_int8_checkpoint_is_refused(workdir, tiny):
     tiny["train"]["epochs"] = 1
     tiny["measure"] = {"latency": False, "gpu_throughput": False}
     tiny["quantize"] = {"calibration_images": 16}
     path = write_config(workdir, tiny)
     assert cli("train", path).exit_code == 0 and cli("quantize", path).exit_code == 0
-    res = cli("export", workdir / "runs/exp-ptq/int8.pt")
-    assert res.exit_code == 2 and "is an int8 model" in res.stderr
+    for args in (["runs/exp-ptq/int8.pt"], ["exp.yaml", "--int8"]):
+        res = cli("export", *args)
+        assert res.exit_code == 2 and "backend x86 (torch.ao FX, packed int8 ops) has no ONNX form" in res.stderr
+    res = cli("export", "runs/exp/model.pt", "--int8")
+    assert res.exit_code == 2 and "is an fp32 model; --int8 exports an int8 model" in res.stderr
+    res = cli("export", "exp.yaml", "--int8", "--set", "quantize.backend=pt2e")
+    assert res.exit_code == 2 and "no int8 model at" in res.stderr and "runs/exp-ptq-pt2e/int8.pt" in res.stderr
+    assert not list(workdir.glob("runs/**/*.onnx*"))
+
+
+def test_a_pt2e_int8_model_exports_as_a_qdq_graph_that_agrees(tmp_path, monkeypatch):
+    pytest.importorskip("torchao")
+    import rescomp.export as ex
+    from rescomp.compress import quantize_pt2e
+    from rescomp.compress.quantize import save_int8
+    from rescomp.config import QuantizeConfig
+
+    torch.manual_seed(0)
+    spec = {"arch": "cifar_resnet", "depth": 8, "width": 8, "num_classes": 10}
+    model = build_model(spec).eval()
+    g = torch.Generator().manual_seed(1)
+    cfg = QuantizeConfig(backend="pt2e")
+    q, _, blob = quantize_pt2e.ptq(model, cfg, [torch.randn(32, 3, 32, 32, generator=g)], 32)
+    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {}, onnx=blob)
+    path, rec = ex.export_checkpoint(tmp_path / "int8.pt")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and rec["int8"] and rec["backend"] == "pt2e"
+    assert rec["top1_agreement"] >= 0.95 and json.loads(path.with_name("int8.onnx.json").read_text())["opset"] == 18
+    x = torch.randn(3, 3, 32, 32, generator=g)  # a batch it was not captured with
+    assert (_ort(path, x).argmax(1) == q(x).argmax(1)).all()
+    real = ex._run
+    monkeypatch.setattr(ex, "_run", lambda session, x: real(session, x).roll(1, dims=1))  # top-1 moved one class
+    with pytest.raises(ex.ExportError, match="agrees with the int8 model's on"):
+        ex.export_checkpoint(tmp_path / "int8.pt", tmp_path / "other.onnx")
+    assert not list(tmp_path.glob("*other.onnx*"))
 
 
 def test_nan_outputs_and_the_opset_written(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     run_dir, s = run_quantize(cfg)
     assert run_dir.name == f"{cfg.run_name}-ptq"
     assert s["quantization"] == {"method": "ptq", "backend": "x86", "activation_bits": 7, "calibration_images": 64}
-    assert s["row"] == f"{cfg.run_name} int8 (7-bit act.)"
+    assert s["row"] == f"{cfg.run_name} int8 FX x86 (7-bit act.)"
     assert abs(s["top1"] - s["fp32_top1"]) <= 5
     assert s["size_ratio"] < 0.5 and s["size_bytes"] == s["fp32_size_bytes"] * s["size_ratio"]
     assert s["speedup_cpu_b8"] > 0 and s["act_peak_bytes_b1"] < s["fp32_act_peak_bytes_b1"]

@@ -87,11 +87,17 @@ def test_a_quantize_run_in_onnxruntime_end_to_end(workdir, tiny):
     assert s["fp32_latency_ms_cpu_b1"] > 0 and s["fp32_latency_ms_ort_b1"] > 0  # fp32 timed on both runtimes
     best = min(s["fp32_latency_ms_cpu_b1"], s["fp32_latency_ms_ort_b1"])
     assert s["speedup_cpu_b1"] == pytest.approx(best / s["latency_ms_ort_b1"])
-    res = cli("measure", workdir / "runs/exp-ptq/int8.pt", "--json")
+    res = cli("measure", workdir / "runs/exp-ptq-onnxruntime/int8.pt", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"]
-    assert cli("report", "runs/exp-ptq", "--table", "q").exit_code == 0
+    assert cli("report", "runs/exp-ptq-onnxruntime", "--table", "q").exit_code == 0
     md = (workdir / "results/q/table.md").read_text()
     assert "ONNX Runtime ms b1" in md and "| speed-up over fp32 in, b1 |" in md and "| onnxruntime |" in md
+    assert "int8 ONNX Runtime (" in s["row"]
+    res = cli("export", workdir / "exp.yaml", "--int8", "--out", workdir / "deploy/int8.onnx")
+    assert res.exit_code == 0, res.output
+    payload = torch.load(workdir / "runs/exp-ptq-onnxruntime/int8.pt", weights_only=True)
+    assert (workdir / "deploy/int8.onnx").read_bytes() == payload["onnx"]  # the graph that was measured, as it is
+    assert json.loads((workdir / "deploy/int8.onnx.json").read_text())["top1_agreement"] == 1.0
 
 
 def test_seven_bit_weights_keep_a_saturating_conv_exact(monkeypatch):
