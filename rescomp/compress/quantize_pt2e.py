@@ -58,11 +58,13 @@ def describe(cfg: QuantizeConfig) -> dict[str, Any]:
 
 
 class Pt2eForward(InductorForward):
-    """A PT2E int8 program (its torch.export.save bytes in `model`), compiled by Inductor with freezing."""
+    """A PT2E int8 program (its torch.export.save bytes in `model`), compiled by Inductor with freezing.
+    `tensor_bytes` is what its tensors take (int8 weights, fp32 biases, scales and zero points): its
+    size as the FX backends' state_dict bytes count it, without the serialized graph around it."""
 
-    def __init__(self, program: nn.Module, blob: bytes) -> None:
+    def __init__(self, program: nn.Module, blob: bytes, tensor_bytes: int) -> None:
         super().__init__(program, as_is=True)
-        self.model = blob
+        self.model, self.tensor_bytes = blob, tensor_bytes
 
     def train(self, mode: bool = True) -> "Pt2eForward":
         """An exported program has no train mode (torch.export refuses it); it always runs for inference."""
@@ -113,7 +115,9 @@ def _annotated(model: nn.Module, cfg: QuantizeConfig, image_size: int, qat: bool
 def _converted(prepared: nn.Module, image_size: int) -> tuple[Pt2eForward, bytes]:
     """Convert, drop what the int8 graph no longer reads, and store the program (torch.export.save).
     convert_pt2e folds each weight's quantization into an int8 constant but keeps the fp32 weight as an
-    unused parameter, which torch.export would save too (ResNet-56: 5.26 MB instead of 1.80 MB)."""
+    unused parameter, which torch.export would save too (ResNet-56: 5.26 MB instead of 1.80 MB); and
+    each node's record of the source line and module it came from is dropped (depthwise ResNet-56:
+    1.76 MB instead of 1.08 MB, of which 0.31 MB are its tensors)."""
     from rescomp.export import dynamic_batch
 
     converted = _api().convert(prepared)
@@ -126,7 +130,11 @@ def _converted(prepared: nn.Module, image_size: int) -> tuple[Pt2eForward, bytes
     converted.recompile()
     buf = io.BytesIO()
     example = (torch.zeros(2, 3, image_size, image_size),)
-    torch.export.save(torch.export.export(converted, example, dynamic_shapes=dynamic_batch()), buf)
+    program = torch.export.export(converted, example, dynamic_shapes=dynamic_batch())
+    for node in program.graph.nodes:  # where each node came from: source paths of this machine, and 40 % of the file
+        for key in ("stack_trace", "from_node", "nn_module_stack", "source_fn_stack", "torch_fn"):
+            node.meta.pop(key, None)
+    torch.export.save(program, buf)
     blob = buf.getvalue()
     return load(blob), blob
 
@@ -156,5 +164,7 @@ def convert_qat(prepared: QatProgram, image_size: int) -> tuple[Pt2eForward, byt
 
 
 def load(blob: bytes) -> Pt2eForward:
-    _api()
-    return Pt2eForward(torch.export.load(io.BytesIO(blob)).module(), blob)
+    _api()  # registers torchao's quantized_decomposed ops, which the program calls
+    program = torch.export.load(io.BytesIO(blob))
+    tensors = [t for t in [*program.state_dict.values(), *program.constants.values()] if isinstance(t, torch.Tensor)]
+    return Pt2eForward(program.module(), blob, sum(t.numel() * t.element_size() for t in tensors))
