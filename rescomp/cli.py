@@ -153,6 +153,33 @@ def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune 
                   f"top-1 {first['top1']:.2f} -> {last['top1']:.2f}%  -> {run_dir}/summary.json")
 
 
+@app.command("run")
+@user_errors
+def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a `pipeline:` of stages"),
+                 set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt,
+                 dry_run: bool = typer.Option(False, "--dry-run", help="check the chain and list its stages and "
+                                                                      "folders; run nothing")) -> None:
+    """Run the config's pipeline (train -> prune -> layer_drop -> quantize, or any chain of them): each stage
+    from the network the previous one left, each in its own resumable folder."""
+    from rescomp.runner import plan, run_chain
+
+    for cfg in _configs(config, set_, profile, seed):
+        if dry_run:
+            name = None
+            for i, (step, scfg) in enumerate(plan(cfg)):
+                folder = step.stage.folder(scfg if name is None else scfg.model_copy(update={"name": name}))
+                name = folder.name
+                out.print(f"{i + 1}. {step.name:<10} -> {folder}", highlight=False)
+            continue
+
+        def done(i, step, run_dir, s):
+            top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
+            out.print(f"{i + 1}. {step.name:<10} top-1 {top1:.2f}%  -> {run_dir}/summary.json" if top1 is not None
+                      else f"{i + 1}. {step.name:<10} -> {run_dir}/summary.json", highlight=False)
+
+        run_chain(cfg, console=err, report=done)
+
+
 @app.command("layer-drop")
 @user_errors
 def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),
@@ -348,7 +375,7 @@ def models() -> None:
     import torch
 
     from rescomp.measure import count_params
-    from rescomp.models import TRANSFORM_KEYS, build_model, get_entry, model_names
+    from rescomp.models import build_model, get_entry, model_names, transform_keys
 
     rows = []
     for name in model_names():
@@ -360,7 +387,7 @@ def models() -> None:
             n = count_params(build_model({"arch": name, "num_classes": 10}))
         rows.append({"arch": name, "params": f"{n:,}", "min input": str(e.min_input), "family": e.family,
                      "arguments (model: keys)": args or "-", "description": e.summary})
-    note = (f"Every model also takes {', '.join(TRANSFORM_KEYS)} (set by the techniques). Your own: model.arch "
+    note = (f"Every model also takes {', '.join(transform_keys())} (set by the techniques). Your own: model.arch "
             f"module.path:function (README, 'Your own model').")
     _print_rows("rescomp models (params with 10 classes and default arguments)", list(rows[0]),
                 [list(r.values()) for r in rows], caption=note, right=("params", "min input"))

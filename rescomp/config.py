@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -337,7 +337,7 @@ class ReportConfig(Strict):
 
 # Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure, report
 # and log say where results go and how they are shown, not what the run computes).
-LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune")
+LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune", "pipeline")
 
 
 class LogConfig(Strict):
@@ -368,6 +368,21 @@ class ExperimentConfig(Rooted):
     quantize: QuantizeConfig = QuantizeConfig()
     layer_drop: LayerDropConfig = LayerDropConfig()
     prune: PruneConfig = PruneConfig()
+    # `rescomp run`: stages in order, each starting from the previous stage's network, e.g.
+    # [train, {prune: {steps: 6}}, {layer_drop: {k: 2}}, quantize]; an entry's mapping overrides its
+    # stage's section (prune:, layer_drop:, quantize:, train:) for that stage only (rescomp.runner)
+    pipeline: Optional[list[Union[str, dict[str, Optional[dict[str, Any]]]]]] = None
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, v: Optional[list]) -> Optional[list]:
+        for i, entry in enumerate(v or []):
+            if isinstance(entry, dict) and len(entry) != 1:
+                raise ValueError(f"entry {i + 1} names {len(entry)} stages ({', '.join(entry) or 'none'}); write one "
+                                 f"stage per entry, e.g. - prune: {{steps: 6}}")
+        if v is not None and not v:
+            raise ValueError("is empty; name its stages, e.g. [train, prune, quantize]")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -90,6 +90,9 @@ def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
     model, payload, source = start_model(cfg, ctx, pc.checkpoint)
+    if pc.checkpoint:  # another network than the config's (a chain's, a shortened one): shares count its filters
+        example = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+        base_prunable = prunable_filters(channel_groups(model, example, pc.exclude, pc.policy))
     with writing(out, cfg):
         return _prune(cfg, ctx, splits, out, model, payload, source, base_prunable, t_start)
 

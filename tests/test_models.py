@@ -50,3 +50,47 @@ def test_cifar_stem_for_torchvision_resnets():
     m = build_model({"arch": "resnet18", "num_classes": 10, "stem": "cifar"})
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
     assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# Spec transforms (issue 12). Wrong versions these tests must catch:
+#  - transforms applied in the order the spec lists them, not their registered order (a pruned shape
+#    recorded on a separable network applied before the network is separable)
+#      -> test_registered_transforms_apply_in_their_order
+#  - the model builder importing the techniques for a plain network (the models -> compress cycle)
+#      -> test_the_builder_imports_no_technique_for_a_plain_network
+#  - a technique's transform not registered (its key refused as unknown) -> test_every_technique_key_rebuilds
+
+def test_registered_transforms_apply_in_their_order(monkeypatch):
+    import rescomp.models as models
+
+    models.transform_keys()  # the techniques' own, registered first
+    monkeypatch.setattr(models.TRANSFORMS, "_items", dict(models.TRANSFORMS._items))  # leave the registry as it was
+    seen = []
+    models.register_transform("zz_first", order=1)(lambda m, v: seen.append(("first", v)) or m)
+    models.register_transform("aa_second", order=99)(lambda m, v: seen.append(("second", v)) or m)
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register_transform("zz_first", order=5)(lambda m, v: m)
+    build_model({"arch": "resnet20", "num_classes": 10, "aa_second": 2, "zz_first": 1})
+    assert seen == [("first", 1), ("second", 2)]
+    assert models.transform_keys() == ["zz_first", "separable", "gates", "deleted", "shapes", "aa_second"]
+
+
+def test_the_builder_imports_no_technique_for_a_plain_network():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rescomp.models import build_model; build_model({'arch': 'resnet20', 'num_classes': 10}); "
+            "print(sorted(m for m in sys.modules if m.startswith('rescomp.compress'))); "
+            "build_model({'arch': 'resnet20', 'num_classes': 10, 'separable': {'mode': 'depthwise'}}); "
+            "print('rescomp.compress.separable' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True"]
+
+
+def test_every_technique_key_rebuilds():
+    spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 14, "width": 4, "separable": {"mode": "depthwise"},
+            "gates": {"init": [-1, 1]}, "deleted": ["layer1.1"], "shapes": {"fc": [16, 12]}}
+    model = build_model(spec)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"DepthwiseSeparable", "Gated"} <= kinds and type(model.layer1[1]).__name__ == "Identity"
+    assert tuple(model.fc.weight.shape) == (12, 16)  # Linear(16 in, 12 out)

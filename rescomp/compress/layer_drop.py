@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from rescomp.errors import ConfigError
+from rescomp.models import register_transform
 from rescomp.registry import Registry
 
 STAGE = re.compile(r"^(layer\d+|stacks\.\d+)$")
@@ -98,6 +99,12 @@ def add_gates(model: nn.Module, init: tuple[float, float] = (-1.0, 1.0)) -> nn.M
     return model
 
 
+@register_transform("gates", order=20)
+def _rebuild_gates(model: nn.Module, value: dict[str, Any]) -> nn.Module:
+    return add_gates(model, tuple(value.get("init", (-1.0, 1.0))))
+
+
+@register_transform("deleted", order=30)
 def delete_units(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """Replace the named units with nn.Identity (in place)."""
     valid = {u.name: u for u in residual_units(model)}

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rescomp.errors import ConfigError
+from rescomp.models import build_model, register_transform
 from rescomp.hardware import memory_format_of
 from rescomp.registry import Registry
 
@@ -284,6 +285,7 @@ def shapes(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
+@register_transform("shapes", order=40)  # a pruned network: its layers at their recorded sizes
 def resize(model: nn.Module, sizes: dict[str, list[int]]) -> nn.Module:
     """Replace each named layer with one of the recorded sizes (weights to be loaded after; in place)."""
     for name, dims in sizes.items():
@@ -350,8 +352,6 @@ def prune(model: nn.Module, spec: dict[str, Any], *, share: float, criterion: st
           ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The technique: a pruned copy of `model` with `share` x (the policy's prunable filters at the start)
     fewer filters, its new spec, and what was done."""
-    from rescomp.models import build_model
-
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     model = copy.deepcopy(model)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from rescomp.errors import ConfigError
+from rescomp.models import register_transform
 
 
 class SeparableConfig(BaseModel):
@@ -79,3 +80,8 @@ def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optio
         setattr(parent, child, REPLACEMENTS[cfg.mode](conv))
     after = sum(p.numel() for p in model.parameters())
     return model, {"mode": cfg.mode, "replaced": [n for n, _ in targets], "params_before": before, "params_after": after}
+
+
+@register_transform("separable", order=10)
+def _rebuild(model: nn.Module, value: dict[str, Any]) -> nn.Module:
+    return separate(model, value)[0]

@@ -1,5 +1,11 @@
 """Model registry. The architecture is data: a spec dict {arch, num_classes, **builder args} that is
 stored in every checkpoint and rebuilds the network without pickling modules (DESIGN.md, habit 2).
+
+A technique that changes a network's structure records the change under a spec key of its own
+(separable, gates, deleted, shapes, ...) and registers the transform that replays it
+(`register_transform`). build_model applies the transforms a spec names, in their registered order,
+without knowing the techniques: they register themselves when the techniques package is imported,
+which build_model does by name the first time a spec holds a key no builder takes.
 """
 
 from __future__ import annotations
@@ -120,44 +126,63 @@ def _import(arch: str) -> Any:
         raise ConfigError(f"model.arch '{arch}': {module} has no '{attr}'{suggest(attr, names)}") from None
 
 
-# Spec keys every architecture takes: structural transforms applied after the builder.
-TRANSFORM_KEYS = ("separable", "gates", "deleted", "shapes")
+@dataclass(frozen=True)
+class SpecTransform:
+    """How a spec key's value changes the built network: apply(network, value) -> network. Transforms run
+    in ascending `order`, because what a later one records names the layers earlier ones made (pruned
+    shapes of a separable network's convs)."""
+    apply: Callable[[nn.Module, Any], nn.Module]
+    order: int
+
+
+TRANSFORMS: Registry[SpecTransform] = Registry("spec transform")
+# The package whose modules register the transforms they own; imported by name, on first need.
+TECHNIQUES = "rescomp.compress"
+
+
+def register_transform(key: str, *, order: int) -> Callable:
+    """Register `fn(network, value) -> network` as what spec key `key` does to a built network."""
+    def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
+        TRANSFORMS.register(key)(SpecTransform(fn, order))
+        return fn
+
+    return add
+
+
+def transform_keys() -> list[str]:
+    """Every registered spec transform, in the order build_model applies them."""
+    importlib.import_module(TECHNIQUES)
+    return sorted(TRANSFORMS, key=lambda k: TRANSFORMS.get(k).order)
 
 
 def check_spec(spec: dict[str, Any]) -> None:
     """Raise ConfigError for builder arguments the architecture does not take."""
     entry = get_entry(spec["arch"])
     params = inspect.signature(entry.builder).parameters
-    valid = [p for p in params if p != "num_classes"] + list(TRANSFORM_KEYS)
-    for key in spec:
-        if key not in ("arch", "num_classes", *TRANSFORM_KEYS) and key not in params:
-            raise ConfigError(
-                f"unknown key 'model.{key}' for arch '{spec['arch']}'{suggest(key, valid)}; "
-                f"valid: arch, {', '.join(valid) or '(none)'}"
-            )
+    unknown = [k for k in spec if k not in ("arch", "num_classes") and k not in params]
+    if unknown:
+        keys = transform_keys()
+        valid = [p for p in params if p != "num_classes"] + keys
+        for key in unknown:
+            if key not in keys:
+                raise ConfigError(
+                    f"unknown key 'model.{key}' for arch '{spec['arch']}'{suggest(key, valid)}; "
+                    f"valid: arch, {', '.join(valid) or '(none)'}"
+                )
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """The network a spec describes: the builder's network, then the spec's structural transforms."""
     check_spec(spec)
     entry = get_entry(spec["arch"])
-    kwargs = {k: v for k, v in spec.items() if k not in ("arch", *TRANSFORM_KEYS)}
+    params = inspect.signature(entry.builder).parameters
+    kwargs = {k: v for k, v in spec.items() if k == "num_classes" or k in params}
+    named = [k for k in spec if k not in kwargs and k != "arch"]  # transforms (check_spec registered them)
     try:
         model = entry.builder(**kwargs)
-        if spec.get("separable"):
-            from rescomp.compress.separable import separate
-
-            model = separate(model, spec["separable"])[0]
-        if spec.get("gates") or spec.get("deleted"):
-            from rescomp.compress.layer_drop import add_gates, delete_units
-
-            if spec.get("gates"):
-                add_gates(model, tuple(spec["gates"].get("init", (-1.0, 1.0))))
-            delete_units(model, spec.get("deleted") or [])
-        if spec.get("shapes"):  # a pruned network: its layers at their recorded sizes
-            from rescomp.compress.prune import resize
-
-            resize(model, spec["shapes"])
+        for key in sorted(named, key=lambda k: TRANSFORMS.get(k).order):
+            if spec[key]:  # an empty value changes nothing
+                model = TRANSFORMS.get(key).apply(model, spec[key])
     except ConfigError:
         raise
     except Exception as e:  # a builder rejecting its arguments: the user's model section, not a rescomp bug

@@ -1,0 +1,145 @@
+# `rescomp run`: chains of stages from one config (issue 12).
+# Wrong versions these tests must catch (each checked once by mutating the code, scripts/mutants.py):
+#  1. a stage starting from the config's trained network instead of the network the previous stage left
+#       -> test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage
+#  2. an interrupted chain redoing a finished step or stage -> same test
+#  3. a stage entry's keys leaking into the stages after it -> same test
+#  4. a chain that cannot work running its first stages before it fails (folders left behind)
+#       -> test_a_chain_that_cannot_work_is_refused_before_anything_runs
+#  5. a stage taking an input it cannot (layer_drop on an ungated network, a second quantize, train
+#     after another stage), or refusing one it can
+#       -> test_every_stage_composes_with_every_stage_that_takes_its_output
+#  6. prune's shares counted over the config's network when the chain hands it another
+#       -> test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rescomp.cli import app
+from rescomp.runner import STAGES
+
+from conftest import write_config
+
+PRUNE = "prune-paper-taylor-custom"
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _chain(tiny: dict, pipeline: list) -> dict:
+    tiny["model"] = {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}}
+    tiny["data"]["synthetic"] = {"train_size": 48, "test_size": 32, "num_classes": 10}
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 1, "score_batches": 1}
+    tiny["layer_drop"] = {"k": 1, "retrain_epochs": 1, "max_units": 1, "score_images": 16, "tolerance": 100.0,
+                          "timing": {"batch_size": 2, "runs": 1, "warmup": 0},
+                          "baselines": {"scratch": False, "distill": False}}
+    tiny["quantize"] = {"calibration_images": 16}
+    tiny["pipeline"] = pipeline
+    return tiny
+
+
+def _summary(workdir, folder: str) -> dict:
+    return json.loads((workdir / "runs" / folder / "summary.json").read_text())
+
+
+def test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage(workdir, tiny, monkeypatch):
+    import rescomp.prune_run as pr
+
+    path = write_config(workdir, _chain(tiny, ["train", {"prune": {"steps": 2, "share_per_step": 0.2}},
+                                               "layer_drop", "quantize"]))
+    real, calls = pr.train_and_eval, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second prune step's fine-tuning
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pr, "train_and_eval", interrupted)
+    assert cli("run", path).exit_code == 130
+    first = workdir / f"runs/exp-{PRUNE}/step01/row.json"
+    made = first.stat().st_mtime_ns
+    assert not (workdir / f"runs/exp-{PRUNE}/summary.json").exists()
+    monkeypatch.setattr(pr, "train_and_eval", real)
+    res = cli("run", path)
+    assert res.exit_code == 0, res.output
+    assert first.stat().st_mtime_ns == made  # the finished step was not redone
+    prune = _summary(workdir, f"exp-{PRUNE}")
+    ld = _summary(workdir, f"exp-{PRUNE}-layerdrop-gate-k1-n1")
+    q = _summary(workdir, f"exp-{PRUNE}-layerdrop-gate-k1-n1-ptq")
+    assert [r["step"] for r in prune["rows"]] == [0, 1, 2] and prune["source"].endswith("runs/exp/model.pt")
+    assert ld["source"].endswith(f"runs/exp-{PRUNE}/step02/model.pt")  # the last pruned network
+    assert q["source"].endswith(f"runs/exp-{PRUNE}-layerdrop-gate-k1-n1/step01/model.pt")
+    assert q["arch"]["deleted"] and q["arch"]["shapes"]  # int8 of the pruned, shortened network
+    saved = yaml.safe_load((workdir / f"runs/exp-{PRUNE}-layerdrop-gate-k1-n1/config.yaml").read_text())
+    assert saved["prune"]["steps"] == 1 and saved["pipeline"] is None  # prune's entry stayed with prune
+    again = cli("run", path)
+    assert again.exit_code == 0 and again.output.count("->") == 4
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    (["train", "quantize", "prune"], "stage 3 (prune) cannot follow quantize: prune takes an fp32 network"),
+    (["train", "quantize", "quantize"], "a chain quantizes once"),
+    (["prune", "train"], "stage 2 (train) cannot follow prune: train starts a chain"),
+    (["train", "squeeze"], "unknown pipeline stage 'squeeze'"),
+    (["train", {"prune": {"schedule": "fast"}}], "leaves no one network for the next stage"),
+    (["train", {"prune": {"criterion": "tailor"}}], "unknown pruning criterion 'tailor' (did you mean 'taylor'?)"),
+    ([{"train": {}, "prune": {}}], "write one stage per entry"),
+])
+def test_a_chain_that_cannot_work_is_refused_before_anything_runs(workdir, tiny, pipeline, message):
+    path = write_config(workdir, _chain(tiny, pipeline))
+    res = cli("run", path)
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert not (workdir / "runs").exists()
+
+
+def test_layer_drop_needs_a_gated_network(workdir, tiny):
+    cfg = _chain(tiny, ["train", "prune", "layer_drop"])
+    cfg["model"].pop("gates")
+    res = cli("run", write_config(workdir, cfg))
+    assert res.exit_code == 2 and "stage 3 (layer_drop) cannot follow prune: layer_drop needs gated" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trained tiny gated network every composed pair starts from."""
+    import copy
+
+    from conftest import TINY
+
+    folder = tmp_path_factory.mktemp("trained")
+    cfg = _chain(copy.deepcopy(TINY), ["train"])
+    path = write_config(folder, cfg)
+    res = cli("run", path)
+    assert res.exit_code == 0, res.output
+    return folder / "runs/exp/model.pt"
+
+
+@pytest.mark.parametrize("first", STAGES.names())
+@pytest.mark.parametrize("second", STAGES.names())
+def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, tiny, trained, first, second):
+    from rescomp.runner import _traits
+
+    a, b = STAGES.get(first), STAGES.get(second)
+    entry = first if a.first_only else {first: {"checkpoint": str(trained)}}
+    path = write_config(workdir, _chain(tiny, [entry, second]))
+    res = cli("run", path)
+    traits = a.gives(_traits({"gates": {"init": [-1, 1]}}))
+    if b.first_only or b.refuses(traits):
+        assert res.exit_code == 2 and "stage 2" in res.stderr and not (workdir / "runs").exists()
+        return
+    assert res.exit_code == 0, res.output
+    folders = [p for p in (workdir / "runs").iterdir()]
+    assert len(folders) == 2 and all((f / "summary.json").is_file() for f in folders)
+    if (first, second) == ("layer_drop", "prune"):  # shares count the filters of the network it was given
+        from rescomp.config import load_config
+        from rescomp.prune_run import check
+
+        given = json.loads(next(f for f in folders if f.name.endswith(PRUNE)).joinpath("summary.json").read_text())
+        assert given["prunable_filters"] < check(load_config(path))[1]
