@@ -392,7 +392,7 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     contiguous inputs; the int8 kernels choose their own layout. With its `fp32` model, the two are
     timed interleaved, the fp32 model on every runtime of measure.runtimes (and on ONNX Runtime when the
     int8 model runs there), and the speed-up is over the fastest of them. An int8 model running in ONNX
-    Runtime has ort latency columns, and its size is its graph's bytes (a PT2E program's: its tensors')."""
+    Runtime has ort latency columns; sizes count tensors on every backend (the file is file_bytes)."""
     cfg = cfg or MeasureConfig()
     runtime = "onnxruntime" if isinstance(qmodel, OrtForward) else "inductor" if isinstance(qmodel, InductorForward) else None
     if runtime and runtime not in cfg.runtimes:  # its fp32 model is timed where it runs too
@@ -401,9 +401,10 @@ def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig
     lat = _latency_row(models, image_size, cfg, runtimes=("fp32",))
     col = RUNTIME_COLUMN.get(runtime or "eager")
     int8 = {k.replace("_cpu_", f"_{col}_"): v for k, v in lat["int8"].items()}
-    # bytes: an ONNX graph's file (its initializers and a compact graph), a PT2E program's tensors (its
-    # serialized graph is JSON of about 1 kB a node, kept apart as file_bytes), an FX network's state_dict
-    size = qmodel.tensor_bytes if hasattr(qmodel, "tensor_bytes") else len(qmodel.model) if runtime else state_dict_bytes(qmodel)
+    # bytes of the network's tensors, as an FX network's state_dict counts them: an ONNX graph's
+    # initializers, a PT2E program's tensors; the file that also holds the graph is file_bytes (a PT2E
+    # program's graph is JSON of about 1 kB a node, an ONNX one's protobuf)
+    size = qmodel.tensor_bytes if runtime else state_dict_bytes(qmodel)
     row = {"size_bytes": size, **({"file_bytes": len(qmodel.model)} if runtime else {}),
            **({} if runtime else _activation_row(qmodel, image_size)), **int8}
     if fp32 is not None and cfg.latency:

@@ -81,8 +81,13 @@ def ptq(model: nn.Module, cfg: QuantizeConfig, calibration: Iterable[torch.Tenso
 
 
 def load(blob: bytes, threads: int | None = None) -> nn.Module:
-    """The int8 graph in an ONNX Runtime session, behind a module's call."""
+    """The int8 graph in an ONNX Runtime session, behind a module's call; its `tensor_bytes` are its
+    initializers' (int8 weights, int32 or fp32 biases, scales and zero points), the graph's nodes left out."""
+    from onnx import load_model_from_string, numpy_helper
+
     from rescomp.export import ort_session
     from rescomp.measure import OrtForward
 
-    return OrtForward(ort_session(blob, threads), blob)
+    forward = OrtForward(ort_session(blob, threads), blob)
+    forward.tensor_bytes = sum(numpy_helper.to_array(t).nbytes for t in load_model_from_string(blob).graph.initializer)
+    return forward
