@@ -52,8 +52,14 @@ def count_macs(model: nn.Module, image_size: int, channels: int = 3) -> int:
 
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the saved state_dict, as torch.save writes it."""
+    return tensor_bytes(model.state_dict())
+
+
+def tensor_bytes(tensors: dict[str, Any]) -> int:
+    """Bytes of named tensors as torch.save writes them: every size column counts this way (a state_dict,
+    an int8 ONNX graph's initializers, a PT2E program's tensors), so that sizes compare across backends."""
     buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
+    torch.save(tensors, buf)
     return buf.getbuffer().nbytes
 
 

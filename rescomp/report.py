@@ -262,7 +262,9 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
         for part in split_columns(keys):
             lines += _table(part, group)
     lines += ["MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
-              "saved state_dict (kB = 1000 bytes); compression is size / the baseline row's size; CPU latency is",
+              "network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's initializers or a",
+              "PT2E program's tensors, without the graph; kB = 1000 bytes); compression is size / the baseline",
+              "row's size; CPU latency is",
               "the median forward time at batch 1 / 64 with threads pinned, ± half its interquartile range",
               "where measured; act. peak is the most activation memory live at once in a batch-1 forward pass;",
               "a speed-up is over the network a row came from (an int8 row's fp32 model, a pruned or shortened",

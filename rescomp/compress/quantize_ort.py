@@ -86,8 +86,9 @@ def load(blob: bytes, threads: int | None = None) -> nn.Module:
     from onnx import load_model_from_string, numpy_helper
 
     from rescomp.export import ort_session
-    from rescomp.measure import OrtForward
+    from rescomp.measure import OrtForward, tensor_bytes
 
     forward = OrtForward(ort_session(blob, threads), blob)
-    forward.tensor_bytes = sum(numpy_helper.to_array(t).nbytes for t in load_model_from_string(blob).graph.initializer)
+    forward.tensor_bytes = tensor_bytes({t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+                                         for t in load_model_from_string(blob).graph.initializer})
     return forward

@@ -165,6 +165,8 @@ def convert_qat(prepared: QatProgram, image_size: int) -> tuple[Pt2eForward, byt
 
 def load(blob: bytes) -> Pt2eForward:
     _api()  # registers torchao's quantized_decomposed ops, which the program calls
+    from rescomp.measure import tensor_bytes
+
     program = torch.export.load(io.BytesIO(blob))
-    tensors = [t for t in [*program.state_dict.values(), *program.constants.values()] if isinstance(t, torch.Tensor)]
-    return Pt2eForward(program.module(), blob, sum(t.numel() * t.element_size() for t in tensors))
+    tensors = {k: t for k, t in [*program.state_dict.items(), *program.constants.items()] if isinstance(t, torch.Tensor)}
+    return Pt2eForward(program.module(), blob, tensor_bytes(tensors))
