@@ -324,6 +324,28 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
 
 @app.command()
 @user_errors
+def compare(targets: List[str] = typer.Argument(..., help="run folders, folders of runs (e.g. runs/), or a table name"),
+            table: str = typer.Option(..., help="name of results/<table>/"),
+            baseline: Optional[str] = typer.Option(None, help="the run every point is compared with (default: the "
+                                                              "one trained network among them)"),
+            runs: Path = typer.Option(Path("runs"), help="where table names are looked up: a folder, or a config file (its out_dir)"),
+            out_dir: Path = typer.Option(Path("results"), "--out", help="results root")) -> None:
+    """Every technique and chain against one baseline: accuracy, params, MACs, bytes and latency, with the
+    Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
+    from rescomp import compare as cmp
+    from rescomp.config import load_config
+    from rescomp.report import find_runs, load_rows
+
+    if runs.suffix in (".yaml", ".yml"):
+        runs = load_config(runs).runs_dir
+    pts = cmp.against(cmp.points(load_rows(d for t in targets for d in find_runs(t, runs))), baseline)
+    path = cmp.write(table, pts, out_dir)
+    front = sum(1 for p in pts if p.get("pareto_macs"))
+    out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)
+
+
+@app.command()
+@user_errors
 def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a config file (its out_dir)")) -> None:
     """List the runs under ROOT with their state: complete, running, interrupted (resumable) or empty."""
     from rescomp import runlock

@@ -140,6 +140,16 @@ M = [
   "tests/test_quantize_pt2e.py::test_pt2e_int8_tracks_fp32_and_reloads_identically"),
  ("int8-size-is-file", "rescomp/measure.py", "    size = qmodel.tensor_bytes if runtime else", "    size = len(qmodel.model) if runtime else",
   "tests/test_quantize_ort.py::test_a_quantize_run_in_onnxruntime_end_to_end tests/test_quantize_pt2e.py::test_a_quantize_run_with_pt2e_end_to_end"),
+ ("pareto-ties-kept", "rescomp/compare.py", "        if pts[i][\"top1\"] > best:", "        if pts[i][\"top1\"] >= best:",
+  "tests/test_compare.py::test_pareto_front_counted_by_hand"),
+ ("pareto-costliest-first", "rescomp/compare.py", "key=lambda i: (pts[i][cost], -pts[i][\"top1\"])", "key=lambda i: (-pts[i][cost], -pts[i][\"top1\"])",
+  "tests/test_compare.py::test_pareto_front_counted_by_hand"),
+ ("chain-out-of-order", "rescomp/compare.py", "    found = sorted((m.start(), label)", "    found = list((m.start(), label)",
+  "tests/test_compare.py::test_chains_are_read_from_folder_names"),
+ ("compare-step0-counted", "rescomp/compare.py", "                continue  # the network the run started from", "                pass  # the network the run started from",
+  "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
+ ("compare-baseline-ignored", "rescomp/compare.py", "    base = [p for p in pts if p[\"run\"] == baseline] if baseline else", "    base = [p for p in pts if p[\"stage\"] == \"train\"][:1] if baseline else",
+  "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
 ]
 only = set(sys.argv[1:])
 survived = 0

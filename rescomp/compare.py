@@ -1,0 +1,176 @@
+"""`rescomp compare`: every technique and chain against one baseline, with the Pareto front marked.
+
+Each network a run made is a point: a trained network, each step of a prune or layer-drop run (its
+step 0 is the network it started from, already a point of the run before it), each layer-drop
+baseline, an int8 network. A point is named by its chain, read from its run folder's name, which
+every stage extends (rescomp.runner): `exp-prune-paper-taylor-custom-ptq` is "prune → int8". Costs are
+params, MACs, bytes (tensors as torch.save writes them) and the batch-1 CPU latency on the fastest
+runtime that timed that network (named beside it). A point is on the Pareto front of a cost when no
+other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from rescomp.checkpoint import atomic_write_text
+from rescomp.errors import ConfigError
+
+RUNTIMES = {"cpu": "eager", "ort": "onnxruntime", "ind": "inductor"}  # latency_ms_<column>_b1
+COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1 (ms)", 1)]
+STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
+                (re.compile(r"-layerdrop-[a-z0-9_]+-k\d+-n\d+"), "layer-drop"),
+                (re.compile(r"-(ptq|qat)(-(pt2e|onnxruntime|fbgemm|qnnpack))?$"), "int8")]
+
+
+def chain_of(folder: str) -> str:
+    """The stages a run folder's name spells after training, in order: 'prune → layer-drop → int8'."""
+    found = sorted((m.start(), label) for pattern, label in STAGE_TOKENS for m in pattern.finditer(folder))
+    return " → ".join(label for _, label in found) or "train"
+
+
+def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
+    timed = {RUNTIMES[c]: r[f"latency_ms_{c}_b1"] for c in RUNTIMES if r.get(f"latency_ms_{c}_b1") is not None}
+    if not timed:
+        return None, None
+    runtime = min(timed, key=timed.get)
+    return timed[runtime], runtime
+
+
+def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per network the runs made, with its chain, costs and provenance."""
+    out = []
+    for s in summaries:
+        multi = "rows" in s
+        for r in s["rows"] if multi else [s]:
+            if multi and r.get("step") == 0 and r.get("method", "layer-drop") == "layer-drop":
+                continue  # the network the run started from
+            latency, runtime = _fastest_latency(r)
+            chain = chain_of(s["name"])
+            if multi and r.get("method", "layer-drop") != "layer-drop":
+                chain += f" ({r['method']} baseline)"
+            out.append({
+                "chain": chain, "run": s["name"], "step": r.get("step") if multi else None,
+                "network": r.get("row") or s.get("row") or s["name"], "top1": r["top1"],
+                "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("size_bytes"),
+                "latency_ms_b1": latency, "latency_runtime": runtime,
+                **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "device", "profile", "dataset")},
+            })
+    if not out:
+        raise ConfigError("these runs hold no networks to compare")
+    return out
+
+
+def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
+    """Indices of the points no other point beats: none with a lower or equal cost has a higher top-1
+    (of points with equal cost and top-1, the first)."""
+    ranked = sorted((i for i, p in enumerate(pts) if p.get(cost) is not None), key=lambda i: (pts[i][cost], -pts[i]["top1"]))
+    front, best = set(), float("-inf")
+    for i in ranked:
+        if pts[i]["top1"] > best:
+            front.add(i)
+            best = pts[i]["top1"]
+    return front
+
+
+def against(pts: list[dict[str, Any]], baseline: Optional[str]) -> list[dict[str, Any]]:
+    """Each point with its top-1 change and cost ratios over the baseline: the run named `baseline`, else
+    the one trained network among the points."""
+    base = [p for p in pts if p["run"] == baseline] if baseline else [p for p in pts if p["stage"] == "train"]
+    if len(base) != 1:
+        runs = ", ".join(sorted({p["run"] for p in pts}))
+        what = (f"--baseline '{baseline}' is no run of one network among these" if baseline
+                else f"these runs hold {len(base)} trained networks, so the baseline is not clear")
+        raise ConfigError(f"{what}; pass --baseline RUN, one of: {runs}")
+    b = base[0]
+    for p in pts:
+        p["top1_delta"] = p["top1"] - b["top1"]
+        for cost, _, _ in COSTS[:2]:
+            p[f"{cost}_ratio"] = p[cost] / b[cost] if p.get(cost) and b.get(cost) else None
+        p["baseline"] = p is b
+    for cost, _, _ in COSTS:
+        for i in pareto(pts, cost):
+            pts[i][f"pareto_{cost}"] = True
+    return pts
+
+
+def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str]) -> str:
+    b = next(p for p in pts if p["baseline"])
+    lines = [f"# {table}: every technique and chain against {b['run']}", "",
+             f"Baseline: **{b['network']}** (run {b['run']}), top-1 {b['top1']:.2f} %. Δ top-1 is in points; "
+             f"MACs and size are also given as a share of the baseline's. ◆ marks the Pareto front of a cost: no "
+             f"cheaper network is more accurate. Latency: batch 1, on the fastest runtime that timed the network.", "",
+             "| # | chain | network | top-1 % | Δ top-1 | params | MACs (M) | MACs × | size (kB) | size × | latency ms (runtime) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    mark = lambda p, k: " ◆" if p.get(f"pareto_{k}") else ""  # noqa: E731
+    for n, p in enumerate(pts, 1):
+        lat = f"{p['latency_ms_b1']:.2f} ({p['latency_runtime']}){mark(p, 'latency_ms_b1')}" if p["latency_ms_b1"] else "–"
+        fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+        lines.append(f"| {n} | {p['chain']} | {p['network']} | {p['top1']:.2f} | {p['top1_delta']:+.2f} | "
+                     f"{fmt(p['params'], ',')} | {fmt(p['macs'] and p['macs'] / 1e6, ',.2f')}{mark(p, 'macs')} | "
+                     f"{fmt(p['macs_ratio'], '.2f')} | {fmt(p['size_bytes'] and p['size_bytes'] / 1e3, ',.1f')}"
+                     f"{mark(p, 'size_bytes')} | {fmt(p['size_bytes_ratio'], '.2f')} | {lat} |")
+    lines += ["", "Provenance of each point:", "", "| # | run | step | seed | config hash | commit | device |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {p['run']} | {'' if p['step'] is None else p['step']} | {p['seed']} | {p['config_hash']} | "
+              f"{p['commit']} | {p['device']} |" for n, p in enumerate(pts, 1)]
+    if plot:
+        lines += ["", f"![top-1 against MACs, bytes and latency, Pareto fronts marked]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
+    """Top-1 against MACs, bytes and latency: every point numbered as in the table and coloured by
+    chain, the Pareto front of each cost drawn through its points."""
+    from rescomp.report import _png, _pyplot, _style, _title, caption
+
+    panels = [c for c in COSTS if any(p.get(c[0]) is not None for p in pts)]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    chains = list(dict.fromkeys(p["chain"] for p in pts))
+    handles = {}
+    for ax, (cost, label, scale) in zip(axes[0], panels):
+        for n, p in enumerate(pts, 1):
+            if p.get(cost) is None:
+                continue
+            (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6,
+                           **_style(chains.index(p["chain"])))
+            handles.setdefault(p["chain"], h)
+            ax.annotate(str(n), (p[cost] * scale, p["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = sorted((p[cost] * scale, p["top1"]) for p in pts if p.get(f"pareto_{cost}"))
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", alpha=0.5, linewidth=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 %")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+               frameon=False, title="chain (numbers: rows of compare.md)", title_fontsize=8)
+    _title(fig, f"{table}: top-1 against cost, Pareto front in black", caption(pts, latency=True))
+    return _png(fig)
+
+
+def write(table: str, pts: list[dict[str, Any]], out_root: Path) -> Path:
+    """results/<table>/compare.{md,csv,json} and pareto.png; files written whole, each atomically."""
+    out = out_root / table
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot(table, pts)
+    if png is not None:
+        tmp = out / ".pareto.png.tmp"
+        tmp.write_bytes(png)
+        tmp.replace(out / "pareto.png")
+    atomic_write_text(out / "compare.json", json.dumps(pts, indent=2))
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for p in pts for k in p))
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(pts)
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+    atomic_write_text(out / "compare.md", markdown(table, pts, "pareto.png" if png is not None else None))
+    return out

@@ -1,0 +1,69 @@
+# `rescomp compare`: every technique and chain against one baseline, Pareto fronts marked (issue 12).
+# Wrong versions these tests must catch (each checked once by mutating the code, scripts/mutants.py):
+#  1. a dominated point kept on the front (>= for >), or the front taken from the wrong end (the
+#     costliest first) -> test_pareto_front_counted_by_hand
+#  2. a chain misnamed: stages out of order, or int8 not seen after another stage
+#       -> test_chains_are_read_from_folder_names
+#  3. a run's step 0 (the network it started from) counted as one of its own points, or the
+#     baseline not the one asked for -> test_compare_end_to_end_from_a_chain
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rescomp.cli import app
+from rescomp.compare import chain_of, pareto
+
+from conftest import write_config
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_pareto_front_counted_by_hand():
+    pts = [{"top1": t, "macs": c} for c, t in [(1, 50), (2, 40), (3, 60), (4, 60), (5, 70), (None, 99)]]
+    assert pareto(pts, "macs") == {0, 2, 4}  # (2, 40) and (4, 60) are beaten by cheaper points; no cost, no point
+    assert pareto([{"top1": 50, "macs": 1}, {"top1": 55, "macs": 1}], "macs") == {1}  # equal cost: the better one
+
+
+@pytest.mark.parametrize("folder, chain", [
+    ("exp", "train"),
+    ("exp-prune-paper-taylor-custom", "prune"),
+    ("exp-prune-paper-mean_activation-custom-layerdrop-gate-k1-n1-ptq", "prune → layer-drop → int8"),
+    ("exp-layerdrop-gate-k2-n10-prune-coupled-l1-custom", "layer-drop → prune"),
+    ("resnet56-full-cpu-ptq-onnxruntime", "int8"),
+    ("exp-prune-paper-taylor-custom-qat-pt2e", "prune → int8"),
+])
+def test_chains_are_read_from_folder_names(folder, chain):
+    assert chain_of(folder) == chain
+
+
+def test_compare_end_to_end_from_a_chain(workdir, tiny):
+    tiny["model"] = {"arch": "cifar_resnet", "depth": 8, "width": 4}
+    tiny["train"]["epochs"] = 1
+    tiny["measure"] = {"batch_sizes": [1], "warmup": 1, "repeats": 2, "max_spread": None, "gpu_throughput": False}
+    tiny["prune"] = {"share_per_step": 0.25, "steps": 1, "finetune_epochs": 1, "score_batches": 1}
+    tiny["quantize"] = {"calibration_images": 16}
+    tiny["pipeline"] = ["train", "prune", "quantize"]
+    path = write_config(workdir, tiny)
+    assert cli("run", path).exit_code == 0
+    res = cli("compare", "runs", "--table", "cmp")
+    assert res.exit_code == 0, res.output
+    pts = json.loads((workdir / "results/cmp/compare.json").read_text())
+    assert [p["chain"] for p in pts] == ["train", "prune", "prune → int8"]  # no step 0 of the prune run
+    base = next(p for p in pts if p["baseline"])
+    assert base["run"] == "exp" and base["top1_delta"] == 0 and base["macs_ratio"] == 1
+    assert pts[1]["macs_ratio"] < 1 and pts[1]["step"] == 1 and pts[2]["latency_runtime"] == "eager"
+    assert all(p["commit"] and p["config_hash"] for p in pts)
+    assert any(p.get("pareto_macs") for p in pts) and (workdir / "results/cmp/pareto.png").stat().st_size > 1000
+    md = (workdir / "results/cmp/compare.md").read_text()
+    assert "| 3 | prune → int8 |" in md and "◆" in md
+    # a second trained network makes the baseline a choice to state
+    assert cli("train", path, "--set", "name=other").exit_code == 0
+    res = cli("compare", "runs", "--table", "cmp")
+    assert res.exit_code == 2 and "2 trained networks" in res.stderr and "--baseline RUN" in res.stderr
+    res = cli("compare", "runs", "--table", "cmp", "--baseline", "other")
+    assert res.exit_code == 0
+    assert next(p for p in json.loads((workdir / "results/cmp/compare.json").read_text()) if p["baseline"])["run"] == "other"
