@@ -118,7 +118,7 @@ M = [
   "tests/test_quantize_pt2e.py::test_auto_activation_width_keeps_int8_sums_exact"),
  ("ort-8bit-weights", "rescomp/compress/quantize_ort.py", "                            reduce_range=seven_bit_weights(cfg),", "                            reduce_range=False,",
   "tests/test_quantize_ort.py::test_seven_bit_weights_keep_a_saturating_conv_exact"),
- ("export-nan-passes", "rescomp/export.py", "                if not bool(torch.isfinite(theirs).all()):", "                if False:",
+ ("export-nan-passes", "rescomp/export.py", "    if not bool(torch.isfinite(theirs).all()):", "    if False:",
   "tests/test_export.py::test_nan_outputs_and_the_opset_written"),
  ("pruned-speedup-mixed-runtimes", "rescomp/measure.py", "        nc = bc if same_runtime else _fastest(new, b)", "        nc = _fastest(new, b)",
   "tests/test_measure.py::test_a_pruned_speed_up_compares_both_networks_on_one_runtime"),
