@@ -146,13 +146,15 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
             ax.annotate(str(n), (p[cost] * scale, p["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = sorted((p[cost] * scale, p["top1"]) for p in pts if p.get(f"pareto_{cost}"))
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", alpha=0.5, linewidth=1)
+        ax.plot([x for x, _ in front], [y for _, y in front], linestyle="none", marker="o", markersize=11,
+                markerfacecolor="none", markeredgecolor="black", alpha=0.6)  # ringed: a front of one point shows too
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
                frameon=False, title="chain (numbers: rows of compare.md)", title_fontsize=8)
-    _title(fig, f"{table}: top-1 against cost, Pareto front in black", caption(pts, latency=True))
+    _title(fig, f"{table}: top-1 against cost, Pareto front ringed and joined in black", caption(pts, latency=True))
     return _png(fig)
 
 

@@ -150,6 +150,8 @@ M = [
   "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
  ("compare-baseline-ignored", "rescomp/compare.py", "    base = [p for p in pts if p[\"run\"] == baseline] if baseline else", "    base = [p for p in pts if p[\"stage\"] == \"train\"][:1] if baseline else",
   "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
+ ("shapes-after-deleted", "rescomp/compress/prune.py", "@register_transform(\"shapes\", order=25)", "@register_transform(\"shapes\", order=40)",
+  "tests/test_models.py::test_every_technique_key_rebuilds"),
 ]
 only = set(sys.argv[1:])
 survived = 0

@@ -58,7 +58,8 @@ def test_cifar_stem_for_torchvision_resnets():
 #      -> test_registered_transforms_apply_in_their_order
 #  - the model builder importing the techniques for a plain network (the models -> compress cycle)
 #      -> test_the_builder_imports_no_technique_for_a_plain_network
-#  - a technique's transform not registered (its key refused as unknown) -> test_every_technique_key_rebuilds
+#  - a technique's transform not registered (its key refused as unknown), or pruned shapes applied after
+#    the units a later layer-drop deleted (a missing layer) -> test_every_technique_key_rebuilds
 
 def test_registered_transforms_apply_in_their_order(monkeypatch):
     import rescomp.models as models
@@ -72,7 +73,7 @@ def test_registered_transforms_apply_in_their_order(monkeypatch):
         models.register_transform("zz_first", order=5)(lambda m, v: m)
     build_model({"arch": "resnet20", "num_classes": 10, "aa_second": 2, "zz_first": 1})
     assert seen == [("first", 1), ("second", 2)]
-    assert models.transform_keys() == ["zz_first", "separable", "gates", "deleted", "shapes", "aa_second"]
+    assert models.transform_keys() == ["zz_first", "separable", "gates", "shapes", "deleted", "aa_second"]
 
 
 def test_the_builder_imports_no_technique_for_a_plain_network():
@@ -89,7 +90,9 @@ def test_the_builder_imports_no_technique_for_a_plain_network():
 
 def test_every_technique_key_rebuilds():
     spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 14, "width": 4, "separable": {"mode": "depthwise"},
-            "gates": {"init": [-1, 1]}, "deleted": ["layer1.1"], "shapes": {"fc": [16, 12]}}
+            "gates": {"init": [-1, 1]}, "deleted": ["layer1.1"], "shapes": {"fc": [16, 12],
+            # a unit pruned, then deleted (layer-drop after prune): its shapes stay in the spec
+            "layer1.1.bn1": [3]}}
     model = build_model(spec)
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"DepthwiseSeparable", "Gated"} <= kinds and type(model.layer1[1]).__name__ == "Identity"

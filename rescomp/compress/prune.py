@@ -285,7 +285,9 @@ def shapes(model: nn.Module) -> dict[str, list[int]]:
     return out
 
 
-@register_transform("shapes", order=40)  # a pruned network: its layers at their recorded sizes
+# A pruned network: its layers at their recorded sizes. Before `deleted`: a unit deleted after pruning
+# (a chain's layer-drop of a pruned network) keeps its pruned shapes in the spec, on layers then removed.
+@register_transform("shapes", order=25)
 def resize(model: nn.Module, sizes: dict[str, list[int]]) -> nn.Module:
     """Replace each named layer with one of the recorded sizes (weights to be loaded after; in place)."""
     for name, dims in sizes.items():
