@@ -11,17 +11,16 @@ other point has a lower or equal cost and a higher top-1, i.e. no cheaper networ
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from pathlib import Path
 from typing import Any, Optional
 
-from rescomp.checkpoint import atomic_write_text
+from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
+from rescomp.measure import RUNTIME_COLUMN, fastest_column
 
-RUNTIMES = {"cpu": "eager", "ort": "onnxruntime", "ind": "inductor"}  # latency_ms_<column>_b1
+RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
 COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1 (ms)", 1)]
 STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-layerdrop-[a-z0-9_]+-k\d+-n\d+"), "layer-drop"),
@@ -35,11 +34,10 @@ def chain_of(folder: str) -> str:
 
 
 def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    timed = {RUNTIMES[c]: r[f"latency_ms_{c}_b1"] for c in RUNTIMES if r.get(f"latency_ms_{c}_b1") is not None}
-    if not timed:
+    if not any(f"latency_ms_{c}_b1" in r for c in RUNTIMES):
         return None, None
-    runtime = min(timed, key=timed.get)
-    return timed[runtime], runtime
+    column = fastest_column(r, 1)
+    return r[f"latency_ms_{column}_b1"], RUNTIMES[column]
 
 
 def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,20 +157,18 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
 
 
 def write(table: str, pts: list[dict[str, Any]], out_root: Path) -> Path:
-    """results/<table>/compare.{md,csv,json} and pareto.png; files written whole, each atomically."""
-    out = out_root / table
-    out.mkdir(parents=True, exist_ok=True)
+    """results/<table>/compare.{md,csv,json} and pareto.png, rendered in memory first, then each written
+    atomically, as rescomp.report.write_table does: a failure leaves the old files."""
+    from rescomp.report import csv_text
+
     png = plot(table, pts)
-    if png is not None:
-        tmp = out / ".pareto.png.tmp"
-        tmp.write_bytes(png)
-        tmp.replace(out / "pareto.png")
-    atomic_write_text(out / "compare.json", json.dumps(pts, indent=2))
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for p in pts for k in p))
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(pts)
-    atomic_write_text(out / "compare.csv", buf.getvalue())
-    atomic_write_text(out / "compare.md", markdown(table, pts, "pareto.png" if png is not None else None))
+    files = {"compare.md": markdown(table, pts, "pareto.png" if png is not None else None).encode(),
+             "compare.csv": csv_text(pts, list(dict.fromkeys(k for p in pts for k in p))).encode(),
+             "compare.json": json.dumps(pts, indent=2).encode(), "pareto.png": png}
+    out = out_root / table
+    for name, blob in files.items():
+        if blob is not None:
+            atomic_write_bytes(out / name, lambda f, b=blob: f.write(b))
+    if png is None:
+        (out / "pareto.png").unlink(missing_ok=True)  # an earlier comparison's plot, which these points do not make
     return out

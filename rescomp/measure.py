@@ -367,8 +367,8 @@ def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = No
     return row
 
 
-def _fastest(row: dict[str, Any], b: int) -> str:
-    """The latency column (cpu, ort) of a row's fastest runtime at batch b, or of its only one."""
+def fastest_column(row: dict[str, Any], b: int) -> str:
+    """The latency column (cpu, ort, ind) of a row's fastest runtime at batch b, or of its only one."""
     if f"fastest_runtime_b{b}" in row:
         return RUNTIME_COLUMN[row[f"fastest_runtime_b{b}"]]
     return next(c for c in RUNTIME_COLUMN.values() if f"latency_ms_{c}_b{b}" in row)
@@ -382,8 +382,8 @@ def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, pref
     network over its unpruned one), both are read on the base's fastest runtime: like with like."""
     row = {f"{prefix}_{k}": v for k, v in base.items() if k.startswith(("latency_", "fastest_"))}
     for b in cfg.batch_sizes:
-        bc = _fastest(base, b)
-        nc = bc if same_runtime else _fastest(new, b)
+        bc = fastest_column(base, b)
+        nc = bc if same_runtime else fastest_column(new, b)
         f, q = base[f"latency_ms_{bc}_b{b}"], new[f"latency_ms_{nc}_b{b}"]
         row[f"speedup_cpu_b{b}"] = f / q
         row[f"speedup_within_noise_cpu_b{b}"] = (

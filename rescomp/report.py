@@ -295,11 +295,15 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     flat = [flatten(r) | {k: r.get(k) for k in PROVENANCE} for r in rows]
-    keys = column_order(flat)
+    return csv_text(flat, column_order(flat))
+
+
+def csv_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    """Rows as CSV with these columns, in this order (a row without a column leaves it empty)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
-    w.writerows(flat)
+    w.writerows(rows)
     return buf.getvalue()
 
 
