@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
-	report-separable report-layer-drop report-taylor clean
+	table-combined report-separable report-layer-drop report-taylor report-combined clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -120,6 +120,18 @@ report-taylor: install
 	  --notes configs/table-taylor/notes-alexnet-schedules.md
 	$(BIN)/rescomp report $(RUNS)/taylor-resnet56$(PSUF)-prune-* --table table-taylor-resnet56 \
 	  --notes configs/table-taylor/notes-resnet56.md
+
+# Issue 12: which compression wins, and which combinations compound. One trained gated ResNet-56, then
+# every technique alone and chained (`rescomp run`, one config per chain; the chains share their
+# common first stages' folders), all on one Pareto table against the trained network.
+COMBINED := int8 prune-int8 layerdrop-int8 prune-layerdrop-int8 depthwise-int8 layerdrop-prune-int8
+table-combined: install
+	for c in $(COMBINED); do $(BIN)/rescomp run configs/table-combined/$$c.yaml $(PFLAG) || exit $$?; done
+	$(MAKE) report-combined
+
+report-combined: install
+	$(BIN)/rescomp compare table-combined --runs $(RUNS) --profile $(PROFILE) --table table-combined \
+	  --baseline combined-resnet56$(PSUF) $(if $(filter cpu,$(PROFILE)),--notes configs/table-combined/notes.md)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -105,7 +105,7 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
           profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
           fresh: bool = typer.Option(False, "--fresh", help="delete this run's folder and start over")) -> None:
     """Train what CONFIG describes; re-running an interrupted run resumes it."""
-    from rescomp.pipeline import run_train
+    from rescomp.stages.train import run_train
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
@@ -122,7 +122,7 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
              set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
              fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
     """Int8 a trained model (quantize.backend: FX x86, pt2e or onnxruntime): calibrate, evaluate and time it beside its fp32 model."""
-    from rescomp.pipeline import run_quantize
+    from rescomp.stages.quantize import run_quantize
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
@@ -140,7 +140,7 @@ def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune 
           set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
           fresh: bool = typer.Option(False, "--fresh", help="redo a finished pruning run")) -> None:
     """Score filters, remove the lowest share, fine-tune, measure; repeat on the config's schedule."""
-    from rescomp.prune_run import run_prune
+    from rescomp.stages.prune import run_prune
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
@@ -161,14 +161,11 @@ def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a
                                                                       "folders; run nothing")) -> None:
     """Run the config's pipeline (train -> prune -> layer_drop -> quantize, or any chain of them): each stage
     from the network the previous one left, each in its own resumable folder."""
-    from rescomp.runner import plan, run_chain
+    from rescomp.chain import folders, run_chain
 
     for cfg in _configs(config, set_, profile, seed):
         if dry_run:
-            name = None
-            for i, (step, scfg) in enumerate(plan(cfg)):
-                folder = step.stage.folder(scfg if name is None else scfg.model_copy(update={"name": name}))
-                name = folder.name
+            for i, (step, folder) in enumerate(folders(cfg)):
                 out.print(f"{i + 1}. {step.name:<10} -> {folder}", highlight=False)
             continue
 
@@ -186,7 +183,7 @@ def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a g
                set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
                fresh: bool = typer.Option(False, "--fresh", help="redo a finished layer-drop run")) -> None:
     """Delete residual units by learned importance, retraining between deletions; resumable."""
-    from rescomp.layer_drop_run import run_layer_drop
+    from rescomp.stages.layer_drop import run_layer_drop
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
@@ -212,7 +209,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     from rescomp.errors import DeviceError
     from rescomp.measure import measure as measure_model
     from rescomp.models import build_model
-    from rescomp.pipeline import model_spec
+    from rescomp.runner import model_spec
 
     if target.suffix in (".pt", ".pth"):
         payload = checkpoint.load(target)
@@ -271,14 +268,15 @@ def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
     from rescomp.export import export_checkpoint
-    from rescomp.pipeline import run_folder
+    from rescomp.rundir import run_folder
+    from rescomp.stages.quantize import suffix as int8_suffix
 
     if out_path is not None and out_path.suffix != ".onnx":
         raise ConfigError(f"--out '{out_path}' must end in .onnx")
     source = target
     if target.suffix in (".yaml", ".yml"):
         cfg = load_config(target, set_, profile)
-        source = run_folder(cfg, cfg.quantize.method) / "int8.pt" if int8 else run_folder(cfg) / "model.pt"
+        source = run_folder(cfg, int8_suffix(cfg)) / "int8.pt" if int8 else run_folder(cfg) / "model.pt"
         if not source.is_file():
             todo = f"rescomp quantize {target}` (quantize.backend pt2e or onnxruntime)" if int8 else f"rescomp train {target}`"
             raise ConfigError(f"no {'int8' if int8 else 'trained'} model at '{source}'; run `{todo} first, or pass "
@@ -329,17 +327,28 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
             baseline: Optional[str] = typer.Option(None, help="the run every point is compared with (default: the "
                                                               "one trained network among them)"),
             runs: Path = typer.Option(Path("runs"), help="where table names are looked up: a folder, or a config file (its out_dir)"),
+            profile: Optional[str] = typer.Option(None, help="only the runs of this config profile (paper: none)"),
+            notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the points can and cannot show"),
             out_dir: Path = typer.Option(Path("results"), "--out", help="results root")) -> None:
     """Every technique and chain against one baseline: accuracy, params, MACs, bytes and latency, with the
     Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
     from rescomp import compare as cmp
     from rescomp.config import load_config
+    from rescomp.errors import ConfigError
     from rescomp.report import find_runs, load_rows
 
+    if notes is not None and not notes.is_file():
+        raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-combined/notes.md")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
-    pts = cmp.against(cmp.points(load_rows(d for t in targets for d in find_runs(t, runs))), baseline)
-    path = cmp.write(table, pts, out_dir)
+    summaries = load_rows(d for t in targets for d in find_runs(t, runs))
+    if profile is not None:
+        summaries = [s for s in summaries if (s.get("profile") or "paper") == profile]
+        if not summaries:
+            raise ConfigError(f"none of these runs was made with profile '{profile}'; drop --profile, or run the "
+                              f"table's configs with --profile {profile}")
+    pts = cmp.against(cmp.points(summaries), baseline)
+    path = cmp.write(table, pts, out_dir, notes.read_text() if notes else None)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)
 

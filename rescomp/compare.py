@@ -27,10 +27,13 @@ STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-(ptq|qat)(-(pt2e|onnxruntime|fbgemm|qnnpack))?$"), "int8")]
 
 
-def chain_of(folder: str) -> str:
-    """The stages a run folder's name spells after training, in order: 'prune → layer-drop → int8'."""
+def chain_of(folder: str, spec: Any = None) -> str:
+    """The stages a run folder's name spells after training, in order: 'prune → layer-drop → int8'; a
+    network trained with separable convs (its arch `spec` says so) starts 'depthwise separable'."""
     found = sorted((m.start(), label) for pattern, label in STAGE_TOKENS for m in pattern.finditer(folder))
-    return " → ".join(label for _, label in found) or "train"
+    separable = spec.get("separable") if isinstance(spec, dict) else None
+    start = [f"{separable['mode']} separable"] if separable else []
+    return " → ".join(start + [label for _, label in found]) or "train"
 
 
 def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
@@ -49,7 +52,7 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if multi and r.get("step") == 0 and r.get("method", "layer-drop") == "layer-drop":
                 continue  # the network the run started from
             latency, runtime = _fastest_latency(r)
-            chain = chain_of(s["name"])
+            chain = chain_of(s["name"], s["arch"] if isinstance(s.get("arch"), dict) else s.get("start_arch"))
             if multi and r.get("method", "layer-drop") != "layer-drop":
                 chain += f" ({r['method']} baseline)"
             out.append({
@@ -57,7 +60,8 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "network": r.get("row") or s.get("row") or s["name"], "top1": r["top1"],
                 "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("size_bytes"),
                 "latency_ms_b1": latency, "latency_runtime": runtime,
-                **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "device", "profile", "dataset")},
+                **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "device", "profile", "dataset",
+                                         "command", "wall_seconds")},
             })
     if not out:
         raise ConfigError("these runs hold no networks to compare")
@@ -97,7 +101,7 @@ def against(pts: list[dict[str, Any]], baseline: Optional[str]) -> list[dict[str
     return pts
 
 
-def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str]) -> str:
+def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: Optional[str] = None) -> str:
     b = next(p for p in pts if p["baseline"])
     lines = [f"# {table}: every technique and chain against {b['run']}", "",
              f"Baseline: **{b['network']}** (run {b['run']}), top-1 {b['top1']:.2f} %. Δ top-1 is in points; "
@@ -113,12 +117,18 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str]) -> str:
                      f"{fmt(p['params'], ',')} | {fmt(p['macs'] and p['macs'] / 1e6, ',.2f')}{mark(p, 'macs')} | "
                      f"{fmt(p['macs_ratio'], '.2f')} | {fmt(p['size_bytes'] and p['size_bytes'] / 1e3, ',.1f')}"
                      f"{mark(p, 'size_bytes')} | {fmt(p['size_bytes_ratio'], '.2f')} | {lat} |")
-    lines += ["", "Provenance of each point:", "", "| # | run | step | seed | config hash | commit | device |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {p['run']} | {'' if p['step'] is None else p['step']} | {p['seed']} | {p['config_hash']} | "
-              f"{p['commit']} | {p['device']} |" for n, p in enumerate(pts, 1)]
     if plot:
         lines += ["", f"![top-1 against MACs, bytes and latency, Pareto fronts marked]({plot})"]
+    if notes:
+        lines += ["", "## What these points can and cannot show", "", notes.strip()]
+    lines += ["", "## Provenance", "", "Each point: the run that made it (a step of it, where the run has steps), its "
+              "seed, config hash, commit and device; the run's wall time covers all of its steps.", "",
+              "| # | run | step | seed | config hash | commit | device | run wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {p['run']} | {'' if p['step'] is None else p['step']} | {p['seed']} | {p['config_hash']} | "
+              f"{p['commit']} | {p['device']} | {p['wall_seconds'] or 0:.0f} |" for n, p in enumerate(pts, 1)]
+    commands = list(dict.fromkeys(p["command"] for p in pts if p.get("command")))
+    lines += ["", "Commands that made these runs (a chain's command makes every stage of it):", ""]
+    lines += [f"- `{c}`" for c in commands]
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +166,13 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
     return _png(fig)
 
 
-def write(table: str, pts: list[dict[str, Any]], out_root: Path) -> Path:
+def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional[str] = None) -> Path:
     """results/<table>/compare.{md,csv,json} and pareto.png, rendered in memory first, then each written
     atomically, as rescomp.report.write_table does: a failure leaves the old files."""
     from rescomp.report import csv_text
 
     png = plot(table, pts)
-    files = {"compare.md": markdown(table, pts, "pareto.png" if png is not None else None).encode(),
+    files = {"compare.md": markdown(table, pts, "pareto.png" if png is not None else None, notes).encode(),
              "compare.csv": csv_text(pts, list(dict.fromkeys(k for p in pts for k in p))).encode(),
              "compare.json": json.dumps(pts, indent=2).encode(), "pareto.png": png}
     out = out_root / table

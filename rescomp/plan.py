@@ -13,12 +13,13 @@ from typing import Optional
 
 from rescomp.config import ExperimentConfig
 from rescomp.context import resolve_device
-from rescomp.pipeline import model_spec, other_settings, quantize_source, resumable, run_folder
+from rescomp.rundir import other_settings, resumable, run_folder
+from rescomp.runner import model_spec
 
 
-def folder_state(cfg: ExperimentConfig, stage: str = "train", section: Optional[str] = None) -> tuple[Path, str]:
-    """The run folder a command would use and what it would do there, read-only (pipeline._claim_run_dir)."""
-    run_dir = run_folder(cfg, stage)
+def folder_state(cfg: ExperimentConfig, suffix: str = "", section: Optional[str] = None) -> tuple[Path, str]:
+    """The run folder a command would use and what it would do there, read-only (rundir.claim)."""
+    run_dir = run_folder(cfg, suffix)
     if not run_dir.exists() or not resumable(run_dir):
         return run_dir, "new run"
     changed = other_settings(run_dir, cfg, section)
@@ -62,9 +63,11 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         model_spec(cfg)
         return "\n".join(_train_lines(cfg))
     if command == "quantize":
+        from rescomp.stages.quantize import input_path, suffix
+
         qc = cfg.quantize
-        source = quantize_source(cfg)
-        run_dir, state = folder_state(cfg, qc.method, "quantize")
+        source = input_path(cfg)
+        run_dir, state = folder_state(cfg, suffix(cfg), "quantize")
         lines = [f"{qc.method:7} {run_dir}: {state}",
                  f"        int8 of {source}" + ("" if source.is_file() else " (missing: run `rescomp train` first)"),
                  f"        backend {qc.backend}, reduce_range {qc.reduce_range}, "
@@ -73,7 +76,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
                  + "; int8 runs on the CPU"]
         return "\n".join(lines)
     if command == "prune":
-        from rescomp.prune_run import check, suffix
+        from rescomp.stages.prune import check, suffix
 
         pc = cfg.prune
         _, prunable = check(cfg)
@@ -91,7 +94,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         return "\n".join(lines)
     if command == "layer-drop":
         from rescomp.compress.layer_drop import residual_units
-        from rescomp.layer_drop_run import baseline_family, check, method_epochs
+        from rescomp.stages.layer_drop import baseline_family, check, method_epochs, suffix
         from rescomp.models import build_model
 
         ld = cfg.layer_drop
@@ -100,7 +103,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
         lines = [] if ld.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, "layerdrop", "layer_drop")
+        run_dir, state = folder_state(cfg, suffix(cfg), "layer_drop")
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
                   f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "

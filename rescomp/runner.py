@@ -1,244 +1,214 @@
-"""`rescomp run`: a chain of stages (train, prune, layer_drop, quantize) from one config.
+"""The stage interface and the one resumable step runner every stage runs through.
 
-Each stage is registered by name with what it needs from its input network and what it makes of it
-(traits: `gated` residual units, `int8`), so a chain that cannot work is refused, exit 2, before any
-stage runs or any folder is made. Each stage then runs as its own command does, in its own resumable
-folder, starting from the network the previous stage left:
+A technique is a `Stage`, registered by name in `STAGES` (rescomp.stages holds one file per stage):
+its config section, the run-folder suffix it writes, the checks of its config, the network it starts
+from, its `body` (the work), the network it leaves, and what it can take from the stage before it.
+`execute` runs any stage the same way, so no stage re-implements folders, resume or provenance:
 
-    runs/<name>                                  train
-    runs/<name>-prune-paper-taylor-custom        prune, from the trained network
-    runs/<name>-prune-...-layerdrop-gate-k2-n10  layer-drop, from the last pruned network
-    runs/<name>-prune-...-layerdrop-...-ptq      int8, from the smallest lossless shortened network
+    context (device named first) -> check (every user mistake, before any folder is touched)
+    -> data -> claim the run folder (a finished run is returned as it is; --fresh empties it)
+    -> the network it starts from (a checkpoint, or this config's training run, trained first)
+    -> body(StageRun) inside `writing` (removed again if it fails before anything resumable)
+    -> summary.json: the body's fields and rows, with the provenance every row carries.
 
-A stage's folder name extends the previous one's, so every folder says the chain that made it, and a
-single command (`rescomp prune`) is the one-stage chain that starts from the config's trained network.
-Running the same command again skips finished stages and resumes an interrupted one at its last
-checkpoint (a prune or layer-drop stage at its last finished step).
+A stage that works in steps (prune, layer-drop) runs each through `StageRun.step`: one folder per
+step, returned as saved if finished, else seeded, transformed, fine-tuned (resumably, from its own
+checkpoints), reloaded and measured, its row written last, so an interrupted run resumes at the step
+where it stopped. A single command is a one-stage chain (`rescomp prune` = `execute(STAGES['prune'])`);
+rescomp.chain strings stages together.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 from rich.console import Console
 
 from rescomp import checkpoint
-from rescomp.config import ExperimentConfig, deep_merge, validate
+from rescomp.config import ExperimentConfig
+from rescomp.context import RunContext, make_context, seed_everything
+from rescomp.data import make_loaders, prepare
 from rescomp.errors import ConfigError
+from rescomp.models import check_spec, get_entry, probe
+from rescomp.provenance import stamp
 from rescomp.registry import Registry
+from rescomp.rundir import claim, writing
+from rescomp.train import Trainer, evaluate
 
-Traits = frozenset[str]
+Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
+Start = tuple[torch.nn.Module, dict[str, Any], Path]  # (model, its checkpoint payload, where it came from)
 
 
 @dataclass(frozen=True)
 class Stage:
-    section: str  # the config section a pipeline entry's mapping overrides
-    run: Callable[..., tuple[Path, dict[str, Any]]]  # (cfg, fresh=, console=) -> (run folder, summary)
-    check: Callable[[ExperimentConfig], None]  # mistakes in its config, before anything runs
-    output: Callable[[ExperimentConfig, Path, dict[str, Any]], Path]  # the network a finished run leaves
-    refuses: Callable[[Traits], Optional[str]]  # why it cannot take a network with these traits
-    folder: Callable[[ExperimentConfig], Path]  # the run folder it writes for a config
+    """A technique as the runner and the chains see it. `body` gets the network to work on (with its spec),
+    the config and the context in a `StageRun`, and returns its summary fields, `rows` among them; the
+    network it leaves is `output(cfg, run folder, summary)`, a model.pt or int8.pt that rebuilds from its spec."""
+    name: str
+    section: str  # the config section a pipeline entry overrides, and that decides its result with the recipe
+    suffix: Callable[[ExperimentConfig], str]  # its run folder: runs/<name>-<suffix> ('' for runs/<name>)
+    check: Callable[[ExperimentConfig], Any]  # user mistakes, before anything runs; its result is run.checked
+    body: Callable[["StageRun"], dict[str, Any]]
+    output: Callable[[ExperimentConfig, Path, dict[str, Any]], Path]
+    refuses: Callable[[Traits], Optional[str]]  # why it cannot take a network with these traits, or None
     gives: Callable[[Traits], Traits] = lambda t: t
+    start: Optional[Callable[[ExperimentConfig, RunContext], Start]] = None  # default: start_model(<section>.checkpoint)
+    context: Callable[[ExperimentConfig, Optional[Console]], RunContext] = lambda cfg, console: make_context(cfg, console=console)
     first_only: bool = False  # train starts a chain from the config's model; it takes no input
+    chain_check: Callable[[ExperimentConfig], None] = lambda cfg: None  # what else a chain needs: one network out
+    # Its input, where it must exist already (quantize trains nothing first): checked by a run before its
+    # folder is claimed, not by a chain's plan, whose earlier stages make it.
+    check_input: Callable[[ExperimentConfig], None] = lambda cfg: None
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")
 
 
-def _fp32_only(name: str) -> Callable[[Traits], Optional[str]]:
+def stage(name: str) -> Stage:
+    """The registered stage `name`; the stage modules register themselves when rescomp.stages is imported."""
+    importlib.import_module("rescomp.stages")
+    return STAGES.get(name)
+
+
+def fp32_only(name: str) -> Callable[[Traits], Optional[str]]:
     return lambda t: f"{name} takes an fp32 network, and an earlier stage made it int8; put quantize last" \
         if "int8" in t else None
 
 
-def _nothing(cfg: ExperimentConfig) -> None:
+@dataclass
+class StageRun:
+    """What the runner hands a stage's body: config, context, data, its run folder, and the network it
+    starts from (model on the context's device, spec, checkpoint payload, source path)."""
+    cfg: ExperimentConfig
+    ctx: RunContext
+    splits: Any
+    out: Path
+    model: Optional[torch.nn.Module]
+    payload: dict[str, Any]
+    source: Optional[Path]
+    checked: Any = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.payload.get("arch", {})
+
+    @cached_property
+    def loaders(self) -> dict[str, Any]:
+        return train_loaders(self.cfg, self.ctx, self.splits)
+
+    def step(self, n: int, transform: Callable[[], tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]],
+             row: Callable[[torch.nn.Module, dict[str, Any], dict[str, Any], dict[str, float]], dict[str, Any]], *,
+             epochs: int, lr: Optional[float] = None, base: Optional[Path] = None
+             ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+        """Step n in <base or the run folder>/stepNN: (model, spec, row) as saved if it finished; else, seeded
+        with seed + n, `transform()` -> (model, spec, info), `epochs` of fine-tuning (resumable from the
+        step's checkpoints), the fine-tuned model reloaded from its model.pt, `row(model, spec, info,
+        test metrics)`, written last: a step without its row.json is redone from its checkpoints."""
+        step_dir = (base or self.out) / f"step{n:02d}"
+        done = finished_step(step_dir)
+        if done:
+            model, spec, r = done
+            return model.to(self.ctx.device), spec, r
+        seed_everything(self.cfg.seed + n)
+        model, spec, info = transform()
+        ev = train_and_eval(model, spec, retrain_config(self.cfg, epochs, lr), self.ctx, self.loaders, step_dir)
+        model, _ = checkpoint.load_model(step_dir / "model.pt")
+        model = model.to(self.ctx.device)
+        r = row(model, spec, info, ev)
+        checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(r, indent=2))
+        return model, spec, r
+
+
+def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
+            console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    """Run one stage on cfg (module docstring): its folder and summary, finished or resumed."""
+    t_start = time.perf_counter()
+    ctx = st.context(cfg, console)  # a device that is not there is named first
+    checked = st.check(cfg)
+    st.check_input(cfg)
+    splits = prepare(cfg.data, cfg.seed)
+    out, finished = claim(cfg, fresh, st.suffix(cfg), st.section)
+    if finished is not None:
+        ctx.log(f"{out} is already complete; --fresh redoes it")
+        return out, finished
+    model, payload, source = (st.start or _start_from_section(st.section))(cfg, ctx)
+    ctx.run_dir = out
+    run = StageRun(cfg, ctx, splits, out, model, payload, source, checked, t_start)
+    with writing(out, cfg):
+        fields = st.body(run)
+        summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
+                   "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section),
+                   **({"source": str(source)} if source is not None else {}), **fields, **splits.stamp(),
+                   "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device)}
+        checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return out, summary
+
+
+# -- what every stage shares ------------------------------------------------------------------------
+
+def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The validated arch spec of the config's model, or ConfigError."""
+    spec = cfg.model.spec(cfg.data.num_classes)
+    check_spec(spec)
+    entry = get_entry(spec["arch"])
+    if cfg.data.image_size < entry.min_input:
+        raise ConfigError(
+            f"model '{spec['arch']}' needs inputs of at least {entry.min_input} pixels but data.image_size is "
+            f"{cfg.data.image_size}; raise data.image_size"
+        )
+    probe(spec, cfg.data.image_size)
+    return spec
+
+
+def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, Any]:
+    """The train / test (/ val) loaders of the config's training recipe on the context's device."""
+    return make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
+                        device=ctx.device, seed=cfg.seed, max_steps=cfg.train.max_steps_per_epoch)
+
+
+def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> Start:
+    """What a later stage starts from: the checkpoint at `path`, or this config's own training run
+    (trained first, resumed, or found finished)."""
+    source = cfg.at(path) if path else execute(stage("train"), cfg, console=ctx.console)[0] / "model.pt"
+    model, payload = checkpoint.load_model(source)
+    return model, payload, source
+
+
+def _start_from_section(section: str) -> Callable[[ExperimentConfig, RunContext], Start]:
+    return lambda cfg, ctx: start_model(cfg, ctx, getattr(cfg, section).checkpoint)
+
+
+def retrain_config(cfg: ExperimentConfig, epochs: int, lr: Optional[float] = None) -> ExperimentConfig:
+    """The training config for a fine-tuning stage: `epochs`, the schedule's shape, lr if given."""
+    train = {"epochs": epochs, "eval_test_every": 0}
+    if lr is not None:
+        train["optimizer"] = cfg.train.optimizer.model_copy(update={"lr": lr})
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+
+def finished_step(step_dir: Path) -> Optional[tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]]:
+    if (step_dir / "row.json").is_file() and (step_dir / "model.pt").is_file():
+        model, payload = checkpoint.load_model(step_dir / "model.pt")
+        return model, payload["arch"], json.loads((step_dir / "row.json").read_text())
     return None
 
 
-# -- the stages ------------------------------------------------------------------------------------
-
-def _train_run(cfg, **kw):
-    from rescomp.pipeline import run_train
-
-    return run_train(cfg, **kw)
-
-
-def _train_check(cfg: ExperimentConfig) -> None:
-    from rescomp.pipeline import model_spec
-
-    model_spec(cfg)
-
-
-def _prune_run(cfg, **kw):
-    from rescomp.prune_run import run_prune
-
-    return run_prune(cfg, **kw)
-
-
-def _prune_check(cfg: ExperimentConfig) -> None:
-    from rescomp.prune_run import check
-
-    if len(cfg.prune.plan()) > 1:
-        raise ConfigError(f"prune.schedule {cfg.prune.schedule} prunes each target from the trained network in a run "
-                          f"of its own, so it leaves no one network for the next stage; use a gradual schedule "
-                          f"(prune.schedule: custom with share_per_step and steps)")
-    check(cfg)
-
-
-def _prune_output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Path:
-    return run_dir / f"step{summary['rows'][-1]['step']:02d}" / "model.pt"  # where it stopped (stop_at) or ended
-
-
-def _layer_drop_run(cfg, **kw):
-    from rescomp.layer_drop_run import run_layer_drop
-
-    return run_layer_drop(cfg, **kw)
-
-
-def _layer_drop_check(cfg: ExperimentConfig) -> None:
-    from rescomp.layer_drop_run import check
-
-    check(cfg)
-
-
-def _layer_drop_output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Path:
-    """The method's result: the smallest network whose top-1 stayed within the tolerance (Algorithm 1's
-    stop rule), or the network it started from if no deletion kept it."""
-    from rescomp.layer_drop_run import smallest_lossless
-
-    rows = [r for r in summary["rows"] if r["method"] == "layer-drop"]
-    best = smallest_lossless(rows, summary["start_top1"] - cfg.layer_drop.tolerance)
-    return run_dir / f"step{best['step']:02d}" / "model.pt" if best["step"] else Path(summary["source"])
-
-
-def _gates_needed(t: Traits) -> Optional[str]:
-    if "int8" in t:
-        return _fp32_only("layer_drop")(t)
-    return None if "gated" in t else ("layer_drop needs gated residual units: add `gates: {init: [-1, 1]}` under "
-                                      "model: (the network the chain starts from has none)")
-
-
-def _quantize_run(cfg, **kw):
-    from rescomp.pipeline import run_quantize
-
-    return run_quantize(cfg, **kw)
-
-
-def _folder(stage: Callable[[ExperimentConfig], str]) -> Callable[[ExperimentConfig], Path]:
-    def folder(cfg: ExperimentConfig) -> Path:
-        from rescomp.pipeline import run_folder
-
-        return run_folder(cfg, stage(cfg))
-
-    return folder
-
-
-def _prune_suffix(cfg: ExperimentConfig) -> str:
-    from rescomp.prune_run import suffix
-
-    return suffix(cfg)
-
-
-STAGES.register("train")(Stage("train", _train_run, _train_check, lambda c, d, s: d / "model.pt",
-                               lambda t: "train starts a chain from the config's model; it takes no network "
-                                         "from an earlier stage (put it first)", _folder(lambda c: "train"),
-                               first_only=True))
-STAGES.register("prune")(Stage("prune", _prune_run, _prune_check, _prune_output, _fp32_only("prune"),
-                               _folder(_prune_suffix)))
-STAGES.register("layer_drop")(Stage("layer_drop", _layer_drop_run, _layer_drop_check, _layer_drop_output,
-                                    _gates_needed, _folder(lambda c: "layerdrop")))
-STAGES.register("quantize")(Stage("quantize", _quantize_run, _nothing, lambda c, d, s: d / "int8.pt",
-                                  lambda t: ("a chain quantizes once: the network is int8 already" if "int8" in t
-                                             else None), _folder(lambda c: c.quantize.method),
-                                  gives=lambda t: t | {"int8"}))
-
-
-# -- chains -----------------------------------------------------------------------------------------
-
-@dataclass
-class Step:
-    name: str
-    stage: Stage
-    overrides: dict[str, Any]
-
-
-def steps(cfg: ExperimentConfig) -> list[Step]:
-    if not cfg.pipeline:
-        raise ConfigError("this config has no pipeline; add one, e.g. `pipeline: [train, {prune: {steps: 6}}, "
-                          "quantize]`, or run a single stage with its own command")
-    out = []
-    for entry in cfg.pipeline:
-        name, overrides = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-        out.append(Step(name, STAGES.get(name), overrides or {}))
-    return out
-
-
-def _traits(spec: dict[str, Any]) -> Traits:
-    return frozenset({"gated"} if spec.get("gates") else set())
-
-
-def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,
-                 source: Optional[Path] = None) -> ExperimentConfig:
-    """The config a stage runs with: its section overridden by its entry, named after the previous stage's
-    folder (`name`) and starting from the network that stage left (`source`, relative to the project)."""
-    raw = cfg.to_dict()
-    raw["pipeline"] = None
-    if step.overrides:
-        raw = deep_merge(raw, {step.stage.section: step.overrides})
-    if name is not None:
-        raw["name"] = name
-    if source is not None:
-        raw[step.stage.section]["checkpoint"] = str(source)
-    return validate(raw, f"pipeline stage {step.name}").rooted(cfg._root)
-
-
-def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
-    """Every stage's config, after refusing a chain that cannot work: a stage that cannot take what the
-    one before it makes, or a stage config with a mistake its own command would refuse. Nothing runs."""
-    chain = steps(cfg)
-    first = chain[0]
-    if first.stage.first_only:
-        traits = _traits(stage_config(cfg, first).model.spec(cfg.data.num_classes))
-    else:  # a chain that starts later starts from that stage's checkpoint, or from the config's trained network
-        own = getattr(stage_config(cfg, first), first.stage.section).checkpoint
-        traits = _traits(checkpoint.load(cfg.at(own))["arch"]) if own and cfg.at(own).is_file() else \
-            _traits(cfg.model.spec(cfg.data.num_classes))
-    out = []
-    for i, step in enumerate(chain):
-        why = step.stage.refuses(traits) if i or not step.stage.first_only else None
-        if why:
-            after = f" cannot follow {chain[i - 1].name}" if i else ""
-            raise ConfigError(f"pipeline stage {i + 1} ({step.name}){after}: {why}")
-        scfg = stage_config(cfg, step)
-        step.stage.check(scfg)
-        out.append((step, scfg))
-        traits = step.stage.gives(traits)
-    return out
-
-
-def run_chain(cfg: ExperimentConfig, *, console: Optional[Console] = None,
-              report: Optional[Callable[[int, Step, Path, dict[str, Any]], None]] = None) -> list[tuple[Path, dict[str, Any]]]:
-    """Run every stage in order, each from the network the previous one left; finished stages are
-    returned as they are, an interrupted one resumes."""
-    planned = plan(cfg)
-    done: list[tuple[Path, dict[str, Any]]] = []
-    name, source = None, None
-    for i, (step, scfg) in enumerate(planned):
-        if i:
-            scfg = stage_config(cfg, step, name, source)
-        run_dir, summary = step.stage.run(scfg, console=console)
-        output = step.stage.output(scfg, run_dir, summary)
-        name, source = run_dir.name, _project_relative(cfg, output)
-        done.append((run_dir, summary))
-        if report:
-            report(i, step, run_dir, summary)
-    return done
-
-
-def _project_relative(cfg: ExperimentConfig, path: Path) -> Path:
-    """`path` (usable from this process's folder) as the config writes paths: relative to its project."""
-    import os
-
-    root = cfg._root
-    return Path(os.path.relpath(Path(path).resolve(), root)) if root is not None else Path(path)
+def train_and_eval(model, spec, cfg: ExperimentConfig, ctx: RunContext, loaders, run_dir: Path,
+                   distill=None) -> dict[str, float]:
+    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there."""
+    done = run_dir / "model.pt"
+    if done.is_file():
+        return checkpoint.load(done)["metrics"]
+    trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
+    trainer.fit()
+    ev = evaluate(trainer.model, loaders["test"], ctx)
+    checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict()})
+    return ev

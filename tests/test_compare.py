@@ -6,6 +6,8 @@
 #       -> test_chains_are_read_from_folder_names
 #  3. a run's step 0 (the network it started from) counted as one of its own points, or the
 #     baseline not the one asked for -> test_compare_end_to_end_from_a_chain
+#  4. a separable network's points named as if it were the plain one -> test_a_separable_network_names_its_structure_first
+#  5. --profile ignored (another profile's runs mixed in) -> test_compare_end_to_end_from_a_chain
 
 import json
 
@@ -40,6 +42,13 @@ def test_chains_are_read_from_folder_names(folder, chain):
     assert chain_of(folder) == chain
 
 
+def test_a_separable_network_names_its_structure_first():
+    spec = {"arch": "resnet56", "separable": {"mode": "depthwise", "include": ["layer*"]}}
+    assert chain_of("exp-depthwise-ptq-onnxruntime", spec) == "depthwise separable → int8"
+    assert chain_of("exp-depthwise", spec) == "depthwise separable"
+    assert chain_of("exp-prune-paper-taylor-custom", {"arch": "resnet56"}) == "prune"
+
+
 def test_compare_end_to_end_from_a_chain(workdir, tiny):
     tiny["model"] = {"arch": "cifar_resnet", "depth": 8, "width": 4}
     tiny["train"]["epochs"] = 1
@@ -49,8 +58,13 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     tiny["pipeline"] = ["train", "prune", "quantize"]
     path = write_config(workdir, tiny)
     assert cli("run", path).exit_code == 0
-    res = cli("compare", "runs", "--table", "cmp")
+    notes = workdir / "notes.md"
+    notes.write_text("Prune removes what int8 cannot.")
+    assert cli("compare", "runs", "--table", "cmp", "--profile", "cpu").exit_code == 2  # no run of that profile
+    res = cli("compare", "runs", "--table", "cmp", "--profile", "paper", "--notes", notes)
     assert res.exit_code == 0, res.output
+    md = (workdir / "results/cmp/compare.md").read_text()
+    assert "Prune removes what int8 cannot." in md and "Commands that made these runs" in md
     pts = json.loads((workdir / "results/cmp/compare.json").read_text())
     assert [p["chain"] for p in pts] == ["train", "prune", "prune → int8"]  # no step 0 of the prune run
     base = next(p for p in pts if p["baseline"])

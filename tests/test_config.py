@@ -2,7 +2,7 @@ import pytest
 
 from rescomp.config import load_config, validate
 from rescomp.errors import ConfigError
-from rescomp.pipeline import model_spec
+from rescomp.runner import model_spec
 
 from conftest import write_config
 

@@ -150,7 +150,7 @@ def test_a_pt2e_int8_model_exports_as_a_qdq_graph_that_agrees(tmp_path, monkeypa
     g = torch.Generator().manual_seed(1)
     cfg = QuantizeConfig(backend="pt2e")
     q, _, blob = quantize_pt2e.ptq(model, cfg, [torch.randn(32, 3, 32, 32, generator=g)], 32)
-    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {}, onnx=blob)
+    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {}, blob=blob)
     path, rec = ex.export_checkpoint(tmp_path / "int8.pt")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and rec["int8"] and rec["backend"] == "pt2e"

@@ -45,7 +45,7 @@ from rescomp.compress.layer_drop import Gated, choose, delete_units, depth, drop
 from rescomp.config import OptimizerConfig, validate
 from rescomp.context import RunContext
 from rescomp.errors import ConfigError
-from rescomp.layer_drop_run import regular_baselines, run_layer_drop
+from rescomp.stages.layer_drop import regular_baselines, run_layer_drop
 from rescomp.models import build_model
 from rescomp.train import param_groups
 
@@ -156,7 +156,7 @@ def _layer_drop_cfg(tiny, **ld):
 
 def test_layer_drop_end_to_end_resumes_and_reports(workdir, tiny, monkeypatch):
     cfg = validate(_layer_drop_cfg(tiny), "t")
-    import rescomp.layer_drop_run as runner
+    import rescomp.stages.layer_drop as runner
 
     real = runner._costs
     calls = {"n": 0}
@@ -221,7 +221,7 @@ def test_layer_drop_bad_input(workdir, tiny, change, message):
 
 
 def test_distillation_is_a_training_option(workdir, tiny):
-    from rescomp.pipeline import run_train
+    from rescomp.stages.train import run_train
 
     tiny["measure"] = {"latency": False}
     teacher_dir, _ = run_train(validate({**tiny, "name": "teacher"}, "t"))
@@ -242,7 +242,7 @@ def test_stop_rule_is_the_last_network_before_the_first_drop():
     56 / 50 / 44 / 38 layers at 90.0 / 90.2 / 89.1 / 90.05 % answer 50 layers, not 38 (a later row
     back above the floor does not count). Wrong versions: the smallest of all rows above the floor
     (38), or the floor ignored (38)."""
-    from rescomp.layer_drop_run import smallest_lossless
+    from rescomp.stages.layer_drop import smallest_lossless
 
     rows = [{"layers": n, "top1": t} for n, t in ((56, 90.0), (50, 90.2), (44, 89.1), (38, 90.05))]
     assert smallest_lossless(rows, floor=90.0)["layers"] == 50
@@ -290,7 +290,7 @@ def test_costs_measure_a_copy_and_leave_the_model_where_it_was(tiny, monkeypatch
     """`_costs` measures on the CPU; the network it is given must stay on its device, since the next
     step scores it there with batches on the run's device (output_norm on a GPU). Without a GPU, a spy
     on Module._apply sees any in-place move of that network (model.cpu(), model.to(...))."""
-    from rescomp.layer_drop_run import _costs
+    from rescomp.stages.layer_drop import _costs
 
     cfg = validate(_layer_drop_cfg(tiny), "t")
     spec = {"num_classes": 100, **tiny["model"]}
@@ -312,7 +312,8 @@ def test_costs_measure_a_copy_and_leave_the_model_where_it_was(tiny, monkeypatch
 def test_the_loop_stops_at_the_first_drop_and_the_table_follows_it(workdir, tiny, monkeypatch):
     """Scripted accuracies: full 50 %, then 60 / 40 / 70 % after steps 1-3. With keep_going false the
     loop ends after step 2; traced on, it runs all 3, and in both the answer is step 1's network."""
-    import rescomp.layer_drop_run as runner
+    import rescomp.runner as runner
+    import rescomp.stages.layer_drop as layer_drop
 
     real = runner.train_and_eval
     script = {"step01": 60.0, "step02": 40.0, "step03": 70.0}
@@ -322,7 +323,7 @@ def test_the_loop_stops_at_the_first_drop_and_the_table_follows_it(workdir, tiny
         return {**ev, "top1": script[args[5].name]}
 
     monkeypatch.setattr(runner, "train_and_eval", scripted)
-    monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: {"top1": 50.0, "loss": 1.0})
+    monkeypatch.setattr(layer_drop, "evaluate", lambda *a, **kw: {"top1": 50.0, "loss": 1.0})
     off = {"scratch": False, "distill": False}
     _, stop = run_layer_drop(validate({**_layer_drop_cfg(tiny, keep_going=False, baselines=off), "name": "stop"}, "t"))
     assert [r["top1"] for r in stop["rows"]] == [50.0, 60.0, 40.0]

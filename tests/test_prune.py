@@ -28,7 +28,7 @@ from rescomp.compress.prune import channel_groups, prune, select, shapes, taylor
 from rescomp.config import PruneConfig, validate
 from rescomp.measure import count_params
 from rescomp.models import build_model, model_names
-from rescomp.prune_run import run_prune
+from rescomp.stages.prune import run_prune
 
 from conftest import write_config
 

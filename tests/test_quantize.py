@@ -9,6 +9,8 @@
 # - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
 # - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
 # - int8 far from fp32; a reload that recalibrates or differs -> test_int8_agrees_with_fp32_and_reloads_identically
+# - a registered backend whose int8.pt reloads as another backend's, or not at all
+#       -> test_every_backend_saves_what_reloads_with_identical_outputs (parametrized over the registry)
 import json
 
 import pytest
@@ -21,7 +23,8 @@ from rescomp.config import QuantizeConfig, validate
 from rescomp.data import synthetic
 from rescomp.config import DataConfig
 from rescomp.errors import ConfigError
-from rescomp.pipeline import run_quantize, run_train
+from rescomp.stages.quantize import run_quantize
+from rescomp.stages.train import run_train
 from typer.testing import CliRunner
 
 from conftest import write_config
@@ -51,6 +54,32 @@ def test_int8_agrees_with_fp32_and_reloads_identically(workdir, tiny):
     save_int8(workdir / "q.pt", qmodel, payload["arch"], QuantizeConfig(), 32, {})
     again, _ = load_int8(workdir / "q.pt")
     assert torch.equal(again(x), qmodel(x))
+
+
+def _backends() -> list[str]:
+    from rescomp.compress.quantize import BACKENDS, backend
+
+    backend("x86")  # every backend module registers its own
+    return BACKENDS.names()
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_every_backend_saves_what_reloads_with_identical_outputs(tmp_path, name):
+    from rescomp.compress.quantize import backend
+    from rescomp.models import build_model
+
+    if name == "qnnpack" and "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no qnnpack engine")
+    torch.manual_seed(0)
+    spec = {"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}
+    model, cfg = build_model(spec).eval(), QuantizeConfig(backend=name)
+    q, info, blob = backend(name).ptq(model, cfg, [torch.randn(16, 3, 16, 16)], 16)
+    assert info["backend"] == name and info["calibration_images"] == 16
+    save_int8(tmp_path / "int8.pt", q, spec, cfg, 16, {}, blob=blob)
+    again, payload = load_int8(tmp_path / "int8.pt")
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x)) and payload["quantize"]["backend"] == name
 
 
 def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
@@ -154,11 +183,11 @@ def test_calibration_sees_training_images_only(workdir, tiny, monkeypatch):
     # Training images are dark (pixels 0..100: -2.0..-0.4 once normalized), test images bright
     # (155..255: 0.43..2.0). The input's 7-bit grid, from its zero point and scale, must span the
     # training images' values and not the test images'.
-    import rescomp.pipeline as pipeline
+    import rescomp.runner as runner
     from rescomp.compress.quantize import load_int8
     from rescomp.models import build_model
 
-    real = pipeline.prepare
+    real = runner.prepare
 
     def dark_train_bright_test(cfg, seed):
         s = real(cfg, seed)
@@ -166,7 +195,7 @@ def test_calibration_sees_training_images_only(workdir, tiny, monkeypatch):
         s.test_x = (155 + s.test_x.float() * 100 / 255).round().to(torch.uint8)
         return s
 
-    monkeypatch.setattr(pipeline, "prepare", dark_train_bright_test)
+    monkeypatch.setattr(runner, "prepare", dark_train_bright_test)
     spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}
     torch.manual_seed(0)
     checkpoint.save(workdir / "m.pt", {"arch": spec, "state_dict": build_model(spec).state_dict(),

@@ -53,7 +53,7 @@ def test_onnxruntime_int8_tracks_fp32_and_reloads_identically(tmp_path):
     # int8 follows fp32 (a value past a calibrated range clips, so the mean, not the largest error)
     assert float((out - ref).abs().mean()) < 0.03 * spread
     save_int8(tmp_path / "int8.pt", q, {"arch": "cifar_resnet", "depth": 8, "width": 8, "num_classes": 10}, cfg, 32,
-              {"top1": 0.0}, onnx=blob)
+              {"top1": 0.0}, blob=blob)
     again, payload = load_int8(tmp_path / "int8.pt")
     assert torch.equal(again(x), out) and payload["onnx"] == blob
     from rescomp.measure import state_dict_bytes

@@ -52,7 +52,7 @@ def test_pt2e_int8_tracks_fp32_and_reloads_identically(tmp_path):
         ref = model(x)
     out = q(x)
     assert float((out - ref).abs().mean()) < 0.03 * float(ref.max() - ref.min())
-    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {"top1": 0.0}, onnx=blob)
+    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {"top1": 0.0}, blob=blob)
     again, payload = load_int8(tmp_path / "int8.pt")
     assert torch.equal(again(x), out) and payload["pt2"] == blob
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -11,6 +11,12 @@
 #       -> test_every_stage_composes_with_every_stage_that_takes_its_output
 #  6. prune's shares counted over the config's network when the chain hands it another
 #       -> test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage
+# The step runner every stepped stage uses (rescomp.runner.StageRun.step, issue 12):
+#  7. a finished step redone on resume -> test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage
+#  8. a step not seeded from (seed, step), so what it draws depends on what ran before it in the process
+#       -> test_a_step_draws_the_same_whatever_ran_before_it
+#  9. a step's row written before its fine-tuning ends (a step interrupted in fine-tuning counted as done)
+#       -> same test
 
 import json
 
@@ -19,6 +25,7 @@ import yaml
 from typer.testing import CliRunner
 
 from rescomp.cli import app
+import rescomp.stages  # noqa: F401  (registers the stages)
 from rescomp.runner import STAGES
 
 from conftest import write_config
@@ -49,7 +56,7 @@ def _summary(workdir, folder: str) -> dict:
 
 
 def test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage(workdir, tiny, monkeypatch):
-    import rescomp.prune_run as pr
+    import rescomp.runner as pr
 
     path = write_config(workdir, _chain(tiny, ["train", {"prune": {"steps": 2, "share_per_step": 0.2}},
                                                "layer_drop", "quantize"]))
@@ -83,6 +90,62 @@ def test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage(workdir, ti
     assert again.exit_code == 0 and again.output.count("->") == 4
 
 
+@pytest.mark.parametrize("stage", ["prune", "layer_drop"])
+def test_a_stage_resumed_at_a_step_gives_the_rows_of_one_never_interrupted(workdir, tiny, monkeypatch, stage):
+    import rescomp.runner as runner
+
+    cfg = _chain(tiny, ["train", {stage: {"steps": 2} if stage == "prune" else {"max_units": 2}}])
+    cfg["prune"]["share_per_step"] = 0.2
+    straight = write_config(workdir, {**cfg, "name": "straight"}, "straight.yaml")
+    assert cli("run", straight).exit_code == 0
+    real, calls = runner.Trainer.fit, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # training, step 1's fine-tuning, then step 2's
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.Trainer, "fit", interrupted)
+    path = write_config(workdir, cfg)
+    assert cli("run", path).exit_code == 130
+    folder = next(p for p in (workdir / "runs").iterdir() if p.name.startswith("exp-"))
+    assert (folder / "step01/row.json").is_file() and not (folder / "step02/row.json").exists()
+    monkeypatch.setattr(runner.Trainer, "fit", real)
+    assert cli("run", path).exit_code == 0  # resumed in whatever random state the interrupted run left
+    keys = ("step", "top1", "loss", "params", "macs")
+    rows = lambda name: [{k: r.get(k) for k in keys} for r in _summary(workdir, name)["rows"]]  # noqa: E731
+    assert rows(folder.name) == rows(folder.name.replace("exp", "straight", 1))
+    assert len(rows(folder.name)) == 3
+
+
+def test_a_step_draws_the_same_whatever_ran_before_it(workdir, tiny):
+    import torch
+
+    from rescomp.config import validate
+    from rescomp.context import RunContext
+    from rescomp.data import prepare
+    from rescomp.models import build_model
+    from rescomp.runner import StageRun
+
+    cfg = validate(_chain(tiny, ["train"]), "t")
+    spec = cfg.model.spec(cfg.data.num_classes)
+    model = build_model(spec)
+    run = StageRun(cfg, RunContext(torch.device("cpu"), cfg.seed), prepare(cfg.data, cfg.seed), workdir / "run", model,
+                   {"arch": spec}, None)
+    draws = []
+
+    def transform():  # a technique that draws from the global generator (a k-means start, a random criterion)
+        draws.append(torch.rand(1).item())
+        return model, spec, {}
+
+    for before, n, base in ((1, 1, "a"), (2, 1, "b"), (1, 2, "c")):
+        torch.manual_seed(before)
+        _, _, row = run.step(n, transform, lambda m, s, info, ev: {"top1": ev["top1"]}, epochs=1, base=workdir / base)
+        assert (workdir / base / f"step0{n}/row.json").is_file() and "top1" in row
+    assert draws[0] == draws[1] != draws[2]  # seeded from (seed, step), not from what ran before
+
+
 @pytest.mark.parametrize("pipeline, message", [
     (["train", "quantize", "prune"], "stage 3 (prune) cannot follow quantize: prune takes an fp32 network"),
     (["train", "quantize", "quantize"], "a chain quantizes once"),
@@ -91,6 +154,7 @@ def test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage(workdir, ti
     (["train", {"prune": {"schedule": "fast"}}], "leaves no one network for the next stage"),
     (["train", {"prune": {"criterion": "tailor"}}], "unknown pruning criterion 'tailor' (did you mean 'taylor'?)"),
     ([{"train": {}, "prune": {}}], "write one stage per entry"),
+    (["quantize"], "no trained model at"),  # a chain that starts later needs its input to exist already
 ])
 def test_a_chain_that_cannot_work_is_refused_before_anything_runs(workdir, tiny, pipeline, message):
     path = write_config(workdir, _chain(tiny, pipeline))
@@ -124,7 +188,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("first", STAGES.names())
 @pytest.mark.parametrize("second", STAGES.names())
 def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, tiny, trained, first, second):
-    from rescomp.runner import _traits
+    from rescomp.chain import _traits
 
     a, b = STAGES.get(first), STAGES.get(second)
     entry = first if a.first_only else {first: {"checkpoint": str(trained)}}
@@ -139,7 +203,7 @@ def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, ti
     assert len(folders) == 2 and all((f / "summary.json").is_file() for f in folders)
     if (first, second) == ("layer_drop", "prune"):  # shares count the filters of the network it was given
         from rescomp.config import load_config
-        from rescomp.prune_run import check
+        from rescomp.stages.prune import check
 
         given = json.loads(next(f for f in folders if f.name.endswith(PRUNE)).joinpath("summary.json").read_text())
         assert given["prunable_filters"] < check(load_config(path))[1]

@@ -7,7 +7,7 @@ from rescomp import checkpoint
 from rescomp.config import ScheduleConfig, OptimizerConfig, validate
 from rescomp.errors import TrainingDiverged
 from rescomp.models import build_model
-from rescomp.pipeline import run_train
+from rescomp.stages.train import run_train
 from rescomp.train import Trainer, lr_lambda, param_groups
 
 

@@ -221,7 +221,7 @@ def test_layer_drop_compares_with_the_paper_only_where_the_config_says(tiny, pap
 
     from rescomp.config import validate
     from rescomp.context import RunContext
-    from rescomp.layer_drop_run import _summary
+    from rescomp.stages.layer_drop import _summary
 
     tiny["layer_drop"] = {"k": 1, "timing": {"batch_size": 4}, "baselines": {"scratch": False, "distill": False}}
     tiny["report"] = {"table": "ld", "paper_relative": paper}
@@ -231,7 +231,7 @@ def test_layer_drop_compares_with_the_paper_only_where_the_config_says(tiny, pap
     rows = [{"method": "layer-drop", "step": 0, "epochs": 2, "top1": 50.0, "units_deleted": 0, **costs(20, 100, 10, 2.0)},
             {"method": "layer-drop", "step": 1, "epochs": 3, "top1": 51.0, "units_deleted": 1, **costs(17, 60, 7, 1.5)}]
     s = _summary(cfg, RunContext(torch.device("cpu"), 0), rows, {}, {"top1": 50.0}, {"data_source": "x", "train_images": 64,
-                 "test_images": 32}, 2, {}, 1.0, "m.pt")
+                 "test_images": 32}, 2, {})
     md = s["sections"][0]["markdown"]
     assert s["relative_smallest_lossless"] == {"macs": 60.0, "forward": 75.0, "backward": 75.0, "params": 70.0}
     if paper:

@@ -28,10 +28,12 @@ weights included): nothing is pickled and nothing is recalibrated.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -39,8 +41,33 @@ import torch.nn as nn
 from rescomp import checkpoint
 from rescomp.config import QuantizeConfig
 from rescomp.errors import CheckpointError, ConfigError
+from rescomp.registry import Registry
 
 QUANT_FORMAT = "rescomp-int8"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One int8 backend as the quantize stage, int8.pt and its reload see it. Each backend's module
+    registers it (torch.ao FX here, quantize_ort.py, quantize_pt2e.py) and imports its runtime only
+    when called, so a runtime that is not installed is named when it is asked for, in one line."""
+    label: str  # as a table row names it
+    ptq: Callable[..., tuple[nn.Module, dict[str, Any], Optional[bytes]]]  # (model, cfg, batches, image_size)
+    describe: Callable[[QuantizeConfig], dict[str, Any]]  # what a row must say about how it was quantized
+    load: Callable[[dict[str, Any]], nn.Module]  # an int8.pt payload -> the network, nothing recalibrated
+    blob_key: Optional[str] = None  # the payload key of its serialized int8 program; None: a state_dict
+    prepare_qat: Optional[Callable[..., nn.Module]] = None  # (model, cfg, image_size) -> a network to fine-tune
+    convert_qat: Optional[Callable[..., tuple[nn.Module, Optional[bytes]]]] = None  # (fine-tuned, image_size)
+
+
+BACKENDS: Registry[Backend] = Registry("int8 backend")
+
+
+def backend(name: str) -> Backend:
+    """The registered backend `name`; the modules of the other backends register theirs when first asked."""
+    for module in ("quantize_ort", "quantize_pt2e"):
+        importlib.import_module(f"rescomp.compress.{module}")
+    return BACKENDS.get(name)
 
 
 @contextmanager
@@ -188,11 +215,11 @@ def skeleton(spec: dict[str, Any], cfg: QuantizeConfig, image_size: int) -> nn.M
 
 
 def save_int8(path: Path, qmodel: nn.Module, spec: dict[str, Any], cfg: QuantizeConfig, image_size: int,
-              metrics: dict[str, Any], onnx: bytes | None = None) -> None:
-    """An FX int8 network as its state_dict; an onnxruntime one as its int8 ONNX graph's bytes (`onnx`),
-    a pt2e one as its converted program's (torch.export.save) bytes."""
-    key = "pt2" if cfg.backend == "pt2e" else "onnx"
-    weights = {key: onnx} if onnx is not None else {"state_dict": qmodel.state_dict()}
+              metrics: dict[str, Any], blob: bytes | None = None) -> None:
+    """An FX int8 network as its state_dict; an onnxruntime one as its int8 ONNX graph's bytes, a pt2e
+    one as its converted program's (torch.export.save) bytes (`blob`, under the backend's blob_key)."""
+    key = backend(cfg.backend).blob_key
+    weights = {key: blob} if key is not None else {"state_dict": qmodel.state_dict()}
     checkpoint.save(path, {"kind": QUANT_FORMAT, "arch": spec, "quantize": cfg.model_dump(), "image_size": image_size,
                            **weights, "metrics": metrics})
 
@@ -204,17 +231,24 @@ def load_int8(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if payload.get("kind") != QUANT_FORMAT:
         raise CheckpointError(f"'{path}' is not an int8 rescomp model")
     cfg = QuantizeConfig.model_validate(payload["quantize"])
-    if cfg.backend == "onnxruntime":
-        from rescomp.compress import quantize_ort
+    try:
+        return backend(cfg.backend).load(payload), payload
+    except CheckpointError as e:
+        raise CheckpointError(f"'{path}': {e}") from None
 
-        return quantize_ort.load(payload["onnx"]), payload
-    if cfg.backend == "pt2e":
-        from rescomp.compress import quantize_pt2e
 
-        return quantize_pt2e.load(payload["pt2"]), payload
-    q = skeleton(payload["arch"], cfg, payload["image_size"])
+def _load_fx(payload: dict[str, Any]) -> nn.Module:
+    """Replay prepare -> convert on the spec, then load the int8 state_dict (scales and zero points included)."""
+    q = skeleton(payload["arch"], QuantizeConfig.model_validate(payload["quantize"]), payload["image_size"])
     try:
         q.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"'{path}': int8 weights do not fit its arch spec ({str(e).splitlines()[0]})") from None
-    return q, payload
+        raise CheckpointError(f"int8 weights do not fit its arch spec ({str(e).splitlines()[0]})") from None
+    return q
+
+
+for _engine in ("x86", "fbgemm", "qnnpack"):
+    BACKENDS.register(_engine)(Backend(
+        f"FX {_engine}", ptq=lambda *a: (*ptq(*a), None), describe=describe, load=_load_fx,
+        prepare_qat=prepare, convert_qat=lambda prepared, image_size: (convert(prepared, image_size), None)))
+del _engine

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from rescomp.compress.quantize import BACKENDS, Backend
 from rescomp.config import QuantizeConfig
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -92,3 +93,7 @@ def load(blob: bytes, threads: int | None = None) -> nn.Module:
     forward.tensor_bytes = tensor_bytes({t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
                                          for t in load_model_from_string(blob).graph.initializer})
     return forward
+
+
+BACKENDS.register("onnxruntime")(Backend(
+    "ONNX Runtime", ptq=ptq, describe=describe, load=lambda payload: load(payload["onnx"]), blob_key="onnx"))

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from rescomp.compress.quantize import BACKENDS, Backend
 from rescomp.config import QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import InductorForward
@@ -170,3 +171,8 @@ def load(blob: bytes) -> Pt2eForward:
     program = torch.export.load(io.BytesIO(blob))
     tensors = {k: t for k, t in [*program.state_dict.items(), *program.constants.items()] if isinstance(t, torch.Tensor)}
     return Pt2eForward(program.module(), blob, tensor_bytes(tensors))
+
+
+BACKENDS.register("pt2e")(Backend(
+    "PT2E", ptq=ptq, describe=describe, load=lambda payload: load(payload["pt2"]), blob_key="pt2",
+    prepare_qat=prepare_qat, convert_qat=convert_qat))

@@ -14,9 +14,7 @@ row carries `epochs`, what its network was trained in all, so rows of unequal bu
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -27,15 +25,13 @@ from rescomp import checkpoint
 from rescomp.compress.distill import distillation
 from rescomp.compress.layer_drop import CRITERIA, depth, drop, gates, output_norm, residual_units
 from rescomp.config import ExperimentConfig
-from rescomp.context import RunContext, make_context, seed_everything
-from rescomp.data import prepare, sample_loader
+from rescomp.context import RunContext, seed_everything
+from rescomp.data import sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, stage_suffix, writing,
-                              start_model, train_and_eval, train_loaders)
-from rescomp.provenance import stamp
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec, retrain_config, train_and_eval
 from rescomp.train import evaluate
 
 def check(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -114,60 +110,38 @@ def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool, fu
     return row
 
 
-def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
-    t_start = time.perf_counter()
-    ld = cfg.layer_drop
-    ctx = make_context(cfg, console=console)  # a device that is not there is named first
-    check(cfg)
-    splits = prepare(cfg.data, cfg.seed)
-    out, finished = _claim_run_dir(cfg, fresh, stage="layerdrop", section="layer_drop")
-    if finished is not None:
-        ctx.log(f"{out} is already complete; --fresh redoes it")
-        return out, finished
-    full, payload, source = start_model(cfg, ctx, ld.checkpoint)  # the full gated network
-    if not payload["arch"].get("gates"):
-        raise ConfigError(f"'{source}' has no residual gates; train a config whose model has `gates:` first")
-    family = baseline_family(cfg, payload["arch"])  # of the network actually loaded
-    with writing(out, cfg):
-        return _layer_drop(cfg, ctx, splits, out, full, payload, source, family, t_start)
+def body(run: StageRun) -> dict[str, Any]:
+    cfg, ctx, ld, full = run.cfg, run.ctx, run.cfg.layer_drop, run.model  # the full gated network
+    if not run.spec.get("gates"):
+        raise ConfigError(f"'{run.source}' has no residual gates; train a config whose model has `gates:` first")
+    family = baseline_family(cfg, run.spec)  # of the network actually loaded
+    full_epochs = int((run.payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
 
-
-def _layer_drop(cfg: ExperimentConfig, ctx: RunContext, splits, out: Path, full, payload, source: Path,
-                family: dict[int, dict[str, Any]], t_start: float) -> tuple[Path, dict[str, Any]]:
-    ld = cfg.layer_drop
-    full_epochs = int((payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
-
-    loaders = train_loaders(cfg, ctx, splits)
-    scoring = sample_loader(splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
+    loaders = run.loaders
+    scoring = sample_loader(run.splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
     batches = lambda: (x for x, _ in scoring)  # noqa: E731
 
     full = full.to(ctx.device)
     start = evaluate(full, loaders["test"], ctx)
     stats = {"gates": gates(full), "output_norm": output_norm(full, batches(), cfg.seed)}
     rows = [{"method": "layer-drop", "step": 0, "epochs": full_epochs, "top1": start["top1"], "loss": start["loss"],
-             **_costs(full, payload["arch"], cfg, ctx, timing=True)}]
+             **_costs(full, run.spec, cfg, ctx, timing=True)}]
     ctx.log(f"full network: {rows[0]['layers']} layers, top-1 {start['top1']:.2f}%")
 
-    model, spec, deleted, step = full, payload["arch"], 0, 0
+    model, spec, deleted, step = full, run.spec, 0, 0
     limit = ld.max_units or len(stats["gates"])
     while deleted < limit:
         step += 1
-        step_dir = out / f"step{step:02d}"
-        resumed = finished_step(step_dir)
-        if resumed:
-            model, spec, row = resumed
-            model = model.to(ctx.device)
-        else:
-            seed_everything(cfg.seed + step)
-            model, spec, info = drop(model, spec, min(ld.k, limit - deleted), ld.criterion, batches(), cfg.seed + step)
-            ev = train_and_eval(model, spec, retrain_config(cfg, ld.retrain_epochs), ctx, loaders, step_dir)
-            model, _ = checkpoint.load_model(step_dir / "model.pt")
-            model = model.to(ctx.device)
-            row = {"method": "layer-drop", "step": step, "epochs": full_epochs + step * ld.retrain_epochs,
-                   "top1": ev["top1"], "loss": ev["loss"], "deleted_now": info["deleted"],
-                   **_costs(model, spec, cfg, ctx, timing=True, full=full)}
-            checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(row, indent=2))
-        model = model.to(ctx.device)
+
+        def delete(model=model, spec=spec, step=step, k=min(ld.k, limit - deleted)):
+            return drop(model, spec, k, ld.criterion, batches(), cfg.seed + step)
+
+        def deleted_row(m, spec, info, ev, step=step):
+            return {"method": "layer-drop", "step": step, "epochs": full_epochs + step * ld.retrain_epochs,
+                    "top1": ev["top1"], "loss": ev["loss"], "deleted_now": info["deleted"],
+                    **_costs(m, spec, cfg, ctx, timing=True, full=full)}
+
+        model, spec, row = run.step(step, delete, deleted_row, epochs=ld.retrain_epochs)
         rows.append(row)
         deleted = row["units_deleted"]
         ctx.log(f"step {step}: deleted {', '.join(row.get('deleted_now', []))} -> {row['layers']} layers, "
@@ -175,12 +149,8 @@ def _layer_drop(cfg: ExperimentConfig, ctx: RunContext, splits, out: Path, full,
         if row["top1"] < start["top1"] - ld.tolerance and not ld.keep_going:
             break
 
-    rows += _baselines(cfg, ctx, loaders, full, family, full_epochs, rows[1:], out)
-    data = splits.stamp()
-    summary = _summary(cfg, ctx, rows, stats, start, data, full_epochs, family, time.perf_counter() - t_start,
-                       str(source))
-    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return out, summary
+    rows += _baselines(cfg, ctx, loaders, full, family, full_epochs, rows[1:], run.out)
+    return {**_summary(cfg, ctx, rows, stats, start, run.splits.stamp(), full_epochs, family), "start_arch": run.spec}
 
 
 def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: dict[int, dict[str, Any]],
@@ -227,8 +197,8 @@ def smallest_lossless(method_rows: list[dict[str, Any]], floor: float) -> dict[s
 
 
 def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]], stats: dict[str, Any],
-             start: dict[str, float], data: dict[str, Any], full_epochs: int, family: dict[int, dict[str, Any]],
-             wall: float, source: str) -> dict[str, Any]:
+             start: dict[str, float], data: dict[str, Any], full_epochs: int,
+             family: dict[int, dict[str, Any]]) -> dict[str, Any]:
     ld = cfg.layer_drop
     series = f"{ld.criterion}, k={ld.k}, n={ld.retrain_epochs}"
     kind = {"regular": "regular ResNet", "reached": "same structure"}
@@ -267,14 +237,11 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
         sections.append({"title": f"Layer-drop against the baselines, and training budgets (paper Figure 3): {series}",
                          "markdown": _notes(cfg, rows, start, data, full_epochs, list(family))})
     return {
-        "stage": "layerdrop", "name": f"{cfg.run_name}-{stage_suffix(cfg, 'layerdrop')}", "table": cfg.report.table, "dataset": cfg.data.dataset,
-        "profile": cfg.profile, "arch": cfg.model.arch, "seed": cfg.seed, "config_hash": cfg.hash("layer_drop"),
-        "source": source, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
+        "stage": "layerdrop", "arch": cfg.model.arch, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
         "full_epochs": full_epochs, "baselines": ld.baselines.model_dump(),
         "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
         "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
         "paper_relative": dict(cfg.report.paper_relative), "sections": sections,
-        **data, "wall_seconds": wall, **stamp(ctx.device),
     }
 
 
@@ -339,3 +306,33 @@ def _notes(cfg: ExperimentConfig, rows: list[dict[str, Any]], start: dict[str, f
                f"under about {2 * se * math.sqrt(2):.1f} points can be noise. The "
                f"smallest lossless network is chosen on the test set, as in the paper, which flatters it."]
     return "\n".join(md)
+
+
+def suffix(cfg: ExperimentConfig) -> str:
+    """Layer-drop runs of one trained network differ by criterion, k and n."""
+    ld = cfg.layer_drop
+    return f"layerdrop-{ld.criterion}-k{ld.k}-n{ld.retrain_epochs}"
+
+
+def _output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Path:
+    """The method's result: the smallest network whose top-1 stayed within the tolerance (Algorithm 1's
+    stop rule), or the network it started from if no deletion kept it."""
+    rows = [r for r in summary["rows"] if r["method"] == "layer-drop"]
+    best = smallest_lossless(rows, summary["start_top1"] - cfg.layer_drop.tolerance)
+    return run_dir / f"step{best['step']:02d}" / "model.pt" if best["step"] else Path(summary["source"])
+
+
+def _gates_needed(t) -> Optional[str]:
+    if "int8" in t:
+        return fp32_only("layer_drop")(t)
+    return None if "gated" in t else ("layer_drop needs gated residual units: add `gates: {init: [-1, 1]}` under "
+                                      "model: (the network the chain starts from has none)")
+
+
+LAYER_DROP = STAGES.register("layer_drop")(Stage("layer_drop", "layer_drop", suffix=suffix, check=check, body=body,
+                                                 output=_output, refuses=_gates_needed))
+
+
+def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    """`rescomp layer-drop`: the one-stage chain."""
+    return execute(LAYER_DROP, cfg, fresh=fresh, console=console)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,17 +21,13 @@ from typing import Any, Optional
 import torch
 from rich.console import Console
 
-from rescomp import checkpoint
 from rescomp.compress.prune import CRITERIA, channel_groups, prunable_filters, prune, with_head
 from rescomp.config import ExperimentConfig
-from rescomp.context import make_context, seed_everything
-from rescomp.data import prepare, sample_loader
+from rescomp.data import sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import count_macs, count_params, measure
 from rescomp.models import build_model
-from rescomp.pipeline import (_claim_run_dir, finished_step, model_spec, retrain_config, start_model, train_and_eval,
-                              train_loaders, writing)
-from rescomp.provenance import stamp
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec
 from rescomp.train import evaluate
 
 
@@ -79,32 +74,17 @@ def paper_costs(model: torch.nn.Module, cfg: ExperimentConfig) -> dict[str, Any]
             "params_paper_head": count_params(m)}
 
 
-def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
-    t_start = time.perf_counter()
-    pc = cfg.prune
-    ctx = make_context(cfg, console=console)  # a device that is not there is named first
-    _, base_prunable = check(cfg)
-    splits = prepare(cfg.data, cfg.seed)
-    out, finished = _claim_run_dir(cfg, fresh, stage=suffix(cfg), section="prune")
-    if finished is not None:
-        ctx.log(f"{out} is already complete; --fresh redoes it")
-        return out, finished
-    model, payload, source = start_model(cfg, ctx, pc.checkpoint)
+def body(run: StageRun) -> dict[str, Any]:
+    cfg, ctx, pc, size = run.cfg, run.ctx, run.cfg.prune, run.cfg.data.image_size
+    _, base_prunable = run.checked
+    model = run.model
     if pc.checkpoint:  # another network than the config's (a chain's, a shortened one): shares count its filters
-        example = torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)
+        example = torch.zeros(1, 3, size, size)
         base_prunable = prunable_filters(channel_groups(model, example, pc.exclude, pc.policy))
-    with writing(out, cfg):
-        return _prune(cfg, ctx, splits, out, model, payload, source, base_prunable, t_start)
-
-
-def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source: Path, base_prunable: int,
-           t_start: float) -> tuple[Path, dict[str, Any]]:
-    pc = cfg.prune
-    loaders = train_loaders(cfg, ctx, splits)
-    scoring = sample_loader(splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
+    loaders = run.loaders
+    scoring = sample_loader(run.splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
                             batch_size=cfg.train.batch_size)
     lr = pc.finetune_lr or cfg.train.optimizer.lr / 10
-    size = cfg.data.image_size
 
     cpu_copy = lambda m: copy.deepcopy(m).cpu().to(memory_format=torch.contiguous_format)  # noqa: E731
     unpruned = cpu_copy(model)
@@ -116,40 +96,37 @@ def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source
         return {"step": step, "share": share, "top1": ev["top1"], "loss": ev["loss"], **extra,
                 **measure(cpu, size, cfg.measure, reference=unpruned if step else None), **paper_costs(cpu, cfg)}
 
-    start, start_spec = model.to(ctx.device), payload["arch"]
+    start, start_spec = model.to(ctx.device), run.spec
     rows = [row(start, 0.0, 0, {})]
     plan = pc.plan()
     for target, shares in plan:
         # a gradual schedule is one run whose every step is a row; a run per target (fast/slow,
         # `iterations`) starts again from the trained network and reports the row that reaches it
-        base = out if target is None else out / f"to{round(100 * target):02d}"
+        base = run.out if target is None else run.out / f"to{round(100 * target):02d}"
         model, spec, previous, epochs = start, start_spec, 0.0, 0
         for step, share in enumerate(shares, start=1):
-            step_dir = base / f"step{step:02d}"
             step_epochs = pc.epochs_at(step, len(shares))
             epochs += step_epochs
-            done = finished_step(step_dir)
-            if done:
-                model, spec, r = done
-            else:
-                seed_everything(cfg.seed + step)
+
+            def remove(model=model, spec=spec, step=step, cut=share - previous):
                 ctx.log(f"step {step}: scoring filters ({pc.criterion}, {pc.score_batches} batches), removing "
-                        f"{100 * (share - previous):.1f}% of the prunable filters")
+                        f"{100 * cut:.1f}% of the prunable filters")
                 t0 = time.perf_counter()
-                model, spec, info = prune(ctx.layout(model.to(ctx.device)), spec, share=share - previous,
+                model, spec, info = prune(ctx.layout(model.to(ctx.device)), spec, share=cut,
                                           criterion=pc.criterion, policy=pc.policy, exclude=pc.exclude,
                                           batches=scoring, seed=cfg.seed + step, image_size=size,
                                           base_prunable=base_prunable, allocation=pc.allocation,
                                           bn_stats=pc.bn_stats, fc_scaling=pc.fc_scaling)
-                scoring_s = time.perf_counter() - t0
-                train_and_eval(model, spec, retrain_config(cfg, step_epochs, lr), ctx, loaders, step_dir)
-                model, _ = checkpoint.load_model(step_dir / "model.pt")
-                r = row(model, share, step, {
+                return model, spec, {**info, "scoring_seconds": time.perf_counter() - t0}
+
+            def pruned_row(m, spec, info, ev, share=share, step=step, target=target, epochs=epochs):
+                return row(m, share, step, {
                     "target": target, "removed": info["removed"], "removed_coupled_channels": info["removed_coupled_channels"],
-                    "finetune_epochs_total": epochs, "scoring_seconds": scoring_s, "scoring_batches": pc.score_batches,
-                    "bn_reset": len(info["bn_reset"]), "fc_scaled": info["fc_scaled"], "per_layer": info["per_layer"]})
-                checkpoint.atomic_write_text(step_dir / "row.json", json.dumps(r, indent=2))
-            model = model.to(ctx.device)
+                    "finetune_epochs_total": epochs, "scoring_seconds": info["scoring_seconds"],
+                    "scoring_batches": pc.score_batches, "bn_reset": len(info["bn_reset"]), "fc_scaled": info["fc_scaled"],
+                    "per_layer": info["per_layer"]})
+
+            model, spec, r = run.step(step, remove, pruned_row, epochs=step_epochs, lr=lr, base=base)
             previous = share
             ctx.log(f"{'' if target is None else f'to {100 * target:.0f}%: '}step {step}: {100 * share:.1f}% of "
                     f"prunable filters removed -> params {r['params']:,}, MACs {r['macs'] / 1e6:.1f} M, top-1 {r['top1']:.2f}%")
@@ -163,13 +140,26 @@ def _prune(cfg: ExperimentConfig, ctx, splits, out: Path, model, payload, source
     for r in rows:
         r.update(series=series, row=f"{cfg.report.row or cfg.model.arch} {series} {100 * r['share']:.0f}%")
         r["paper"] = cfg.report.paper_by_schedule.get(pc.schedule, cfg.report.paper_by_share).get(f"{r['share']:g}", {})
-    summary = {
-        "stage": "prune", "name": f"{cfg.run_name}-{suffix(cfg)}", "table": cfg.report.table, "dataset": cfg.data.dataset,
-        "profile": cfg.profile, "arch": cfg.model.arch, "seed": cfg.seed, "config_hash": cfg.hash("prune"),
-        "source": str(source), "criterion": pc.criterion, "policy": pc.policy, "schedule": pc.schedule,
-        "bn_stats": pc.bn_stats, "fc_scaling": pc.fc_scaling, "plan": [{"target": t, "shares": s} for t, s in plan],
-        "prunable_filters": base_prunable, "rows": rows,
-        **splits.stamp(), "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device),
-    }
-    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return out, summary
+    return {"arch": cfg.model.arch, "start_arch": run.spec, "criterion": pc.criterion, "policy": pc.policy, "schedule": pc.schedule,
+            "bn_stats": pc.bn_stats, "fc_scaling": pc.fc_scaling, "plan": [{"target": t, "shares": s} for t, s in plan],
+            "prunable_filters": base_prunable, "rows": rows}
+
+
+def _output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Path:
+    return run_dir / f"step{summary['rows'][-1]['step']:02d}" / "model.pt"  # where it stopped (stop_at) or ended
+
+
+def _leaves_one(cfg: ExperimentConfig) -> None:
+    if len(cfg.prune.plan()) > 1:
+        raise ConfigError(f"prune.schedule {cfg.prune.schedule} prunes each target from the trained network in a run "
+                          f"of its own, so it leaves no one network for the next stage; use a gradual schedule "
+                          f"(prune.schedule: custom with share_per_step and steps)")
+
+
+PRUNE = STAGES.register("prune")(Stage("prune", "prune", suffix=suffix, check=check, body=body, output=_output,
+                                       refuses=fp32_only("prune"), chain_check=_leaves_one))
+
+
+def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    """`rescomp prune`: the one-stage chain."""
+    return execute(PRUNE, cfg, fresh=fresh, console=console)

@@ -1,0 +1,134 @@
+"""`rescomp run`: a chain of stages (rescomp.runner.STAGES) from one config.
+
+Each stage is registered by name with what it needs from its input network and what it makes of it
+(traits: `gated` residual units, `int8`), so a chain that cannot work is refused, exit 2, before any
+stage runs or any folder is made. Each stage then runs as its own command does, in its own resumable
+folder, starting from the network the previous stage left:
+
+    runs/<name>                                  train
+    runs/<name>-prune-paper-taylor-custom        prune, from the trained network
+    runs/<name>-prune-...-layerdrop-gate-k2-n10  layer-drop, from the last pruned network
+    runs/<name>-prune-...-layerdrop-...-ptq      int8, from the smallest lossless shortened network
+
+A stage's folder name extends the previous one's, so every folder says the chain that made it, and a
+single command (`rescomp prune`) is the one-stage chain that starts from the config's trained network.
+Running the same command again skips finished stages and resumes an interrupted one at its last
+checkpoint (a prune or layer-drop stage at its last finished step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from rich.console import Console
+
+from rescomp import checkpoint
+from rescomp.config import ExperimentConfig, deep_merge, validate
+from rescomp.errors import ConfigError
+from rescomp.rundir import run_folder
+from rescomp.runner import Stage, Traits, execute, stage
+
+
+@dataclass
+class Step:
+    name: str
+    stage: Stage
+    overrides: dict[str, Any]
+
+
+def steps(cfg: ExperimentConfig) -> list[Step]:
+    if not cfg.pipeline:
+        raise ConfigError("this config has no pipeline; add one, e.g. `pipeline: [train, {prune: {steps: 6}}, "
+                          "quantize]`, or run a single stage with its own command")
+    out = []
+    for entry in cfg.pipeline:
+        name, overrides = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+        out.append(Step(name, stage(name), overrides or {}))
+    return out
+
+
+def _traits(spec: dict[str, Any]) -> Traits:
+    return frozenset({"gated"} if spec.get("gates") else set())
+
+
+def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,
+                 source: Optional[Path] = None) -> ExperimentConfig:
+    """The config a stage runs with: its section overridden by its entry, named after the previous stage's
+    folder (`name`) and starting from the network that stage left (`source`, relative to the project)."""
+    raw = cfg.to_dict()
+    raw["pipeline"] = None
+    if step.overrides:
+        raw = deep_merge(raw, {step.stage.section: step.overrides})
+    if name is not None:
+        raw["name"] = name
+    if source is not None:
+        raw[step.stage.section]["checkpoint"] = str(source)
+    return validate(raw, f"pipeline stage {step.name}").rooted(cfg._root)
+
+
+def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
+    """Every stage's config, after refusing a chain that cannot work: a stage that cannot take what the
+    one before it makes, or a stage config with a mistake its own command would refuse. Nothing runs."""
+    chain = steps(cfg)
+    first = chain[0]
+    if first.stage.first_only:
+        traits = _traits(stage_config(cfg, first).model.spec(cfg.data.num_classes))
+    else:  # a chain that starts later starts from that stage's checkpoint, or from the config's trained network
+        own = getattr(stage_config(cfg, first), first.stage.section).checkpoint
+        traits = _traits(checkpoint.load(cfg.at(own))["arch"]) if own and cfg.at(own).is_file() else \
+            _traits(cfg.model.spec(cfg.data.num_classes))
+    out = []
+    for i, step in enumerate(chain):
+        why = step.stage.refuses(traits) if i or not step.stage.first_only else None
+        if why:
+            after = f" cannot follow {chain[i - 1].name}" if i else ""
+            raise ConfigError(f"pipeline stage {i + 1} ({step.name}){after}: {why}")
+        scfg = stage_config(cfg, step)
+        step.stage.chain_check(scfg)
+        step.stage.check(scfg)
+        if i == 0:  # no earlier stage makes its input
+            step.stage.check_input(scfg)
+        out.append((step, scfg))
+        traits = step.stage.gives(traits)
+    return out
+
+
+def folders(cfg: ExperimentConfig) -> list[tuple[Step, Path]]:
+    """Each stage of the chain with the run folder it writes, after plan's checks; nothing runs."""
+    out, name = [], None
+    for step, scfg in plan(cfg):
+        if name is not None:
+            scfg = scfg.model_copy(update={"name": name})
+        folder = run_folder(scfg, step.stage.suffix(scfg))
+        name = folder.name
+        out.append((step, folder))
+    return out
+
+
+def run_chain(cfg: ExperimentConfig, *, console: Optional[Console] = None,
+              report: Optional[Callable[[int, Step, Path, dict[str, Any]], None]] = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Run every stage in order, each from the network the previous one left; finished stages are
+    returned as they are, an interrupted one resumes."""
+    planned = plan(cfg)
+    done: list[tuple[Path, dict[str, Any]]] = []
+    name, source = None, None
+    for i, (step, scfg) in enumerate(planned):
+        if i:
+            scfg = stage_config(cfg, step, name, source)
+        run_dir, summary = execute(step.stage, scfg, console=console)
+        output = step.stage.output(scfg, run_dir, summary)
+        name, source = run_dir.name, _project_relative(cfg, output)
+        done.append((run_dir, summary))
+        if report:
+            report(i, step, run_dir, summary)
+    return done
+
+
+def _project_relative(cfg: ExperimentConfig, path: Path) -> Path:
+    """`path` (usable from this process's folder) as the config writes paths: relative to its project."""
+    import os
+
+    root = cfg._root
+    return Path(os.path.relpath(Path(path).resolve(), root)) if root is not None else Path(path)

@@ -1,0 +1,118 @@
+"""Run folders: where a stage writes, whether it may, and what is left when it fails.
+
+A run folder is named after its config and the stages that made it (`runs/<name>-prune-...-ptq`). It is
+claimed only after every check has passed, compared with the config saved in it (a folder of other
+settings is refused, naming the keys that differ), held by one process at a time (rescomp.runlock),
+and removed when a run fails before writing anything it could resume from, so bad input leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from rescomp import checkpoint, runlock
+from rescomp.config import ExperimentConfig, dump_config, validate
+from rescomp.errors import ConfigError
+from rescomp.provenance import command_line
+
+
+def differences(old: ExperimentConfig, new: ExperimentConfig, sections: tuple[str, ...] = ()) -> list[str]:
+    """'key (old -> new)' for every setting that decides a run's result (ExperimentConfig.hash) and differs."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict) and d:
+            return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): d}
+
+    a, b = flat(old.identity(*sections)), flat(new.identity(*sections))
+    shown = lambda v: "unset" if v is None else (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa: E731
+    return [f"{k} ({shown(a.get(k))} -> {shown(b.get(k))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def run_folder(cfg: ExperimentConfig, suffix: str = "") -> Path:
+    """runs/<name>, or runs/<name>-<suffix> for a later stage (`Stage.suffix`)."""
+    return cfg.runs_dir / (f"{cfg.run_name}-{suffix}" if suffix else cfg.run_name)
+
+
+def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] = None) -> list[str]:
+    """The settings in which the run saved in run_dir differs from cfg ([] if none, or nothing saved):
+    what decides the stage's result (the training sections and the stage's own `section`), and how it
+    was measured and labelled. A finished run is returned only if all of it is unchanged, so no
+    setting ever comes back with an old result."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    sections = ((section,) if section else ()) + ("measure", "report")
+    old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
+
+
+def resumable(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a run could resume from or report: any file but its config and lock."""
+    return any(p.is_file() and p.name not in ("config.yaml", runlock.LOCK_NAME) for p in run_dir.rglob("*"))
+
+
+def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
+          section: Optional[str] = None) -> tuple[Path, Optional[dict[str, Any]]]:
+    """The run folder of a stage (`run_folder(cfg, suffix)`, its config section, if any, `section`), after
+    checking that it is ours to write; and its summary if the run is complete.
+
+    Call it only once everything the run needs has been checked: `fresh` deletes here. A folder that
+    holds a run of other settings is refused with the keys that differ, unless it holds nothing to
+    resume (a run that failed before its first checkpoint), which is taken over.
+    """
+    run_dir = run_folder(cfg, suffix)
+    saved = run_dir / "config.yaml"
+    if not run_dir.exists():
+        return run_dir, None  # claimed by `writing` when the run starts writing
+    if fresh:
+        if saved.is_file() or not runlock.contents(run_dir):
+            _empty(run_dir)
+            return run_dir, None
+        raise ConfigError(f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name")
+    open_run_dir(run_dir)
+    changed = other_settings(run_dir, cfg, section)
+    if changed:
+        if not resumable(run_dir):
+            _empty(run_dir)
+            return run_dir, None
+        keep = "--set name=<new name>"
+        if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
+            keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
+        raise ConfigError(f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; "
+                          f"re-run with --fresh to replace it, or {keep} to keep both")
+    summary = run_dir / "summary.json"
+    return run_dir, (json.loads(summary.read_text()) if summary.is_file() else None)
+
+
+def _empty(run_dir: Path) -> None:
+    open_run_dir(run_dir)  # never delete what another live process is writing
+    for p in runlock.contents(run_dir):  # keep our lock: deleting it would let a second process in
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def open_run_dir(run_dir: Path) -> None:
+    """Create run_dir if needed and hold it for this process (rescomp.runlock): exit 2 if another
+    live process is writing it."""
+    runlock.claim(run_dir, command_line())
+
+
+@contextmanager
+def writing(run_dir: Path, cfg: ExperimentConfig) -> Iterator[Path]:
+    """Hold run_dir and save the config in it while a run writes there. A run that fails (or is
+    interrupted) before writing anything it could resume from leaves no folder behind, so the
+    corrected command starts clean instead of meeting a half-made folder."""
+    open_run_dir(run_dir)
+    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    try:
+        yield run_dir
+    except BaseException:
+        if not resumable(run_dir):
+            runlock.release(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
