@@ -50,7 +50,9 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
 
 
 def _traits(spec: dict[str, Any]) -> Traits:
-    return frozenset({"gated"} if spec.get("gates") else set())
+    """What a stored network is, as far as stages care: gated residual units, masked (sparse) or
+    weight-shared layers."""
+    return frozenset(t for t, key in (("gated", "gates"), ("sparse", "masked"), ("shared", "shared")) if spec.get(key))
 
 
 def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,

@@ -335,9 +335,41 @@ class ReportConfig(Strict):
     paper_head: Optional[int] = Field(None, ge=1)  # classes of the paper's head for params_paper_head (see paper_input)
 
 
+# Deep Compression (Han et al. 2015, 2016; survey-cnn-compression.txt, sep-net-slides.txt).
+class MagnitudePruneConfig(Strict):
+    checkpoint: Optional[str] = None  # a trained model.pt; default: train this config first
+    share_per_step: float = Field(0.15, gt=0, lt=1, description="share of the conv and linear weights zeroed per "
+                                  "step; after step s, s x share_per_step are zero (Han et al. 2015 keep 1/9 to 1/13)")
+    steps: int = Field(6, ge=1, description="pruning steps, each followed by retraining with the mask held")
+    scope: Literal["layer", "global"] = "layer"  # layer: each layer the same share; global: one threshold
+    finetune_epochs: int = Field(2, ge=0, description="retraining epochs after each step")
+    finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
+
+    @model_validator(mode="after")
+    def _reaches(self) -> "MagnitudePruneConfig":
+        if self.share_per_step * self.steps >= 1:
+            raise ValueError(f"share_per_step x steps = {self.share_per_step * self.steps:g} would zero every weight; "
+                             f"keep it under 1")
+        return self
+
+
+class WeightShareConfig(Strict):
+    checkpoint: Optional[str] = None  # a trained (or magnitude-pruned) model.pt; default: train this config first
+    # codes per layer 2**bits (code 0 the exact zero): Han et al. 2016, 8 bits for conv, 5 for linear layers
+    conv_bits: int = Field(8, ge=1, le=8)
+    fc_bits: int = Field(5, ge=1, le=8, description="code width of linear layers: 2**fc_bits codes, code 0 the zero")
+    # relative-index width of the sparse storage: Han et al. 2016, 8 bits for conv, 5 for linear layers
+    gap_bits_conv: int = Field(8, ge=1, le=8)
+    gap_bits_fc: int = Field(5, ge=1, le=8, description="relative-index width of linear layers")
+    iterations: int = Field(30, ge=1, description="k-means iterations (linear initialisation)")
+    finetune_epochs: int = Field(2, ge=0, description="epochs of centroid fine-tuning")
+    finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
+
+
 # Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure, report
 # and log say where results go and how they are shown, not what the run computes).
-LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune", "pipeline")
+LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune", "magnitude_prune",
+                  "weight_share", "pipeline")
 
 
 class LogConfig(Strict):
@@ -368,9 +400,12 @@ class ExperimentConfig(Rooted):
     quantize: QuantizeConfig = QuantizeConfig()
     layer_drop: LayerDropConfig = LayerDropConfig()
     prune: PruneConfig = PruneConfig()
+    magnitude_prune: MagnitudePruneConfig = MagnitudePruneConfig()
+    weight_share: WeightShareConfig = WeightShareConfig()
     # `rescomp run`: stages in order, each starting from the previous stage's network, e.g.
     # [train, {prune: {steps: 6}}, {layer_drop: {k: 2}}, quantize]; an entry's mapping overrides its
-    # stage's section (prune:, layer_drop:, quantize:, train:) for that stage only (rescomp.runner)
+    # stage's section (prune:, layer_drop:, magnitude_prune:, weight_share:, quantize:, train:) for that
+    # stage only (rescomp.chain)
     pipeline: Optional[list[Union[str, dict[str, Optional[dict[str, Any]]]]]] = None
 
     @field_validator("pipeline")

@@ -37,6 +37,7 @@ def test_pareto_front_counted_by_hand():
     ("exp-layerdrop-gate-k2-n10-prune-coupled-l1-custom", "layer-drop → prune"),
     ("resnet56-full-cpu-ptq-onnxruntime", "int8"),
     ("exp-prune-paper-taylor-custom-qat-pt2e", "prune → int8"),
+    ("exp-prune-coupled-l1-custom-mprune-layer-60-share-8b5b", "prune → magnitude-prune → weight-share"),
 ])
 def test_chains_are_read_from_folder_names(folder, chain):
     assert chain_of(folder) == chain

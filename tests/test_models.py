@@ -73,7 +73,7 @@ def test_registered_transforms_apply_in_their_order(monkeypatch):
         models.register_transform("zz_first", order=5)(lambda m, v: m)
     build_model({"arch": "resnet20", "num_classes": 10, "aa_second": 2, "zz_first": 1})
     assert seen == [("first", 1), ("second", 2)]
-    assert models.transform_keys() == ["zz_first", "separable", "gates", "shapes", "deleted", "aa_second"]
+    assert models.transform_keys() == ["zz_first", "separable", "gates", "shapes", "deleted", "masked", "shared", "aa_second"]
 
 
 def test_the_builder_imports_no_technique_for_a_plain_network():
@@ -92,8 +92,12 @@ def test_every_technique_key_rebuilds():
     spec = {"arch": "cifar_resnet", "num_classes": 10, "depth": 14, "width": 4, "separable": {"mode": "depthwise"},
             "gates": {"init": [-1, 1]}, "deleted": ["layer1.1"], "shapes": {"fc": [16, 12],
             # a unit pruned, then deleted (layer-drop after prune): its shapes stay in the spec
-            "layer1.1.bn1": [3]}}
+            "layer1.1.bn1": [3]}, "masked": ["conv1.1"], "shared": {"fc": 3}}
     model = build_model(spec)
+    keys = model.state_dict()
+    assert {"conv1.1.weight_orig", "conv1.1.weight_mask", "fc.centroids", "fc.weight_index"} <= set(keys)
+    assert keys["fc.centroids"].shape == (7,) and keys["fc.weight_index"].shape == (12, 16)  # shared after shapes
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"DepthwiseSeparable", "Gated"} <= kinds and type(model.layer1[1]).__name__ == "Identity"
     assert tuple(model.fc.weight.shape) == (12, 16)  # Linear(16 in, 12 out)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 12)

@@ -47,6 +47,8 @@ def _chain(tiny: dict, pipeline: list) -> dict:
                           "timing": {"batch_size": 2, "runs": 1, "warmup": 0},
                           "baselines": {"scratch": False, "distill": False}}
     tiny["quantize"] = {"calibration_images": 16}
+    tiny["magnitude_prune"] = {"share_per_step": 0.3, "steps": 1, "finetune_epochs": 1}
+    tiny["weight_share"] = {"conv_bits": 2, "fc_bits": 2, "iterations": 5, "finetune_epochs": 1}
     tiny["pipeline"] = pipeline
     return tiny
 
@@ -154,7 +156,9 @@ def test_a_step_draws_the_same_whatever_ran_before_it(workdir, tiny):
     (["train", {"prune": {"schedule": "fast"}}], "leaves no one network for the next stage"),
     (["train", {"prune": {"criterion": "tailor"}}], "unknown pruning criterion 'tailor' (did you mean 'taylor'?)"),
     ([{"train": {}, "prune": {}}], "write one stage per entry"),
-    (["quantize"], "no trained model at"),  # a chain that starts later needs its input to exist already
+    (["quantize"], "no trained model at"),
+    (["train", "magnitude_prune", "prune"], "magnitude_prune's zeros would grow back"),
+    (["train", "weight_share", "quantize"], "quantize cannot follow weight_share"),  # a chain that starts later needs its input to exist already
 ])
 def test_a_chain_that_cannot_work_is_refused_before_anything_runs(workdir, tiny, pipeline, message):
     path = write_config(workdir, _chain(tiny, pipeline))

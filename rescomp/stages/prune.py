@@ -157,7 +157,7 @@ def _leaves_one(cfg: ExperimentConfig) -> None:
 
 
 PRUNE = STAGES.register("prune")(Stage("prune", "prune", suffix=suffix, check=check, body=body, output=_output,
-                                       refuses=fp32_only("prune"), chain_check=_leaves_one))
+                                       refuses=fp32_only("prune", retrains=True), chain_check=_leaves_one))
 
 
 def run_prune(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:

@@ -19,7 +19,7 @@ from rescomp.context import RunContext, resolve_device
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
 from rescomp.rundir import run_folder
-from rescomp.runner import STAGES, Stage, StageRun, execute, train_loaders
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, train_loaders
 from rescomp.stages.train import log_measuring
 from rescomp.train import Trainer, evaluate
 
@@ -121,7 +121,7 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, b) -> tuple[Any,
 QUANTIZE = STAGES.register("quantize")(Stage(
     "quantize", "quantize", suffix=suffix, check=lambda cfg: None, body=body, start=start, context=context,
     check_input=check_input, output=lambda cfg, run_dir, summary: run_dir / "int8.pt",
-    refuses=lambda t: "a chain quantizes once: the network is int8 already" if "int8" in t else None,
+    refuses=lambda t: "a chain quantizes once: the network is int8 already" if "int8" in t else fp32_only("quantize")(t),
     gives=lambda t: t | {"int8"}))
 
 

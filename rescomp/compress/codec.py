@@ -1,0 +1,287 @@
+"""Storage of a sparse, weight-shared layer as Deep Compression stores it, bit for bit.
+
+Han et al. 2015 / 2016 (survey-cnn-compression.txt, "Putting it all together"; sep-net-slides.txt,
+"Weight Pruning Implementation"):
+- Sparse weights: the positions of the kept weights in the flattened layer, each stored as its gap
+  from the previous one in `gap_bits` bits (8 for conv layers, 5 for fully connected ones). A gap over
+  2**gap_bits is bridged by a filler zero: an entry whose value is zero, placed 2**gap_bits after the
+  previous entry (the slides' example: kept positions 1, 4, 15 with 3-bit gaps need a filler at 12).
+  We count the first gap from position -1, so that a weight at position 0 can be stored (the slides
+  count it from 0: their first gap is 1 where ours is 2; entries and fillers are the same).
+- Shared weights: each entry's value is an index into the layer's codebook of log2(k) bits; index 0
+  is the exact zero (fillers, and weights pruned to zero), the other k - 1 codes are trained centroids.
+- Huffman coding of the index stream and of the gap stream, each with its own canonical code; the
+  code-length tables are stored too (one byte per symbol) and counted.
+Every stage's bits are counted the same way (`layer_bits`), and `encode` / `decode` write and read them
+for real, so the counts are those of a file that a decoder turns back into the same weights.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FLOAT_BITS = 32
+
+
+def gaps(positions: Sequence[int], gap_bits: int) -> tuple[list[int], list[bool]]:
+    """The gap of each entry (kept positions, ascending, plus fillers) and which entries are fillers.
+    A stored gap is in 1..2**gap_bits (written as gap - 1)."""
+    span, prev = 1 << gap_bits, -1
+    out, filler = [], []
+    for p in positions:
+        gap = int(p) - prev
+        if gap < 1:
+            raise ValueError("positions must be ascending and distinct")
+        while gap > span:
+            out.append(span)
+            filler.append(True)
+            prev += span
+            gap -= span
+        out.append(gap)
+        filler.append(False)
+        prev = int(p)
+    return out, filler
+
+
+def positions(gap_list: Iterable[int]) -> list[int]:
+    """Every entry's position (fillers included) from its gaps."""
+    out, prev = [], -1
+    for g in gap_list:
+        prev += g
+        out.append(prev)
+    return out
+
+
+def huffman_lengths(symbols: Iterable[int]) -> dict[int, int]:
+    """Code length of each symbol of a canonical Huffman code for these symbols' frequencies
+    (one symbol alone gets a 1-bit code)."""
+    counts = Counter(symbols)
+    if not counts:
+        return {}
+    if len(counts) == 1:
+        return {next(iter(counts)): 1}
+    heap = [(n, i, (s,)) for i, (s, n) in enumerate(sorted(counts.items()))]
+    heapq.heapify(heap)
+    depth = Counter()
+    tie = len(heap)
+    while len(heap) > 1:
+        n1, _, a = heapq.heappop(heap)
+        n2, _, b = heapq.heappop(heap)
+        for s in a + b:
+            depth[s] += 1
+        heapq.heappush(heap, (n1 + n2, tie, a + b))
+        tie += 1
+    return dict(depth)
+
+
+def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """symbol -> (code, length) of the canonical Huffman code with these lengths."""
+    code, prev_len, out = 0, 0, {}
+    for s, n in sorted(lengths.items(), key=lambda kv: (kv[1], kv[0])):
+        code <<= n - prev_len
+        out[s] = (code, n)
+        code += 1
+        prev_len = n
+    return out
+
+
+class BitWriter:
+    """Fields of fixed or Huffman widths, most significant bit first, packed into bytes at the end."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def write(self, value: int, n: int) -> None:
+        self.write_array(np.array([value], np.int64), n)
+
+    def write_array(self, values: np.ndarray, n: int) -> None:
+        shifts = np.arange(n - 1, -1, -1, dtype=np.int64)
+        self.chunks.append(((np.asarray(values, np.int64)[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+
+    def write_codes(self, symbols: np.ndarray, codes: dict[int, tuple[int, int]]) -> None:
+        table = {s: ((c >> np.arange(n - 1, -1, -1)) & 1).astype(np.uint8) for s, (c, n) in codes.items()}
+        if len(symbols):
+            self.chunks.append(np.concatenate([table[int(s)] for s in symbols]))
+
+    def getvalue(self) -> bytes:
+        return np.packbits(np.concatenate(self.chunks)).tobytes() if self.chunks else b""
+
+
+class BitReader:
+    def __init__(self, data: bytes) -> None:
+        self.bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8)) if data else np.zeros(0, np.uint8)
+        self.at = 0
+
+    def read(self, n: int) -> int:
+        return int(self.read_array(1, n)[0])
+
+    def read_array(self, count: int, n: int) -> np.ndarray:
+        bits = self.bits[self.at:self.at + count * n].reshape(count, n).astype(np.int64)
+        self.at += count * n
+        return (bits << np.arange(n - 1, -1, -1, dtype=np.int64)).sum(axis=1) if n else np.zeros(count, np.int64)
+
+    def read_huffman(self, decode: dict[tuple[int, int], int]) -> int:
+        code, n = 0, 0
+        while True:
+            code = (code << 1) | int(self.bits[self.at])
+            self.at += 1
+            n += 1
+            if (code, n) in decode:
+                return decode[(code, n)]
+
+
+@dataclass
+class Layer:
+    """One sparse layer: its shape, the entries' gaps and values (floats, or codebook indices when shared)."""
+    shape: tuple[int, ...]
+    gap_bits: int
+    gaps: list[int]
+    values: np.ndarray  # float32 per entry, or int codebook indices per entry (0 = zero)
+    codebook: np.ndarray | None = None  # float32 centroids, codebook[0] == 0
+    index_bits: int = 0
+
+    @classmethod
+    def sparse(cls, weight: np.ndarray, gap_bits: int) -> "Layer":
+        flat = weight.reshape(-1).astype(np.float32)
+        g, _ = gaps(np.flatnonzero(flat), gap_bits)
+        return cls(tuple(weight.shape), gap_bits, g, flat[positions(g)])
+
+    @classmethod
+    def shared(cls, index: np.ndarray, codebook: np.ndarray, gap_bits: int, index_bits: int) -> "Layer":
+        """A layer whose weight is codebook[index] (index 0: zero)."""
+        flat = index.reshape(-1)
+        g, _ = gaps(np.flatnonzero(flat), gap_bits)
+        return cls(tuple(index.shape), gap_bits, g, flat[positions(g)].astype(np.int64),
+                   np.asarray(codebook, np.float32), index_bits)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(int(np.prod(self.shape)), np.float32)
+        vals = self.codebook[self.values] if self.codebook is not None else self.values
+        out[positions(self.gaps)] = vals
+        return out.reshape(self.shape)
+
+
+def layer_bits(layer: Layer, huffman: bool = False) -> int:
+    """The bits `encode` writes for this layer's weights (not its header): gaps and values, plus the
+    codebook, plus the Huffman tables when coded."""
+    n = len(layer.gaps)
+    if layer.codebook is None:
+        gap_part = layer.gap_bits * n if not huffman else _huffman_bits([g - 1 for g in layer.gaps])
+        return gap_part + FLOAT_BITS * n
+    book = FLOAT_BITS * len(layer.codebook)
+    if not huffman:
+        return (layer.gap_bits + layer.index_bits) * n + book
+    return _huffman_bits([g - 1 for g in layer.gaps]) + _huffman_bits(layer.values.tolist()) + book
+
+
+def _huffman_bits(symbols: list[int]) -> int:
+    """A Huffman-coded stream's bits: its table (a 16-bit symbol count, then a byte each of symbol and
+    code length) and its codes."""
+    lengths = huffman_lengths(symbols)
+    counts = Counter(symbols)
+    return 16 + 16 * len(lengths) + sum(counts[s] * n for s, n in lengths.items())
+
+
+def _write_stream(w: BitWriter, symbols: list[int], bits: int, huffman: bool) -> None:
+    if not huffman:
+        w.write_array(np.asarray(symbols, np.int64), bits)
+        return
+    lengths = huffman_lengths(symbols)
+    w.write(len(lengths), 16)
+    for sym, n in sorted(lengths.items()):
+        w.write(sym, 8)
+        w.write(n, 8)
+    w.write_codes(np.asarray(symbols, np.int64), canonical_codes(lengths))
+
+
+def _read_stream(r: BitReader, n: int, bits: int, huffman: bool) -> list[int]:
+    if not huffman:
+        return r.read_array(n, bits).tolist()
+    lengths = {}
+    for _ in range(r.read(16)):
+        sym = r.read(8)
+        lengths[sym] = r.read(8)
+    decode = {code: sym for sym, code in canonical_codes(lengths).items()}
+    return [r.read_huffman(decode) for _ in range(n)]
+
+
+def encode_layer(layer: Layer, huffman: bool = False) -> bytes:
+    """The layer's weights as `layer_bits` counts them, padded to a whole byte: the codebook (float32),
+    then the gap stream, then the values (float32, or codebook indices)."""
+    if max(layer.gap_bits, layer.index_bits) > 8:
+        raise ValueError("gap and index widths above 8 bits are not supported (Han et al. use at most 8)")
+    w = BitWriter()
+    if layer.codebook is not None:
+        w.write_array(layer.codebook.astype(">f4").view(">u4").astype(np.int64), FLOAT_BITS)
+    _write_stream(w, [g - 1 for g in layer.gaps], layer.gap_bits, huffman)
+    if layer.codebook is None:
+        w.write_array(layer.values.astype(">f4").view(">u4").astype(np.int64), FLOAT_BITS)
+    else:
+        _write_stream(w, layer.values.tolist(), layer.index_bits, huffman)
+    return w.getvalue()
+
+
+def decode_layer(data: bytes, shape: tuple[int, ...], entries: int, gap_bits: int, index_bits: int = 0,
+                 codebook_size: int = 0, huffman: bool = False) -> Layer:
+    r = BitReader(data)
+    codebook = None
+    if codebook_size:
+        codebook = r.read_array(codebook_size, FLOAT_BITS).astype(">u4").view(">f4").astype(np.float32)
+    gap_list = [g + 1 for g in _read_stream(r, entries, gap_bits, huffman)]
+    if codebook is None:
+        values = r.read_array(entries, FLOAT_BITS).astype(">u4").view(">f4").astype(np.float32)
+    else:
+        values = np.array(_read_stream(r, entries, index_bits, huffman), np.int64)
+    return Layer(tuple(shape), gap_bits, gap_list, values, codebook, index_bits)
+
+
+MAGIC = b"RCDC1"
+
+
+def encode_model(layers: dict[str, Layer], others: dict[str, np.ndarray], huffman: bool = False) -> bytes:
+    """A file holding every coded layer (`encode_layer`) and every other tensor as raw little-endian
+    bytes: MAGIC, a 4-byte header length, a JSON header (names, shapes, widths, counts, byte lengths),
+    then the payloads in header order. `decode_model` reads it back."""
+    import json
+
+    head, blobs = {"huffman": huffman, "layers": [], "others": []}, []
+    for name, layer in layers.items():
+        blob = encode_layer(layer, huffman)
+        head["layers"].append({"name": name, "shape": list(layer.shape), "entries": len(layer.gaps),
+                               "gap_bits": layer.gap_bits, "index_bits": layer.index_bits,
+                               "codebook": 0 if layer.codebook is None else len(layer.codebook), "bytes": len(blob)})
+        blobs.append(blob)
+    for name, arr in others.items():
+        blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+        head["others"].append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype.str.lstrip("<>|="),
+                               "bytes": len(blob)})
+        blobs.append(blob)
+    header = json.dumps(head, separators=(",", ":")).encode()
+    return MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+
+
+def decode_model(data: bytes) -> dict[str, np.ndarray]:
+    """Every tensor of an `encode_model` file, dense."""
+    import json
+
+    if data[:len(MAGIC)] != MAGIC:
+        raise ValueError("not a rescomp Deep Compression file")
+    at = len(MAGIC) + 4
+    size = int.from_bytes(data[len(MAGIC):at], "little")
+    head = json.loads(data[at:at + size])
+    at += size
+    out = {}
+    for e in head["layers"]:
+        layer = decode_layer(data[at:at + e["bytes"]], tuple(e["shape"]), e["entries"], e["gap_bits"], e["index_bits"],
+                             e["codebook"], head["huffman"])
+        out[e["name"]] = layer.dense()
+        at += e["bytes"]
+    for e in head["others"]:
+        out[e["name"]] = np.frombuffer(data[at:at + e["bytes"]], np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
+        at += e["bytes"]
+    return out

@@ -1,0 +1,137 @@
+"""The Deep Compression stages (Han et al. 2015, 2016): `magnitude_prune`, then `weight_share`.
+
+magnitude_prune: repeat {zero the smallest |w| until s x share_per_step of the conv and linear weights
+are zero; retrain with the mask held}, one resumable step folder each (runs/<name>-mprune-.../stepNN).
+It leaves out/model.pt: the last step's network with its masks made permanent (exact zeros, a plain
+spec), which any later stage can take; stages that fine-tune without a mask (prune, layer_drop) are
+refused after it, since its zeros would grow back.
+weight_share: per-layer k-means codes (2**bits, code 0 the zero), then centroid fine-tuning; it leaves
+step01/model.pt, whose spec rebuilds the codes, and compressed.rcdc, the network stored as Deep
+Compression stores it (sparse relative indices, code indices, codebooks, Huffman-coded), which
+`deep_compression.decoded` turns back into the same network. It ends a chain.
+Every row states the bytes of every storage stage (dense, sparse, shared, Huffman), each a real file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from rescomp import checkpoint
+from rescomp.compress import deep_compression as dc
+from rescomp.config import ExperimentConfig
+from rescomp.measure import measure
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec
+from rescomp.train import evaluate
+
+
+def _check(cfg: ExperimentConfig) -> dict[str, Any]:
+    return model_spec(cfg)
+
+
+def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, gap_fc: int,
+         extra: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy, sparsity and every storage stage's bytes of `model`; costs measured on the plain
+    network its dense file decodes to (the same outputs: pruning to zeros changes no dense MAC)."""
+    ev = evaluate(model.to(run.ctx.device), run.loaders["test"], run.ctx)
+    cpu = copy.deepcopy(model).cpu()
+    files = dc.encodings(cpu, gap_conv, gap_fc)
+    kept = dc.kept_share(cpu)
+    coded = {n: m.weight_index.numel() if hasattr(m, "weight_index") else dc.weight_of(m).numel()
+             for n, m in dc.coded_layers(cpu)}
+    total = sum(coded.values())
+    nonzero = round(sum(kept[n] * coded[n] for n in coded))
+    plain = dc.decoded(files["dense"], spec)
+    bytes_ = {f"dc_{k}_bytes": len(v) for k, v in files.items()}
+    best = min(bytes_.values())
+    return {"step": step, "top1": ev["top1"], "loss": ev["loss"], **extra, "coded_weights": total,
+            "nonzero_weights": nonzero, "weights_kept": nonzero / total, "kept_per_layer": kept, **bytes_,
+            "dc_compression": bytes_["dc_dense_bytes"] / best,
+            **measure(plain, run.cfg.data.image_size, run.cfg.measure)}
+
+
+# -- magnitude_prune ------------------------------------------------------------------------------------
+
+def _mp_suffix(cfg: ExperimentConfig) -> str:
+    m = cfg.magnitude_prune
+    return f"mprune-{m.scope}-{round(100 * m.share_per_step * m.steps)}"
+
+
+def _mp_body(run: StageRun) -> dict[str, Any]:
+    cfg, mc, ws = run.cfg, run.cfg.magnitude_prune, run.cfg.weight_share
+    model, spec = run.model.to(run.ctx.device), run.spec
+    names = [n for n, _ in dc.coded_layers(model)]
+    lr = mc.finetune_lr or cfg.train.optimizer.lr / 10
+    rows = [_row(run, model, spec, 0, ws.gap_bits_conv, ws.gap_bits_fc, {"share": 0.0})]
+    for step in range(1, mc.steps + 1):
+        share = round(mc.share_per_step * step, 6)
+
+        def zero(model=model, spec=spec, share=share):
+            run.ctx.log(f"step {step}: zeroing the smallest {100 * share:g}% of the weights ({mc.scope})")
+            dc.apply_masks(model, dc.magnitude_masks(model, share, mc.scope))
+            return model, {**spec, "masked": names}, {}
+
+        model, spec, r = run.step(step, zero, lambda m, s, info, ev, step=step, share=share: _row(
+            run, m, s, step, ws.gap_bits_conv, ws.gap_bits_fc, {"share": share}), epochs=mc.finetune_epochs, lr=lr)
+        rows.append(r)
+        run.ctx.log(f"step {step}: {100 * r['weights_kept']:.1f}% of the weights kept, top-1 {r['top1']:.2f}%")
+    baked = dc.bake(copy.deepcopy(model).cpu())
+    plain_spec = {k: v for k, v in spec.items() if k != "masked"}
+    checkpoint.save(run.out / "model.pt", {"arch": plain_spec, "state_dict": baked.state_dict(), "config": cfg.to_dict(),
+                                           "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
+    for r in rows:
+        r["row"] = f"{cfg.report.row or cfg.model.arch} magnitude-pruned {100 * r['share']:g}% ({mc.scope})"
+    return {"arch": cfg.model.arch, "start_arch": run.spec, "scope": mc.scope, "rows": rows}
+
+
+MAGNITUDE_PRUNE = STAGES.register("magnitude_prune")(Stage(
+    "magnitude_prune", "magnitude_prune", suffix=_mp_suffix, check=_check, body=_mp_body,
+    output=lambda cfg, run_dir, summary: run_dir / "model.pt", refuses=fp32_only("magnitude_prune"),
+    gives=lambda t: t | {"sparse"}))
+
+# -- weight_share ---------------------------------------------------------------------------------------
+
+def _ws_suffix(cfg: ExperimentConfig) -> str:
+    w = cfg.weight_share
+    return f"share-{w.conv_bits}b{w.fc_bits}b"
+
+
+def _ws_body(run: StageRun) -> dict[str, Any]:
+    cfg, ws = run.cfg, run.cfg.weight_share
+    model, spec = run.model.to(run.ctx.device), run.spec
+    lr = ws.finetune_lr or cfg.train.optimizer.lr / 10
+    rows = [_row(run, model, spec, 0, ws.gap_bits_conv, ws.gap_bits_fc, {})]
+
+    def cluster(model=model, spec=spec):
+        bits = {}
+        for n, m in dc.coded_layers(model):
+            bits[n] = dc.bits_for(m, ws.conv_bits, ws.fc_bits)
+            dc.share(m, bits[n], ws.iterations)
+        run.ctx.log(f"shared: {ws.conv_bits}-bit codes for conv layers, {ws.fc_bits}-bit for linear ones; "
+                    f"fine-tuning the centroids {ws.finetune_epochs} epoch(s)")
+        return model, {**spec, "shared": bits}, {}
+
+    model, spec, r = run.step(1, cluster, lambda m, s, info, ev: _row(run, m, s, 1, ws.gap_bits_conv, ws.gap_bits_fc, {}),
+                              epochs=ws.finetune_epochs, lr=lr)
+    rows.append(r)
+    files = dc.encodings(copy.deepcopy(model).cpu(), ws.gap_bits_conv, ws.gap_bits_fc)
+    checkpoint.atomic_write_bytes(run.out / "compressed.rcdc", lambda f: f.write(files["huffman"]))
+    for r in rows:
+        r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}"
+    return {"arch": cfg.model.arch, "start_arch": run.spec, "rows": rows, "compressed_file": "compressed.rcdc",
+            "conv_bits": ws.conv_bits, "fc_bits": ws.fc_bits}
+
+
+WEIGHT_SHARE = STAGES.register("weight_share")(Stage(
+    "weight_share", "weight_share", suffix=_ws_suffix, check=_check, body=_ws_body,
+    output=lambda cfg, run_dir, summary: run_dir / "step01" / "model.pt", refuses=fp32_only("weight_share"),
+    gives=lambda t: t | {"shared"}))
+
+
+def run_stage(name: str, cfg: ExperimentConfig, *, fresh: bool = False,
+              console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
+    """`rescomp magnitude-prune` / `rescomp weight-share`: the one-stage chain."""
+    return execute(STAGES.get(name), cfg, fresh=fresh, console=console)
