@@ -52,7 +52,8 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
 def _traits(spec: dict[str, Any]) -> Traits:
     """What a stored network is, as far as stages care: gated residual units, masked (sparse) or
     weight-shared layers."""
-    return frozenset(t for t, key in (("gated", "gates"), ("sparse", "masked"), ("shared", "shared")) if spec.get(key))
+    return frozenset(t for t, key in (("gated", "gates"), ("sparse", "masked"), ("coded", "shared"), ("coded", "binarized"))
+                     if spec.get(key))
 
 
 def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,

@@ -26,6 +26,7 @@ STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-layerdrop-[a-z0-9_]+-k\d+-n\d+"), "layer-drop"),
                 (re.compile(r"-mprune-(layer|global)-\d+"), "magnitude-prune"),
                 (re.compile(r"-share-\d+b\d+b"), "weight-share"),
+                (re.compile(r"-binarize(-bq)?(-frozen)?"), "binarize"),
                 (re.compile(r"-(ptq|qat)(-(pt2e|onnxruntime|fbgemm|qnnpack))?$"), "int8")]
 
 

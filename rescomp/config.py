@@ -366,10 +366,23 @@ class WeightShareConfig(Strict):
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
 
 
+# SEP-Net pattern binarization (sep-net-slides.txt).
+class BinarizeConfig(Strict):
+    checkpoint: Optional[str] = None  # a trained model.pt; default: train this config first
+    # SEP-Net-BQ: 1x1 convs and linear layers also linearly quantized to 8 bits (symmetric, per layer)
+    quantize_others: bool = False
+    # the slides' "keep binarization filter same during fine-tuning": the sign patterns stay fixed and
+    # only the other layers learn; default (false) trains them as BinaryConnect does, full-precision
+    # weights updated through a straight-through gradient
+    freeze_patterns: bool = False
+    finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs of the binarized network")
+    finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
+
+
 # Sections a run's identity leaves out unless it is the stage they configure (out_dir, measure, report
 # and log say where results go and how they are shown, not what the run computes).
 LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune", "magnitude_prune",
-                  "weight_share", "pipeline")
+                  "weight_share", "binarize", "pipeline")
 
 
 class LogConfig(Strict):
@@ -402,9 +415,10 @@ class ExperimentConfig(Rooted):
     prune: PruneConfig = PruneConfig()
     magnitude_prune: MagnitudePruneConfig = MagnitudePruneConfig()
     weight_share: WeightShareConfig = WeightShareConfig()
+    binarize: BinarizeConfig = BinarizeConfig()
     # `rescomp run`: stages in order, each starting from the previous stage's network, e.g.
     # [train, {prune: {steps: 6}}, {layer_drop: {k: 2}}, quantize]; an entry's mapping overrides its
-    # stage's section (prune:, layer_drop:, magnitude_prune:, weight_share:, quantize:, train:) for that
+    # stage's section (prune:, layer_drop:, magnitude_prune:, weight_share:, binarize:, quantize:, train:) for that
     # stage only (rescomp.chain)
     pipeline: Optional[list[Union[str, dict[str, Optional[dict[str, Any]]]]]] = None
 

@@ -78,14 +78,15 @@ def stage(name: str) -> Stage:
 
 
 def fp32_only(name: str, retrains: bool = False) -> Callable[[Traits], Optional[str]]:
-    """Why `name` cannot take a network with these traits: int8 (quantize ends a chain), weight-shared
-    codes (weight_share ends one), or, for a stage that `retrains` every weight without a mask, the
+    """Why `name` cannot take a network with these traits: int8 (quantize ends a chain), codes
+    (weight_share and binarize end one), or, for a stage that `retrains` every weight without a mask, the
     zeros of magnitude_prune (they would grow back)."""
     def refuses(t: Traits) -> Optional[str]:
         if "int8" in t:
             return f"{name} takes an fp32 network, and an earlier stage made it int8; put quantize last"
-        if "shared" in t:
-            return f"{name} cannot follow weight_share: its codes are how the network is stored, so it ends a chain"
+        if "coded" in t:
+            return (f"{name} cannot follow weight_share or binarize: their codes are how the network is stored, "
+                    f"so they end a chain")
         if retrains and "sparse" in t:
             return (f"{name} retrains every weight without a mask, so magnitude_prune's zeros would grow back; "
                     f"put {name} before magnitude_prune")

@@ -73,7 +73,7 @@ def test_registered_transforms_apply_in_their_order(monkeypatch):
         models.register_transform("zz_first", order=5)(lambda m, v: m)
     build_model({"arch": "resnet20", "num_classes": 10, "aa_second": 2, "zz_first": 1})
     assert seen == [("first", 1), ("second", 2)]
-    assert models.transform_keys() == ["zz_first", "separable", "gates", "shapes", "deleted", "masked", "shared", "aa_second"]
+    assert models.transform_keys() == ["zz_first", "separable", "gates", "shapes", "deleted", "masked", "shared", "binarized", "aa_second"]
 
 
 def test_the_builder_imports_no_technique_for_a_plain_network():

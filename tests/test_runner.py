@@ -158,7 +158,9 @@ def test_a_step_draws_the_same_whatever_ran_before_it(workdir, tiny):
     ([{"train": {}, "prune": {}}], "write one stage per entry"),
     (["quantize"], "no trained model at"),
     (["train", "magnitude_prune", "prune"], "magnitude_prune's zeros would grow back"),
-    (["train", "weight_share", "quantize"], "quantize cannot follow weight_share"),  # a chain that starts later needs its input to exist already
+    (["train", "weight_share", "quantize"], "quantize cannot follow weight_share or binarize"),
+    (["train", "binarize", "weight_share"], "weight_share cannot follow weight_share or binarize"),
+    (["train", "magnitude_prune", "binarize"], "binarize retrains every weight without a mask"),  # a chain that starts later needs its input to exist already
 ])
 def test_a_chain_that_cannot_work_is_refused_before_anything_runs(workdir, tiny, pipeline, message):
     path = write_config(workdir, _chain(tiny, pipeline))

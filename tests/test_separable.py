@@ -8,6 +8,8 @@
 # - `exclude` ignored, or the input model changed in place    -> test_separate_by_name_pattern_on_any_registry_model
 # - the stem max-pool padded with -inf (nn.MaxPool2d's own padding), a ReLU before the pool, or the
 #   zero pad on other sides than Keras' ZeroPadding2D(1)      -> test_resnet50v2_stem_pads_its_pool_with_zeros_as_keras
+# - group convs that do not divide the parameters by the groups, or that split a conv whose channels
+#   the groups do not divide                                   -> test_group_convs_divide_parameters_by_their_groups
 import pytest
 import torch
 import torch.nn as nn
@@ -108,3 +110,16 @@ def test_separable_is_part_of_the_spec():
 def test_no_matching_conv_is_a_clear_error():
     with pytest.raises(ConfigError, match="no k x k conv"):
         separate(build_model({"arch": "resnet20", "num_classes": 10}), {"mode": "spatial", "include": ["nope*"]})
+
+
+def test_group_convs_divide_parameters_by_their_groups():
+    # sep-net-slides.txt: "Reducing # of parameters in convolution k times (k group convolution)"
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.Conv2d(16, 32, 3, padding=1, bias=False))
+    grouped, info = separate(net, {"mode": "group", "groups": 4})
+    assert info["replaced"] == ["1"] and grouped[0].groups == 1  # 3 input channels: not divisible by 4, kept
+    assert grouped[1].groups == 4 and grouped[1].weight.numel() == 16 * 32 * 9 // 4 == 1152
+    x = torch.randn(2, 3, 8, 8)
+    assert grouped(x).shape == net(x).shape
+    spec = {"arch": "resnet20", "num_classes": 10, "separable": {"mode": "group", "groups": 2, "include": ["layer*"]}}
+    assert build_model(spec).layer3[1].conv2.groups == 2  # rebuilt from the spec
+

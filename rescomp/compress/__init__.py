@@ -5,4 +5,4 @@ Importing this package registers the spec transforms the techniques own (rescomp
 so that build_model can rebuild what they made without importing them.
 """
 
-from rescomp.compress import deep_compression, layer_drop, prune, separable  # noqa: F401  (they register their transforms)
+from rescomp.compress import binarize, deep_compression, layer_drop, prune, separable  # noqa: F401  (they register their transforms)

@@ -285,3 +285,58 @@ def decode_model(data: bytes) -> dict[str, np.ndarray]:
         out[e["name"]] = np.frombuffer(data[at:at + e["bytes"]], np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
         at += e["bytes"]
     return out
+
+
+BINARY_MAGIC = b"RCBN1"
+
+
+def encode_binary(binary: dict[str, tuple[np.ndarray, np.ndarray]], int8: dict[str, tuple[np.ndarray, np.ndarray]],
+                  others: dict[str, np.ndarray]) -> bytes:
+    """SEP-Net storage: each binarized layer as 1 bit per weight (its sign, packed) and one float32 scale
+    per filter; each 8-bit layer as one byte per weight and one float32 scale; every other tensor raw."""
+    import json
+
+    head, blobs = {"binary": [], "int8": [], "others": []}, []
+    for name, (signs, scales) in binary.items():
+        blob = np.packbits(signs.reshape(-1)).tobytes() + scales.astype("<f4").tobytes()
+        head["binary"].append({"name": name, "shape": list(signs.shape), "bytes": len(blob)})
+        blobs.append(blob)
+    for name, (codes, scale) in int8.items():
+        blob = codes.astype(np.int8).tobytes() + scale.astype("<f4").tobytes()
+        head["int8"].append({"name": name, "shape": list(codes.shape), "bytes": len(blob)})
+        blobs.append(blob)
+    for name, arr in others.items():
+        blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+        head["others"].append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype.str.lstrip("<>|="),
+                               "bytes": len(blob)})
+        blobs.append(blob)
+    header = json.dumps(head, separators=(",", ":")).encode()
+    return BINARY_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+
+
+def decode_binary(data: bytes) -> dict[str, np.ndarray]:
+    import json
+
+    if data[:len(BINARY_MAGIC)] != BINARY_MAGIC:
+        raise ValueError("not a rescomp binarized file")
+    at = len(BINARY_MAGIC) + 4
+    size = int.from_bytes(data[len(BINARY_MAGIC):at], "little")
+    head = json.loads(data[at:at + size])
+    at += size
+    out = {}
+    for e in head["binary"]:
+        shape, n = tuple(e["shape"]), int(np.prod(e["shape"]))
+        packed = (n + 7) // 8
+        signs = np.unpackbits(np.frombuffer(data[at:at + packed], np.uint8))[:n].reshape(shape)
+        scales = np.frombuffer(data[at + packed:at + e["bytes"]], "<f4").reshape((shape[0],) + (1,) * (len(shape) - 1))
+        out[e["name"]] = np.where(signs == 1, np.float32(1), np.float32(-1)) * scales
+        at += e["bytes"]
+    for e in head["int8"]:
+        n = int(np.prod(e["shape"]))
+        codes = np.frombuffer(data[at:at + n], np.int8).reshape(e["shape"])
+        out[e["name"]] = codes.astype(np.float32) * np.frombuffer(data[at + n:at + n + 4], "<f4")[0]
+        at += e["bytes"]
+    for e in head["others"]:
+        out[e["name"]] = np.frombuffer(data[at:at + e["bytes"]], np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
+        at += e["bytes"]
+    return out

@@ -2,7 +2,9 @@
 
 Kastanos 2020 (../shared/papers/separable-convs-and-int8-resnet50v2.txt, section 3.2):
 - spatial:   a k x 1 conv then a 1 x k conv, same channels, no bias, nothing between them;
-- depthwise: a depthwise k x k conv then a pointwise 1 x 1 conv, no bias, nothing between them.
+- depthwise: a depthwise k x k conv then a pointwise 1 x 1 conv, no bias, nothing between them;
+- group:     the same conv in `groups` channel groups (sep-net-slides.txt, "group-wise convolution"):
+             k*k*Ci*Co / groups parameters.
 Stride and padding are carried by the first half in the height direction and the second in width
 (spatial), or by the depthwise half (depthwise), so output shapes are unchanged. Parameters per
 C_in x C_out conv: k*k*Ci*Co -> k*Ci*Co + k*Co*Co (spatial), k*k*Ci + Ci*Co (depthwise).
@@ -26,7 +28,11 @@ from rescomp.models import register_transform
 
 class SeparableConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["spatial", "depthwise"]
+    mode: Literal["spatial", "depthwise", "group"]
+    # group: the conv split into `groups` groups of channels (sep-net-slides.txt, "group-wise
+    # convolution": k groups divide a conv's parameters by k); convs whose channels `groups` does not
+    # divide (a 3-channel stem) are left as they are
+    groups: int = Field(2, ge=2, description="mode group: channel groups per conv")
     include: list[str] = Field(["*"], description="fnmatch patterns of conv names to replace")
     exclude: list[str] = []
 
@@ -49,6 +55,12 @@ class DepthwiseSeparable(nn.Sequential):
         )
 
 
+def grouped(conv: nn.Conv2d, groups: int) -> nn.Conv2d:
+    """The same conv in `groups` groups: each output channel sees in_channels / groups inputs."""
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     groups=groups, bias=conv.bias is not None)
+
+
 REPLACEMENTS = {"spatial": SpatialSeparable, "depthwise": DepthwiseSeparable}
 
 
@@ -58,6 +70,7 @@ def replaceable(name: str, m: nn.Module, cfg: SeparableConfig) -> bool:
         and max(m.kernel_size) > 1
         and m.groups == 1
         and isinstance(m.padding, tuple)  # 'same'/'valid' string padding is not split here
+        and (cfg.mode != "group" or (m.in_channels % cfg.groups == 0 and m.out_channels % cfg.groups == 0))
         and any(fnmatch.fnmatchcase(name, p) for p in cfg.include)
         and not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
     )
@@ -77,9 +90,9 @@ def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optio
     for name, conv in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, REPLACEMENTS[cfg.mode](conv))
+        setattr(parent, child, grouped(conv, cfg.groups) if cfg.mode == "group" else REPLACEMENTS[cfg.mode](conv))
     after = sum(p.numel() for p in model.parameters())
-    return model, {"mode": cfg.mode, "replaced": [n for n, _ in targets], "params_before": before, "params_after": after}
+    return model, {"mode": cfg.mode, **({"groups": cfg.groups} if cfg.mode == "group" else {}), "replaced": [n for n, _ in targets], "params_before": before, "params_after": after}
 
 
 @register_transform("separable", order=10)

@@ -128,7 +128,7 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
 WEIGHT_SHARE = STAGES.register("weight_share")(Stage(
     "weight_share", "weight_share", suffix=_ws_suffix, check=_check, body=_ws_body,
     output=lambda cfg, run_dir, summary: run_dir / "step01" / "model.pt", refuses=fp32_only("weight_share"),
-    gives=lambda t: t | {"shared"}))
+    gives=lambda t: t | {"coded"}))
 
 
 def run_stage(name: str, cfg: ExperimentConfig, *, fresh: bool = False,
