@@ -124,7 +124,8 @@ report-taylor: install
 # Issue 12: which compression wins, and which combinations compound. One trained gated ResNet-56, then
 # every technique alone and chained (`rescomp run`, one config per chain; the chains share their
 # common first stages' folders), all on one Pareto table against the trained network.
-COMBINED := int8 prune-int8 layerdrop-int8 prune-layerdrop-int8 depthwise-int8 layerdrop-prune-int8
+COMBINED := int8 prune-int8 layerdrop-int8 prune-layerdrop-int8 depthwise-int8 layerdrop-prune-int8 \
+	mprune-share binarize binarize-bq
 table-combined: install
 	for c in $(COMBINED); do $(BIN)/rescomp run configs/table-combined/$$c.yaml $(PFLAG) || exit $$?; done
 	$(MAKE) report-combined

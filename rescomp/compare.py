@@ -61,7 +61,8 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({
                 "chain": chain, "run": s["name"], "step": r.get("step") if multi else None,
                 "network": r.get("row") or s.get("row") or s["name"], "top1": r["top1"],
-                "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("size_bytes"),
+                # a network stored in its own format (Deep Compression, binarized) is as big as that file
+                "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("stored_bytes", r.get("size_bytes")),
                 "latency_ms_b1": latency, "latency_runtime": runtime,
                 **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "device", "profile", "dataset",
                                          "command", "wall_seconds")},
@@ -108,7 +109,7 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
     b = next(p for p in pts if p["baseline"])
     lines = [f"# {table}: every technique and chain against {b['run']}", "",
              f"Baseline: **{b['network']}** (run {b['run']}), top-1 {b['top1']:.2f} %. Δ top-1 is in points; "
-             f"MACs and size are also given as a share of the baseline's. ◆ marks the Pareto front of a cost: no "
+             f"MACs and size are also given as a share of the baseline's; size is the tensors as torch.save writes them, or, for a network stored in its own format (Deep Compression, binarized), that file. ◆ marks the Pareto front of a cost: no "
              f"cheaper network is more accurate. Latency: batch 1, on the fastest runtime that timed the network.", "",
              "| # | chain | network | top-1 % | Δ top-1 | params | MACs (M) | MACs × | size (kB) | size × | latency ms (runtime) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

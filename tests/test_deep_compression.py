@@ -11,6 +11,8 @@
 #       -> test_magnitude_masks_by_hand
 #  6. a centroid's gradient not the sum of its members' -> test_a_centroid_gradient_is_the_sum_of_its_members
 #  7. k-means initialised at random or by density instead of linearly -> test_linear_kmeans_by_hand
+#  8. a compared point sized as a dense save, not as the file it is stored in
+#       -> test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly
 import json
 
 import numpy as np
@@ -143,6 +145,11 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     assert last["weights_kept"] == pytest.approx(0.4, abs=0.01)
     assert last["dc_huffman_bytes"] == (share / "compressed.rcdc").stat().st_size
     assert last["dc_dense_bytes"] > last["dc_sparse_bytes"] > last["dc_shared_bytes"]
+    res = CliRunner().invoke(app, ["compare", "runs", "--table", "dc", "--baseline", "exp"])
+    assert res.exit_code == 0, res.output
+    pts = json.loads((workdir / "results/dc/compare.json").read_text())
+    shared = next(p for p in pts if p["chain"] == "magnitude-prune → weight-share")
+    assert shared["size_bytes"] == min(last["dc_shared_bytes"], last["dc_huffman_bytes"])  # the file, not a dense save
     model, payload = checkpoint.load_model(share / "step01/model.pt")
     assert set(payload["arch"]["shared"].values()) == {4, 3}
     x = torch.randn(2, 3, 32, 32)

@@ -47,7 +47,8 @@ def _row(run: StageRun, model, spec: dict[str, Any], step: int) -> dict[str, Any
     sizes, plain = {}, cpu
     if step:
         blob, dense, plain = _stored(cpu, spec)
-        sizes = {"bin_dense_bytes": len(dense), "bin_bytes": len(blob), "bin_compression": len(dense) / len(blob)}
+        sizes = {"bin_dense_bytes": len(dense), "bin_bytes": len(blob), "bin_compression": len(dense) / len(blob),
+                 "stored_bytes": len(blob)}
     binarized = sum(m.weight.numel() for n, m in cpu.named_modules() if layers.get(n) == "sign")
     return {"step": step, "top1": ev["top1"], "loss": ev["loss"], "binarized_layers": sum(k == "sign" for k in layers.values()),
             "int8_layers": sum(k == "int8" for k in layers.values()), "binarized_weights": binarized, **sizes,

@@ -49,7 +49,7 @@ def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, g
     best = min(bytes_.values())
     return {"step": step, "top1": ev["top1"], "loss": ev["loss"], **extra, "coded_weights": total,
             "nonzero_weights": nonzero, "weights_kept": nonzero / total, "kept_per_layer": kept, **bytes_,
-            "dc_compression": bytes_["dc_dense_bytes"] / best,
+            "dc_compression": bytes_["dc_dense_bytes"] / best, "stored_bytes": best,
             **measure(plain, run.cfg.data.image_size, run.cfg.measure)}
 
 
