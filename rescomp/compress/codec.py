@@ -31,30 +31,25 @@ FLOAT_BITS = 32
 def gaps(positions: Sequence[int], gap_bits: int) -> tuple[list[int], list[bool]]:
     """The gap of each entry (kept positions, ascending, plus fillers) and which entries are fillers.
     A stored gap is in 1..2**gap_bits (written as gap - 1)."""
-    span, prev = 1 << gap_bits, -1
-    out, filler = [], []
-    for p in positions:
-        gap = int(p) - prev
-        if gap < 1:
-            raise ValueError("positions must be ascending and distinct")
-        while gap > span:
-            out.append(span)
-            filler.append(True)
-            prev += span
-            gap -= span
-        out.append(gap)
-        filler.append(False)
-        prev = int(p)
-    return out, filler
+    p = np.asarray(positions, np.int64).reshape(-1)
+    if not p.size:
+        return [], []
+    gap = p - np.concatenate([[-1], p[:-1]])
+    if (gap < 1).any():
+        raise ValueError("positions must be ascending and distinct")
+    span = 1 << gap_bits
+    fillers = (gap - 1) // span  # filler entries before each kept one, each a full span
+    last = np.cumsum(fillers + 1) - 1  # where each kept entry lands
+    out = np.full(int(last[-1]) + 1, span, np.int64)
+    out[last] = gap - fillers * span
+    filler = np.ones(len(out), bool)
+    filler[last] = False
+    return out.tolist(), filler.tolist()
 
 
 def positions(gap_list: Iterable[int]) -> list[int]:
     """Every entry's position (fillers included) from its gaps."""
-    out, prev = [], -1
-    for g in gap_list:
-        prev += g
-        out.append(prev)
-    return out
+    return (np.cumsum(np.asarray(list(gap_list), np.int64)) - 1).tolist()
 
 
 def huffman_lengths(symbols: Iterable[int]) -> dict[int, int]:
