@@ -94,4 +94,4 @@ def test_a_chain_binarizes_and_its_file_decodes_exactly(workdir, tiny):
     model, payload = checkpoint.load_model(out / "step01/model.pt")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(bz.decoded((out / "binarized.rcbn").read_bytes(), payload["arch"])(x), model.eval()(x))
+        assert torch.equal(codec.network((out / "binarized.rcbn").read_bytes(), payload["arch"])(x), model.eval()(x))

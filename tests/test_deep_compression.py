@@ -117,7 +117,7 @@ def test_every_storage_stage_decodes_to_the_same_network():
     with torch.no_grad():
         want = model(x)
         for stage, blob in files.items():
-            assert torch.equal(dc.decoded(blob, SPEC)(x), want), stage
+            assert torch.equal(codec.network(blob, SPEC)(x), want), stage
     assert len(files["huffman"]) < len(files["shared"]) < len(files["sparse"]) < len(files["dense"])
 
 
@@ -154,4 +154,4 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     assert set(payload["arch"]["shared"].values()) == {4, 3}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(dc.decoded((share / "compressed.rcdc").read_bytes(), payload["arch"])(x), model.eval()(x))
+        assert torch.equal(codec.network((share / "compressed.rcdc").read_bytes(), payload["arch"])(x), model.eval()(x))

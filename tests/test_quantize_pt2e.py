@@ -93,7 +93,9 @@ def test_pt2e_qat_fine_tunes_a_copy_and_converts_what_it_learned():
     assert float(F.cross_entropy(fake, y)) < 0.8 * float(start)  # it learned, judged on running statistics
     q, blob = quantize_pt2e.convert_qat(prepared, 32)
     out = q(x)
-    assert torch.equal(q(x[:3]), out[:3])  # running statistics: a sample's outputs do not depend on its batch
+    # running statistics: a sample's outputs do not depend on its batch (batch statistics move them by
+    # tenths; AVX-512/AMX int8 kernels block a batch of 3 differently from one of 32, a float ulp apart)
+    assert float((q(x[:3]) - out[:3]).abs().max()) < 1e-5 * float(out.abs().max())
     assert float((out - fake).abs().mean()) < 0.03 * float(fake.max() - fake.min())  # int8 computes what QAT trained
 
 

@@ -13,7 +13,7 @@ other layers learn. A sign of 0 is +1.
 Both are torch parametrizations of the layer's weight (torch.nn.utils.parametrize), so the spec key
 `binarized` rebuilds them and a checkpoint loads; the forward weight is exactly scale x sign (a custom
 autograd function passes the gradient through without adding w - w to it), so the stored file
-(rescomp.compress.codec.encode_binary) decodes to the same outputs.
+(rescomp.compress.codec.encode_binary) decodes to the same outputs (codec.network).
 """
 
 from __future__ import annotations
@@ -45,12 +45,19 @@ def sign_pattern(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), scale
 
 
-class SignPattern(nn.Module):
+class _Coded(nn.Module):
+    """A weight parametrization: forward codes x scale, gradient straight through to the weight."""
+    codes: Any  # w -> (codes, scale)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            signs, scale = sign_pattern(w)
-            q = signs * scale
+            codes, scale = self.codes(w)
+            q = codes * scale
         return _Straight.apply(w, q)
+
+
+class SignPattern(_Coded):
+    codes = staticmethod(sign_pattern)
 
 
 def linear8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +66,8 @@ def linear8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale).clamp(-127, 127), scale
 
 
-class Linear8(nn.Module):
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            codes, scale = linear8(w)
-            q = codes * scale
-        return _Straight.apply(w, q)
+class Linear8(_Coded):
+    codes = staticmethod(linear8)
 
 
 def is_pattern(m: nn.Module) -> bool:
@@ -123,13 +126,3 @@ def stored(model: nn.Module) -> tuple[dict[str, tuple[Any, Any]], dict[str, tupl
 
 def _key(module: str, tensor: str) -> str:
     return f"{module}.{tensor}" if module else tensor
-
-
-def decoded(blob: bytes, spec: dict[str, Any]) -> nn.Module:
-    """The plain network a binarized file holds (weights scale x sign, and int8 codes x scale)."""
-    from rescomp.compress import codec
-    from rescomp.models import build_model
-
-    model = build_model({k: v for k, v in spec.items() if k != "binarized"})
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in codec.decode_binary(blob).items()})
-    return model.eval()

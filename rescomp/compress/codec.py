@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -236,62 +236,76 @@ def decode_layer(data: bytes, shape: tuple[int, ...], entries: int, gap_bits: in
 
 
 MAGIC = b"RCDC1"
+BINARY_MAGIC = b"RCBN1"
 
 
-def encode_model(layers: dict[str, Layer], others: dict[str, np.ndarray], huffman: bool = False) -> bytes:
-    """A file holding every coded layer (`encode_layer`) and every other tensor as raw little-endian
-    bytes: MAGIC, a 4-byte header length, a JSON header (names, shapes, widths, counts, byte lengths),
-    then the payloads in header order. `decode_model` reads it back."""
+def _pack(magic: bytes, head: dict[str, Any], blobs: list[bytes], others: dict[str, np.ndarray]) -> bytes:
+    """The one container of every file here: `magic`, a 4-byte header length, a JSON header (`head`,
+    with every other tensor appended under "others"), then the payloads in header order, those
+    tensors last as raw little-endian bytes."""
     import json
 
-    head, blobs = {"huffman": huffman, "layers": [], "others": []}, []
-    for name, layer in layers.items():
-        blob = encode_layer(layer, huffman)
-        head["layers"].append({"name": name, "shape": list(layer.shape), "entries": len(layer.gaps),
-                               "gap_bits": layer.gap_bits, "index_bits": layer.index_bits,
-                               "codebook": 0 if layer.codebook is None else len(layer.codebook), "bytes": len(blob)})
-        blobs.append(blob)
+    head["others"] = []
+    blobs = list(blobs)
     for name, arr in others.items():
         blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
         head["others"].append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype.str.lstrip("<>|="),
                                "bytes": len(blob)})
         blobs.append(blob)
     header = json.dumps(head, separators=(",", ":")).encode()
-    return MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+    return magic + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+
+
+def _unpack(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], Callable[[int], bytes]]:
+    """(the header, `take(n)`: the next n payload bytes) of a `_pack` file."""
+    import json
+
+    if data[:len(magic)] != magic:
+        raise ValueError(f"not a rescomp {what} file")
+    at = len(magic) + 4
+    size = int.from_bytes(data[len(magic):at], "little")
+    head = json.loads(data[at:at + size])
+    pos = [at + size]
+
+    def take(n: int) -> bytes:
+        pos[0] += n
+        return data[pos[0] - n:pos[0]]
+
+    return head, take
+
+
+def _unpack_others(head: dict[str, Any], take: Callable[[int], bytes]) -> dict[str, np.ndarray]:
+    return {e["name"]: np.frombuffer(take(e["bytes"]), np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
+            for e in head["others"]}
+
+
+def encode_model(layers: dict[str, Layer], others: dict[str, np.ndarray], huffman: bool = False) -> bytes:
+    """A file holding every coded layer (`encode_layer`) and every other tensor (`_pack`): the header
+    gives each layer's name, shape, widths, counts and byte length. `decode_model` reads it back."""
+    head, blobs = {"huffman": huffman, "layers": []}, []
+    for name, layer in layers.items():
+        blob = encode_layer(layer, huffman)
+        head["layers"].append({"name": name, "shape": list(layer.shape), "entries": len(layer.gaps),
+                               "gap_bits": layer.gap_bits, "index_bits": layer.index_bits,
+                               "codebook": 0 if layer.codebook is None else len(layer.codebook), "bytes": len(blob)})
+        blobs.append(blob)
+    return _pack(MAGIC, head, blobs, others)
 
 
 def decode_model(data: bytes) -> dict[str, np.ndarray]:
     """Every tensor of an `encode_model` file, dense."""
-    import json
-
-    if data[:len(MAGIC)] != MAGIC:
-        raise ValueError("not a rescomp Deep Compression file")
-    at = len(MAGIC) + 4
-    size = int.from_bytes(data[len(MAGIC):at], "little")
-    head = json.loads(data[at:at + size])
-    at += size
-    out = {}
-    for e in head["layers"]:
-        layer = decode_layer(data[at:at + e["bytes"]], tuple(e["shape"]), e["entries"], e["gap_bits"], e["index_bits"],
-                             e["codebook"], head["huffman"])
-        out[e["name"]] = layer.dense()
-        at += e["bytes"]
-    for e in head["others"]:
-        out[e["name"]] = np.frombuffer(data[at:at + e["bytes"]], np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
-        at += e["bytes"]
-    return out
-
-
-BINARY_MAGIC = b"RCBN1"
+    head, take = _unpack(data, MAGIC, "Deep Compression")
+    out = {e["name"]: decode_layer(take(e["bytes"]), tuple(e["shape"]), e["entries"], e["gap_bits"], e["index_bits"],
+                                   e["codebook"], head["huffman"]).dense()
+           for e in head["layers"]}
+    return {**out, **_unpack_others(head, take)}
 
 
 def encode_binary(binary: dict[str, tuple[np.ndarray, np.ndarray]], int8: dict[str, tuple[np.ndarray, np.ndarray]],
                   others: dict[str, np.ndarray]) -> bytes:
     """SEP-Net storage: each binarized layer as 1 bit per weight (its sign, packed) and one float32 scale
     per filter; each 8-bit layer as one byte per weight and one float32 scale; every other tensor raw."""
-    import json
-
-    head, blobs = {"binary": [], "int8": [], "others": []}, []
+    head, blobs = {"binary": [], "int8": []}, []
     for name, (signs, scales) in binary.items():
         blob = np.packbits(signs.reshape(-1)).tobytes() + scales.astype("<f4").tobytes()
         head["binary"].append({"name": name, "shape": list(signs.shape), "bytes": len(blob)})
@@ -300,38 +314,36 @@ def encode_binary(binary: dict[str, tuple[np.ndarray, np.ndarray]], int8: dict[s
         blob = codes.astype(np.int8).tobytes() + scale.astype("<f4").tobytes()
         head["int8"].append({"name": name, "shape": list(codes.shape), "bytes": len(blob)})
         blobs.append(blob)
-    for name, arr in others.items():
-        blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
-        head["others"].append({"name": name, "shape": list(arr.shape), "dtype": arr.dtype.str.lstrip("<>|="),
-                               "bytes": len(blob)})
-        blobs.append(blob)
-    header = json.dumps(head, separators=(",", ":")).encode()
-    return BINARY_MAGIC + len(header).to_bytes(4, "little") + header + b"".join(blobs)
+    return _pack(BINARY_MAGIC, head, blobs, others)
 
 
 def decode_binary(data: bytes) -> dict[str, np.ndarray]:
-    import json
-
-    if data[:len(BINARY_MAGIC)] != BINARY_MAGIC:
-        raise ValueError("not a rescomp binarized file")
-    at = len(BINARY_MAGIC) + 4
-    size = int.from_bytes(data[len(BINARY_MAGIC):at], "little")
-    head = json.loads(data[at:at + size])
-    at += size
+    """Every tensor of an `encode_binary` file, dense."""
+    head, take = _unpack(data, BINARY_MAGIC, "binarized")
     out = {}
     for e in head["binary"]:
         shape, n = tuple(e["shape"]), int(np.prod(e["shape"]))
+        blob = take(e["bytes"])
         packed = (n + 7) // 8
-        signs = np.unpackbits(np.frombuffer(data[at:at + packed], np.uint8))[:n].reshape(shape)
-        scales = np.frombuffer(data[at + packed:at + e["bytes"]], "<f4").reshape((shape[0],) + (1,) * (len(shape) - 1))
+        signs = np.unpackbits(np.frombuffer(blob[:packed], np.uint8))[:n].reshape(shape)
+        scales = np.frombuffer(blob[packed:], "<f4").reshape((shape[0],) + (1,) * (len(shape) - 1))
         out[e["name"]] = np.where(signs == 1, np.float32(1), np.float32(-1)) * scales
-        at += e["bytes"]
     for e in head["int8"]:
         n = int(np.prod(e["shape"]))
-        codes = np.frombuffer(data[at:at + n], np.int8).reshape(e["shape"])
-        out[e["name"]] = codes.astype(np.float32) * np.frombuffer(data[at + n:at + n + 4], "<f4")[0]
-        at += e["bytes"]
-    for e in head["others"]:
-        out[e["name"]] = np.frombuffer(data[at:at + e["bytes"]], np.dtype("<" + e["dtype"])).reshape(e["shape"]).copy()
-        at += e["bytes"]
-    return out
+        blob = take(e["bytes"])
+        codes = np.frombuffer(blob[:n], np.int8).reshape(e["shape"])
+        out[e["name"]] = codes.astype(np.float32) * np.frombuffer(blob[n:n + 4], "<f4")[0]
+    return {**out, **_unpack_others(head, take)}
+
+
+def network(blob: bytes, spec: dict[str, Any]) -> Any:
+    """The plain network (no masks, codes or sign patterns) that a Deep Compression or binarized file
+    holds, in eval mode: the spec without the keys those techniques add, loaded with the file's tensors."""
+    import torch
+
+    from rescomp.models import build_model
+
+    tensors = decode_binary(blob) if blob.startswith(BINARY_MAGIC) else decode_model(blob)
+    model = build_model({k: v for k, v in spec.items() if k not in ("masked", "shared", "binarized")})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    return model.eval()

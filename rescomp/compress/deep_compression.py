@@ -204,12 +204,3 @@ def encodings(model: nn.Module, gap_bits_conv: int = 8, gap_bits_fc: int = 5) ->
         out["huffman"] = codec.encode_model(shared, others, huffman=True)
     return out
 
-
-def decoded(blob: bytes, spec: dict[str, Any]) -> nn.Module:
-    """The plain network (no masks, no codes) a Deep Compression file holds."""
-    from rescomp.compress import codec
-    from rescomp.models import build_model
-
-    model = build_model({k: v for k, v in spec.items() if k not in ("masked", "shared")})
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in codec.decode_model(blob).items()})
-    return model.eval()

@@ -4,7 +4,7 @@ One resumable step: binarize every k x k conv (and, with quantize_others, quanti
 linear layers to 8 bits), fine-tune, measure. Its folder is runs/<name>-binarize[-bq][-frozen]; it
 leaves step01/model.pt, whose spec rebuilds the binarized layers, and binarized.rcbn, the network stored
 as SEP-Net counts it (1 bit per binarized weight and a float32 scale per filter, a byte per 8-bit
-weight), which `binarize.decoded` turns back into a network with exactly the same outputs. Rows give
+weight), which `codec.network` turns back into a network with exactly the same outputs. Rows give
 the bytes of the dense file and of the binarized one. It ends a chain.
 """
 
@@ -14,14 +14,12 @@ import copy
 from pathlib import Path
 from typing import Any, Optional
 
-from rich.console import Console
-
 from rescomp import checkpoint
 from rescomp.compress import binarize as bz
 from rescomp.compress import codec
 from rescomp.config import ExperimentConfig
 from rescomp.measure import measure
-from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec
+from rescomp.runner import STAGES, Stage, StageRun, fp32_only, model_spec
 from rescomp.train import evaluate
 
 
@@ -30,23 +28,19 @@ def _suffix(cfg: ExperimentConfig) -> str:
     return "binarize" + ("-bq" if b.quantize_others else "") + ("-frozen" if b.freeze_patterns else "")
 
 
-def _stored(model, spec: dict[str, Any]) -> tuple[bytes, bytes, Any]:
-    """(the binarized file, the dense file of the same network, the plain network they decode to)."""
-    binary, int8, others = bz.stored(model)
-    blob = codec.encode_binary(binary, int8, others)
-    plain = bz.decoded(blob, spec)
-    dense = codec.encode_model({}, {k: v.numpy() for k, v in plain.state_dict().items()})
-    return blob, dense, plain
-
-
-def _row(run: StageRun, model, spec: dict[str, Any], step: int) -> dict[str, Any]:
-    """Accuracy, the bytes of both files, and costs measured on the plain network the file decodes to."""
+def _row(run: StageRun, model, spec: dict[str, Any], step: int, keep: Optional[Path] = None) -> dict[str, Any]:
+    """Accuracy, the bytes of the binarized file and of a dense file of the same network, and costs
+    measured on the plain network the file decodes to. `keep`: where to write the binarized file."""
     ev = evaluate(model.to(run.ctx.device), run.loaders["test"], run.ctx)
     cpu = copy.deepcopy(model).cpu().eval()
     layers = dict(spec.get("binarized", {}).get("layers", {}))
     sizes, plain = {}, cpu
     if step:
-        blob, dense, plain = _stored(cpu, spec)
+        blob = codec.encode_binary(*bz.stored(cpu))
+        if keep is not None:
+            checkpoint.atomic_write_bytes(keep, lambda f: f.write(blob))
+        plain = codec.network(blob, spec)
+        dense = codec.encode_model({}, {k: v.numpy() for k, v in plain.state_dict().items()})
         sizes = {"bin_dense_bytes": len(dense), "bin_bytes": len(blob), "bin_compression": len(dense) / len(blob),
                  "stored_bytes": len(blob)}
     binarized = sum(m.weight.numel() for n, m in cpu.named_modules() if layers.get(n) == "sign")
@@ -68,11 +62,9 @@ def _body(run: StageRun) -> dict[str, Any]:
                     + (" with the patterns fixed" if b.freeze_patterns else " (straight-through gradients)"))
         return model, {**spec, "binarized": {"layers": layers, "freeze_patterns": b.freeze_patterns}}, {}
 
-    model, spec, r = run.step(1, binarize, lambda m, s, info, ev: _row(run, m, s, 1), epochs=b.finetune_epochs,
-                              lr=b.finetune_lr or cfg.train.optimizer.lr / 10)
+    _, _, r = run.step(1, binarize, lambda m, s, info, ev: _row(run, m, s, 1, keep=run.out / "binarized.rcbn"),
+                       epochs=b.finetune_epochs, lr=b.finetune_lr or cfg.train.optimizer.lr / 10)
     rows.append(r)
-    blob = _stored(copy.deepcopy(model).cpu().eval(), spec)[0]
-    checkpoint.atomic_write_bytes(run.out / "binarized.rcbn", lambda f: f.write(blob))
     label = "SEP-Net-BQ" if b.quantize_others else "SEP-Net-B"
     for row in rows:
         row["row"] = f"{cfg.report.row or cfg.model.arch} {label if row['step'] else 'before binarization'}"
@@ -81,10 +73,6 @@ def _body(run: StageRun) -> dict[str, Any]:
 
 
 BINARIZE = STAGES.register("binarize")(Stage(
-    "binarize", "binarize", suffix=_suffix, check=lambda cfg: model_spec(cfg), body=_body,
+    "binarize", "binarize", suffix=_suffix, check=model_spec, body=_body,
     output=lambda cfg, run_dir, summary: run_dir / "step01" / "model.pt",
     refuses=fp32_only("binarize", retrains=True), gives=lambda t: t | {"coded"}))
-
-
-def run_binarize(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
-    return execute(BINARIZE, cfg, fresh=fresh, console=console)

@@ -8,7 +8,7 @@ refused after it, since its zeros would grow back.
 weight_share: per-layer k-means codes (2**bits, code 0 the zero), then centroid fine-tuning; it leaves
 step01/model.pt, whose spec rebuilds the codes, and compressed.rcdc, the network stored as Deep
 Compression stores it (sparse relative indices, code indices, codebooks, Huffman-coded), which
-`deep_compression.decoded` turns back into the same network. It ends a chain.
+`codec.network` turns back into the same network. It ends a chain.
 Every row states the bytes of every storage stage (dense, sparse, shared, Huffman), each a real file.
 """
 
@@ -18,24 +18,20 @@ import copy
 from pathlib import Path
 from typing import Any, Optional
 
-from rich.console import Console
-
 from rescomp import checkpoint
+from rescomp.compress import codec
 from rescomp.compress import deep_compression as dc
 from rescomp.config import ExperimentConfig
 from rescomp.measure import measure
-from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec
+from rescomp.runner import STAGES, Stage, StageRun, fp32_only, model_spec
 from rescomp.train import evaluate
 
 
-def _check(cfg: ExperimentConfig) -> dict[str, Any]:
-    return model_spec(cfg)
-
-
 def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, gap_fc: int,
-         extra: dict[str, Any]) -> dict[str, Any]:
+         extra: dict[str, Any], keep: Optional[Path] = None) -> dict[str, Any]:
     """Accuracy, sparsity and every storage stage's bytes of `model`; costs measured on the plain
-    network its dense file decodes to (the same outputs: pruning to zeros changes no dense MAC)."""
+    network its dense file decodes to (the same outputs: pruning to zeros changes no dense MAC).
+    `keep`: where to write its Huffman-coded file, encoded once for the row and the stage."""
     ev = evaluate(model.to(run.ctx.device), run.loaders["test"], run.ctx)
     cpu = copy.deepcopy(model).cpu()
     files = dc.encodings(cpu, gap_conv, gap_fc)
@@ -44,7 +40,9 @@ def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, g
              for n, m in dc.coded_layers(cpu)}
     total = sum(coded.values())
     nonzero = round(sum(kept[n] * coded[n] for n in coded))
-    plain = dc.decoded(files["dense"], spec)
+    if keep is not None:
+        checkpoint.atomic_write_bytes(keep, lambda f: f.write(files["huffman"]))
+    plain = codec.network(files["dense"], spec)
     bytes_ = {f"dc_{k}_bytes": len(v) for k, v in files.items()}
     best = min(bytes_.values())
     return {"step": step, "top1": ev["top1"], "loss": ev["loss"], **extra, "coded_weights": total,
@@ -88,7 +86,7 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
 
 
 MAGNITUDE_PRUNE = STAGES.register("magnitude_prune")(Stage(
-    "magnitude_prune", "magnitude_prune", suffix=_mp_suffix, check=_check, body=_mp_body,
+    "magnitude_prune", "magnitude_prune", suffix=_mp_suffix, check=model_spec, body=_mp_body,
     output=lambda cfg, run_dir, summary: run_dir / "model.pt", refuses=fp32_only("magnitude_prune"),
     gives=lambda t: t | {"sparse"}))
 
@@ -114,11 +112,10 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
                     f"fine-tuning the centroids {ws.finetune_epochs} epoch(s)")
         return model, {**spec, "shared": bits}, {}
 
-    model, spec, r = run.step(1, cluster, lambda m, s, info, ev: _row(run, m, s, 1, ws.gap_bits_conv, ws.gap_bits_fc, {}),
-                              epochs=ws.finetune_epochs, lr=lr)
+    _, _, r = run.step(1, cluster, lambda m, s, info, ev: _row(run, m, s, 1, ws.gap_bits_conv, ws.gap_bits_fc, {},
+                                                            keep=run.out / "compressed.rcdc"),
+                       epochs=ws.finetune_epochs, lr=lr)
     rows.append(r)
-    files = dc.encodings(copy.deepcopy(model).cpu(), ws.gap_bits_conv, ws.gap_bits_fc)
-    checkpoint.atomic_write_bytes(run.out / "compressed.rcdc", lambda f: f.write(files["huffman"]))
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}"
     return {"arch": cfg.model.arch, "start_arch": run.spec, "rows": rows, "compressed_file": "compressed.rcdc",
@@ -126,12 +123,6 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
 
 
 WEIGHT_SHARE = STAGES.register("weight_share")(Stage(
-    "weight_share", "weight_share", suffix=_ws_suffix, check=_check, body=_ws_body,
+    "weight_share", "weight_share", suffix=_ws_suffix, check=model_spec, body=_ws_body,
     output=lambda cfg, run_dir, summary: run_dir / "step01" / "model.pt", refuses=fp32_only("weight_share"),
     gives=lambda t: t | {"coded"}))
-
-
-def run_stage(name: str, cfg: ExperimentConfig, *, fresh: bool = False,
-              console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
-    """`rescomp magnitude-prune` / `rescomp weight-share`: the one-stage chain."""
-    return execute(STAGES.get(name), cfg, fresh=fresh, console=console)

@@ -323,8 +323,9 @@ def _output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Pa
 
 
 def _gates_needed(t) -> Optional[str]:
-    if fp32_only("layer_drop", retrains=True)(t):
-        return fp32_only("layer_drop", retrains=True)(t)
+    why = fp32_only("layer_drop", retrains=True)(t)
+    if why:
+        return why
     return None if "gated" in t else ("layer_drop needs gated residual units: add `gates: {init: [-1, 1]}` under "
                                       "model: (the network the chain starts from has none)")
 

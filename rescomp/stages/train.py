@@ -20,12 +20,13 @@ from rescomp.runner import STAGES, Stage, StageRun, execute, model_spec
 from rescomp.train import Trainer, evaluate
 
 
-def check(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The model's spec (built and run on one image) and a teacher that loads, before any folder is touched."""
-    spec = model_spec(cfg)
-    if cfg.train.distill is not None:
-        checkpoint.load_model(cfg.at(cfg.train.distill.teacher))  # a missing or corrupt teacher fails here
-    return spec
+def check(cfg: ExperimentConfig) -> Optional[torch.nn.Module]:
+    """The model's spec (built and run on one image) and a teacher that loads, before any folder is
+    touched; returns the teacher (train.distill), which the body distills from."""
+    model_spec(cfg)
+    if cfg.train.distill is None:
+        return None
+    return checkpoint.load_model(cfg.at(cfg.train.distill.teacher))[0]  # a missing or corrupt teacher fails here
 
 
 def start(cfg: ExperimentConfig, ctx: RunContext):
@@ -40,7 +41,7 @@ def body(run: StageRun) -> dict[str, Any]:
     loaders = run.loaders
     ctx.log(f"{spec['arch']} on {run.splits.source}: {len(run.splits.train_y)} train / {len(run.splits.test_y)} test "
             f"images, device {ctx.device}, precision {ctx.precision}")
-    trainer = Trainer(model, loaders, cfg, ctx, run.out, spec, distill=teacher_loss(cfg, ctx))
+    trainer = Trainer(model, loaders, cfg, ctx, run.out, spec, distill=teacher_loss(cfg, ctx, run.checked))
     state = trainer.fit()
     model = trainer.model
 
@@ -67,14 +68,13 @@ def log_measuring(ctx: RunContext, cfg: ExperimentConfig) -> None:
                                                f"{', '.join(map(str, m.batch_sizes))})" if m.latency else ""))
 
 
-def teacher_loss(cfg: ExperimentConfig, ctx: RunContext):
-    """The distillation loss of train.distill, or None: the teacher is loaded from its checkpoint."""
+def teacher_loss(cfg: ExperimentConfig, ctx: RunContext, teacher: Optional[torch.nn.Module]):
+    """The distillation loss of train.distill from its loaded `teacher`, or None."""
     if cfg.train.distill is None:
         return None
     from rescomp.compress.distill import distillation
 
     d = cfg.train.distill
-    teacher, _ = checkpoint.load_model(cfg.at(d.teacher))
     return distillation(teacher.to(ctx.device), d.temperature, d.alpha)
 
 
