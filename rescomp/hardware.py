@@ -53,10 +53,26 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(m.group(1).split()) if m else frozenset()
 
 
-def has_vnni() -> bool:
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) whose kernels have no VNNI: under one of these oneDNN runs
+# the saturating int16-pair int8 kernels even on a CPU with VNNI (measured on a Xeon with AVX512-VNNI
+# and AMX: an all-255 x all-127 1x1 conv over 64 channels gave 64.0 natively, 31.6 under AVX2).
+NO_VNNI_CAPS = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE", "AVX512_MIC", "AVX512_MIC_4OPS"})
+
+
+def has_vnni(onednn: bool = False) -> bool:
     """Whether int8 dot products sum into int32 (AVX512-VNNI or AVX-VNNI). Without VNNI, x86 int8
-    kernels add pairs of u8 x s8 products in a saturating int16 (rescomp.compress.quantize)."""
-    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
+    kernels add pairs of u8 x s8 products in a saturating int16 (rescomp.compress.quantize).
+    `onednn`: whether oneDNN's kernels do, which ONEDNN_MAX_CPU_ISA can hold below the CPU's VNNI
+    (FBGEMM and ONNX Runtime's MLAS ignore that variable: leave it False for them)."""
+    flags = cpu_flags()
+    if not {"avx512_vnni", "avx_vnni"} & flags:
+        return False
+    cap = (onednn_isa_cap() or "").upper() if onednn else ""
+    if cap in NO_VNNI_CAPS:
+        return False
+    if cap.startswith("AVX2_VNNI"):  # the AVX2 kernels with VNNI: only where the CPU has AVX-VNNI itself
+        return "avx_vnni" in flags
+    return True
 
 
 def cpu_isa() -> list[str]:

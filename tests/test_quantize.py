@@ -254,10 +254,19 @@ def test_zero_pad_keeps_its_inputs_int8_grid():
     ("pt2e", False, {"avx2"}, True), ("pt2e", "auto", {"avx2"}, False), ("pt2e", "auto", {"avx2", "avx512_vnni"}, False),
     ("qnnpack", False, {"avx2"}, False), ("x86", False, {"avx2", "avx512_vnni"}, False),
     ("x86", False, {"avx2", "avx_vnni"}, False),
+    # a VNNI CPU whose oneDNN is held to AVX2 (ONEDNN_MAX_CPU_ISA): oneDNN's kernels saturate, FBGEMM's do not
+    ("x86", False, {"avx2", "avx512_vnni", "cap:AVX2"}, True), ("pt2e", False, {"avx2", "avx512_vnni", "cap:AVX2"}, True),
+    ("fbgemm", False, {"avx2", "avx512_vnni", "cap:AVX2"}, False), ("pt2e", "auto", {"avx2", "avx512_vnni", "cap:AVX2"}, False),
 ])
 def test_saturation_risk_is_flagged(monkeypatch, backend, setting, flags, risky):
     import rescomp.hardware as hw
     from rescomp.compress import quantize as q
 
-    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    caps = [f[4:] for f in flags if f.startswith("cap:")]
+    if caps:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", caps[0])
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset(f for f in flags if not f.startswith("cap:")))
     assert q.may_saturate(QuantizeConfig(backend=backend, reduce_range=setting)) is risky

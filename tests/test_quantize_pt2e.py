@@ -12,8 +12,8 @@
 #  6. QAT whose fine-tuning never reaches the converted program (the fp32 weights converted instead) -> same test
 #  7. convert_pt2e's unused fp32 weights stored beside the int8 ones, or each node's source lines
 #     (this machine's paths) kept -> test_pt2e_int8_tracks_fp32_and_reloads_identically
-#  8. torchao's 8-bit activations kept on a CPU without VNNI, where oneDNN's int16 pair sums saturate
-#     -> test_auto_activation_width_keeps_int8_sums_exact
+#  8. torchao's 8-bit activations kept on a CPU without VNNI, where oneDNN's int16 pair sums saturate,
+#     or on a VNNI CPU whose oneDNN ONEDNN_MAX_CPU_ISA holds to AVX2 -> test_auto_activation_width_keeps_int8_sums_exact
 
 import json
 from pathlib import Path
@@ -119,8 +119,16 @@ def test_auto_activation_width_keeps_int8_sums_exact(monkeypatch):
     assert float(q(x).min()) == pytest.approx(64.0, rel=0.03)  # auto on this CPU: exact within a step
     monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert quantize_pt2e.describe(QuantizeConfig(backend="pt2e"))["activation_bits"] == 7
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(hw, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
     assert quantize_pt2e.describe(QuantizeConfig(backend="pt2e"))["activation_bits"] == 8
+    # a VNNI CPU whose oneDNN is held to the AVX2 kernels (the suite's second pass) saturates as one without
+    for cap, bits in (("AVX2", 7), ("avx512_core", 7), ("AVX512_CORE_VNNI", 8), ("AVX512_CORE_AMX", 8)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert quantize_pt2e.describe(QuantizeConfig(backend="pt2e"))["activation_bits"] == bits, cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hw.has_vnni() and not hw.has_vnni(onednn=True)  # ONNX Runtime and FBGEMM ignore the cap
 
 
 def test_inductor_runs_the_fp32_network_it_compiles():

@@ -110,14 +110,15 @@ def reduce_range(cfg: QuantizeConfig) -> bool:
 
     if cfg.reduce_range != "auto":
         return cfg.reduce_range
-    return not has_vnni() if cfg.backend == "pt2e" else DEFAULT_REDUCE_RANGE[cfg.backend]
+    return not has_vnni(onednn=True) if cfg.backend == "pt2e" else DEFAULT_REDUCE_RANGE[cfg.backend]
 
 
 def may_saturate(cfg: QuantizeConfig) -> bool:
     """8-bit activations on an x86/fbgemm/oneDNN kernel without VNNI: int16 pair sums can saturate."""
     from rescomp.hardware import has_vnni
 
-    return not reduce_range(cfg) and cfg.backend in SATURATING and not has_vnni()
+    # x86 and pt2e run oneDNN kernels (x86 some, FBGEMM the rest), which ONEDNN_MAX_CPU_ISA can keep off VNNI
+    return not reduce_range(cfg) and cfg.backend in SATURATING and not has_vnni(onednn=cfg.backend != "fbgemm")
 
 
 def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
