@@ -20,7 +20,9 @@ Targets (issue 11): the fastest int8 path at least 1.5x the fastest fp32 path at
 AVX2-only CPU, 3x with VNNI; where int8 is slower than fp32 at batch 1, the table says so.
 
     python scripts/bench_int8.py [--arch resnet56 --arch resnet50v2] [--threads N]
-Writes results/bench/int8_latency.{json,md}.
+Writes results/bench/int8_latency-<CPU class>.{json,md}, the class named by the int8 instruction sets
+(avx2, vnni, amx; `-onednn-<cap>` where ONEDNN_MAX_CPU_ISA holds oneDNN lower), so the figures of one
+kind of CPU never overwrite another's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from rescomp.compress.quantize import ptq  # noqa: E402
 from rescomp.config import QuantizeConfig  # noqa: E402
 from rescomp.errors import ConfigError  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
-from rescomp.hardware import cpu_flags, has_vnni  # noqa: E402
+from rescomp.hardware import cpu_flags, has_vnni, onednn_isa_cap  # noqa: E402
 from rescomp.measure import InductorForward, OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
 from rescomp.models import build_model  # noqa: E402
 
@@ -94,6 +96,14 @@ def bench(arch: str, threads: int, warmup: int, repeats: int) -> dict:
     return row
 
 
+def cpu_class() -> str:
+    """avx2 (int8 without VNNI), vnni, or amx (AMX int8 tiles beside VNNI), and the oneDNN cap if one is set."""
+    flags = cpu_flags()
+    tag = "avx2" if not has_vnni() else ("amx" if "amx_int8" in flags else "vnni")
+    cap = onednn_isa_cap()
+    return tag + (f"-onednn-{cap.lower()}" if cap else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", action="append", help="registry model (repeatable; default resnet56 and resnet50v2)")
@@ -104,14 +114,14 @@ def main() -> None:
     args = p.parse_args()
     archs = args.arch or ["resnet56", "resnet50v2"]
     flags = cpu_flags()
-    vnni = has_vnni()
+    vnni = has_vnni(onednn=True)  # the target: oneDNN's (PT2E's) kernels held below VNNI count as without
     with pinned_threads(args.threads) as n:
         rows = [bench(a, n, args.warmup, args.repeats) for a in archs]
         meta = {**provenance.stamp("cpu"), "threads": n, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "isa": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}}
     isa = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in meta["isa"].items())
-    lines = ["# int8 vs fp32 CPU latency, every runtime", "", f"- device: {meta['device']}, {n} threads pinned",
-             f"- instruction sets: {isa}", f"- commit: {meta['commit']}, torch {meta['torch']}, date {meta['date']}",
+    lines = [f"# int8 vs fp32 CPU latency, every runtime ({cpu_class()} CPU)", "", f"- device: {meta['device']}, {n} threads pinned",
+             f"- instruction sets: {isa}" + (f"; oneDNN held to {onednn_isa_cap()} (ONEDNN_MAX_CPU_ISA)" if onednn_isa_cap() else ""), f"- commit: {meta['commit']}, torch {meta['torch']}, date {meta['date']}",
              f"- how made: `{meta['command']}`", ""]
     for r in rows:
         lines += [f"## {r['arch']}", "", "| path | ms b1 | ms b64 | speed-up b1 | speed-up b64 | bytes |", "|---|---|---|---|---|---|"]
@@ -142,8 +152,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
-    checkpoint.atomic_write_text(out / "int8_latency.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    checkpoint.atomic_write_text(out / "int8_latency.md", text)
+    stem = f"int8_latency-{cpu_class()}"
+    checkpoint.atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "cpu_class": cpu_class(), "rows": rows}, indent=2) + "\n")
+    checkpoint.atomic_write_text(out / f"{stem}.md", text)
 
 
 if __name__ == "__main__":
