@@ -341,7 +341,9 @@ class MagnitudePruneConfig(Strict):
     share_per_step: float = Field(0.15, gt=0, lt=1, description="share of the conv and linear weights zeroed per "
                                   "step; after step s, s x share_per_step are zero (Han et al. 2015 keep 1/9 to 1/13)")
     steps: int = Field(6, ge=1, description="pruning steps, each followed by retraining with the mask held")
-    scope: Literal["layer", "global"] = "layer"  # layer: each layer the same share; global: one threshold
+    # layer: each layer the same share; global: one threshold of |w|; std: Han et al. 2015's rule, one
+    # threshold of |w| / the layer's std (a quality parameter times each layer's std)
+    scope: Literal["layer", "global", "std"] = "layer"
     finetune_epochs: int = Field(2, ge=0, description="retraining epochs after each step")
     finetune_lr: Optional[float] = Field(None, gt=0, description="default: train.optimizer.lr / 10")
 

@@ -13,6 +13,11 @@
 #  7. k-means initialised at random or by density instead of linearly -> test_linear_kmeans_by_hand
 #  8. a compared point sized as a dense save, not as the file it is stored in
 #       -> test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly
+#  9. the streaming bit writer losing or reordering the bits left over between fields, or a Huffman
+#     table lookup that advances by the wrong length (also past the 20-bit table, by the bit walk)
+#       -> test_streams_round_trip_bit_for_bit_against_a_bit_list
+# 10. Han et al.'s rule (one quality parameter times each layer's std) ranked by raw |w| instead of
+#     |w| / std, or by the std of the wrong layer -> test_magnitude_masks_by_hand
 import json
 
 import numpy as np
@@ -69,6 +74,47 @@ def test_huffman_lengths_and_bits_by_hand():
     assert back.values.tolist() == symbols and back.gaps == [1] * 8
 
 
+def _bit_list(fields):
+    """The reference: every field's bits as a Python list, most significant first, zero-padded."""
+    bits = [int(b) for value, n in fields for b in format(value, f"0{n}b")] if fields else []
+    bits += [0] * (-len(bits) % 8)
+    return bytes(int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streams_round_trip_bit_for_bit_against_a_bit_list(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    w, fields = codec.BitWriter(), []
+    for _ in range(8):  # fixed-width arrays of odd widths, in chunks smaller than an array
+        n = int(rng.integers(1, 12))
+        values = rng.integers(0, 1 << n, int(rng.integers(0, 40)))
+        w.write_array(values, n, chunk=7)
+        fields += [(int(v), n) for v in values]
+    symbols = rng.choice(6, size=200, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    codes = codec.canonical_codes(codec.huffman_lengths(symbols.tolist()))
+    w.write_codes(symbols, codes, chunk=13)
+    fields += [codes[int(s)] for s in symbols]
+    w.write(5, 3)
+    fields.append((5, 3))
+    blob = w.getvalue()
+    assert blob == _bit_list([(v, n) for v, n in fields])
+    r = codec.BitReader(blob)
+    for v, n in fields[:len(fields) - len(symbols) - 1]:
+        assert r.read(n) == v
+    assert r.read_huffman(codes, len(symbols)).tolist() == symbols.tolist()
+    assert r.read(3) == 5
+    # Fibonacci counts give codes longer than the lookup table takes (held at 8 bits here): the bit walk
+    skew = [s for s in range(14) for _ in range(int(round(1.618 ** s)))]
+    monkeypatch.setattr(codec, "TABLE_BITS", 8)
+    lengths = codec.huffman_lengths(skew)
+    assert max(lengths.values()) > codec.TABLE_BITS
+    layer = codec.Layer((len(skew),), 3, [1] * len(skew), np.array(skew), np.zeros(32, np.float32), 5)
+    back = codec.decode_layer(codec.encode_layer(layer, huffman=True), (len(skew),), len(skew), 3, 5, 32, huffman=True)
+    assert back.values.tolist() == skew
+    with pytest.raises(ValueError, match="truncated"):
+        codec.decode_layer(codec.encode_layer(layer, huffman=True)[:-40], (len(skew),), len(skew), 3, 5, 32, huffman=True)
+
+
 def test_magnitude_masks_by_hand():
     model = nn.Sequential(nn.Linear(4, 1, bias=False), nn.Linear(2, 1, bias=False))
     with torch.no_grad():
@@ -78,6 +124,12 @@ def test_magnitude_masks_by_hand():
     assert per_layer["0"].tolist() == [[True, False, False, True]] and per_layer["1"].tolist() == [[False, True]]
     everywhere = dc.magnitude_masks(model, 0.5, "global")  # 3 of 6: 0.5, -0.1 and 3.0 go, the big layer stays
     assert everywhere["0"].tolist() == [[True, False, False, False]] and everywhere["1"].tolist() == [[True, True]]
+    # Han et al.: |w| < q x (the layer's std), one q for all: |w| / std ranked together. Layer 0's std is
+    # 2.5085 (population, of -4, 0.5, -0.1, 3), layer 1's 15: ratios 1.595 0.199 0.040 1.196 | 0.667 1.333
+    by_std = dc.magnitude_masks(model, 0.5, "std")  # 3 of 6: -0.1, 0.5 and 10 go
+    assert by_std["0"].tolist() == [[True, False, False, True]] and by_std["1"].tolist() == [[False, True]]
+    by_std = dc.magnitude_masks(model, 4 / 6, "std")  # then 3.0 (1.196), not -20 (1.333) nor -4
+    assert by_std["0"].tolist() == [[True, False, False, False]] and by_std["1"].tolist() == [[False, True]]
     dc.apply_masks(model, per_layer)
     again = dc.magnitude_masks(model, 0.75, "layer")  # zeros count among the pruned: one more goes
     assert again["0"].tolist() == [[True, False, False, False]]

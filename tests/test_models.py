@@ -16,6 +16,10 @@ from rescomp.models import build_model, get_entry, model_names
     ({"arch": "resnet56_bottleneck"}, 591_322),
     ({"arch": "resnet18"}, 11_181_642),  # torchvision, 10-class head
     ({"arch": "resnet50"}, 23_528_522),
+    # Caffe's LeNet-5: Han et al.'s 431K on 1 x 28 x 28 MNIST (520 + 25,050 + 400,500 + 5,010), and on
+    # CIFAR's 3 x 32 x 32 a first fully connected layer of 1250 inputs (1,520 + 25,050 + 625,500 + 5,010)
+    ({"arch": "lenet5", "in_channels": 1, "input_size": 28}, 431_080),
+    ({"arch": "lenet5"}, 657_080),
 ])
 def test_exact_parameter_counts(spec, params):
     assert count_params(build_model({"num_classes": 10, **spec})) == params

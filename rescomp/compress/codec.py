@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 FLOAT_BITS = 32
+TABLE_BITS = 20  # Huffman decoding by one table lookup per symbol up to codes this long (2**20 entries)
 
 
 def gaps(positions: Sequence[int], gap_bits: int) -> tuple[list[int], list[bool]]:
@@ -86,25 +87,52 @@ def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:
 
 
 class BitWriter:
-    """Fields of fixed or Huffman widths, most significant bit first, packed into bytes at the end."""
+    """Fields of fixed or Huffman widths, most significant bit first. Whole bytes are packed as each
+    field array arrives, so memory holds the packed output plus one array's bits, not a byte per bit
+    of the file (AlexNet's 58M weights would need gigabytes)."""
 
     def __init__(self) -> None:
-        self.chunks: list[np.ndarray] = []
+        self.packed: list[bytes] = []
+        self.pending = np.zeros(0, np.uint8)  # fewer than 8 bits not yet packed
+
+    def _add(self, bits: np.ndarray) -> None:
+        bits = np.concatenate([self.pending, bits]) if self.pending.size else bits
+        whole = bits.size - bits.size % 8
+        self.packed.append(np.packbits(bits[:whole]).tobytes())
+        self.pending = bits[whole:].copy()
 
     def write(self, value: int, n: int) -> None:
         self.write_array(np.array([value], np.int64), n)
 
-    def write_array(self, values: np.ndarray, n: int) -> None:
+    def write_array(self, values: np.ndarray, n: int, chunk: int = 1 << 20) -> None:
         shifts = np.arange(n - 1, -1, -1, dtype=np.int64)
-        self.chunks.append(((np.asarray(values, np.int64)[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+        values = np.asarray(values, np.int64).reshape(-1)
+        for at in range(0, len(values), chunk):
+            self._add(((values[at:at + chunk, None] >> shifts) & 1).astype(np.uint8).ravel())
 
-    def write_codes(self, symbols: np.ndarray, codes: dict[int, tuple[int, int]]) -> None:
-        table = {s: ((c >> np.arange(n - 1, -1, -1)) & 1).astype(np.uint8) for s, (c, n) in codes.items()}
-        if len(symbols):
-            self.chunks.append(np.concatenate([table[int(s)] for s in symbols]))
+    def write_codes(self, symbols: np.ndarray, codes: dict[int, tuple[int, int]], chunk: int = 1 << 20) -> None:
+        """Each symbol's code: the codes' bits laid out in one table, gathered by each symbol's offset."""
+        if not len(symbols):
+            return
+        syms = np.array(sorted(codes), np.int64)
+        lengths = np.array([codes[int(t)][1] for t in syms], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        table = np.concatenate([((codes[int(t)][0] >> np.arange(n - 1, -1, -1)) & 1).astype(np.uint8)
+                                for t, n in zip(syms, lengths)])
+        symbols = np.asarray(symbols, np.int64)
+        for at in range(0, len(symbols), chunk):
+            which = np.searchsorted(syms, symbols[at:at + chunk])
+            if (syms[np.minimum(which, len(syms) - 1)] != symbols[at:at + chunk]).any():
+                raise ValueError("a symbol has no Huffman code")
+            n = lengths[which]
+            ends = np.cumsum(n)
+            # bit j of the chunk is bit (j - its symbol's first bit) of that symbol's code
+            first = np.repeat(ends - n, n)
+            self._add(table[np.repeat(starts[which], n) + np.arange(int(ends[-1])) - first])
 
     def getvalue(self) -> bytes:
-        return np.packbits(np.concatenate(self.chunks)).tobytes() if self.chunks else b""
+        tail = np.packbits(self.pending).tobytes() if self.pending.size else b""  # zero-padded last byte
+        return b"".join(self.packed) + tail
 
 
 class BitReader:
@@ -116,18 +144,58 @@ class BitReader:
         return int(self.read_array(1, n)[0])
 
     def read_array(self, count: int, n: int) -> np.ndarray:
+        if self.at + count * n > len(self.bits):
+            raise ValueError("the file ends inside a field: truncated or not this format")
         bits = self.bits[self.at:self.at + count * n].reshape(count, n).astype(np.int64)
         self.at += count * n
         return (bits << np.arange(n - 1, -1, -1, dtype=np.int64)).sum(axis=1) if n else np.zeros(count, np.int64)
 
-    def read_huffman(self, decode: dict[tuple[int, int], int]) -> int:
-        code, n = 0, 0
-        while True:
-            code = (code << 1) | int(self.bits[self.at])
-            self.at += 1
-            n += 1
-            if (code, n) in decode:
-                return decode[(code, n)]
+    def read_huffman(self, codes: dict[int, tuple[int, int]], count: int) -> np.ndarray:
+        """`count` symbols of a canonical Huffman code, decoded by table: every code is a prefix of the
+        window of the longest code's width that starts at it, so one lookup per symbol gives symbol and
+        length (a loop over symbols, not over bits)."""
+        if not count:
+            return np.zeros(0, np.int64)
+        width = max(n for _, n in codes.values())
+        if width > TABLE_BITS:  # a table of 2**width entries would be too big: walk the codes bit by bit
+            return self._read_huffman_bits(codes, count)
+        sym_of = np.zeros(1 << width, np.int64)
+        len_of = np.zeros(1 << width, np.int64)
+        for sym, (code, n) in codes.items():
+            lo = code << (width - n)
+            sym_of[lo:lo + (1 << (width - n))] = sym
+            len_of[lo:lo + (1 << (width - n))] = n
+        tail = self.bits[self.at:self.at + count * width]  # the stream is no longer than this
+        padded = np.concatenate([tail, np.zeros(width, np.uint8)]).astype(np.int64)
+        window = np.zeros(len(tail), np.int64)  # the width-bit integer starting at every bit position
+        for j in range(width):
+            window = (window << 1) | padded[j:j + len(tail)]
+        out = np.empty(count, np.int64)
+        at, syms, lens, win = 0, memoryview(sym_of), memoryview(len_of), memoryview(window)
+        try:
+            for i in range(count):
+                w = win[at]
+                out[i] = syms[w]
+                at += lens[w]
+        except IndexError:
+            raise ValueError("the file ends inside a Huffman stream: truncated or not this format") from None
+        if at > len(tail):
+            raise ValueError("the file ends inside a Huffman stream: truncated or not this format")
+        self.at += at
+        return out
+
+    def _read_huffman_bits(self, codes: dict[int, tuple[int, int]], count: int) -> np.ndarray:
+        decode = {c: sym for sym, c in codes.items()}
+        bits, at, out = self.bits, self.at, np.empty(count, np.int64)
+        for i in range(count):
+            code, n = 0, 0
+            while (code, n) not in decode:
+                if at >= len(bits):
+                    raise ValueError("the file ends inside a Huffman stream: truncated or not this format")
+                code, n, at = (code << 1) | int(bits[at]), n + 1, at + 1
+            out[i] = decode[(code, n)]
+        self.at = at
+        return out
 
 
 @dataclass
@@ -201,8 +269,7 @@ def _read_stream(r: BitReader, n: int, bits: int, huffman: bool) -> list[int]:
     for _ in range(r.read(16)):
         sym = r.read(8)
         lengths[sym] = r.read(8)
-    decode = {code: sym for sym, code in canonical_codes(lengths).items()}
-    return [r.read_huffman(decode) for _ in range(n)]
+    return r.read_huffman(canonical_codes(lengths), n).tolist()
 
 
 def encode_layer(layer: Layer, huffman: bool = False) -> bytes:

@@ -2,7 +2,9 @@
 
 survey-cnn-compression.txt ("Putting it all together") and sep-net-slides.txt ("Weight Pruning"):
 - Magnitude pruning: the connections whose |w| is smallest are set to zero, per layer (each layer
-  keeps the same share) or globally (one threshold over every layer), iteratively with retraining
+  keeps the same share), globally (one threshold over every layer), or as Han et al. 2015 do (`std`:
+  a layer's threshold is one quality parameter times the std of its weights; the quality parameter is
+  the one that reaches the step's share of all coded weights), iteratively with retraining
   between steps. Kept as a mask (torch.nn.utils.prune: the layer computes weight_orig * weight_mask),
   so a pruned weight stays exactly zero through fine-tuning; the spec key `masked` lists the layers,
   so a masked network rebuilds from its checkpoint.
@@ -45,10 +47,15 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 
 def magnitude_masks(model: nn.Module, share: float, scope: str = "layer") -> dict[str, torch.Tensor]:
     """Boolean keep-masks that zero `share` of every coded layer's weights (scope `layer`), or of all of
-    them together under one threshold (`global`), smallest |w| first. Weights already zero count among
+    them together under one threshold (`global`), or under one threshold of |w| / the layer's std
+    (`std`: Han et al. 2015's quality parameter times each layer's standard deviation, so layers of
+    small weights are not emptied), smallest first. Weights already zero count among
     the pruned, so iterative steps reach `share` of the original weights in all."""
-    weights = {n: weight_of(m).detach().abs() for n, m in coded_layers(model)}
-    groups = [weights] if scope == "global" else [{n: w} for n, w in weights.items()]
+    signed = {n: weight_of(m).detach() for n, m in coded_layers(model)}
+    weights = {n: w.abs() for n, w in signed.items()}
+    if scope == "std":  # Han et al. 2015: |w| < q x the layer's std, one quality parameter q for every layer
+        weights = {n: weights[n] / _kept_std(w) for n, w in signed.items()}
+    groups = [weights] if scope in ("global", "std") else [{n: w} for n, w in weights.items()]
     masks = {}
     for group in groups:
         flat = torch.cat([w.reshape(-1) for w in group.values()])
@@ -61,6 +68,13 @@ def magnitude_masks(model: nn.Module, share: float, scope: str = "layer") -> dic
             masks[n] = keep[at:at + w.numel()].reshape(w.shape)
             at += w.numel()
     return masks
+
+
+def _kept_std(w: torch.Tensor) -> torch.Tensor:
+    """The population std of a layer's kept (nonzero) weights; a layer with one or none left gets 1."""
+    kept = w[w != 0].double()
+    std = kept.std(unbiased=False) if kept.numel() > 1 else kept.new_ones(())
+    return (std if std > 0 else std.new_ones(())).to(w.dtype)
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:

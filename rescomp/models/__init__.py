@@ -51,7 +51,7 @@ PLUGIN_GROUP = "rescomp.models"
 
 def _load_builtin() -> None:
     # Importing the modules registers their builders; done on first use, not at package import.
-    from rescomp.models import cifar_resnet, resnet50v2, torchvision_models  # noqa: F401
+    from rescomp.models import cifar_resnet, lenet, resnet50v2, torchvision_models  # noqa: F401
 
 
 def _plugins() -> dict[str, Any]:
