@@ -323,7 +323,8 @@ class ReportConfig(Strict):
     row: Optional[str] = None  # the row's label; default the run name
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
-    paper_by_share: dict[str, dict[str, float]] = {}  # prune rows: {"0": {...}, "0.3": {...}} by share pruned
+    paper_by_share: dict[str, dict[str, float]] = {}  # prune / magnitude_prune rows: {"0": {...}, "0.3": {...}} by share pruned
+    paper_shared: dict[str, float] = {}  # the weight_share row (Deep Compression's storage factor, dc_compression)
     paper_by_schedule: dict[str, dict[str, dict[str, float]]] = {}  # the same for prune.schedule fast / slow
     # layer-drop: the paper's costs of its smallest lossless network as % of the full one's (keys macs,
     # forward, backward, params), compared only where a config gives them (residual-block deletion, Table 2)

@@ -17,15 +17,19 @@ from rescomp.errors import ConfigError
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
            "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
-           "macs_paper_input", "params_paper_head", "size_bytes", "compression", "latency_ms_cpu_b1",
+           "macs_paper_input", "params_paper_head", "size_bytes", "compression", "weights_kept", "weights_compression",
+           "dc_dense_bytes", "dc_sparse_bytes", "dc_shared_bytes", "dc_huffman_bytes", "dc_compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
 MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "method": "int8 by", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
-              "act_peak_bytes_b1": "act. peak kB", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
-MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3}
+              "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
+              "dc_dense_bytes": "dense kB", "dc_sparse_bytes": "sparse kB", "dc_shared_bytes": "shared kB",
+              "dc_huffman_bytes": "Huffman kB", "dc_compression": "storage ×", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
+MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3,
+            "weights_kept": 100, **{f"dc_{k}_bytes": 1e-3 for k in ("dense", "sparse", "shared", "huffman")}}
 # The runtimes a latency can come from (rescomp.measure.RUNTIME_COLUMN): latency_ms_<column>_b<N>
 RUNTIME_HEADERS = {"cpu": "CPU ms", "ort": "ONNX Runtime ms", "ind": "Inductor ms"}
 LATENCY = tuple(f"latency_ms_{c}_b" for c in RUNTIME_HEADERS)
@@ -36,7 +40,8 @@ PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds"
 # Markdown: one section per kind of row (stage), each split into tables of at most MAX_COLUMNS columns
 # (the row label repeated in each) so that a table fits a screen; whole column groups go together.
 STAGES = {"train": "Trained networks", "ptq": "int8 networks", "qat": "int8 networks", "prune": "Pruned networks",
-          "layerdrop": "Layer deletion"}
+          "layerdrop": "Layer deletion", "magnitude_prune": "Magnitude pruning (Deep Compression)",
+          "weight_share": "Weight sharing and Huffman coding (Deep Compression)", "binarize": "Pattern binarization (SEP-Net)"}
 MAX_COLUMNS = 11
 CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels",
            "finetune_epochs_total", "layers", "units_deleted", "seeds")

@@ -46,7 +46,8 @@ def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, g
     bytes_ = {f"dc_{k}_bytes": len(v) for k, v in files.items()}
     best = min(bytes_.values())
     return {"step": step, "top1": ev["top1"], "loss": ev["loss"], **extra, "coded_weights": total,
-            "nonzero_weights": nonzero, "weights_kept": nonzero / total, "kept_per_layer": kept, **bytes_,
+            "nonzero_weights": nonzero, "weights_kept": nonzero / total, "weights_compression": total / max(nonzero, 1),
+            "kept_per_layer": kept, "layer_weights": coded, **bytes_,
             "dc_compression": bytes_["dc_dense_bytes"] / best, "stored_bytes": best,
             **measure(plain, run.cfg.data.image_size, run.cfg.measure)}
 
@@ -82,7 +83,21 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
                                            "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} magnitude-pruned {100 * r['share']:g}% ({mc.scope})"
-    return {"arch": cfg.model.arch, "start_arch": run.spec, "scope": mc.scope, "rows": rows}
+        r["paper"] = cfg.report.paper_by_share.get(f"{r['share']:g}", {})
+    return {"arch": cfg.model.arch, "start_arch": run.spec, "scope": mc.scope, "rows": rows,
+            "sections": [{"title": f"{cfg.report.row or cfg.model.arch}: share of each layer's weights kept ({mc.scope})",
+                          "markdown": _kept_table(rows)}]}
+
+
+def _kept_table(rows: list[dict[str, Any]]) -> str:
+    """Each coded layer's kept share after each step, as Han et al. report it per layer."""
+    layers = list(rows[0]["kept_per_layer"])
+    head = "| layer | weights | " + " | ".join(f"{100 * r['share']:g} % pruned" for r in rows) + " |"
+    lines = [head, "|---|---|" + "---|" * len(rows)]
+    sizes = rows[0].get("layer_weights", {})
+    for n in layers:
+        lines.append(f"| {n} | {sizes.get(n, '')} | " + " | ".join(f"{100 * r['kept_per_layer'][n]:.1f} %" for r in rows) + " |")
+    return "\n".join(lines)
 
 
 MAGNITUDE_PRUNE = STAGES.register("magnitude_prune")(Stage(
@@ -118,6 +133,7 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
     rows.append(r)
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}"
+        r["paper"] = dict(cfg.report.paper_shared) if r["step"] else {}
     return {"arch": cfg.model.arch, "start_arch": run.spec, "rows": rows, "compressed_file": "compressed.rcdc",
             "conv_bits": ws.conv_bits, "fc_bits": ws.fc_bits}
 
