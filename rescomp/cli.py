@@ -177,6 +177,38 @@ def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a
         run_chain(cfg, console=err, report=done)
 
 
+def _one_stage(name: str, command: str, doc: str) -> None:
+    """`rescomp <command> CONFIG`: the one-stage chain of stage `name`, from the config's trained model
+    (or <section>.checkpoint), resumable like every stage."""
+
+    @user_errors
+    def cmd(config: Path = typer.Argument(..., help=f"experiment YAML with a {name} section (or its defaults)"),
+            set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt,
+            dry_run: bool = DryOpt, fresh: bool = typer.Option(False, "--fresh", help=f"redo a finished {command} run")) -> None:
+        from rescomp.runner import execute, stage
+
+        cfgs = _configs(config, set_, profile, seed)
+        if dry_run:
+            return _dry_run(cfgs, command)
+        for cfg in cfgs:
+            run_dir, s = execute(stage(name), cfg, fresh=fresh, console=err)
+            last = s["rows"][-1]
+            size = last.get("stored_bytes")
+            out.print(f"top-1 {s['rows'][0]['top1']:.2f} -> {last['top1']:.2f}%"
+                      + (f"  stored in {size / 1e3:,.1f} kB" if size else "") + f"  -> {run_dir}/summary.json")
+
+    cmd.__doc__ = doc
+    app.command(command)(cmd)
+
+
+_one_stage("magnitude_prune", "magnitude-prune", "Deep Compression's pruning: zero the smallest weights step by step, "
+           "retraining with the masks held; resumable.")
+_one_stage("weight_share", "weight-share", "Deep Compression's weight sharing: k-means codes per layer, centroid "
+           "fine-tuning, and the network written as Huffman-coded sparse codes (compressed.rcdc).")
+_one_stage("binarize", "binarize", "SEP-Net pattern binarization: every k x k filter its sign pattern times a scale, "
+           "fine-tuned straight through; written at 1 bit per weight (binarized.rcbn).")
+
+
 @app.command("layer-drop")
 @user_errors
 def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),

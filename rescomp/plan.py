@@ -125,6 +125,18 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         elif b.scratch or b.distill:
             lines.append("        baselines: the structures the loop reaches, each trained anew")
         return "\n".join(lines)
+    if command in ("magnitude-prune", "weight-share", "binarize"):
+        from rescomp.runner import stage
+
+        st = stage(command.replace("-", "_"))
+        st.check(cfg)
+        section = getattr(cfg, st.section)
+        lines = [] if section.checkpoint else _train_lines(cfg)
+        run_dir, state = folder_state(cfg, st.suffix(cfg), st.section)
+        settings = ", ".join(f"{k} {v}" for k, v in section.model_dump().items() if k != "checkpoint")
+        lines += [f"{command} {run_dir}: {state}",
+                  f"        from {section.checkpoint or 'the training run above'}; {settings}"]
+        return "\n".join(lines)
     raise ValueError(command)
 
 

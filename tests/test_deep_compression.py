@@ -207,3 +207,24 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(codec.network((share / "compressed.rcdc").read_bytes(), payload["arch"])(x), model.eval()(x))
+
+
+def test_each_stage_is_a_command_of_its_own(workdir, tiny):
+    # `rescomp magnitude-prune` / `weight-share` / `binarize`: the one-stage chain from the config's
+    # trained model, the same folders as `rescomp run`; a bad section is one line, exit 2
+    tiny["measure"] = {"latency": False, "gpu_throughput": False}
+    tiny["magnitude_prune"] = {"share_per_step": 0.5, "steps": 1, "finetune_epochs": 0, "scope": "std"}
+    tiny["weight_share"] = {"conv_bits": 3, "fc_bits": 2, "finetune_epochs": 0, "iterations": 5}
+    cfg = write_config(workdir, tiny)
+    res = CliRunner().invoke(app, ["magnitude-prune", str(cfg)])
+    assert res.exit_code == 0, res.output
+    mp = json.loads((workdir / "runs/exp-mprune-std-50/summary.json").read_text())
+    assert mp["stage"] == "magnitude_prune" and mp["rows"][-1]["weights_kept"] == pytest.approx(0.5, abs=0.01)
+    assert "share of each layer's weights kept" in mp["sections"][0]["title"]
+    res = CliRunner().invoke(app, ["weight-share", str(cfg), "--set", "weight_share.checkpoint=runs/exp-mprune-std-50/model.pt"])
+    assert res.exit_code == 0, res.output
+    assert "stored in" in res.output
+    share = json.loads((workdir / "runs/exp-share-3b2b/summary.json").read_text())
+    assert share["rows"][-1]["weights_kept"] == pytest.approx(0.5, abs=0.01)  # it took the pruned network
+    res = CliRunner().invoke(app, ["binarize", str(cfg), "--set", "binarize.finetune_epochs=-1"])
+    assert res.exit_code == 2 and "finetune_epochs" in res.output
