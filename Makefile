@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
-	table-combined report-separable report-layer-drop report-taylor report-combined clean
+	table-combined table-deep-compression report-separable report-layer-drop report-taylor report-combined \
+	report-deep-compression clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -133,6 +134,19 @@ table-combined: install
 report-combined: install
 	$(BIN)/rescomp compare table-combined --runs $(RUNS) --profile $(PROFILE) --table table-combined \
 	  --baseline combined-resnet56$(PSUF) $(if $(filter cpu,$(PROFILE)),--notes configs/table-combined/notes.md)
+
+# Issue 13: Deep Compression (Han et al. 2015, 2016) as the papers count it, on a network with fully
+# connected layers (Caffe's LeNet-5; AlexNet, the slides' network) and on ResNet-56: train, magnitude
+# pruning by Han's rule, weight sharing, Huffman coding, the bytes of every storage stage (each a real
+# file) and the papers' factors beside ours. SEP-Net binarization and the chains are in table-combined.
+DC_MODELS := lenet5 alexnet resnet56
+table-deep-compression: install
+	for m in $(DC_MODELS); do $(BIN)/rescomp run configs/table-deep-compression/$$m.yaml $(PFLAG) || exit $$?; done
+	$(MAKE) report-deep-compression
+
+report-deep-compression: install
+	$(BIN)/rescomp report $(foreach m,$(DC_MODELS),$(wildcard $(RUNS)/dc-$(m)$(PSUF) $(RUNS)/dc-$(m)$(PSUF)-mprune-std-*)) \
+	  --table table-deep-compression $(if $(filter cpu,$(PROFILE)),--notes configs/table-deep-compression/notes.md)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

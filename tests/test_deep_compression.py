@@ -128,6 +128,8 @@ def test_magnitude_masks_by_hand():
     # 2.5085 (population, of -4, 0.5, -0.1, 3), layer 1's 15: ratios 1.595 0.199 0.040 1.196 | 0.667 1.333
     by_std = dc.magnitude_masks(model, 0.5, "std")  # 3 of 6: -0.1, 0.5 and 10 go
     assert by_std["0"].tolist() == [[True, False, False, True]] and by_std["1"].tolist() == [[False, True]]
+    by_std = dc.magnitude_masks(model, 2 / 6, "std")  # one threshold: both from layer 0 (per layer: one each)
+    assert by_std["0"].tolist() == [[True, False, False, True]] and by_std["1"].tolist() == [[True, True]]
     by_std = dc.magnitude_masks(model, 4 / 6, "std")  # then 3.0 (1.196), not -20 (1.333) nor -4
     assert by_std["0"].tolist() == [[True, False, False, False]] and by_std["1"].tolist() == [[False, True]]
     dc.apply_masks(model, per_layer)
