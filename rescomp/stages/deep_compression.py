@@ -18,6 +18,8 @@ import copy
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from rescomp import checkpoint
 from rescomp.compress import codec
 from rescomp.compress import deep_compression as dc
@@ -47,7 +49,8 @@ def _row(run: StageRun, model, spec: dict[str, Any], step: int, gap_conv: int, g
     best = min(bytes_.values())
     return {"step": step, "top1": ev["top1"], "loss": ev["loss"], **extra, "coded_weights": total,
             "nonzero_weights": nonzero, "weights_kept": nonzero / total, "weights_compression": total / max(nonzero, 1),
-            "kept_per_layer": kept, "layer_weights": coded, **bytes_,
+            "kept_per_layer": kept, "layer_weights": coded, "layer_kinds": {n: _kind(m) for n, m in dc.coded_layers(cpu)},
+            **bytes_,
             "dc_compression": bytes_["dc_dense_bytes"] / best, "stored_bytes": best,
             **measure(plain, run.cfg.data.image_size, run.cfg.measure)}
 
@@ -89,14 +92,21 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
                           "markdown": _kept_table(rows)}]}
 
 
+def _kind(m) -> str:
+    if isinstance(m, torch.nn.Linear):
+        return f"fc {m.in_features}x{m.out_features}"
+    return f"conv {'x'.join(map(str, m.kernel_size))}" + (f" /{m.groups}" if m.groups > 1 else "")
+
+
 def _kept_table(rows: list[dict[str, Any]]) -> str:
     """Each coded layer's kept share after each step, as Han et al. report it per layer."""
     layers = list(rows[0]["kept_per_layer"])
-    head = "| layer | weights | " + " | ".join(f"{100 * r['share']:g} % pruned" for r in rows) + " |"
-    lines = [head, "|---|---|" + "---|" * len(rows)]
-    sizes = rows[0].get("layer_weights", {})
+    head = "| layer | kind | weights | " + " | ".join(f"{100 * r['share']:g} % pruned" for r in rows) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(rows)]
+    sizes, kinds = rows[0].get("layer_weights", {}), rows[0].get("layer_kinds", {})
     for n in layers:
-        lines.append(f"| {n} | {sizes.get(n, '')} | " + " | ".join(f"{100 * r['kept_per_layer'][n]:.1f} %" for r in rows) + " |")
+        lines.append(f"| {n} | {kinds.get(n, '')} | {sizes.get(n, 0):,} | "
+                     + " | ".join(f"{100 * r['kept_per_layer'][n]:.1f} %" for r in rows) + " |")
     return "\n".join(lines)
 
 
