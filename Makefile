@@ -142,10 +142,11 @@ report-combined: install
 DC_MODELS := lenet5 alexnet resnet56
 table-deep-compression: install
 	for m in $(DC_MODELS); do $(BIN)/rescomp run configs/table-deep-compression/$$m.yaml $(PFLAG) || exit $$?; done
+	$(BIN)/rescomp run configs/table-deep-compression/lenet5.yaml $(PFLAG) --set magnitude_prune.scope=global  # one |w| threshold
 	$(MAKE) report-deep-compression
 
 report-deep-compression: install
-	$(BIN)/rescomp report $(foreach m,$(DC_MODELS),$(wildcard $(RUNS)/dc-$(m)$(PSUF) $(RUNS)/dc-$(m)$(PSUF)-mprune-std-*)) \
+	$(BIN)/rescomp report $(foreach m,$(DC_MODELS),$(wildcard $(RUNS)/dc-$(m)$(PSUF) $(RUNS)/dc-$(m)$(PSUF)-mprune-*)) \
 	  --table table-deep-compression $(if $(filter cpu,$(PROFILE)),--notes configs/table-deep-compression/notes.md)
 
 clean:
