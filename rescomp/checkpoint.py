@@ -22,7 +22,14 @@ VERSION = 1
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(fileobj) on a temp file beside `path`, fsync, then rename over `path`."""
+    """Call write(fileobj) on a temp file beside `path`, fsync, then rename over `path`. Under several
+    processes only rank 0 writes, and every rank returns once the file is there (rescomp.distributed)."""
+    from rescomp.distributed import collective_write
+
+    collective_write(lambda: _write_atomically(Path(path), write))
+
+
+def _write_atomically(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

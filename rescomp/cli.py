@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -26,12 +26,21 @@ ProfileOpt = typer.Option(None, "--profile", metavar="NAME", help="apply the con
 SeedOpt = typer.Option(None, "--seed", metavar="N", help="run with this seed, in its own folder <name>-seed<N>")
 DryOpt = typer.Option(False, "--dry-run", help="check everything and say what would run, where and for how long; "
                                                "run nothing")
+NprocOpt = typer.Option(None, "--nproc", metavar="N", help="run as N processes through torchrun with "
+                        "DistributedDataParallel (one per GPU, or Gloo on the CPU); train.batch_size is the global batch")
+# The commands that train or fine-tune, and so may run as several processes (--nproc, or under torchrun).
+DISTRIBUTED_COMMANDS = ("train", "prune", "layer-drop", "quantize", "run", "magnitude-prune", "weight-share", "binarize")
 
 
 def _dry_run(cfgs: list, command: str) -> None:
+    print(_checks(cfgs, command))
+
+
+def _checks(cfgs: list, command: str) -> str:
+    """Every check of `command` on cfgs (what --dry-run runs), and its plan."""
     from rescomp.plan import describe_all
 
-    print(describe_all(cfgs, command))
+    return describe_all(cfgs, command)
 
 
 def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int]) -> list:
@@ -40,6 +49,52 @@ def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], se
 
     overrides = list(set_ or []) + ([f"seed={seed}"] if seed is not None else [])
     return load_config(config, overrides, profile).per_seed()
+
+
+def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[], Any]) -> bool:
+    """With --nproc N > 1: run this command as N processes through torchrun (after every check here,
+    so bad input exits 2 before any process starts) and exit with their code. False: run it here."""
+    if nproc is None:
+        return False
+    from rescomp import distributed
+    from rescomp.context import resolve_device
+    from rescomp.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: give a number of processes of at least 1 (one per GPU, or up to the "
+                          f"CPU cores on a CPU)")
+    if distributed.launched():
+        raise ConfigError("--nproc starts torchrun itself; under torchrun, the number of processes is its "
+                          "--nproc_per_node: drop --nproc")
+    if nproc == 1:
+        return False
+    check()
+    for cfg in cfgs:
+        distributed.check_batch(cfg.train.batch_size, nproc)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            import torch
+
+            if cfg.device.startswith("cuda:"):
+                raise ConfigError(f"device '{cfg.device}' names one GPU, but --nproc {nproc} gives each process its "
+                                  f"own; set device: cuda (or auto)")
+            if nproc > torch.cuda.device_count():
+                raise ConfigError(f"--nproc {nproc} asks for a GPU per process, but this machine has "
+                                  f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()} or fewer")
+        elif nproc > (os.cpu_count() or 1):
+            raise ConfigError(f"--nproc {nproc} processes on a CPU of {os.cpu_count()} cores would slow each other "
+                              f"down; use --nproc {os.cpu_count()} or fewer")
+    err.print(f"[dim]starting {nproc} processes (torchrun, {'NCCL' if device.type == 'cuda' else 'Gloo'})[/]",
+              highlight=False)
+    raise typer.Exit(distributed.launch(nproc, argv))
+
+
+def _argv(command: str, config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int],
+          fresh: bool = False) -> list[str]:
+    """The command line each process of --nproc runs: this one, without --nproc."""
+    return ([command, str(config)] + [a for s in set_ or [] for a in ("--set", s)]
+            + (["--profile", profile] if profile else []) + (["--seed", str(seed)] if seed is not None else [])
+            + (["--fresh"] if fresh else []))
 
 
 def _version(value: bool) -> None:
@@ -54,10 +109,20 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _main(ctx: typer.Context,
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print rescomp's version, commit and torch version, and exit")) -> None:
     """Reproduce and extend CNN-compression papers on CIFAR."""
     quiet_library_warnings()
+    from rescomp import distributed
+
+    if distributed.launched():  # one of torchrun's processes: rank 0 speaks for all
+        if ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+            err.print(f"[bold red]error:[/] rescomp {ctx.invoked_subcommand} runs in one process; run it without "
+                      f"torchrun (only {', '.join(DISTRIBUTED_COMMANDS)} train on several)", highlight=False)
+            raise typer.Exit(2)
+        if int(os.environ.get("RANK", "0")) != 0:
+            out.quiet = err.quiet = True
 
 
 def quiet_library_warnings() -> None:
@@ -103,13 +168,15 @@ def user_errors(fn: Callable) -> Callable:
 @user_errors
 def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Optional[List[str]] = SetOpt,
           profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
-          fresh: bool = typer.Option(False, "--fresh", help="delete this run's folder and start over")) -> None:
+          fresh: bool = typer.Option(False, "--fresh", help="delete this run's folder and start over"),
+          nproc: Optional[int] = NprocOpt) -> None:
     """Train what CONFIG describes; re-running an interrupted run resumes it."""
     from rescomp.stages.train import run_train
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "train")
+    _spread(nproc, _argv("train", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "train"))
     for cfg in cfgs:
         run_dir, summary = run_train(cfg, fresh=fresh, console=err)
         out.print(f"top-1 {summary['top1']:.2f}%  params {summary['params']:,}  MACs {summary['macs'] / 1e6:.2f} M  "
@@ -120,13 +187,15 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
 @user_errors
 def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trained model to quantize"),
              set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
-             fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization")) -> None:
+             fresh: bool = typer.Option(False, "--fresh", help="redo a finished quantization"),
+             nproc: Optional[int] = NprocOpt) -> None:
     """Int8 a trained model (quantize.backend: FX x86, pt2e or onnxruntime): calibrate, evaluate and time it beside its fp32 model."""
     from rescomp.stages.quantize import run_quantize
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "quantize")
+    _spread(nproc, _argv("quantize", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "quantize"))
     for cfg in cfgs:
         run_dir, s = run_quantize(cfg, fresh=fresh, console=err)
         speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
@@ -138,13 +207,15 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
 @user_errors
 def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune section"),
           set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
-          fresh: bool = typer.Option(False, "--fresh", help="redo a finished pruning run")) -> None:
+          fresh: bool = typer.Option(False, "--fresh", help="redo a finished pruning run"),
+          nproc: Optional[int] = NprocOpt) -> None:
     """Score filters, remove the lowest share, fine-tune, measure; repeat on the config's schedule."""
     from rescomp.stages.prune import run_prune
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "prune")
+    _spread(nproc, _argv("prune", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "prune"))
     for cfg in cfgs:
         run_dir, s = run_prune(cfg, fresh=fresh, console=err)
         first, last = s["rows"][0], s["rows"][-1]
@@ -158,12 +229,16 @@ def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune 
 def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a `pipeline:` of stages"),
                  set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt,
                  dry_run: bool = typer.Option(False, "--dry-run", help="check the chain and list its stages and "
-                                                                      "folders; run nothing")) -> None:
+                                                                      "folders; run nothing"),
+                 nproc: Optional[int] = NprocOpt) -> None:
     """Run the config's pipeline (train -> prune -> layer_drop -> quantize, or any chain of them): each stage
     from the network the previous one left, each in its own resumable folder."""
-    from rescomp.chain import folders, run_chain
+    from rescomp.chain import folders, plan, run_chain
 
-    for cfg in _configs(config, set_, profile, seed):
+    cfgs = _configs(config, set_, profile, seed)
+    if not dry_run:
+        _spread(nproc, _argv("run", config, set_, profile, seed), cfgs, lambda: [plan(c) for c in cfgs])
+    for cfg in cfgs:
         if dry_run:
             for i, (step, folder) in enumerate(folders(cfg)):
                 out.print(f"{i + 1}. {step.name:<10} -> {folder}", highlight=False)
@@ -184,12 +259,14 @@ def _one_stage(name: str, command: str, doc: str) -> None:
     @user_errors
     def cmd(config: Path = typer.Argument(..., help=f"experiment YAML with a {name} section (or its defaults)"),
             set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt,
-            dry_run: bool = DryOpt, fresh: bool = typer.Option(False, "--fresh", help=f"redo a finished {command} run")) -> None:
+            dry_run: bool = DryOpt, fresh: bool = typer.Option(False, "--fresh", help=f"redo a finished {command} run"),
+            nproc: Optional[int] = NprocOpt) -> None:
         from rescomp.runner import execute, stage
 
         cfgs = _configs(config, set_, profile, seed)
         if dry_run:
             return _dry_run(cfgs, command)
+        _spread(nproc, _argv(command, config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, command))
         for cfg in cfgs:
             run_dir, s = execute(stage(name), cfg, fresh=fresh, console=err)
             last = s["rows"][-1]
@@ -213,13 +290,15 @@ _one_stage("binarize", "binarize", "SEP-Net pattern binarization: every k x k fi
 @user_errors
 def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a gated model and a layer_drop section"),
                set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt, dry_run: bool = DryOpt,
-               fresh: bool = typer.Option(False, "--fresh", help="redo a finished layer-drop run")) -> None:
+               fresh: bool = typer.Option(False, "--fresh", help="redo a finished layer-drop run"),
+               nproc: Optional[int] = NprocOpt) -> None:
     """Delete residual units by learned importance, retraining between deletions; resumable."""
     from rescomp.stages.layer_drop import run_layer_drop
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "layer-drop")
+    _spread(nproc, _argv("layer-drop", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "layer-drop"))
     for cfg in cfgs:
         run_dir, s = run_layer_drop(cfg, fresh=fresh, console=err)
         rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
@@ -383,6 +462,36 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     path = cmp.write(table, pts, out_dir, notes.read_text() if notes else None)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)
+
+
+@app.command()
+@user_errors
+def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one per line (--- ends a phase), or - "
+                                             "for standard input"),
+         gpus: Optional[str] = typer.Option(None, "--gpus", metavar="0,1,...", help="run one job per listed GPU at "
+                                            "a time, each seeing only its GPU"),
+         n_jobs: Optional[int] = typer.Option(None, "--jobs", metavar="N", help="run N jobs at a time on this "
+                                              "machine (default 1: in order, to this terminal)"),
+         logs: Path = typer.Option(Path("runs/logs"), "--logs", help="where side-by-side jobs write their output")) -> None:
+    """Run a table's independent runs side by side: one per GPU (--gpus) or N at a time (--jobs); phases
+    (--- lines) finish before the next starts, so shared training runs are made once, first."""
+    import sys
+
+    from rescomp import jobs as jobs_mod
+    from rescomp.errors import ConfigError
+
+    if file == "-":
+        text, source = sys.stdin.read(), "standard input"
+    else:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"jobs file '{file}' not found; pass a file of rescomp commands, or - to read them "
+                              f"from standard input")
+        text, source = path.read_text(), str(path)
+    phases = jobs_mod.parse(text, source)
+    where = jobs_mod.slots(gpus, n_jobs)
+    code = jobs_mod.run(phases, where, logs, lambda line: err.print(line, highlight=False, markup=False))
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -132,6 +132,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)  # save a resumable checkpoint every N epochs
     eval_test_every: int = Field(1, ge=0, description="evaluate on test every N epochs (0: only at the end)")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for training; default all cores")
+    # Under several processes (torchrun, --nproc), BatchNorm statistics of the global batch rather than of each
+    # rank's slice: the one-process result, at the cost of two all-reduces per BatchNorm (rescomp.distributed)
+    sync_bn: bool = False
     distill: Optional[DistillConfig] = None  # knowledge distillation (Hinton et al. 2015) from a teacher
 
 
@@ -386,6 +389,10 @@ class BinarizeConfig(Strict):
 # and log say where results go and how they are shown, not what the run computes).
 LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop", "prune", "magnitude_prune",
                   "weight_share", "binarize", "pipeline")
+# Keys added after runs were made, with the value that does what those runs did: at that value a key is
+# left out of the identity, so an older run's hash (in its checkpoints and rows) still matches.
+# train.sync_bn: false is one process's BatchNorm, which every earlier run used.
+ADDED_LATER = (("train", "sync_bn", False),)
 
 
 class LogConfig(Strict):
@@ -486,6 +493,9 @@ class ExperimentConfig(Rooted):
         for key in set(LATER_SECTIONS) - set(sections):
             d.pop(key, None)
         d.pop("seeds", None)  # a list of runs, not part of any one run
+        for section, key, neutral in ADDED_LATER:  # runs made before such a key existed keep their hash
+            if d.get(section, {}).get(key, neutral) == neutral:
+                d.get(section, {}).pop(key, None)
         return d
 
     def hash(self, *sections: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -92,7 +91,10 @@ def tensorboard_writer_class():
 
 
 def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console: Optional[Console] = None) -> RunContext:
-    device = resolve_device(cfg.device)
+    """The context of a run; under torchrun, after joining the process group on this rank's device."""
+    from rescomp import distributed
+
+    device = resolve_device(distributed.device_for(cfg.device))
     if cfg.log.tensorboard:
         tensorboard_writer_class()  # a missing package is named before any folder is made
     precision = cfg.train.precision
@@ -106,7 +108,8 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    distributed.init(device)
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.check_batch(cfg.train.batch_size, world)
     return RunContext(device, cfg.seed, run_dir, precision, cfg.train.channels_last, cfg.train.compile, rank, world,
                       console or Console(stderr=True, log_path=False, soft_wrap=True))

@@ -319,8 +319,12 @@ def load_splits(cfg: DataConfig) -> Splits:
 
 
 def prepare(cfg: DataConfig, seed: int) -> Splits:
-    """Load, then carve the seeded validation split and subsets the config asks for."""
-    s = load_splits(cfg)
+    """Load, then carve the seeded validation split and subsets the config asks for. Under several
+    processes rank 0 loads first (decoding and caching once), then the others read its cache."""
+    from rescomp.distributed import main_first
+
+    with main_first():
+        s = load_splits(cfg)
     if s.num_classes != cfg.num_classes:
         raise DataError(f"dataset has {s.num_classes} classes, config expects {cfg.num_classes}")
     g = torch.Generator().manual_seed(seed)
@@ -343,27 +347,38 @@ def prepare(cfg: DataConfig, seed: int) -> Splits:
 # Batched, on-device augmentation
 
 
-def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+Part = Optional[tuple[int, int, int]]  # (images in the global batch, first, end): this rank's rows of it
+
+
+def _draws(n: int, part: Part, draw) -> torch.Tensor:
+    """draw(count) for the whole global batch, this rank's rows of it: every rank draws what the
+    one-process run draws, so a shard is augmented as those images would be in one process."""
+    total, lo, hi = part or (n, 0, n)
+    return draw(total)[lo:hi]
+
+
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, part: Part = None) -> torch.Tensor:
     """Per-image random crop of x (B, C, H, W) after zero-padding, as torchvision's RandomCrop."""
     if padding == 0:
         return x
     b, c, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=g).to(x.device)
+    offsets = lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=g)  # noqa: E731
+    oy = _draws(b, part, offsets).to(x.device)
+    ox = _draws(b, part, offsets).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
     xp = xp.gather(2, rows)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
     return xp.gather(3, cols)
 
 
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+def random_flip(x: torch.Tensor, g: torch.Generator, part: Part = None) -> torch.Tensor:
+    mask = (_draws(x.shape[0], part, lambda k: torch.rand(k, generator=g)) < 0.5).to(x.device)
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
-def random_rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
-    angle = (torch.rand(x.shape[0], generator=g) * 2 - 1) * math.radians(degrees)
+def random_rotate(x: torch.Tensor, degrees: float, g: torch.Generator, part: Part = None) -> torch.Tensor:
+    angle = (_draws(x.shape[0], part, lambda k: torch.rand(k, generator=g)) * 2 - 1) * math.radians(degrees)
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
@@ -371,13 +386,14 @@ def random_rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """x in [0, 1]; the order follows the usual torchvision pipeline: crop, flip, then rotation."""
-    x = random_crop(x, aug.crop_padding, g)
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, g: torch.Generator, part: Part = None) -> torch.Tensor:
+    """x in [0, 1]; the order follows the usual torchvision pipeline: crop, flip, then rotation. `part`:
+    x is these rows of a larger batch, whose draws are made (rescomp.distributed)."""
+    x = random_crop(x, aug.crop_padding, g, part)
     if aug.flip:
-        x = random_flip(x, g)
+        x = random_flip(x, g, part)
     if aug.rotate_degrees > 0:
-        x = random_rotate(x, aug.rotate_degrees, g)
+        x = random_rotate(x, aug.rotate_degrees, g, part)
     return x
 
 
@@ -385,7 +401,10 @@ class BatchLoader:
     """Iterate (images, labels) batches from uint8 tensors that stay on `device`.
 
     Shuffling and augmentation draw from a generator seeded by (seed, epoch): an epoch is the same
-    whether or not the run was interrupted before it, which is what makes resume exact.
+    whether or not the run was interrupted before it, which is what makes resume exact. With
+    `world` > 1 (rescomp.distributed) every batch is the one-process batch, and this loader yields
+    rank `rank`'s contiguous slice of it, augmented with that batch's draws: the union of the ranks'
+    slices is the one-process epoch, whatever the number of processes.
     """
 
     def __init__(
@@ -404,6 +423,8 @@ class BatchLoader:
         channels_last: bool = False,
         max_steps: Optional[int] = None,
         drop_last: Optional[bool] = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size, self.device, self.train = batch_size, device, train
@@ -413,6 +434,7 @@ class BatchLoader:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.drop_last = train and len(y) > batch_size if drop_last is None else drop_last
         self.max_steps = max_steps
+        self.rank, self.world = rank, world
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -422,10 +444,18 @@ class BatchLoader:
         n = len(self.y) // self.batch_size if self.drop_last else math.ceil(len(self.y) / self.batch_size)
         return min(n, self.max_steps) if self.max_steps else n
 
-    def to_input(self, xb: torch.Tensor, g: Optional[torch.Generator] = None) -> torch.Tensor:
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def batch_total(self, i: int) -> int:
+        """Images in global batch i (all ranks' slices together)."""
+        return min(self.batch_size, len(self.y) - i * self.batch_size)
+
+    def to_input(self, xb: torch.Tensor, g: Optional[torch.Generator] = None, part: Part = None) -> torch.Tensor:
         x = xb.float().div_(255)
         if self.augment is not None and g is not None:
-            x = augment_batch(x, self.augment, g)
+            x = augment_batch(x, self.augment, g, part)
         x = (x - self.mean) / self.std
         if x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
@@ -438,16 +468,19 @@ class BatchLoader:
         n = len(self.y)
         order = torch.randperm(n, generator=g).to(self.device) if self.train else None
         for i in range(len(self)):
-            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+            start, total = i * self.batch_size, self.batch_total(i)
+            lo, hi = total * self.rank // self.world, total * (self.rank + 1) // self.world
+            sl = slice(start + lo, start + hi)
             idx = order[sl] if order is not None else sl
-            yield self.to_input(self.x[idx], g), self.y[idx]
+            yield self.to_input(self.x[idx], g, (total, lo, hi) if self.sharded else None), self.y[idx]
 
 
 def make_loaders(splits: Splits, cfg: DataConfig, *, batch_size: int, eval_batch_size: int, device: torch.device,
-                 seed: int, max_steps: Optional[int] = None) -> dict[str, BatchLoader]:
+                 seed: int, max_steps: Optional[int] = None, rank: int = 0, world: int = 1) -> dict[str, BatchLoader]:
+    """Train, test (and val) loaders; with world > 1, each yields rank `rank`'s slice of every batch."""
     mean, std = NORMALIZATION[cfg.dataset]
     # No layout here: batches follow the model's (Trainer / evaluate, rescomp.hardware.training_layout).
-    common = dict(mean=mean, std=std, device=device, image_size=cfg.image_size)
+    common = dict(mean=mean, std=std, device=device, image_size=cfg.image_size, rank=rank, world=world)
     loaders = {
         "train": BatchLoader(splits.train_x, splits.train_y, batch_size, train=True, augment=cfg.augment,
                              seed=seed, max_steps=max_steps, **common),

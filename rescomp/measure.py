@@ -21,6 +21,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rescomp.config import MeasureConfig
+from rescomp.distributed import main_only
+
+_timing_depth = 0  # this process holds the machine's timing lock while > 0
+
+
+def timed_alone(fn):
+    """`fn` (it times something) run while this process holds the machine's timing lock, a file in the
+    cache folder: runs side by side (`rescomp jobs`, or by hand) never time at the same moment, so one
+    clock is not slowed by another process's timing loop."""
+    import fcntl
+    import functools
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _timing_depth
+        if _timing_depth:
+            return fn(*args, **kwargs)
+        from rescomp.config import DataConfig
+        from rescomp.data import cache_root
+
+        path = cache_root(DataConfig()) / "timing.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _timing_depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _timing_depth -= 1
+        finally:
+            os.close(fd)  # frees the lock
+    return wrapper
 
 
 def count_params(model: nn.Module) -> int:
@@ -147,6 +181,8 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
     return batch * iters / (time.perf_counter() - t0)
 
 
+@main_only
+@timed_alone
 def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.device, *, runs: int = 100,
                   warmup: int = 10, reference: Optional[nn.Module] = None) -> dict[str, float]:
     """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs).
@@ -342,6 +378,8 @@ def _ort_forward(model: nn.Module, image_size: int, threads: int) -> OrtForward:
         return OrtForward(ort_session(path, threads))  # the session holds the graph: the file may go
 
 
+@main_only  # under several processes rank 0 times alone while the others wait: no rank slows another's clock
+@timed_alone
 def measure(model: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None,
             reference: Optional[nn.Module] = None) -> dict[str, Any]:
     """Every cost column of a table row, with units in the names. With a `reference` (the network a
@@ -391,6 +429,8 @@ def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, pref
     return row
 
 
+@main_only
+@timed_alone
 def measure_int8(qmodel: nn.Module, image_size: int, cfg: Optional[MeasureConfig] = None,
                  fp32: Optional[nn.Module] = None) -> dict[str, Any]:
     """The cost columns of a quantized network: bytes, activation memory and CPU latency (its packed

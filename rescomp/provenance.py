@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import subprocess
@@ -39,7 +40,9 @@ def git_commit() -> str:
 def command_line() -> str:
     """The command as a user would type it again: `rescomp ...` or `python scripts/x.py ...`."""
     prog = Path(sys.argv[0])
-    if prog.suffix == ".py":
+    if prog.name == "__main__.py" and prog.parent.name == "rescomp":  # python -m rescomp (torchrun, rescomp jobs)
+        shown = ["python", "-m", "rescomp"]
+    elif prog.suffix == ".py":
         try:
             shown = ["python", str(prog.resolve().relative_to(Path.cwd()))]
         except ValueError:
@@ -50,6 +53,11 @@ def command_line() -> str:
 
 
 def stamp(device: torch.device | str) -> dict[str, Any]:
+    """Provenance of a row: commit, versions, device, command; with several processes (torchrun) how many
+    trained it, and under `rescomp jobs` how many jobs ran side by side on the machine while it ran."""
+    from rescomp.distributed import world_size
+
+    jobs = int(os.environ.get("RESCOMP_JOBS", "1") or 1)
     return {
         "commit": git_commit(),
         "torch": torch.__version__,
@@ -57,4 +65,6 @@ def stamp(device: torch.device | str) -> dict[str, Any]:
         "device": device_name(device),
         "hardware": device_record(device),
         "command": command_line(),
+        **({"processes": world_size()} if world_size() > 1 else {}),
+        **({"concurrent_jobs": jobs} if jobs > 1 else {}),
     }

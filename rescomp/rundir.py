@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from rescomp import checkpoint, runlock
+from rescomp import checkpoint, distributed, runlock
 from rescomp.config import ExperimentConfig, dump_config, validate
 from rescomp.errors import ConfigError
 from rescomp.provenance import command_line
@@ -98,8 +98,9 @@ def _empty(run_dir: Path) -> None:
 
 def open_run_dir(run_dir: Path) -> None:
     """Create run_dir if needed and hold it for this process (rescomp.runlock): exit 2 if another
-    live process is writing it."""
-    runlock.claim(run_dir, command_line())
+    live process is writing it. Under several processes rank 0 holds it for all of them."""
+    if distributed.is_main():
+        runlock.claim(run_dir, command_line())
 
 
 @contextmanager
@@ -112,7 +113,7 @@ def writing(run_dir: Path, cfg: ExperimentConfig) -> Iterator[Path]:
     try:
         yield run_dir
     except BaseException:
-        if not resumable(run_dir):
+        if distributed.is_main() and not resumable(run_dir):
             runlock.release(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 from rich.console import Console
 
-from rescomp import checkpoint
+from rescomp import checkpoint, distributed
 from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, make_context, seed_everything
 from rescomp.data import make_loaders, prepare
@@ -131,7 +131,7 @@ class StageRun:
             model, spec, r = done
             return model.to(self.ctx.device), spec, r
         seed_everything(self.cfg.seed + n)
-        model, spec, info = transform()
+        model, spec, info = distributed.agree(*transform())  # under several processes, rank 0's network on every rank
         ev = train_and_eval(model, spec, retrain_config(self.cfg, epochs, lr), self.ctx, self.loaders, step_dir)
         model, _ = checkpoint.load_model(step_dir / "model.pt")
         model = model.to(self.ctx.device)
@@ -148,7 +148,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     checked = st.check(cfg)
     st.check_input(cfg)
     splits = prepare(cfg.data, cfg.seed)
-    out, finished = claim(cfg, fresh, st.suffix(cfg), st.section)
+    out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section))  # rank 0 decides
     if finished is not None:
         ctx.log(f"{out} is already complete; --fresh redoes it")
         return out, finished
@@ -184,7 +184,8 @@ def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
 def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, Any]:
     """The train / test (/ val) loaders of the config's training recipe on the context's device."""
     return make_loaders(splits, cfg.data, batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
-                        device=ctx.device, seed=cfg.seed, max_steps=cfg.train.max_steps_per_epoch)
+                        device=ctx.device, seed=cfg.seed, max_steps=cfg.train.max_steps_per_epoch,
+                        rank=ctx.rank, world=ctx.world_size)
 
 
 def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> Start:

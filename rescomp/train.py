@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rescomp import checkpoint
+from rescomp import checkpoint, distributed
 from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
 from rescomp.context import RunContext
 from rescomp.data import BatchLoader
@@ -117,20 +117,25 @@ def lr_lambda(s: ScheduleConfig, epochs: int, steps_per_epoch: int) -> Callable[
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext) -> dict[str, float]:
+    """Test loss and top-1 of `model` on `loader`; a sharded loader's sums are added over ranks, so every
+    rank returns the numbers of the whole set."""
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
-    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
-    n = 0
+    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss, correct, images
     fmt = memory_format_of(model)
     for x, y in loader:
+        if not len(y):  # a rank's empty slice of a small last batch
+            continue
         with ctx.autocast():
             out = model(x.contiguous(memory_format=fmt))
-        loss += F.cross_entropy(out.float(), y, reduction="sum")
-        correct += (out.argmax(1) == y).sum()
-        n += len(y)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
     model.train(was_training)
-    return {"loss": loss.item() / max(n, 1), "top1": 100.0 * correct.item() / max(n, 1), "n": n}
+    if getattr(loader, "sharded", False):
+        distributed.all_reduce_sum(sums)
+    loss, correct, n = sums.tolist()
+    return {"loss": loss / max(n, 1), "top1": 100.0 * correct / max(n, 1), "n": int(n)}
 
 
 @dataclass
@@ -153,7 +158,10 @@ class Trainer:
         self.loaders = loaders
         self.model = ctx.layout(model.to(ctx.device))
         self.memory_format = memory_format_of(self.model)  # batches follow the model's layout
-        self.forward = torch.compile(self.model) if ctx.compile else self.model
+        if self.tc.sync_bn:  # the global batch's statistics under several processes (a no-op for one)
+            distributed.sync_batchnorm(self.model, ctx.device)
+        net = distributed.wrap(self.model, ctx.device)  # DDP under torchrun; the model itself for one process
+        self.forward = torch.compile(net) if ctx.compile else net
         self.opt = build_optimizer(self.model, self.tc.optimizer, ctx.device)
         steps = len(loaders["train"])
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.tc.schedule, self.tc.epochs, steps))
@@ -167,7 +175,8 @@ class Trainer:
         return self.run_dir / "checkpoints" if self.run_dir else None
 
     def save(self) -> None:
-        if not (self.ckpt_dir and self.ctx.is_main):
+        """last.pt: collective under several processes (rank 0 writes it; every rank waits for it)."""
+        if not self.ckpt_dir:
             return
         s = self.state
         checkpoint.save(self.ckpt_dir / "last.pt", {
@@ -205,13 +214,22 @@ class Trainer:
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device, dtype=torch.long)
         n, t0 = 0, time.perf_counter()
+
+        def totals() -> tuple[float, float, float]:  # loss sum, correct, images: this rank's, or all ranks'
+            t = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=ctx.device, dtype=torch.float64)])
+            return tuple((distributed.all_reduce_sum(t) if loader.sharded else t).tolist())
+
         for step, (x, y) in enumerate(loader):
             x = x.contiguous(memory_format=self.memory_format)
             with ctx.autocast():
                 out = self.forward(x)
                 loss = self.loss_fn(out.float(), x, y)
+            if loader.sharded:  # DDP averages over ranks; the mean over the global batch is what one process takes
+                loss_for_grad = distributed.weighted(loss, len(y), loader.batch_total(step))
+            else:
+                loss_for_grad = loss
             self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss_for_grad).backward()
             if self.tc.grad_clip:
                 self.scaler.unscale_(self.opt)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
@@ -222,7 +240,8 @@ class Trainer:
             correct += (out.detach().argmax(1) == y).sum()
             n += len(y)
             if step % 50 == 49 or step == len(loader) - 1:  # sync rarely: a .item() per step stalls a GPU
-                mean = loss_sum.item() / n
+                total_loss, total_correct, total_n = totals()
+                mean = total_loss / total_n
                 if not math.isfinite(mean):
                     raise TrainingDiverged(
                         f"loss became {mean} in epoch {self.state.epoch + 1}, step {step + 1}; training stopped and "
@@ -230,19 +249,20 @@ class Trainer:
                         f"train.schedule.warmup_epochs, or set train.grad_clip"
                     )
                 if on_progress is not None:
-                    on_progress(step + 1, loss=f"{mean:.3f}", acc=f"{100 * correct.item() / n:.1f}",
-                                ips=f"{n / (time.perf_counter() - t0):,.0f}")
+                    on_progress(step + 1, loss=f"{mean:.3f}", acc=f"{100 * total_correct / total_n:.1f}",
+                                ips=f"{total_n / (time.perf_counter() - t0):,.0f}")
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        return {"train_loss": loss_sum.item() / n, "train_top1": 100 * correct.item() / n,
-                "images_per_s": n / seconds, "epoch_seconds": seconds}
+        total_loss, total_correct, total_n = totals()
+        return {"train_loss": total_loss / total_n, "train_top1": 100 * total_correct / total_n,
+                "images_per_s": total_n / seconds, "epoch_seconds": seconds}
 
     def early_stop_check(self, val_loss: float) -> None:
         es, s = self.tc.early_stopping, self.state
         if val_loss < s.best_val_loss - es.min_delta:
             s.best_val_loss, s.best_epoch, s.bad_epochs = val_loss, s.epoch, 0
-            if self.ckpt_dir and self.ctx.is_main:
+            if self.ckpt_dir:  # collective, as every write
                 checkpoint.save(self.ckpt_dir / "best.pt", {"arch": self.arch, "state_dict": self.model.state_dict(),
                                                             "config": self.cfg.to_dict(), "metrics": s.history[-1]})
         else:
@@ -251,6 +271,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> FitState:
+        """Train to train.epochs (or an early stop), resuming from last.pt; the model comes back with
+        plain BatchNorms (train.sync_bn swaps them only while it trains)."""
+        try:
+            return self._fit()
+        finally:
+            distributed.plain_batchnorm(self.model)
+
+    def _fit(self) -> FitState:
         resumed = self.resume()
         s, tc = self.state, self.tc
         if resumed:
@@ -300,6 +328,9 @@ class Trainer:
         return board
 
     def log_epoch(self, row: dict[str, Any]) -> None:
+        if self.run_dir:  # rewritten whole from the history, so a resumed run never repeats an epoch's line
+            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl",
+                                         "".join(json.dumps(r) + "\n" for r in self.state.history))
         if not self.ctx.is_main:
             return
         if getattr(self, "board", None) is not None:
@@ -308,9 +339,6 @@ class Trainer:
                     group, _, name = k.partition("_") if k.startswith(("train_", "val_", "test_")) else ("train", "", k)
                     self.board.add_scalar(f"{group}/{name}", v, row["epoch"])
             self.board.flush()
-        if self.run_dir:  # rewritten whole from the history, so a resumed run never repeats an epoch's line
-            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl",
-                                         "".join(json.dumps(r) + "\n" for r in self.state.history))
         parts = [f"epoch {row['epoch']}/{self.tc.epochs}", f"loss {row['train_loss']:.4f}", f"acc {row['train_top1']:.2f}%"]
         parts += [f"{k} {row[k]:.2f}%" for k in ("val_top1", "test_top1") if k in row]
         parts += [f"{row['images_per_s']:,.0f} img/s", f"lr {row['lr']:.4g}"]

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rescomp import distributed
 from rescomp.errors import ConfigError
 from rescomp.models import build_model, register_transform
 from rescomp.hardware import memory_format_of
@@ -156,8 +157,11 @@ def _activation_scores(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     model.eval()  # BN in inference mode: scores must not move its running statistics
     n = 0
     fmt = memory_format_of(model)  # the layout the caller chose (RunContext.layout): batches follow it
+    rank, world = distributed.rank(), distributed.world_size()
     try:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            if i % world != rank:  # under several processes each rank scores its share of the batches
+                continue
             model.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(needs_grad):
                 loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
@@ -173,7 +177,19 @@ def _activation_scores(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
             h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was)
+    if world > 1:  # every rank gets the sums over all batches, bitwise the same, so all rank alike
+        names, device = list(acts), next(model.parameters()).device
+        part = lambda k: (sums[k].flatten().to(device, torch.float64) if k in sums  # noqa: E731
+                          else torch.zeros(_channels(acts[k]), device=device, dtype=torch.float64))
+        flat = distributed.all_reduce_sum(torch.cat([part(k) for k in names]
+                                                    + [torch.tensor([float(n)], device=device, dtype=torch.float64)]))
+        n, parts = int(flat[-1]), flat[:-1].split([_channels(acts[k]) for k in names])
+        sums = {k: p.float() for k, p in zip(names, parts)}
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _channels(mod: nn.Module) -> int:
+    return mod.num_features if isinstance(mod, nn.BatchNorm2d) else mod.out_channels
 
 
 def l2_normalise(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,8 +46,15 @@ def check_input(cfg: ExperimentConfig) -> None:
 
 
 def context(cfg: ExperimentConfig, console: Optional[Console]) -> RunContext:
-    resolve_device(cfg.device)  # int8 runs on the CPU, but a device that is not there is still a mistake to name
-    return RunContext(torch.device("cpu"), cfg.seed, console=console or Console(stderr=True, log_path=False))
+    """The CPU (int8 runs there). Under torchrun the process joins the group on the config's device, as
+    the stages before it in a chain do; QAT then fine-tunes under DDP over Gloo."""
+    from rescomp import distributed
+
+    device = resolve_device(distributed.device_for(cfg.device))  # a device that is not there is a mistake to name
+    distributed.init(device)
+    distributed.check_batch(cfg.train.batch_size, distributed.world_size())
+    return RunContext(torch.device("cpu"), cfg.seed, console=console or Console(stderr=True, log_path=False),
+                      rank=distributed.rank(), world_size=distributed.world_size())
 
 
 def start(cfg: ExperimentConfig, ctx: RunContext):

@@ -1,0 +1,125 @@
+"""`rescomp jobs`: a table's runs side by side.
+
+Wrong versions these tests must catch:
+- a phase's jobs starting before the previous phase has finished (a run racing its own training run);
+- more jobs at once than slots, or a job's GPU given to a second job while it runs;
+- jobs started after one failed, or the failure's exit code lost (0, or torchrun's 1 for a user mistake);
+- a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_config
+from rescomp import jobs
+from rescomp.cli import app
+from rescomp.errors import ConfigError
+
+
+def test_parse_phases_comments_and_bad_lines() -> None:
+    phases = jobs.parse("# the trainings\nrescomp train a.yaml --set x=1  # first\n.venv/bin/rescomp train b.yaml\n"
+                        "---\n\nrescomp prune 'a b.yaml'\n")
+    assert [[j.args for j in p] for p in phases] == [[["train", "a.yaml", "--set", "x=1"], ["train", "b.yaml"]],
+                                                     [["prune", "a b.yaml"]]]
+    assert [j.number for p in phases for j in p] == [1, 2, 3] and phases[1][0].line == 6
+    with pytest.raises(ConfigError, match="line 2: 'rm -rf runs' is not a rescomp command"):
+        jobs.parse("rescomp train a.yaml\nrm -rf runs\n")
+    with pytest.raises(ConfigError, match="holds no command"):
+        jobs.parse("# nothing\n---\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        jobs.parse("rescomp train 'a.yaml\n")
+
+
+def test_slots() -> None:
+    import torch
+
+    assert jobs.slots(None, None) == ["cpu0"] and jobs.slots(None, 3) == ["cpu0", "cpu1", "cpu2"]
+    for gpus, n, msg in (("0", 2, "not both"), (None, 0, "at least 1"), ("0,x", None, "distinct GPU numbers"),
+                         ("1,1", None, "distinct"), (str(torch.cuda.device_count()), None, "this machine has")):
+        with pytest.raises(ConfigError, match=msg):
+            jobs.slots(gpus, n)
+
+
+def _fake_start(trace: Path, fail: set[int], seconds: dict[int, float] | None = None):
+    """_start replaced by a process that notes when it runs: 0.3 s (or `seconds`), or 0.05 s and exit 3
+    where told to fail."""
+    def start(job, env, logs, alone):
+        job.started = time.monotonic()
+        code = 3 if job.number in fail else 0
+        wait = 0.05 if code else (seconds or {}).get(job.number, 0.3)
+        script = (f"import time; t=time.time(); time.sleep({wait}); "
+                  f"open({str(trace)!r}, 'a').write('{job.number} {job.slot} %f %f\\n' % (t, time.time())); "
+                  f"raise SystemExit({code})")
+        job.proc = subprocess.Popen([sys.executable, "-c", script])
+    return start
+
+
+def _spans(trace: Path) -> dict[int, tuple[str, float, float]]:
+    rows = [line.split() for line in trace.read_text().splitlines()]
+    return {int(n): (slot, float(a), float(b)) for n, slot, a, b in rows}
+
+
+def test_phases_wait_and_slots_are_never_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = tmp_path / "trace"
+    monkeypatch.setattr(jobs, "_start", _fake_start(trace, set()))
+    phases = jobs.parse("\n".join(["rescomp train a.yaml"] * 3 + ["---"] + ["rescomp prune a.yaml"] * 3))
+    said: list[str] = []
+    assert jobs.run(phases, ["0", "1"], tmp_path / "logs", said.append) == 0
+    spans = _spans(trace)
+    assert sorted(spans) == [1, 2, 3, 4, 5, 6]
+    assert min(spans[n][1] for n in (4, 5, 6)) >= max(spans[n][2] for n in (1, 2, 3))  # phase 2 after phase 1
+    for a in spans:
+        for b in spans:
+            overlap = a < b and spans[a][1] < spans[b][2] and spans[b][1] < spans[a][2]
+            assert not (overlap and spans[a][0] == spans[b][0]), (a, b)  # one job per GPU at a time
+    starts = sorted(s for _, s, _ in spans.values())
+    assert all(sum(s <= t < e for _, s, e in spans.values()) <= 2 for t in starts)  # at most two at once
+    assert sum("started on GPU" in line for line in said) == 6 and sum(" done in " in line for line in said) == 6
+
+
+def test_a_free_slot_takes_the_next_job_while_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = tmp_path / "trace"
+    monkeypatch.setattr(jobs, "_start", _fake_start(trace, set(), {1: 1.5, 2: 0.1, 3: 0.1, 4: 0.1}))
+    phases = jobs.parse("\n".join(["rescomp train a.yaml"] * 4))
+    assert jobs.run(phases, jobs.slots(None, 2), tmp_path / "logs", lambda line: None) == 0
+    spans = _spans(trace)
+    assert max(spans[n][2] for n in (2, 3, 4)) < spans[1][2]  # 2, 3 and 4 ran one after another beside 1
+    assert {spans[n][0] for n in (2, 3, 4)} == {"cpu1"} and spans[1][0] == "cpu0"
+
+
+def test_the_first_failure_stops_new_jobs_and_gives_its_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trace = tmp_path / "trace"
+    monkeypatch.setattr(jobs, "_start", _fake_start(trace, {2}))
+    phases = jobs.parse("\n".join(["rescomp train a.yaml"] * 2 + ["---", "rescomp prune a.yaml"]))
+    said: list[str] = []
+    assert jobs.run(phases, ["cpu0"], tmp_path / "logs", said.append) == 3
+    assert sorted(_spans(trace)) == [1, 2]  # the next phase never started
+    trace.unlink()
+    monkeypatch.setattr(jobs, "_start", _fake_start(trace, {1}))
+    phases = jobs.parse("\n".join(["rescomp train a.yaml"] * 3))  # 1 fails while 2 runs: 3 must not start
+    assert jobs.run(phases, ["cpu0", "cpu1"], tmp_path / "logs", said.append) == 3
+    assert sorted(_spans(trace)) == [1, 2]
+    assert any("failed (exit 3)" in line for line in said) and any("did not start" in line for line in said)
+
+
+def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict) -> None:
+    path = write_config(workdir, tiny)
+    (workdir / "jobs.txt").write_text(f"rescomp config {path} --set train.epochs=3\n"
+                                      f"rescomp config {path} --set train.epochs=4\n---\n"
+                                      f"rescomp config {path} --set no.such=1\n"
+                                      f"rescomp config {path}\n")
+    res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
+    assert res.exit_code == 2, res.output  # the bad key's exit code, not 1
+    logs = sorted((workdir / "logs").iterdir())
+    assert len(logs) >= 3 and "epochs: 3" in logs[0].read_text() and "epochs: 4" in logs[1].read_text()
+    assert logs[2].name == "03-config-exp-no.such=1.log"
+    assert "unknown key" in logs[2].read_text() and "unknown key" in res.output  # the failure's last lines are shown
+    res = CliRunner().invoke(app, ["jobs", "missing.txt"])
+    assert res.exit_code == 2 and "not found" in res.output
