@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
+.PHONY: install test demo bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
 	table-combined table-deep-compression report-separable report-layer-drop report-taylor report-combined \
 	report-deep-compression clean
 
@@ -17,6 +17,11 @@ PFLAG := $(if $(filter paper,$(PROFILE)),,--profile $(PROFILE))
 PSUF := $(if $(filter paper,$(PROFILE)),,-$(PROFILE))
 # Where the tables' runs are; `make report-taylor RUNS=elsewhere/runs` re-renders a table from them.
 RUNS ?= runs
+# A table's independent runs side by side (rescomp jobs): GPUS=0,1,2,3 puts one run on each listed GPU at a
+# time, JOBS=N runs N at a time on this machine; neither: one at a time, in order, to this terminal. Each
+# target lists its commands in phases (--- ends one), so the training runs that later runs start from are
+# made first, once.
+JOBS_RUN := $(BIN)/rescomp jobs - $(if $(GPUS),--gpus $(GPUS),$(if $(JOBS),--jobs $(JOBS)))
 
 install: $(STAMP)
 
@@ -53,8 +58,12 @@ bench-layout: install
 
 # The 200-epoch baselines later tables compare against (hours on a CPU: run on a GPU).
 baselines: install
-	for c in configs/baselines/*.yaml; do $(BIN)/rescomp train $$c || exit $$?; done
+	for c in configs/baselines/*.yaml; do echo "rescomp train $$c"; done | $(JOBS_RUN)
 	$(BIN)/rescomp report baselines
+
+# Training throughput with 1, 2, 4, ... processes (torchrun + DDP): every GPU of the machine, or Gloo on the CPU.
+bench-ddp: install
+	$(BIN)/python scripts/bench_ddp.py
 
 # int8 vs fp32 CPU latency of ResNet-56 and ResNet50V2, both timed in one process.
 bench-int8: install
@@ -64,9 +73,12 @@ bench-int8: install
 # Each network is quantized by every int8 backend (torch.ao FX x86, ONNX Runtime, PT2E), calibrated
 # on the same 1000 training images, so the table shows which one to ship. torchao 0.18's
 # X86InductorQuantizer cannot annotate ResNet50V2 (a pre-activation feeds two convs): no PT2E row.
+# The six trainings run side by side under GPUS / JOBS; quantizing, which times every backend on the CPU,
+# runs one network at a time.
 table-separable: install
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
-	  $(BIN)/rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG) || exit $$?; \
+	  echo "rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG)"; done; done | $(JOBS_RUN)
+	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
 	  for b in x86 onnxruntime $$([ $$m = resnet56 ] && echo pt2e); do \
 	    $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) --set quantize.backend=$$b || exit $$?; \
 	  done; done; done
@@ -86,11 +98,11 @@ LD := configs/table-layer-drop/resnet56.yaml
 LD_STUDY_K := $(if $(filter cpu,$(PROFILE)),1 5,1 4)
 LD_STUDY_N := $(if $(filter cpu,$(PROFILE)),2 4,30 120)
 table-layer-drop: install
-	$(BIN)/rescomp layer-drop $(LD) $(PFLAG)
-	for k in $(LD_STUDY_K); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.k=$$k \
-	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
-	for n in $(LD_STUDY_N); do $(BIN)/rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
-	  --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false || exit $$?; done
+	{ echo "rescomp train $(LD) $(PFLAG)"; echo "---"; echo "rescomp layer-drop $(LD) $(PFLAG)"; \
+	  for k in $(LD_STUDY_K); do echo "rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.k=$$k \
+	    --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false"; done; \
+	  for n in $(LD_STUDY_N); do echo "rescomp layer-drop $(LD) $(PFLAG) --set layer_drop.retrain_epochs=$$n \
+	    --set layer_drop.baselines.scratch=false --set layer_drop.baselines.distill=false"; done; } | $(JOBS_RUN)
 	$(MAKE) report-layer-drop
 
 report-layer-drop: install
@@ -105,13 +117,13 @@ report-layer-drop: install
 TAYLOR_MODELS := $(if $(filter cpu,$(PROFILE)),resnet18 squeezenet1_0 alexnet,vgg16 alexnet resnet18 squeezenet1_0 densenet121 resnet50)
 table-taylor: install
 	$(BIN)/python scripts/taylor_structure.py
-	for m in $(TAYLOR_MODELS); do for p in paper coupled; do \
-	  $(BIN)/rescomp prune configs/table-taylor/$$m.yaml $(PFLAG) --set prune.policy=$$p || exit $$?; done; done
-	for s in fast slow; do \
-	  $(BIN)/rescomp prune configs/table-taylor/alexnet.yaml $(PFLAG) --set prune.schedule=$$s || exit $$?; done
-	for c in taylor mean_activation l1 random; do for p in paper coupled; do \
-	  $(BIN)/rescomp prune configs/table-taylor/resnet56.yaml $(PFLAG) --set prune.criterion=$$c --set prune.policy=$$p \
-	  || exit $$?; done; done
+	{ for m in $(TAYLOR_MODELS) resnet56; do echo "rescomp train configs/table-taylor/$$m.yaml $(PFLAG)"; done; echo "---"; \
+	  for m in $(TAYLOR_MODELS); do for p in paper coupled; do \
+	    echo "rescomp prune configs/table-taylor/$$m.yaml $(PFLAG) --set prune.policy=$$p"; done; done; \
+	  for s in fast slow; do echo "rescomp prune configs/table-taylor/alexnet.yaml $(PFLAG) --set prune.schedule=$$s"; done; \
+	  for c in taylor mean_activation l1 random; do for p in paper coupled; do \
+	    echo "rescomp prune configs/table-taylor/resnet56.yaml $(PFLAG) --set prune.criterion=$$c --set prune.policy=$$p"; \
+	  done; done; } | $(JOBS_RUN)
 	$(MAKE) report-taylor
 
 report-taylor: install
@@ -124,7 +136,8 @@ report-taylor: install
 
 # Issue 12: which compression wins, and which combinations compound. One trained gated ResNet-56, then
 # every technique alone and chained (`rescomp run`, one config per chain; the chains share their
-# common first stages' folders), all on one Pareto table against the trained network.
+# common first stages' folders, so they run one after another even under GPUS / JOBS: side by side, two
+# chains would meet in one folder), all on one Pareto table against the trained network.
 COMBINED := int8 prune-int8 layerdrop-int8 prune-layerdrop-int8 depthwise-int8 layerdrop-prune-int8 \
 	mprune-share binarize binarize-bq
 table-combined: install
@@ -141,8 +154,9 @@ report-combined: install
 # file) and the papers' factors beside ours. SEP-Net binarization and the chains are in table-combined.
 DC_MODELS := lenet5 alexnet resnet56
 table-deep-compression: install
-	for m in $(DC_MODELS); do $(BIN)/rescomp run configs/table-deep-compression/$$m.yaml $(PFLAG) || exit $$?; done
-	$(BIN)/rescomp run configs/table-deep-compression/lenet5.yaml $(PFLAG) --set magnitude_prune.scope=global  # one |w| threshold
+	{ for m in $(DC_MODELS); do echo "rescomp run configs/table-deep-compression/$$m.yaml $(PFLAG)"; done; echo "---"; \
+	  echo "rescomp run configs/table-deep-compression/lenet5.yaml $(PFLAG) --set magnitude_prune.scope=global"; \
+	} | $(JOBS_RUN)  # the last: one |w| threshold, from LeNet-5's trained network
 	$(MAKE) report-deep-compression
 
 report-deep-compression: install
