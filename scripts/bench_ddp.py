@@ -10,8 +10,8 @@ NCCL set-up). Scaling efficiency = images/s with n processes / (n x images/s wit
 On a node with N GPUs (NCCL, one process per GPU; global batch 512 x N by default, so each GPU keeps
 the one-GPU batch):
     python scripts/bench_ddp.py                      # -> results/bench/ddp_scaling-cuda.{json,md}
-On a CPU (Gloo; each process gets cores / n threads, so this shows the cost of the gradient all-reduce
-and of splitting the cores, not a speed-up):
+On a CPU (Gloo; each process gets cores / n threads, so this compares ways of using the same cores,
+the gradient all-reduce included, not scaling over devices):
     python scripts/bench_ddp.py --device cpu --arch resnet20 --max-procs 2
 The runs go to a temporary folder; nothing but the table is kept.
 """
@@ -108,8 +108,10 @@ def main() -> None:
     lines += [f"| {r['processes']} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | "
               f"{100 * r['efficiency']:.0f} % | {r['wall_seconds']:.0f} |" for r in rows]
     if not cuda:
-        lines += ["", f"On the CPU, n processes share the machine's {os.cpu_count()} cores (cores / n threads each): "
-                      "this measures what Gloo's gradient all-reduce and the split cost, not a speed-up."]
+        lines += ["", f"Weak scaling (each process keeps a batch of {per}). On the CPU the n processes share the "
+                      f"machine's {os.cpu_count()} cores, cores / n threads each, against one process with all of "
+                      "them: the figure compares two ways of using the same cores, Gloo's gradient all-reduce "
+                      "included. It says nothing about scaling over GPUs."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"-> {out / stem}.md")
 
