@@ -211,6 +211,9 @@ M = [
   "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
  ("compare-baseline-ignored", "rescomp/compare.py", "    base = [p for p in pts if p[\"run\"] == baseline] if baseline else", "    base = [p for p in pts if p[\"stage\"] == \"train\"][:1] if baseline else",
   "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
+ ("dc-shared-rows-alike", "rescomp/stages/deep_compression.py", "{'weight-shared' if r['step'] else 'before sharing'}{origin}\"",
+  "{'weight-shared' if r['step'] else 'before sharing'}\"",
+  "tests/test_deep_compression.py::test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly"),
  # several processes (tests/test_distributed.py, test_jobs.py)
  ("ddp-shard-own-draws", "rescomp/data.py", "    return draw(total)[lo:hi]", "    return draw(hi - lo)",
   "tests/test_distributed.py::test_shards_are_the_one_process_batch"),

@@ -199,6 +199,9 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     assert last["weights_kept"] == pytest.approx(0.4, abs=0.01)
     assert last["dc_huffman_bytes"] == (share / "compressed.rcdc").stat().st_size
     assert last["dc_dense_bytes"] > last["dc_sparse_bytes"] > last["dc_shared_bytes"]
+    # the rows name the pruning they came from, so two pruning runs' shared rows are told apart
+    assert [r["row"] for r in s["rows"]] == ["cifar_resnet before sharing (60% pruned, layer)",
+                                            "cifar_resnet weight-shared (60% pruned, layer)"]
     res = CliRunner().invoke(app, ["compare", "runs", "--table", "dc", "--baseline", "exp"])
     assert res.exit_code == 0, res.output
     pts = json.loads((workdir / "results/dc/compare.json").read_text())
@@ -228,5 +231,6 @@ def test_each_stage_is_a_command_of_its_own(workdir, tiny):
     assert "stored in" in res.output
     share = json.loads((workdir / "runs/exp-share-3b2b/summary.json").read_text())
     assert share["rows"][-1]["weights_kept"] == pytest.approx(0.5, abs=0.01)  # it took the pruned network
+    assert share["rows"][-1]["row"] == "cifar_resnet weight-shared (50% pruned, std)"
     res = CliRunner().invoke(app, ["binarize", str(cfg), "--set", "binarize.finetune_epochs=-1"])
     assert res.exit_code == 2 and "finetune_epochs" in res.output

@@ -15,6 +15,7 @@ Every row states the bytes of every storage stage (dense, sparse, shared, Huffma
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -122,6 +123,18 @@ def _ws_suffix(cfg: ExperimentConfig) -> str:
     return f"share-{w.conv_bits}b{w.fc_bits}b"
 
 
+def _pruned_by(source: Optional[Path]) -> str:
+    """What magnitude pruning made the network to share, as its run's summary says (' (92% pruned, std)'),
+    so the shared rows of two pruning runs of one network are told apart; '' for any other network."""
+    summary = source.parent / "summary.json" if source is not None else None
+    if summary is None or not summary.is_file():
+        return ""
+    s = json.loads(summary.read_text())
+    if s.get("stage") != "magnitude_prune" or not s.get("rows"):
+        return ""
+    return f" ({100 * s['rows'][-1]['share']:g}% pruned, {s.get('scope', '?')})"
+
+
 def _ws_body(run: StageRun) -> dict[str, Any]:
     cfg, ws = run.cfg, run.cfg.weight_share
     model, spec = run.model.to(run.ctx.device), run.spec
@@ -141,8 +154,9 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
                                                             keep=run.out / "compressed.rcdc"),
                        epochs=ws.finetune_epochs, lr=lr)
     rows.append(r)
+    origin = _pruned_by(run.source)
     for r in rows:
-        r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}"
+        r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}{origin}"
         r["paper"] = dict(cfg.report.paper_shared) if r["step"] else {}
     return {"arch": cfg.model.arch, "start_arch": run.spec, "rows": rows, "compressed_file": "compressed.rcdc",
             "conv_bits": ws.conv_bits, "fc_bits": ws.fc_bits}
