@@ -10,7 +10,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
@@ -379,23 +379,25 @@ def _style(i: int) -> dict[str, Any]:
 
 
 def plot_curves(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
-                latency: bool = False) -> bytes | None:
-    fig = curves_figure(rows, panels, title, latency)
+                latency: bool = False, curves: Optional[dict[str, list[dict[str, Any]]]] = None,
+                log_x: bool = False) -> bytes | None:
+    fig = curves_figure(rows, panels, title, latency, curves, log_x)
     return None if fig is None else _png(fig)
 
 
 def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
-                  latency: bool = False):
+                  latency: bool = False, curves: Optional[dict[str, list[dict[str, Any]]]] = None,
+                  log_x: bool = False):
     """Top-1 against each panel's x column (key, axis label, scale, inverted), one curve (or point) per
-    _curves entry, its name in one legend beside the axes: no labels on the points to collide, and a
-    legend entry only for a curve with a point. None where no panel has a point."""
+    _curves entry (or per given `curves`), its name in one legend beside the axes: no labels on the points
+    to collide, and a legend entry only for a curve with a point. None where no panel has a point."""
     panels = [p for p in panels if any(r.get(p[0]) is not None and r.get("top1") is not None for r in rows)]
     if not panels:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     handles = {}
-    for i, (name, curve) in enumerate(_curves(rows).items()):
+    for i, (name, curve) in enumerate((curves if curves is not None else _curves(rows)).items()):
         for ax, (key, _, scale, _) in zip(axes[0], panels):
             # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path, and a
             # latency that does not fall at every step must show as such, not be reordered away
@@ -408,6 +410,8 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
+        if log_x:
+            ax.set_xscale("log")
         if invert:
             ax.invert_xaxis()
     fig.tight_layout()
@@ -415,6 +419,16 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
                frameon=False)
     _title(fig, title, caption(rows, latency))
     return fig
+
+
+def storage_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Deep Compression's curves: the rows of each `storage_curve` (a network's pruning steps, then its
+    shared and Huffman-coded file), in the rows' order, each at the bytes it is stored in."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("storage_curve") and r.get("stored_bytes"):
+            curves.setdefault(r["storage_curve"], []).append(r)
+    return curves
 
 
 COST_PANELS = [("macs", "MACs (M)", 1e-6, False), ("latency_ms_cpu_b1", "CPU latency, batch 1 (ms)", 1, False)]
@@ -458,6 +472,11 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         "accuracy_vs_cost.png": plot_curves(rows, COST_PANELS, f"{table}: top-1 against MACs and CPU latency",
                                             latency=True),
     }
+    storage = storage_curves(rows)
+    if storage:
+        files["accuracy_vs_storage.png"] = plot_curves(
+            rows, [("stored_bytes", "bytes stored (kB, log scale)", 1e-3, True)],
+            f"{table}: top-1 against the bytes each network is stored in", curves=storage, log_x=True)
     for name, (x, label, scale, invert) in SERIES_PLOTS.items():
         if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
             files[name] = plot_curves([r for r in rows if "series" in r], [(x, label, scale, invert)],

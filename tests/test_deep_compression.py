@@ -202,6 +202,12 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     # the rows name the pruning they came from, so two pruning runs' shared rows are told apart
     assert [r["row"] for r in s["rows"]] == ["cifar_resnet before sharing (60% pruned, layer)",
                                             "cifar_resnet weight-shared (60% pruned, layer)"]
+    # one storage curve per chain: dense -> sparse (each pruning step) -> shared and Huffman-coded
+    assert {r["storage_curve"] for r in mp["rows"] + s["rows"]} == {"cifar_resnet, Deep Compression (layer)"}
+    res = CliRunner().invoke(app, ["report", "runs/exp-mprune-layer-60", str(share), "--table", "dcr"])
+    assert res.exit_code == 0, res.output
+    assert (workdir / "results/dcr/accuracy_vs_storage.png").stat().st_size > 10_000
+    assert "storage_curve" not in (workdir / "results/dcr/table.md").read_text()
     res = CliRunner().invoke(app, ["compare", "runs", "--table", "dc", "--baseline", "exp"])
     assert res.exit_code == 0, res.output
     pts = json.loads((workdir / "results/dc/compare.json").read_text())

@@ -217,3 +217,19 @@ def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
     assert cells["CPU ms b1"] == "1.50 ±0.20" and cells["ONNX Runtime ms b1"] == "0.50 ±0.10"
     assert cells["fastest b1"] == "onnxruntime"
     assert "latency_ms_ort_b1" in to_csv([row]).splitlines()[0]
+
+
+def test_storage_curves_follow_each_chain_in_order_on_a_log_axis():
+    from rescomp.report import curves_figure, storage_curves
+
+    rows = [{"row": f"net {k}% ({c})", "storage_curve": f"net ({c})", "stored_bytes": b, "top1": t}
+            for c, steps in (("std", [(0, 4000, 70), (50, 2000, 69), (90, 400, 60)]), ("global", [(90, 450, 66)]))
+            for k, b, t in steps]
+    rows.append({"row": "another network", "stored_bytes": 100, "top1": 50})  # not in a storage chain
+    curves = storage_curves(rows)
+    assert {k: [r["stored_bytes"] for r in v] for k, v in curves.items()} == {"net (std)": [4000, 2000, 400],
+                                                                             "net (global)": [450]}
+    fig = curves_figure(rows, [("stored_bytes", "kB", 1e-3, True)], "t", curves=curves, log_x=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis_inverted()
+    assert [list(line.get_xdata()) for line in ax.lines] == [[4.0, 2.0, 0.4], [0.45]]

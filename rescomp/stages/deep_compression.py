@@ -87,6 +87,7 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
                                            "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} magnitude-pruned {100 * r['share']:g}% ({mc.scope})"
+        r["storage_curve"] = f"{cfg.report.row or cfg.model.arch}, Deep Compression ({mc.scope})"
         r["paper"] = cfg.report.paper_by_share.get(f"{r['share']:g}", {})
     return {"arch": cfg.model.arch, "start_arch": run.spec, "scope": mc.scope, "rows": rows,
             "sections": [{"title": f"{cfg.report.row or cfg.model.arch}: share of each layer's weights kept ({mc.scope})",
@@ -123,16 +124,17 @@ def _ws_suffix(cfg: ExperimentConfig) -> str:
     return f"share-{w.conv_bits}b{w.fc_bits}b"
 
 
-def _pruned_by(source: Optional[Path]) -> str:
-    """What magnitude pruning made the network to share, as its run's summary says (' (92% pruned, std)'),
-    so the shared rows of two pruning runs of one network are told apart; '' for any other network."""
+def _pruned_by(source: Optional[Path]) -> tuple[str, Optional[str]]:
+    """What magnitude pruning made the network to share, as its run's summary says: (' (92% pruned, std)',
+    'std'), so the shared rows of two pruning runs of one network are told apart; ('', None) for any
+    other network."""
     summary = source.parent / "summary.json" if source is not None else None
     if summary is None or not summary.is_file():
-        return ""
+        return "", None
     s = json.loads(summary.read_text())
     if s.get("stage") != "magnitude_prune" or not s.get("rows"):
-        return ""
-    return f" ({100 * s['rows'][-1]['share']:g}% pruned, {s.get('scope', '?')})"
+        return "", None
+    return f" ({100 * s['rows'][-1]['share']:g}% pruned, {s.get('scope', '?')})", s.get("scope", "?")
 
 
 def _ws_body(run: StageRun) -> dict[str, Any]:
@@ -154,9 +156,12 @@ def _ws_body(run: StageRun) -> dict[str, Any]:
                                                             keep=run.out / "compressed.rcdc"),
                        epochs=ws.finetune_epochs, lr=lr)
     rows.append(r)
-    origin = _pruned_by(run.source)
+    origin, scope = _pruned_by(run.source)
+    name = cfg.report.row or cfg.model.arch
     for r in rows:
-        r["row"] = f"{cfg.report.row or cfg.model.arch} {'weight-shared' if r['step'] else 'before sharing'}{origin}"
+        r["row"] = f"{name} {'weight-shared' if r['step'] else 'before sharing'}{origin}"
+        # one curve with the pruning steps it follows: dense, sparse, then shared and Huffman-coded
+        r["storage_curve"] = f"{name}, Deep Compression ({scope})" if scope else f"{name}, weight sharing"
         r["paper"] = dict(cfg.report.paper_shared) if r["step"] else {}
     return {"arch": cfg.model.arch, "start_arch": run.spec, "rows": rows, "compressed_file": "compressed.rcdc",
             "conv_bits": ws.conv_bits, "fc_bits": ws.fc_bits}
