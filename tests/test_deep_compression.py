@@ -18,6 +18,7 @@
 #       -> test_streams_round_trip_bit_for_bit_against_a_bit_list
 # 10. Han et al.'s rule (one quality parameter times each layer's std) ranked by raw |w| instead of
 #     |w| / std, or by the std of the wrong layer -> test_magnitude_masks_by_hand
+import io
 import json
 
 import numpy as np
@@ -231,6 +232,15 @@ def test_each_stage_is_a_command_of_its_own(workdir, tiny):
     assert res.exit_code == 0, res.output
     mp = json.loads((workdir / "runs/exp-mprune-std-50/summary.json").read_text())
     assert mp["stage"] == "magnitude_prune" and mp["rows"][-1]["weights_kept"] == pytest.approx(0.5, abs=0.01)
+    # killed after its last step but before its summary: the run resumes from the finished steps
+    baked = (workdir / "runs/exp-mprune-std-50/model.pt").read_bytes()
+    (workdir / "runs/exp-mprune-std-50/summary.json").unlink()
+    res = CliRunner().invoke(app, ["magnitude-prune", str(cfg)])
+    assert res.exit_code == 0, res.output
+    again = json.loads((workdir / "runs/exp-mprune-std-50/summary.json").read_text())
+    assert again["rows"][-1]["kept_per_layer"] == mp["rows"][-1]["kept_per_layer"]
+    assert torch.equal(*(torch.load(io.BytesIO(b), weights_only=True)["state_dict"]["conv1.weight"]
+                         for b in (baked, (workdir / "runs/exp-mprune-std-50/model.pt").read_bytes())))
     assert "share of each layer's weights kept" in mp["sections"][0]["title"]
     res = CliRunner().invoke(app, ["weight-share", str(cfg), "--set", "weight_share.checkpoint=runs/exp-mprune-std-50/model.pt"])
     assert res.exit_code == 0, res.output
