@@ -77,14 +77,21 @@ def load(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from the checkpoint's arch spec and load its weights."""
+def rebuild(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The network of `spec` holding these weights: how a network is stored, and how it crosses to another
+    process (rescomp.distributed.agree) or is copied without deepcopy (a masked network's weight has a graph)."""
     from rescomp.models import build_model
 
+    model = build_model(spec)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network from the checkpoint's arch spec and load its weights."""
     payload = load(path)
-    model = build_model(payload["arch"])
     try:
-        model.load_state_dict(payload["state_dict"])
+        model = rebuild(payload["arch"], payload["state_dict"])
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "mismatch"
         raise CheckpointError(f"checkpoint '{path}': weights do not fit its arch spec ({first})") from None

@@ -51,13 +51,12 @@ def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], se
     return load_config(config, overrides, profile).per_seed()
 
 
-def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[], Any]) -> bool:
+def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[], Any]) -> None:
     """With --nproc N > 1: run this command as N processes through torchrun (after every check here,
-    so bad input exits 2 before any process starts) and exit with their code. False: run it here."""
+    so bad input exits 2 before any process starts) and exit with their code. Else return: run it here."""
     if nproc is None:
-        return False
+        return
     from rescomp import distributed
-    from rescomp.context import resolve_device
     from rescomp.errors import ConfigError
 
     if nproc < 1:
@@ -67,23 +66,9 @@ def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[
         raise ConfigError("--nproc starts torchrun itself; under torchrun, the number of processes is its "
                           "--nproc_per_node: drop --nproc")
     if nproc == 1:
-        return False
+        return
     check()
-    for cfg in cfgs:
-        distributed.check_batch(cfg.train.batch_size, nproc)
-        device = resolve_device(cfg.device)
-        if device.type == "cuda":
-            import torch
-
-            if cfg.device.startswith("cuda:"):
-                raise ConfigError(f"device '{cfg.device}' names one GPU, but --nproc {nproc} gives each process its "
-                                  f"own; set device: cuda (or auto)")
-            if nproc > torch.cuda.device_count():
-                raise ConfigError(f"--nproc {nproc} asks for a GPU per process, but this machine has "
-                                  f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()} or fewer")
-        elif nproc > (os.cpu_count() or 1):
-            raise ConfigError(f"--nproc {nproc} processes on a CPU of {os.cpu_count()} cores would slow each other "
-                              f"down; use --nproc {os.cpu_count()} or fewer")
+    device = distributed.check_launch(cfgs, nproc)
     err.print(f"[dim]starting {nproc} processes (torchrun, {'NCCL' if device.type == 'cuda' else 'Gloo'})[/]",
               highlight=False)
     raise typer.Exit(distributed.launch(nproc, argv))

@@ -90,11 +90,22 @@ def tensorboard_writer_class():
     return SummaryWriter
 
 
+def join(cfg: ExperimentConfig) -> torch.device:
+    """This process's device (a device that is not there is named first); under torchrun, after joining
+    the process group on it, with a global batch that splits across the processes."""
+    from rescomp import distributed
+
+    device = resolve_device(distributed.device_for(cfg.device))
+    distributed.init(device)
+    distributed.check_batch(cfg.train.batch_size, distributed.world_size())
+    return device
+
+
 def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console: Optional[Console] = None) -> RunContext:
     """The context of a run; under torchrun, after joining the process group on this rank's device."""
     from rescomp import distributed
 
-    device = resolve_device(distributed.device_for(cfg.device))
+    device = join(cfg)
     if cfg.log.tensorboard:
         tensorboard_writer_class()  # a missing package is named before any folder is made
     precision = cfg.train.precision
@@ -108,8 +119,6 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    distributed.init(device)
     rank, world = distributed.rank(), distributed.world_size()
-    distributed.check_batch(cfg.train.batch_size, world)
     return RunContext(device, cfg.seed, run_dir, precision, cfg.train.channels_last, cfg.train.compile, rank, world,
                       console or Console(stderr=True, log_path=False, soft_wrap=True))

@@ -82,14 +82,18 @@ def init(device: torch.device) -> None:
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
 
 
+def _one_gpu_named(name: str, why: str) -> None:
+    """A config naming one GPU would put every process on it."""
+    if name.startswith("cuda:"):
+        raise ConfigError(f"device '{name}' names one GPU, but {why}; set device: cuda (or auto)")
+
+
 def device_for(name: str) -> str:
     """The device this rank trains on: under torchrun, `cuda` (or `auto` on a GPU machine) is the GPU of
-    this rank's LOCAL_RANK; a config naming one GPU would put every rank on it."""
+    this rank's LOCAL_RANK."""
     if not launched():
         return name
-    if name.startswith("cuda:"):
-        raise ConfigError(f"device '{name}' names one GPU, but under torchrun each process takes the GPU of its "
-                          f"LOCAL_RANK; set device: cuda (or auto)")
+    _one_gpu_named(name, "under torchrun each process takes the GPU of its LOCAL_RANK")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         n = torch.cuda.device_count()
         if local_rank() >= n:
@@ -97,6 +101,25 @@ def device_for(name: str) -> str:
                               f"{n} processes per node (--nproc / --nproc_per_node)")
         return f"cuda:{local_rank()}"
     return name
+
+
+def check_launch(cfgs: list, nproc: int) -> torch.device:
+    """What `--nproc nproc` needs of every config, checked before any process starts: a global batch that
+    splits, and a GPU per process (or no more processes than CPU cores). The device they run on."""
+    from rescomp.context import resolve_device
+
+    for cfg in cfgs:
+        check_batch(cfg.train.batch_size, nproc)
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            _one_gpu_named(cfg.device, f"--nproc {nproc} gives each process its own")
+            if nproc > torch.cuda.device_count():
+                raise ConfigError(f"--nproc {nproc} asks for a GPU per process, but this machine has "
+                                  f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()} or fewer")
+        elif nproc > (os.cpu_count() or 1):
+            raise ConfigError(f"--nproc {nproc} processes on a CPU of {os.cpu_count()} cores would slow each other "
+                              f"down; use --nproc {os.cpu_count()} or fewer")
+    return device
 
 
 def check_batch(batch_size: int, world: int, what: str = "train.batch_size") -> None:
@@ -120,11 +143,6 @@ def group_for(device: torch.device) -> Any:
     if _cpu is None:
         _cpu = dist.new_group(backend="gloo")
     return _cpu
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -219,13 +237,11 @@ def agree(model: nn.Module, spec: dict[str, Any], info: Any) -> tuple[nn.Module,
     payload = broadcast((spec, {k: v.detach().cpu() for k, v in model.state_dict().items()}, info) if is_main() else None)
     if is_main():
         return model, spec, info
-    from rescomp.models import build_model
+    from rescomp.checkpoint import rebuild
 
     spec, state, info = payload
     device = next(iter(model.parameters()), torch.empty(0)).device
-    rebuilt = build_model(spec)
-    rebuilt.load_state_dict(state)
-    return rebuilt.to(device), spec, info
+    return rebuild(spec, state).to(device), spec, info
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:

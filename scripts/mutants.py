@@ -214,7 +214,7 @@ M = [
  ("dc-shared-rows-alike", "rescomp/stages/deep_compression.py", "{'weight-shared' if r['step'] else 'before sharing'}{origin}\"",
   "{'weight-shared' if r['step'] else 'before sharing'}\"",
   "tests/test_deep_compression.py::test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly"),
- ("dc-resume-deepcopy", "rescomp/stages/deep_compression.py", "    baked = dc.bake(_rebuilt(model, spec))", "    baked = dc.bake(copy.deepcopy(model).cpu())",
+ ("dc-resume-deepcopy", "rescomp/stages/deep_compression.py", "    baked = dc.bake(checkpoint.rebuild(spec, {k: v.detach().cpu() for k, v in model.state_dict().items()}))", "    baked = dc.bake(copy.deepcopy(model).cpu())",
   "tests/test_deep_compression.py::test_each_stage_is_a_command_of_its_own"),
  ("storage-curves-merged", "rescomp/report.py", "            curves.setdefault(r[\"storage_curve\"], []).append(r)", "            curves.setdefault(\"all\", []).append(r)",
   "tests/test_report.py::test_storage_curves_follow_each_chain_in_order_on_a_log_axis"),

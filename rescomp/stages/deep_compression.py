@@ -83,7 +83,7 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
         run.ctx.log(f"step {step}: {100 * r['weights_kept']:.1f}% of the weights kept, top-1 {r['top1']:.2f}%")
     # rebuilt from its spec and weights, not deep-copied: a masked network loaded from a finished step (a
     # resumed run) holds its weight as orig x mask, a tensor with a graph, which deepcopy refuses
-    baked = dc.bake(_rebuilt(model, spec))
+    baked = dc.bake(checkpoint.rebuild(spec, {k: v.detach().cpu() for k, v in model.state_dict().items()}))
     plain_spec = {k: v for k, v in spec.items() if k != "masked"}
     checkpoint.save(run.out / "model.pt", {"arch": plain_spec, "state_dict": baked.state_dict(), "config": cfg.to_dict(),
                                            "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
@@ -94,15 +94,6 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
     return {"arch": cfg.model.arch, "start_arch": run.spec, "scope": mc.scope, "rows": rows,
             "sections": [{"title": f"{cfg.report.row or cfg.model.arch}: share of each layer's weights kept ({mc.scope})",
                           "markdown": _kept_table(rows)}]}
-
-
-def _rebuilt(model: torch.nn.Module, spec: dict[str, Any]) -> torch.nn.Module:
-    """A CPU copy of `model` built from its spec and state_dict."""
-    from rescomp.models import build_model
-
-    copy_ = build_model(spec)
-    copy_.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return copy_
 
 
 def _kind(m) -> str:

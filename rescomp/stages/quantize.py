@@ -15,7 +15,7 @@ from rich.console import Console
 
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig
-from rescomp.context import RunContext, resolve_device
+from rescomp.context import RunContext, join
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
 from rescomp.rundir import run_folder
@@ -50,9 +50,7 @@ def context(cfg: ExperimentConfig, console: Optional[Console]) -> RunContext:
     the stages before it in a chain do; QAT then fine-tunes under DDP over Gloo."""
     from rescomp import distributed
 
-    device = resolve_device(distributed.device_for(cfg.device))  # a device that is not there is a mistake to name
-    distributed.init(device)
-    distributed.check_batch(cfg.train.batch_size, distributed.world_size())
+    join(cfg)  # on the config's device: a device that is not there is a mistake to name
     return RunContext(torch.device("cpu"), cfg.seed, console=console or Console(stderr=True, log_path=False),
                       rank=distributed.rank(), world_size=distributed.world_size())
 
