@@ -178,8 +178,9 @@ class QuantizeConfig(Strict):
     # torchao's PT2E flow with X86InductorQuantizer, run compiled by Inductor (PTQ and QAT)
     backend: Literal["x86", "fbgemm", "qnnpack", "onnxruntime", "pt2e"] = "x86"
     # Activations in 7 bits (true) or 8 (false, as TFLite); auto = the backend's default (x86, fbgemm:
-    # true; qnnpack, pt2e: false). rescomp.compress.quantize says why, and what false costs without
-    # VNNI. onnxruntime: weights in 7 bits instead; auto = 7 where the CPU has no VNNI (quantize_ort).
+    # true; qnnpack: false; pt2e: true where the CPU has no VNNI). rescomp.compress.quantize says why,
+    # and what false costs without VNNI. onnxruntime: weights in 7 bits instead; auto = 7 where the
+    # CPU has no VNNI (quantize_ort).
     reduce_range: Literal["auto", True, False] = "auto"
     calibration_images: int = Field(1000, ge=1, description="training images run through the observers")
     # how onnxruntime turns calibration activations into ranges (the FX backends use their own observers)
