@@ -71,21 +71,20 @@ bench-int8: install
 
 # Kastanos 2020, Tables 1-2 (ResNet50V2 full/spatial/depthwise, fp32 and int8), and the same on ResNet-56.
 # Each network is quantized by every int8 backend (torch.ao FX x86, ONNX Runtime, PT2E), calibrated
-# on the same 1000 training images, so the table shows which one to ship. torchao 0.18's
-# X86InductorQuantizer cannot annotate ResNet50V2 (a pre-activation feeds two convs): no PT2E row.
+# on the same 1000 training images, so the table shows which one to ship.
 # The six trainings run side by side under GPUS / JOBS; quantizing, which times every backend on the CPU,
 # runs one network at a time.
 table-separable: install
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
 	  echo "rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG)"; done; done | $(JOBS_RUN)
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
-	  for b in x86 onnxruntime $$([ $$m = resnet56 ] && echo pt2e); do \
+	  for b in x86 onnxruntime pt2e; do \
 	    $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) --set quantize.backend=$$b || exit $$?; \
 	  done; done; done
 	$(MAKE) report-separable
 
 report-separable: install
-	$(BIN)/rescomp report $(RUNS)/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq,-ptq-onnxruntime} --table table-separable \
+	$(BIN)/rescomp report $(RUNS)/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq,-ptq-onnxruntime,-ptq-pt2e} --table table-separable \
 	  --baseline Full --notes configs/table-separable/notes.md
 	$(BIN)/rescomp report $(RUNS)/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq,-ptq-onnxruntime,-ptq-pt2e} \
 	  --table table-separable-resnet56 --baseline "ResNet-56 Full" --notes configs/table-separable/notes.md

@@ -108,7 +108,7 @@ def _annotated(model: nn.Module, cfg: QuantizeConfig, image_size: int, qat: bool
     quantizer = api.Quantizer().set_global(api.config(is_qat=qat, reduce_range=reduce_range(cfg)))
     try:
         return (api.prepare_qat if qat else api.prepare)(captured, quantizer)
-    except Exception as e:  # torchao's annotation has patterns it cannot take (ResNet50V2's shared pre-activations)
+    except Exception as e:  # torchao's annotation has patterns it cannot take (one module called twice, for one)
         raise ConfigError(f"torchao's X86InductorQuantizer cannot annotate this network ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
 

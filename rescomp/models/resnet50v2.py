@@ -47,13 +47,17 @@ class BlockV2(nn.Module):
         self.conv2 = nn.Conv2d(filters, filters, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(filters, eps=EPS)
         self.conv3 = nn.Conv2d(filters, out_ch, 1, bias=True)
-        self.relu = nn.ReLU()
+        # One ReLU module per use (none has state, so state_dicts are unchanged): torch.export groups
+        # the calls of one module into one source partition, and a shared ReLU's partition has three
+        # outputs, which torchao's X86InductorQuantizer refuses ("Input partition has more than one
+        # output node"), so the network could not be quantized through PT2E.
+        self.preact_relu, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = self.relu(self.preact_bn(x))
+        preact = self.preact_relu(self.preact_bn(x))
         shortcut = self.shortcut(preact if self.conv_shortcut else x)
-        out = self.relu(self.bn1(self.conv1(preact)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(preact)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         return shortcut + self.conv3(out)
 
 
