@@ -184,7 +184,8 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
     for cfg in cfgs:
         run_dir, s = run_quantize(cfg, fresh=fresh, console=err)
         speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
-        out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%)  size {s['size_ratio']:.2f}x of fp32  "
+        out.print(f"int8 top-1 {s['top1']:.2f}% (fp32 {s['fp32_top1']:.2f}%, drop {s['top1_drop']:.2f} ± {s['top1_drop_se']:.2f}, "
+                  f"same class on {s['agreement']:.2f}% of images)  size {s['size_ratio']:.2f}x of fp32  "
                   f"CPU speed-up {speed or '-'}  -> {run_dir}/summary.json")
 
 

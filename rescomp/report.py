@@ -16,13 +16,13 @@ from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
-           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
+           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
            "macs_paper_input", "params_paper_head", "size_bytes", "compression", "weights_kept", "weights_compression",
            "dc_dense_bytes", "dc_sparse_bytes", "dc_shared_bytes", "dc_huffman_bytes", "dc_compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "method": "int8 by", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "int8 by", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
@@ -45,7 +45,7 @@ STAGES = {"train": "Trained networks", "ptq": "int8 networks", "qat": "int8 netw
 MAX_COLUMNS = 11
 CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels",
            "finetune_epochs_total", "layers", "units_deleted", "seeds")
-ACCURACY = ("top1", "top1_std", "loss", "fp32_top1", "top1_drop")
+ACCURACY = ("top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement")
 
 
 def find_runs(target: str, runs_root: Path) -> list[Path]:

@@ -116,12 +116,17 @@ def lr_lambda(s: ScheduleConfig, epochs: int, steps_per_epoch: int) -> Callable[
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions: bool = False) -> dict[str, Any]:
     """Test loss and top-1 of `model` on `loader`; a sharded loader's sums are added over ranks, so every
-    rank returns the numbers of the whole set."""
+    rank returns the numbers of the whole set. predictions: also each image's predicted class (`pred`)
+    and label (`target`), in the loader's order, for `paired` (one process's loader only)."""
+    sharded = getattr(loader, "sharded", False)
+    if predictions and sharded:
+        raise ValueError("evaluate(predictions=True) needs the whole test set in one process, not a sharded loader")
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss, correct, images
+    preds, targets = [], []
     fmt = memory_format_of(model)
     for x, y in loader:
         if not len(y):  # a rank's empty slice of a small last batch
@@ -131,11 +136,35 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext) -> dict[str
         sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += len(y)
+        if predictions:
+            preds.append(out.argmax(1).cpu())
+            targets.append(y.cpu())
     model.train(was_training)
-    if getattr(loader, "sharded", False):
+    if sharded:
         distributed.all_reduce_sum(sums)
     loss, correct, n = sums.tolist()
-    return {"loss": loss / max(n, 1), "top1": 100.0 * correct / max(n, 1), "n": int(n)}
+    res: dict[str, Any] = {"loss": loss / max(n, 1), "top1": 100.0 * correct / max(n, 1), "n": int(n)}
+    if predictions:
+        res |= {"pred": torch.cat(preds), "target": torch.cat(targets)}
+    return res
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two evaluations of the same test images (evaluate(..., predictions=True)), compared image by image:
+    - agreement: the share of images (%) to which both give the same class, right or wrong;
+    - only_a_right, only_b_right: the images only one of them classifies correctly;
+    - diff_se: the standard error (points) of a's top-1 minus b's. The difference is a mean over images
+      of right_a - right_b (each -1, 0 or 1), so only the images on which they differ add to its
+      variance (as in McNemar's test): two models that part on a few images have a difference far more
+      certain than their separate binomial errors (0.3 points each at 90 % of 10,000 images) suggest."""
+    if not torch.equal(a["target"], b["target"]):
+        raise ValueError("paired evaluations must be of the same images in the same order")
+    n = len(a["target"])
+    right_a, right_b = a["pred"] == a["target"], b["pred"] == b["target"]
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    d = (only_a - only_b) / n
+    return {"agreement": 100.0 * int((a["pred"] == b["pred"]).sum()) / n, "only_a_right": only_a,
+            "only_b_right": only_b, "diff_se": 100.0 * math.sqrt(max((only_a + only_b) / n - d * d, 0.0) / n)}
 
 
 @dataclass

@@ -11,6 +11,10 @@
 # - int8 far from fp32; a reload that recalibrates or differs -> test_int8_agrees_with_fp32_and_reloads_identically
 # - a registered backend whose int8.pt reloads as another backend's, or not at all
 #       -> test_every_backend_saves_what_reloads_with_identical_outputs (parametrized over the registry)
+# - the top-1 drop's standard error taken as two unpaired binomial errors, or without the mean
+#   difference's square; agreement counted as "both right or both wrong" instead of "same class";
+#   the images only fp32 / only int8 gets right swapped
+#       -> test_paired_counts_only_the_images_the_two_differ_on, test_quantize_run_measures_int8_beside_fp32
 import json
 
 import pytest
@@ -89,6 +93,9 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     assert s["quantization"] == {"method": "ptq", "backend": "x86", "activation_bits": 7, "calibration_images": 64}
     assert s["row"] == f"{cfg.run_name} int8 FX x86 (7-bit act.)"
     assert abs(s["top1"] - s["fp32_top1"]) <= 5
+    n = s["test_images"]
+    assert s["top1_drop"] == pytest.approx(100 * (s["only_fp32_right"] - s["only_int8_right"]) / n)
+    assert 100 - s["agreement"] >= 100 * (s["only_fp32_right"] + s["only_int8_right"]) / n - 1e-9
     assert s["size_ratio"] < 0.5 and s["size_bytes"] == s["fp32_size_bytes"] * s["size_ratio"]
     assert s["speedup_cpu_b8"] > 0 and s["act_peak_bytes_b1"] < s["fp32_act_peak_bytes_b1"]
     assert (run_dir / "int8.pt").is_file() and (run_dir / "summary.json").is_file()
@@ -101,6 +108,25 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     other = validate({**cfg.to_dict(), "quantize": {**cfg.quantize.model_dump(), "reduce_range": False}}, "t")
     with pytest.raises(ConfigError, match=r"other settings: quantize.reduce_range \('auto' -> False\)"):
         run_quantize(other)  # never the 7-bit result for an 8-bit request
+
+
+def test_paired_counts_only_the_images_the_two_differ_on():
+    from rescomp.train import paired
+
+    t = torch.arange(10)
+    a = {"pred": torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 0]), "target": t}  # 8 right
+    b = {"pred": torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 8, 1]), "target": t}  # 8 right: loses 7, gains 8
+    p = paired(a, b)
+    # same class on images 0-6 only: 9 is wrong in both, but with different classes
+    assert p["agreement"] == 70.0 and (p["only_a_right"], p["only_b_right"]) == (1, 1)
+    assert p["diff_se"] == pytest.approx(100 * (2 / 10 / 10) ** 0.5)  # unpaired: 100 * (2 * .8 * .2 / 10) ** .5 = 17.9
+    c = {"pred": torch.tensor([0, 1, 2, 3, 4, 5, 0, 0, 0, 0]), "target": t}  # 6 right, both losses a's gains
+    p = paired(a, c)
+    assert (p["only_a_right"], p["only_b_right"]) == (2, 0) and p["agreement"] == 80.0
+    # D = right_a - right_c is 1 on two images, 0 elsewhere: variance 0.2 - 0.2 ** 2 = 0.16
+    assert p["diff_se"] == pytest.approx(100 * (0.16 / 10) ** 0.5)
+    with pytest.raises(ValueError, match="same images"):
+        paired(a, {"pred": a["pred"], "target": t.flip(0)})
 
 
 def test_qat_fine_tunes_then_converts(workdir, tiny):

@@ -21,7 +21,7 @@ from rescomp.measure import measure
 from rescomp.rundir import run_folder
 from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, train_loaders
 from rescomp.stages.train import log_measuring
-from rescomp.train import Trainer, evaluate
+from rescomp.train import Trainer, evaluate, paired
 
 def suffix(cfg: ExperimentConfig) -> str:
     """ptq or qat, and the backend unless it is x86 (torch.ao FX), the default."""
@@ -85,7 +85,8 @@ def body(run: StageRun) -> dict[str, Any]:
     if q.may_saturate(qc):
         ctx.log(f"warning: quantize.reduce_range=false on {qc.backend} without VNNI: int8 convs sum products in "
                 f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or a CPU with VNNI")
-    fp32_eval, int8_eval = evaluate(model, test, ctx), evaluate(qmodel, test, ctx)
+    fp32_eval, int8_eval = evaluate(model, test, ctx, predictions=True), evaluate(qmodel, test, ctx, predictions=True)
+    pair = paired(fp32_eval, int8_eval)  # which images int8 changes, and how sure its top-1 drop is
 
     log_measuring(ctx, cfg)
     costs = measure(model, size, cfg.measure.model_copy(update={"latency": False}))  # fp32; timed below
@@ -100,6 +101,8 @@ def body(run: StageRun) -> dict[str, Any]:
         "params": costs["params"], "params_with_bn_stats": costs["params_with_bn_stats"], "macs": costs["macs"],
         "image_size": size, **int8,
         "fp32_top1": fp32_eval["top1"], "fp32_loss": fp32_eval["loss"], "top1_drop": fp32_eval["top1"] - int8_eval["top1"],
+        "top1_drop_se": pair["diff_se"], "agreement": pair["agreement"],
+        "only_fp32_right": pair["only_a_right"], "only_int8_right": pair["only_b_right"],
         **{f"fp32_{k}": v for k, v in costs.items() if k.startswith(("size_bytes", "act_peak"))},
         "size_ratio": int8["size_bytes"] / costs["size_bytes"],
         "paper": dict(cfg.report.paper_int8),
