@@ -13,8 +13,15 @@ STAMP := $(VENV)/.installed
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
 PROFILE ?= cpu
-PFLAG := $(if $(filter paper,$(PROFILE)),,--profile $(PROFILE))
-PSUF := $(if $(filter paper,$(PROFILE)),,-$(PROFILE))
+# A profile's --profile flag and run-folder suffix (none for paper, the configs' own recipe).
+pflag = $(if $(filter paper,$(1)),,--profile $(1))
+psuf = $(if $(filter paper,$(1)),,-$(1))
+PFLAG := $(call pflag,$(PROFILE))
+PSUF := $(call psuf,$(PROFILE))
+# The int8 backends every network of an int8 table is quantized by, and the run folders they make
+# beside the fp32 run (a bash brace list: <run>, <run>-ptq, ...).
+INT8_BACKENDS := x86 onnxruntime pt2e
+INT8_RUNS := {,-ptq,-ptq-onnxruntime,-ptq-pt2e}
 # Where the tables' runs are; `make report-taylor RUNS=elsewhere/runs` re-renders a table from them.
 RUNS ?= runs
 # A table's independent runs side by side (rescomp jobs): GPUS=0,1,2,3 puts one run on each listed GPU at a
@@ -78,15 +85,15 @@ table-separable: install
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
 	  echo "rescomp train configs/table-separable/$$m-$$v.yaml $(PFLAG)"; done; done | $(JOBS_RUN)
 	for m in resnet50v2 resnet56; do for v in full spatial depthwise; do \
-	  for b in x86 onnxruntime pt2e; do \
+	  for b in $(INT8_BACKENDS); do \
 	    $(BIN)/rescomp quantize configs/table-separable/$$m-$$v.yaml $(PFLAG) --set quantize.backend=$$b || exit $$?; \
 	  done; done; done
 	$(MAKE) report-separable
 
 report-separable: install
-	$(BIN)/rescomp report $(RUNS)/resnet50v2-{full,spatial,depthwise}$(PSUF){,-ptq,-ptq-onnxruntime,-ptq-pt2e} --table table-separable \
+	$(BIN)/rescomp report $(RUNS)/resnet50v2-{full,spatial,depthwise}$(PSUF)$(INT8_RUNS) --table table-separable \
 	  --baseline Full --notes configs/table-separable/notes.md
-	$(BIN)/rescomp report $(RUNS)/resnet56-{full,spatial,depthwise}$(PSUF){,-ptq,-ptq-onnxruntime,-ptq-pt2e} \
+	$(BIN)/rescomp report $(RUNS)/resnet56-{full,spatial,depthwise}$(PSUF)$(INT8_RUNS) \
 	  --table table-separable-resnet56 --baseline "ResNet-56 Full" --notes configs/table-separable/notes.md
 
 # Issue 11's accuracy question: does int8 stay within 0.5 point of fp32 on every backend, for a trained
@@ -95,18 +102,18 @@ report-separable: install
 # takes the cpu-long profile (the whole train set, 9-10 epochs, about 110 minutes a network on one core;
 # JOBS=2 trains both side by side); PROFILE=fast or paper uses (or makes) table-separable's own trainings.
 INT8_PROFILE := $(if $(filter cpu,$(PROFILE)),cpu-long,$(PROFILE))
-INT8_PFLAG := $(if $(filter paper,$(INT8_PROFILE)),,--profile $(INT8_PROFILE))
-INT8_PSUF := $(if $(filter paper,$(INT8_PROFILE)),,-$(INT8_PROFILE))
+INT8_PFLAG := $(call pflag,$(INT8_PROFILE))
+INT8_PSUF := $(call psuf,$(INT8_PROFILE))
 table-int8: install
 	for m in resnet50v2 resnet56; do \
 	  echo "rescomp train configs/table-separable/$$m-full.yaml $(INT8_PFLAG)"; done | $(JOBS_RUN)
-	for m in resnet50v2 resnet56; do for b in x86 onnxruntime pt2e; do \
+	for m in resnet50v2 resnet56; do for b in $(INT8_BACKENDS); do \
 	  $(BIN)/rescomp quantize configs/table-separable/$$m-full.yaml $(INT8_PFLAG) --set quantize.backend=$$b || exit $$?; \
 	done; done
 	$(MAKE) report-int8
 
 report-int8: install
-	$(BIN)/rescomp report $(RUNS)/{resnet50v2,resnet56}-full$(INT8_PSUF){,-ptq,-ptq-onnxruntime,-ptq-pt2e} --table table-int8 \
+	$(BIN)/rescomp report $(RUNS)/{resnet50v2,resnet56}-full$(INT8_PSUF)$(INT8_RUNS) --table table-int8 \
 	  --notes configs/table-separable/notes-int8.md
 
 # Residual-block deletion: accuracy vs layers (the method; regular ResNets of each depth from scratch

@@ -133,11 +133,12 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions
             continue
         with ctx.autocast():
             out = model(x.contiguous(memory_format=fmt))
+        pred = out.argmax(1)
         sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        sums[1] += (out.argmax(1) == y).sum()
+        sums[1] += (pred == y).sum()
         sums[2] += len(y)
         if predictions:
-            preds.append(out.argmax(1).cpu())
+            preds.append(pred.cpu())
             targets.append(y.cpu())
     model.train(was_training)
     if sharded:

@@ -130,8 +130,7 @@ def main() -> None:
              f"- how made: `{meta['command']}`, {meta['wall_s']:.0f} s", ""]
     for r in rows:
         lines += [f"## {r['arch']}", "", "| path | ms b1 | ms b64 | speed-up b1 | speed-up b64 | bytes |", "|---|---|---|---|---|---|"]
-        size = {n: r[f"{n.split('_')[0]}_size_bytes"] for n in PATHS if n.startswith("fp32")} | {
-            n: r[f"{n}_size_bytes"] for n in PATHS if n.startswith("int8")}
+        size = {n: r[f"{n}_size_bytes" if q else "fp32_size_bytes"] for n, (_, q) in PATHS.items()}
         for name, (label, q) in PATHS.items():
             if name in r["unavailable"]:
                 lines.append(f"| {label} | not available: {r['unavailable'][name]} |  |  |  |  |")

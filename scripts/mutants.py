@@ -251,7 +251,7 @@ M = [
   "tests/test_distributed.py::test_sharded_scores_are_the_one_process_scores"),
  ("scores-every-batch-everywhere", "rescomp/compress/prune.py", "            if i % world != rank:", "            if False:",
   "tests/test_distributed.py::test_sharded_scores_are_the_one_process_scores"),
- ("eval-not-reduced", "rescomp/train.py", "    if getattr(loader, \"sharded\", False):\n        distributed.all_reduce_sum(sums)", "    pass",
+ ("eval-not-reduced", "rescomp/train.py", "    if sharded:\n        distributed.all_reduce_sum(sums)", "    pass",
   "tests/test_distributed.py::test_two_processes_train_and_prune_as_one"),
  ("resume-drops-momentum", "rescomp/train.py", "        self.opt.load_state_dict(p[\"optimizer\"])", "        pass",
   "tests/test_distributed.py::test_resume_after_kill_on_another_number_of_processes"),
