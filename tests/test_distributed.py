@@ -19,6 +19,7 @@ Wrong versions these tests must catch:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -248,16 +249,35 @@ def _rescomp(*args: str, cwd: Path, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below pid (torchrun starts the ranks in sessions of their own)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            kids = [int(k) for k in (task / "children").read_text().split()] if (task / "children").is_file() else []
-            out += kids
-            todo += kids
+def _started_from(cwd: Path) -> list[int]:
+    """Every live process that _rescomp(cwd=cwd) started, and everything they started (torchrun's agent,
+    its ranks, their workers): they all carry its RESCOMP_CACHE. Read from each process's environment,
+    which does not depend on who is whose parent (torchrun starts the ranks in sessions of their own)."""
+    mark, out = f"RESCOMP_CACHE={cwd / 'cache'}".encode(), []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in env.read_bytes().split(b"\0"):
+                out.append(int(env.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
     return out
+
+
+def _wait_dead(pids: list[int], timeout: float = 60) -> None:
+    """Until every pid has exited (gone, or a zombie: its files, and so its flock, are closed by then).
+    SIGKILL is asynchronous, and a rank orphaned by its killed agent is reaped by init, not by us: on a
+    loaded 2-core machine it can still hold the run's lock when the next command starts (CI saw this)."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while True:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                break
+            if state in ("Z", "X"):
+                break
+            assert time.monotonic() < deadline, f"pid {pid} still alive ({state}) {timeout} s after SIGKILL"
+            time.sleep(0.01)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -337,9 +357,13 @@ def test_resume_after_kill_on_another_number_of_processes(workdir: Path, tiny: d
     while not (history.is_file() and len(history.read_text().splitlines()) >= 3):  # last.pt then holds >= 2
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
         time.sleep(0.02)
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's agent and both ranks, mid-run
-        os.kill(pid, signal.SIGKILL)
+    victims = _started_from(workdir)  # torchrun's agent and both ranks, mid-run
+    assert proc.pid in victims and len(victims) >= 3, victims
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    _wait_dead(victims)
     assert not (workdir / "runs/killed/summary.json").exists()
     stopped = torch.load(ckpt, weights_only=True)["fit_state"]["epoch"]
     assert 2 <= stopped < 12
