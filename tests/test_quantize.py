@@ -5,6 +5,10 @@
 #   backend's default (x86/fbgemm 7-bit, qnnpack 8-bit)        -> test_reduce_range_reaches_every_activation_observer
 # - the summary / row not saying which activation width ran, or
 #   a finished run returned for other quantize settings       -> test_quantize_run_measures_int8_beside_fp32
+# - a residual sum (an addition with no ReLU after it) calibrated by the histogram, which clips the
+#   rare large values a pre-activation stream carries; or min/max everywhere, which gives up the
+#   histogram's finer steps behind a ReLU                         -> test_residual_sums_keep_their_whole_range
+# - the residual sums' observer left at 8 bits when reduce_range asks 7 -> test_reduce_range_reaches_every_activation_observer
 # - the stem's zero pad re-quantized with scales of its own    -> test_zero_pad_keeps_its_inputs_int8_grid
 # - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
 # - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
@@ -255,7 +259,46 @@ def test_reduce_range_reaches_every_activation_observer(backend, setting, bits, 
     prepared = q.prepare(model, cfg, 8)
     acts = [m for m in prepared.modules() if isinstance(m, ObserverBase) and m.dtype == torch.quint8]
     assert len(acts) >= 4
+    residual = q.prepare(_PreAct(), cfg, 8)  # a residual sum's observer too (its own kind, for ptq)
+    acts += [m for m in residual.modules() if isinstance(m, ObserverBase) and m.dtype == torch.quint8]
     assert {(m.quant_min, m.quant_max) for m in acts} == {(0, 2**bits - 1)}
+
+
+class _PreAct(torch.nn.Module):
+    """x + conv2(relu(conv1(x))), both convs 1x1 identities: a pre-activation residual unit, whose sum
+    has no ReLU after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 1)
+        for c in (self.conv1, self.conv2):
+            c.weight.data, c.bias.data = torch.eye(3).view(3, 3, 1, 1), torch.zeros(3)
+
+    def forward(self, x):
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+def test_residual_sums_keep_their_whole_range():
+    # 196,608 values, N(0, 1) but for one in a thousand drawn far out (exponential, mean 50): the
+    # shape of a pre-activation residual stream. The sum x + relu(x) spans -249.7 .. 500.1 and the
+    # ReLU's output 0 .. 250.0. torch's HistogramObserver clips such a sum to about -191 .. 373
+    # (measured), cutting off the values the identity shortcuts carry to the classifier; rescomp
+    # observes residual sums by min/max, so their int8 grid spans the whole calibrated range, to one
+    # step. Behind the ReLU the histogram stays, and clips the tail for a finer step (to about 186).
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    k = x.numel() // 1000
+    far = torch.randperm(x.numel())[:k]
+    x.view(-1)[far] = torch.distributions.Exponential(1 / 50).sample((k,)) * torch.randn(k).sign()
+    model = _PreAct().eval()
+    with torch.no_grad():
+        total, relu = model(x), torch.relu(x)
+    qmodel, _ = ptq(model, QuantizeConfig(), [x[:32], x[32:]], 32)
+    add = next(n for n in qmodel.graph.nodes if n.target is torch.ops.quantized.add)
+    scale, zp = (float(getattr(qmodel, a.target)) for a in add.args[2:4])
+    assert -zp * scale <= float(total.min()) + scale and (127 - zp) * scale >= float(total.max()) - scale
+    relu_step = qmodel.conv1.scale  # min/max would end its grid at the ReLU's maximum, to rounding
+    assert (127 - qmodel.conv1.zero_point) * relu_step < float(relu.max()) - 2 * relu_step
 
 
 def test_zero_pad_keeps_its_inputs_int8_grid():

@@ -2,7 +2,8 @@
 
 Every call to the FX API (deprecated in current PyTorch, present in 2.14.x) lives in this file.
 Weights are int8 per output channel (x86, fbgemm; qnnpack's default is per tensor) and activations
-uint8 per tensor, with the backend's default observers; conv-BN(-ReLU) and linear(-ReLU) are fused
+uint8 per tensor, with the backend's default observers except at residual sums (min/max there, for
+PTQ: `qconfig_mapping` says why); conv-BN(-ReLU) and linear(-ReLU) are fused
 by prepare_fx. torch lowers no pad op to int8: it leaves ResNet50V2's stem ZeroPad2d between a
 dequantize and a quantize, which `backend_config` makes lossless by giving the pad its input's scale
 and zero point (a real 0 is exactly the zero point).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import operator
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +77,7 @@ def _fx_api() -> Iterator[Any]:
     """The FX quantization functions, with their deprecation warnings silenced; or a clear error."""
     try:
         from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+        from torch.ao.quantization.observer import MinMaxObserver
         from torch.ao.quantization.backend_config import BackendPatternConfig, get_native_backend_config
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
     except ImportError as e:
@@ -89,7 +92,7 @@ def _fx_api() -> Iterator[Any]:
     api = API()
     api.__dict__.update(qconfig=get_default_qconfig_mapping, qat_qconfig=get_default_qat_qconfig_mapping,
                         prepare=prepare_fx, prepare_qat=prepare_qat_fx, convert=convert_fx, QConfig=QConfig,
-                        native=get_native_backend_config, Pattern=BackendPatternConfig)
+                        native=get_native_backend_config, Pattern=BackendPatternConfig, MinMax=MinMaxObserver)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield api
@@ -122,7 +125,19 @@ def may_saturate(cfg: QuantizeConfig) -> bool:
 
 
 def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
-    """The backend's default mapping (ptq or qat), its activation observers set to reduce_range(cfg)."""
+    """The backend's default mapping (ptq or qat), its activation observers set to reduce_range(cfg); for
+    ptq, the sums of residual additions observed by min/max instead of the default histogram.
+
+    Why min/max there: torch's HistogramObserver picks the range that minimises the squared rounding
+    error over the calibration histogram, so it clips rare large values for a finer step. Behind a
+    ReLU that pays. But a pre-activation network's residual stream (an addition with no ReLU fused
+    after it, as in ResNet50V2) carries a few large values that the identity shortcuts pass on
+    unchanged to the classifier: on the trained cpu-long ResNet50V2 the stream before the last block
+    spans +-1,000, and the histogram's clip of its top third cost 37 points of top-1 (63.4 -> 26.2 %).
+    The more calibration images, the more the bulk outweighs the tails and the harder it clips (500
+    images gave 62.2 %). Min/max keeps those values (62.85 % on 2,000 test images, fp32 63.7), and
+    leaves ResNet-56, whose additions are fused with their ReLU and keep the histogram, where it was.
+    QAT's fake-quant observers already track min/max."""
     mapping = (fx.qat_qconfig if cfg.method == "qat" else fx.qconfig)(cfg.backend)
     default = mapping.global_qconfig.activation
     act = default.with_args(reduce_range=reduce_range(cfg))
@@ -133,6 +148,11 @@ def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
     mapping.set_global(swap(mapping.global_qconfig))
     for pattern, qc in list(mapping.object_type_qconfigs.items()):
         mapping.set_object_type(pattern, swap(qc))
+    if cfg.method == "ptq":
+        residual = fx.QConfig(activation=fx.MinMax.with_args(reduce_range=reduce_range(cfg)),
+                              weight=mapping.global_qconfig.weight)
+        for add in (operator.add, torch.add):
+            mapping.set_object_type(add, residual)
     return mapping
 
 
