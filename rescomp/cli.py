@@ -102,6 +102,7 @@ def _main(ctx: typer.Context,
     from rescomp import distributed
 
     if distributed.launched():  # one of torchrun's processes: rank 0 speaks for all
+        distributed.end_with_launcher()
         if ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
             err.print(f"[bold red]error:[/] rescomp {ctx.invoked_subcommand} runs in one process; run it without "
                       f"torchrun (only {', '.join(DISTRIBUTED_COMMANDS)} train on several)", highlight=False)

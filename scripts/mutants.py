@@ -133,6 +133,8 @@ M = [
   "tests/test_quantize.py::test_residual_sums_keep_their_whole_range"),
  ("fx-residual-8bit", "rescomp/compress/quantize.py", "activation=fx.MinMax.with_args(reduce_range=reduce_range(cfg))", "activation=fx.MinMax",
   "tests/test_quantize.py::test_reduce_range_reaches_every_activation_observer"),
+ ("ranks-outlive-launcher", "rescomp/cli.py", "        distributed.end_with_launcher()\n", "",
+  "tests/test_distributed.py::test_ranks_stop_when_their_launcher_is_killed"),
  ("onednn-cap-ignored", "rescomp/hardware.py", "    cap = (onednn_isa_cap() or \"\").upper() if onednn else \"\"", "    cap = \"\"",
   "tests/test_quantize_pt2e.py::test_auto_activation_width_keeps_int8_sums_exact tests/test_quantize.py::test_saturation_risk_is_flagged"),
  ("bitwriter-drops-pending", "rescomp/compress/codec.py", "        bits = np.concatenate([self.pending, bits]) if self.pending.size else bits", "        bits = bits",

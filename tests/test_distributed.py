@@ -14,6 +14,7 @@ Wrong versions these tests must catch:
   (test_two_processes_train_and_prune_as_one); filter scores not summed over ranks, or every rank
   scoring every batch (test_sharded_scores_are_the_one_process_scores);
 - a killed 2-process run that does not resume, or resumes differently on 1 process (test_resume_after_kill...);
+- ranks that train on, orphaned, after their launcher was killed (test_ranks_stop_when_their_launcher_is_killed);
 - a bad --nproc, a batch that does not split, a non-training command under torchrun: one line, exit 2.
 """
 
@@ -34,7 +35,7 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from conftest import write_config
-from rescomp import distributed
+from rescomp import distributed, runlock
 from rescomp.cli import app
 from rescomp.config import AugmentConfig, validate
 from rescomp.data import BatchLoader
@@ -264,19 +265,25 @@ def _started_from(cwd: Path) -> list[int]:
 
 
 def _wait_dead(pids: list[int], timeout: float = 60) -> None:
-    """Until every pid has exited (gone, or a zombie: its files, and so its flock, are closed by then).
-    SIGKILL is asynchronous, and a rank orphaned by its killed agent is reaped by init, not by us: on a
-    loaded 2-core machine it can still hold the run's lock when the next command starts (CI saw this)."""
+    """Until every pid has exited: gone, or a zombie with no live thread left. A process's files, and so
+    its flock, are closed when its last thread exits; the main thread can turn zombie before the
+    others (seen here: a rank's leader a zombie, its lock still held). SIGKILL is asynchronous, and a
+    rank orphaned by its killed agent is reaped by init, not by us: on a loaded 2-core machine it can
+    still hold the run's lock when the next command starts (CI saw this)."""
+    def alive(pid: int) -> str | None:
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):  # that thread is gone
+                continue
+            if state not in ("Z", "X"):
+                return state
+        return None
+
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while True:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                break
-            if state in ("Z", "X"):
-                break
-            assert time.monotonic() < deadline, f"pid {pid} still alive ({state}) {timeout} s after SIGKILL"
+        while (state := alive(pid)) is not None:
+            assert time.monotonic() < deadline, f"pid {pid} still alive ({state}) after {timeout} s"
             time.sleep(0.01)
 
 
@@ -379,3 +386,31 @@ def test_resume_after_kill_on_another_number_of_processes(workdir: Path, tiny: d
     assert after["lr"] == ref["lr"]
     assert after["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
     assert after["train_top1"] == pytest.approx(ref["train_top1"], abs=100 / 256 + 1e-9)  # an image at most
+
+
+def test_ranks_stop_when_their_launcher_is_killed(workdir: Path, tiny: dict) -> None:
+    """kill -9 of `rescomp train --nproc 2` (torchrun's agent runs in that process) ends its ranks too.
+    Otherwise the orphaned ranks train on together, unseen, and hold the run folder: the user's resume is
+    refused until they finish."""
+    tiny = _ddp_config(tiny)
+    tiny["data"]["synthetic"]["train_size"] = 256
+    tiny["train"].update(epochs=500, batch_size=32, eval_test_every=0)  # minutes, if the ranks went on
+    path = write_config(workdir, tiny)
+    proc = _rescomp("train", str(path), "--set", "name=orphaned", "--nproc", "2", cwd=workdir)
+    history = workdir / "runs/orphaned/metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (history.is_file() and history.read_text().splitlines()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+    ranks = [p for p in _started_from(workdir) if p != proc.pid]
+    assert len(ranks) >= 2, ranks
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        proc.wait()
+        _wait_dead(ranks, timeout=30)
+    finally:
+        for pid in _started_from(workdir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not (workdir / "runs/orphaned/summary.json").exists()
+    assert runlock.holder(workdir / "runs/orphaned") is None  # a resume may start at once
