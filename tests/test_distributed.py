@@ -264,6 +264,12 @@ def _started_from(cwd: Path) -> list[int]:
     return out
 
 
+def _sigkill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(pid, signal.SIGKILL)
+
+
 def _wait_dead(pids: list[int], timeout: float = 60) -> None:
     """Until every pid has exited: gone, or a zombie with no live thread left. A process's files, and so
     its flock, are closed when its last thread exits; the main thread can turn zombie before the
@@ -366,9 +372,7 @@ def test_resume_after_kill_on_another_number_of_processes(workdir: Path, tiny: d
         time.sleep(0.02)
     victims = _started_from(workdir)  # torchrun's agent and both ranks, mid-run
     assert proc.pid in victims and len(victims) >= 3, victims
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _sigkill(victims)
     proc.wait()
     _wait_dead(victims)
     assert not (workdir / "runs/killed/summary.json").exists()
@@ -409,8 +413,6 @@ def test_ranks_stop_when_their_launcher_is_killed(workdir: Path, tiny: dict) -> 
         proc.wait()
         _wait_dead(ranks, timeout=30)
     finally:
-        for pid in _started_from(workdir):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _sigkill(_started_from(workdir))  # whatever survived
     assert not (workdir / "runs/orphaned/summary.json").exists()
     assert runlock.holder(workdir / "runs/orphaned") is None  # a resume may start at once

@@ -141,7 +141,8 @@ def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
     it a point. QAT's fake-quant observers already track min/max."""
     mapping = (fx.qat_qconfig if cfg.method == "qat" else fx.qconfig)(cfg.backend)
     default = mapping.global_qconfig.activation
-    act = default.with_args(reduce_range=reduce_range(cfg))
+    seven_bits = reduce_range(cfg)
+    act = default.with_args(reduce_range=seven_bits)
 
     def swap(qc: Any) -> Any:  # only the qconfigs built on the default activation observer
         return fx.QConfig(activation=act, weight=qc.weight) if qc is not None and qc.activation is default else qc
@@ -150,7 +151,7 @@ def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
     for pattern, qc in list(mapping.object_type_qconfigs.items()):
         mapping.set_object_type(pattern, swap(qc))
     if cfg.method == "ptq":
-        residual = fx.QConfig(activation=fx.MinMax.with_args(reduce_range=reduce_range(cfg)),
+        residual = fx.QConfig(activation=fx.MinMax.with_args(reduce_range=seven_bits),
                               weight=mapping.global_qconfig.weight)
         for add in (operator.add, torch.add):
             mapping.set_object_type(add, residual)
