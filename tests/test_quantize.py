@@ -5,10 +5,13 @@
 #   backend's default (x86/fbgemm 7-bit, qnnpack 8-bit)        -> test_reduce_range_reaches_every_activation_observer
 # - the summary / row not saying which activation width ran, or
 #   a finished run returned for other quantize settings       -> test_quantize_run_measures_int8_beside_fp32
-# - a residual sum (an addition with no ReLU after it) calibrated by the histogram, which clips the
-#   rare large values a pre-activation stream carries; or min/max everywhere, which gives up the
-#   histogram's finer steps behind a ReLU                         -> test_residual_sums_keep_their_whole_range
-# - the residual sums' observer left at 8 bits when reduce_range asks 7 -> test_reduce_range_reaches_every_activation_observer
+# - a residual sum (an addition with no ReLU after it) on an int8 grid, which clips or coarsens the
+#   values a pre-activation stream carries; or the wrong add picked (its call index off by one)
+#                                                              -> test_residual_sums_stay_fp32
+# - every addition in fp32, the ones fused with a ReLU too    -> test_residual_sums_with_a_relu_stay_int8
+# - the batch norms that read the fp32 stream quantized       -> test_batch_norms_that_read_a_residual_stream_run_in_fp32
+# - the classifier's output on an int8 grid (ties at the top) -> test_the_classifier_output_is_not_rounded
+# - the classifier traced only to the output's own module     -> test_the_classifier_is_traced_back_to_its_last_weighted_layer
 # - the stem's zero pad re-quantized with scales of its own    -> test_zero_pad_keeps_its_inputs_int8_grid
 # - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
 # - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
@@ -20,6 +23,8 @@
 #   the images only fp32 / only int8 gets right swapped
 #       -> test_paired_counts_only_the_images_the_two_differ_on, test_quantize_run_measures_int8_beside_fp32
 import json
+
+import operator
 
 import pytest
 import torch
@@ -181,7 +186,7 @@ def test_weights_are_int8_per_output_channel():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, bias=False)
     conv.weight.data *= torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1, 1)
-    model = torch.nn.Sequential(conv).eval()
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()  # and a classifier (fp32)
     x = torch.randn(16, 3, 8, 8)
     qmodel, _ = ptq(model, QuantizeConfig(), [x], 8)
     w = qmodel.get_submodule("0").weight()
@@ -197,7 +202,8 @@ def test_weights_are_int8_per_output_channel():
     resnet = build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}).eval()
     q, _ = ptq(resnet, QuantizeConfig(), [torch.randn(4, 3, 32, 32)], 32)
     packed = [m for m in q.modules() if isinstance(m, (QConv2d, QLinear))]
-    assert len(packed) == 8  # 7 convs (option A shortcuts have none) and the classifier
+    assert len(packed) == 7  # 7 convs (option A shortcuts have none); the classifier stays fp32
+    assert type(q.get_submodule("fc")) is torch.nn.Linear
     for m in packed:
         assert m.weight().qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
         assert m.weight().q_per_channel_scales().numel() == m.weight().shape[0]
@@ -255,12 +261,11 @@ def test_reduce_range_reaches_every_activation_observer(backend, setting, bits, 
     cfg = QuantizeConfig(backend=backend, reduce_range=setting, method=method)
     assert q.describe(cfg)["activation_bits"] == bits
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 4, 1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     prepared = q.prepare(model, cfg, 8)
     acts = [m for m in prepared.modules() if isinstance(m, ObserverBase) and m.dtype == torch.quint8]
-    assert len(acts) >= 4
-    residual = q.prepare(_PreAct(), cfg, 8)  # a residual sum's observer too (its own kind, for ptq)
-    acts += [m for m in residual.modules() if isinstance(m, ObserverBase) and m.dtype == torch.quint8]
+    assert len(acts) >= 3  # the input and both convs' outputs (the classifier's is fp32)
     assert {(m.quant_min, m.quant_max) for m in acts} == {(0, 2**bits - 1)}
 
 
@@ -278,27 +283,94 @@ class _PreAct(torch.nn.Module):
         return x + self.conv2(self.relu(self.conv1(x)))
 
 
-def test_residual_sums_keep_their_whole_range():
+def test_residual_sums_stay_fp32():
     # 196,608 values, N(0, 1) but for one in a thousand drawn far out (exponential, mean 50): the
-    # shape of a pre-activation residual stream. The sum x + relu(x) spans -249.7 .. 500.1 and the
-    # ReLU's output 0 .. 250.0. torch's HistogramObserver clips such a sum to about -191 .. 373
-    # (measured), cutting off the values the identity shortcuts carry to the classifier; rescomp
-    # observes residual sums by min/max, so their int8 grid spans the whole calibrated range, to one
-    # step. Behind the ReLU the histogram stays, and clips the tail for a finer step (to about 186).
+    # shape of a pre-activation residual stream. The sum x + conv2(relu(conv1(x))) (1x1 identities)
+    # spans -249.7 .. 500.1. Where x is far below zero the ReLU branch is exactly 0 (its zero point),
+    # so the fp32 sum returns x itself. A 7-bit grid of that sum would be off by up to half a step
+    # (min/max: 750 / 127 / 2 = 2.9), or by far more where torch's HistogramObserver clips it (to about
+    # -191 .. 373, measured): the values the identity shortcuts carry to the classifier.
     torch.manual_seed(0)
     x = torch.randn(64, 3, 32, 32)
     k = x.numel() // 1000
     far = torch.randperm(x.numel())[:k]
     x.view(-1)[far] = torch.distributions.Exponential(1 / 50).sample((k,)) * torch.randn(k).sign()
     model = _PreAct().eval()
-    with torch.no_grad():
-        total, relu = model(x), torch.relu(x)
     qmodel, _ = ptq(model, QuantizeConfig(), [x[:32], x[32:]], 32)
-    add = next(n for n in qmodel.graph.nodes if n.target is torch.ops.quantized.add)
-    scale, zp = (float(getattr(qmodel, a.target)) for a in add.args[2:4])
-    assert -zp * scale <= float(total.min()) + scale and (127 - zp) * scale >= float(total.max()) - scale
+    with torch.no_grad():
+        out = qmodel(x)
+    below = x < -20
+    assert below.sum() > 50
+    assert torch.equal(out[below], x[below])
+    assert not any(n.target is torch.ops.quantized.add for n in qmodel.graph.nodes)
+    # the ReLU branch stays int8, its grid clipped by the histogram for a finer step (to about 186)
     relu_step = qmodel.conv1.scale  # min/max would end its grid at the ReLU's maximum, to rounding
-    assert (127 - qmodel.conv1.zero_point) * relu_step < float(relu.max()) - 2 * relu_step
+    assert (127 - qmodel.conv1.zero_point) * relu_step < float(torch.relu(x).max()) - 2 * relu_step
+
+
+def test_residual_sums_with_a_relu_stay_int8():
+    # ResNet-56's blocks end in relu(conv + shortcut): that addition is fused with its ReLU and runs
+    # in int8, one per block (depth 8: one block per stage, three stages). Only sums with no ReLU after
+    # them (a pre-activation stream) run in fp32.
+    from rescomp.models import build_model
+
+    torch.manual_seed(0)
+    resnet = build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}).eval()
+    q, _ = ptq(resnet, QuantizeConfig(), [torch.randn(4, 3, 32, 32)], 32)
+    targets = [n.target for n in q.graph.nodes]
+    assert targets.count(torch.ops.quantized.add_relu) == 3
+    assert operator.add not in targets and torch.add not in targets
+
+
+def test_batch_norms_that_read_a_residual_stream_run_in_fp32():
+    # The second of two ResNet50V2 blocks: its pre-activation BN + ReLU reads the first block's sum.
+    # On the fp32 stream the BN runs in fp32 (a 7-bit grid's error, scaled up by the BN, cost the trained
+    # ResNet50V2 about a point); the BNs folded into conv1 and conv2 stay in int8 convs.
+    from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+
+    from rescomp.models.resnet50v2 import BlockV2
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), BlockV2(16, 4, 1, False), BlockV2(16, 4, 1, False)).eval()
+    q, _ = ptq(model, QuantizeConfig(), [torch.randn(8, 3, 8, 8)], 8)
+    bn = q.get_submodule("2.preact_bn")
+    assert "quantized" not in type(bn).__module__  # a float BN + ReLU (torch.ao.nn.intrinsic.BNReLU2d)
+    feeds = []
+    bn.register_forward_pre_hook(lambda m, inp: feeds.append(inp[0].is_quantized))
+    with torch.no_grad():
+        q(torch.randn(2, 3, 8, 8))
+    assert feeds == [False]
+    assert sum(isinstance(m, ConvReLU2d) for m in q.get_submodule("2").modules()) == 2  # conv1/2 + BN + ReLU
+
+
+def test_the_classifier_output_is_not_rounded():
+    # Two logits 5.00 and 5.01: on a 7-bit grid spanning the logits (step about 0.08) they round to
+    # the same step, and argmax takes the first; the fp32 classifier keeps them apart.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(1, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)), model[0].bias.zero_()
+        model[3].weight.copy_(torch.tensor([[1.0], [1.002], [-1.0]])), model[3].bias.zero_()
+    x = torch.full((1, 3, 1, 1), 5.0)
+    calibration = [torch.linspace(0, 5, 16).view(16, 1, 1, 1).expand(16, 3, 1, 1)]
+    qmodel, _ = ptq(model.eval(), QuantizeConfig(), calibration, 1)
+    with torch.no_grad():
+        logits = qmodel(x)[0]
+    assert int(logits.argmax()) == 1
+    assert abs(float(logits[1] - logits[0]) - 0.002 * float(logits[0])) < 1e-5
+
+
+def test_the_classifier_is_traced_back_to_its_last_weighted_layer():
+    # torchvision's SqueezeNet ends in Dropout, a 1x1 conv, ReLU, global pooling and a flatten: the
+    # conv, its ReLU and the pool run in fp32; ResNet50V2 ends in fc alone.
+    from rescomp.compress.quantize import _fx_api, classifier
+    from rescomp.models import build_model
+
+    for spec, names in (({"arch": "squeezenet1_1", "num_classes": 10}, ["classifier.3", "classifier.2", "classifier.1"]),
+                        ({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4}, ["fc"])):
+        model = build_model(spec)
+        with _fx_api() as fx:
+            tracer = fx.Tracer([], [])
+            assert classifier(tracer.trace(model), model) == names
 
 
 def test_zero_pad_keeps_its_inputs_int8_grid():

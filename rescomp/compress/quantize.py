@@ -2,8 +2,9 @@
 
 Every call to the FX API (deprecated in current PyTorch, present in 2.14.x) lives in this file.
 Weights are int8 per output channel (x86, fbgemm; qnnpack's default is per tensor) and activations
-uint8 per tensor, with the backend's default observers except at residual sums (min/max there, for
-PTQ: `qconfig_mapping` says why); conv-BN(-ReLU) and linear(-ReLU) are fused
+uint8 per tensor, with the backend's default observers. The classifier, and for PTQ the residual sums
+no ReLU follows and the batch norms that read them, stay fp32 (`qconfig_mapping` says why, with the
+figures); conv-BN(-ReLU) and linear(-ReLU) are fused
 by prepare_fx. torch lowers no pad op to int8: it leaves ResNet50V2's stem ZeroPad2d between a
 dequantize and a quantize, which `backend_config` makes lossless by giving the pad its input's scale
 and zero point (a real 0 is exactly the zero point).
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from rescomp import checkpoint
@@ -77,7 +79,8 @@ def _fx_api() -> Iterator[Any]:
     """The FX quantization functions, with their deprecation warnings silenced; or a clear error."""
     try:
         from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-        from torch.ao.quantization.observer import MinMaxObserver
+        from torch.ao.nn.intrinsic import BNReLU2d
+        from torch.ao.quantization.fx.tracer import QuantizationTracer
         from torch.ao.quantization.backend_config import BackendPatternConfig, get_native_backend_config
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
     except ImportError as e:
@@ -92,7 +95,8 @@ def _fx_api() -> Iterator[Any]:
     api = API()
     api.__dict__.update(qconfig=get_default_qconfig_mapping, qat_qconfig=get_default_qat_qconfig_mapping,
                         prepare=prepare_fx, prepare_qat=prepare_qat_fx, convert=convert_fx, QConfig=QConfig,
-                        native=get_native_backend_config, Pattern=BackendPatternConfig, MinMax=MinMaxObserver)
+                        native=get_native_backend_config, Pattern=BackendPatternConfig, BNReLU2d=BNReLU2d,
+                        Tracer=QuantizationTracer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield api
@@ -124,25 +128,31 @@ def may_saturate(cfg: QuantizeConfig) -> bool:
     return not reduce_range(cfg) and cfg.backend in SATURATING and not has_vnni(onednn=cfg.backend != "fbgemm")
 
 
-def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
-    """The backend's default mapping (ptq or qat), its activation observers set to reduce_range(cfg); for
-    ptq, the sums of residual additions observed by min/max instead of the default histogram.
+def qconfig_mapping(fx: Any, cfg: QuantizeConfig, model: nn.Module) -> Any:
+    """The backend's default mapping (ptq or qat), its activation observers set to reduce_range(cfg), with
+    the network's classifier in fp32; for ptq, residual sums and the batch norms that read them in fp32.
 
-    Why min/max there: torch's HistogramObserver picks the range that minimises the squared rounding
-    error over the calibration histogram, so it clips rare large values for a finer step. Behind a
-    ReLU that pays. But a pre-activation network's residual stream (an addition with no ReLU fused
-    after it, as in ResNet50V2) carries a few large values that the identity shortcuts pass on
-    unchanged to the classifier: on the trained cpu-long ResNet50V2 the stream entering the last block
-    spans -1,044 .. 915, the histogram cut its top at 554, and top-1 fell from 63.40 to 26.20 %. The
-    more calibration images, the more the bulk outweighs the tails and the harder it clips (at 500
-    images: 640, and 62.2 % on 2,000 test images). With min/max the network keeps 62.01 %; what it still
-    loses comes mostly from these sums' one 7-bit scale (results/table-int8). ResNet-56's additions are
-    fused with their ReLU, keep the histogram, and quantize as before. Min/max everywhere would cost
-    it a point. QAT's fake-quant observers already track min/max."""
+    Two places where torch's int8 graph loses what decides the answer (measured on the trained cpu-long
+    ResNet50V2 of results/table-int8, 10,000 test images; fp32 63.40 %, torch's own x86 flow 26.20 %):
+    - The classifier's output. On one 7-bit grid of logits the top two classes often round to the
+      same step and argmax takes the lower index; torch's HistogramObserver also clips the grid's top,
+      where the winning logit lies. With the residual stream below in fp32: 62.52 % with logits on a
+      min/max 7-bit grid, 62.54 on the histogram's, 63.06 on 8 bits, 62.98 (92.81 % of images keep
+      their fp32 class) with the classifier in fp32. So the classifier (`classifier`) runs in fp32,
+      as PT2E's X86InductorQuantizer leaves a linear's output (it is 0.1 % of ResNet50V2's weights).
+    - A pre-activation residual stream (an addition with no ReLU after it). It carries a few large
+      values that the identity shortcuts pass unchanged to the classifier (-1,945 .. 1,534 before
+      ResNet50V2's classifier) and a bulk near zero. The histogram observer clipped it (26.20 %);
+      min/max keeps the range, but its steps of 27 are coarse for the bulk (62.01 %, and 61.92 with
+      the classifier in fp32). So for ptq, additions with no ReLU fused after them run in fp32, and so
+      do the batch norms that are not folded into a conv (BN and BN-ReLU: the stream's readers in a
+      pre-activation network; quantized, they would put the stream on a histogram's grid again:
+      26.21 %), as PT2E leaves both. The stream is quantized only where a conv or max-pool takes it
+      in. ResNet-56's additions are fused with their ReLU and stay int8.
+    QAT keeps torch's default elsewhere: its fake quantization trains the network to the int8 grid."""
     mapping = (fx.qat_qconfig if cfg.method == "qat" else fx.qconfig)(cfg.backend)
     default = mapping.global_qconfig.activation
-    seven_bits = reduce_range(cfg)
-    act = default.with_args(reduce_range=seven_bits)
+    act = default.with_args(reduce_range=reduce_range(cfg))
 
     def swap(qc: Any) -> Any:  # only the qconfigs built on the default activation observer
         return fx.QConfig(activation=act, weight=qc.weight) if qc is not None and qc.activation is default else qc
@@ -150,12 +160,57 @@ def qconfig_mapping(fx: Any, cfg: QuantizeConfig) -> Any:
     mapping.set_global(swap(mapping.global_qconfig))
     for pattern, qc in list(mapping.object_type_qconfigs.items()):
         mapping.set_object_type(pattern, swap(qc))
+    try:
+        tracer = fx.Tracer([], [])  # prepare_fx's own tracer, so that its scopes and call order are ours
+        graph = tracer.trace(model)
+    except Exception:
+        return mapping  # prepare_fx traces it again, and says why it cannot
     if cfg.method == "ptq":
-        residual = fx.QConfig(activation=fx.MinMax.with_args(reduce_range=seven_bits),
-                              weight=mapping.global_qconfig.weight)
-        for add in (operator.add, torch.add):
-            mapping.set_object_type(add, residual)
+        for op in (nn.BatchNorm2d, fx.BNReLU2d):
+            mapping.set_object_type(op, None)
+        for scope, op, index in residual_sums(graph, tracer.node_name_to_scope, model):
+            mapping.set_module_name_object_type_order(scope, op, index, None)
+    for name in classifier(graph, model):
+        mapping.set_module_name(name, None)
     return mapping
+
+
+def _is_relu(n: torch.fx.Node, model: nn.Module) -> bool:
+    return ((n.op == "call_function" and n.target in (torch.relu, torch.nn.functional.relu))
+            or (n.op == "call_method" and n.target == "relu")
+            or (n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.ReLU)))
+
+
+def residual_sums(graph: torch.fx.Graph, scopes: dict[str, Any], model: nn.Module) -> list[tuple[str, Any, int]]:
+    """(module path, add op, its call index within that module) of each addition with no ReLU after it:
+    the keys of QConfigMapping.set_module_name_object_type_order, counted as prepare_fx counts them."""
+    calls: dict[tuple[str, Any], int] = {}
+    sums = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in (operator.add, torch.add):
+            continue
+        key = (scopes[n.name][0], n.target)  # (module path, module type)
+        index = calls[key] = calls.get(key, -1) + 1
+        if not (len(n.users) == 1 and _is_relu(next(iter(n.users)), model)):
+            sums.append((*key, index))
+    return sums
+
+
+def classifier(graph: torch.fx.Graph, model: nn.Module) -> list[str]:
+    """The names of the modules from the network's output back to its last conv or linear layer (that
+    layer included), through modules and functions of one input (flatten, pooling, ReLU); [] if the
+    output is not reached that way."""
+    node, names = next(n for n in graph.nodes if n.op == "output").args[0], []
+    while isinstance(node, torch.fx.Node) and node.op in ("call_module", "call_function", "call_method"):
+        if node.op == "call_module":
+            names.append(node.target)
+            if isinstance(model.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
+                return names
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return []
 
 
 def backend_config(fx: Any) -> Any:
@@ -182,7 +237,7 @@ def prepare(model: nn.Module, cfg: QuantizeConfig, image_size: int) -> nn.Module
     example = (torch.zeros(1, 3, image_size, image_size),)
     try:
         with _fx_api() as fx:
-            mapping, bc = qconfig_mapping(fx, cfg), backend_config(fx)
+            mapping, bc = qconfig_mapping(fx, cfg, model), backend_config(fx)
             if cfg.method == "qat":
                 return fx.prepare_qat(model.train(), mapping, example, backend_config=bc)
             return fx.prepare(model.eval(), mapping, example, backend_config=bc)
@@ -266,7 +321,8 @@ def _load_fx(payload: dict[str, Any]) -> nn.Module:
     try:
         q.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"int8 weights do not fit its arch spec ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"int8 weights do not fit the int8 graph of its arch spec ({str(e).splitlines()[0]}); "
+                              f"if an earlier rescomp made it, quantize again: rescomp quantize CONFIG --fresh") from None
     return q
 
 
