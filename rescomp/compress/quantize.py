@@ -189,7 +189,7 @@ def residual_sums(graph: torch.fx.Graph, scopes: dict[str, Any], model: nn.Modul
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in (operator.add, torch.add):
             continue
-        key = (scopes[n.name][0], n.target)  # (module path, module type)
+        key = (scopes[n.name][0], n.target)  # scopes: node name -> (module path, module type)
         index = calls[key] = calls.get(key, -1) + 1
         if not (len(n.users) == 1 and _is_relu(next(iter(n.users)), model)):
             sums.append((*key, index))
