@@ -137,7 +137,7 @@ def qconfig_mapping(fx: Any, cfg: QuantizeConfig, model: nn.Module) -> Any:
     - The classifier's output. On one 7-bit grid of logits the top two classes often round to the
       same step and argmax takes the lower index; torch's HistogramObserver also clips the grid's top,
       where the winning logit lies. With the residual stream below in fp32: 62.52 % with logits on a
-      min/max 7-bit grid, 62.54 on the histogram's, 63.06 on 8 bits, 62.98 (92.81 % of images keep
+      min/max 7-bit grid, 62.51 on the histogram's, 63.06 on 8 bits, 62.98 (92.81 % of images keep
       their fp32 class) with the classifier in fp32. So the classifier (`classifier`) runs in fp32,
       as PT2E's X86InductorQuantizer leaves a linear's output (it is 0.1 % of ResNet50V2's weights).
     - A pre-activation residual stream (an addition with no ReLU after it). It carries a few large
