@@ -264,6 +264,14 @@ def _started_from(cwd: Path) -> list[int]:
     return out
 
 
+def _wait_for_epochs(proc: subprocess.Popen, history: Path, epochs: int, timeout: float = 180) -> None:
+    """Until the run's metrics history has `epochs` lines, failing with its output if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not (history.is_file() and len(history.read_text().splitlines()) >= epochs):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.02)
+
+
 def _sigkill(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # already gone
@@ -366,10 +374,7 @@ def test_resume_after_kill_on_another_number_of_processes(workdir: Path, tiny: d
     assert whole.wait(timeout=240) == 0, whole.communicate()[0]
     proc = _rescomp("train", str(path), "--set", "name=killed", "--nproc", "2", cwd=workdir)
     ckpt, history = workdir / "runs/killed/checkpoints/last.pt", workdir / "runs/killed/metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (history.is_file() and len(history.read_text().splitlines()) >= 3):  # last.pt then holds >= 2
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.02)
+    _wait_for_epochs(proc, history, 3)  # last.pt then holds >= 2
     victims = _started_from(workdir)  # torchrun's agent and both ranks, mid-run
     assert proc.pid in victims and len(victims) >= 3, victims
     _sigkill(victims)
@@ -401,11 +406,7 @@ def test_ranks_stop_when_their_launcher_is_killed(workdir: Path, tiny: dict) -> 
     tiny["train"].update(epochs=500, batch_size=32, eval_test_every=0)  # minutes, if the ranks went on
     path = write_config(workdir, tiny)
     proc = _rescomp("train", str(path), "--set", "name=orphaned", "--nproc", "2", cwd=workdir)
-    history = workdir / "runs/orphaned/metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (history.is_file() and history.read_text().splitlines()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.02)
+    _wait_for_epochs(proc, workdir / "runs/orphaned/metrics.jsonl", 1)
     ranks = [p for p in _started_from(workdir) if p != proc.pid]
     assert len(ranks) >= 2, ranks
     try:
