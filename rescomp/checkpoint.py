@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from rescomp.errors import CheckpointError
 
@@ -55,7 +56,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    payload = {"format": FORMAT, "version": VERSION, **payload}
+    """Write a checkpoint; tensors on a GPU are stored as CPU tensors, so that a plain torch.load on a
+    machine without one reads it and no later step depends on where the network was trained."""
+    payload = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t,
+                       {"format": FORMAT, "version": VERSION, **payload})
     atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
 
 
@@ -109,7 +113,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run saved with more GPUs visible (several processes, another machine) resumes on fewer
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def _as_tuple(x: Any) -> Any:

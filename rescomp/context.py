@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -56,6 +56,18 @@ class RunContext:
     def log(self, message: str) -> None:
         if self.is_main:  # one unwrapped line per event, readable in CI logs as well as terminals
             self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}", soft_wrap=True, highlight=False)
+
+
+@contextmanager
+def exact_fp32():
+    """Convolutions and matrix products in full fp32 on a GPU while the block runs (TF32 off; make_context
+    turns it on for training), so that an evaluation there reports what the CPU computes."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,6 +126,8 @@ def make_context(cfg: ExperimentConfig, run_dir: Optional[Path] = None, console:
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     if device.type == "cuda":
+        if device.index is not None:  # cuda:N: kernels, synchronize() and new tensors default to that GPU
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

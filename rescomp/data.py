@@ -357,6 +357,15 @@ def _draws(n: int, part: Part, draw) -> torch.Tensor:
     return draw(total)[lo:hi]
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Draws made on the CPU, on `device`. To a GPU through pinned memory without waiting: a copy from
+    pageable memory first waits for every kernel queued on the GPU, so each batch would wait for the
+    previous training step and the CPU could not queue the next one meanwhile."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, part: Part = None) -> torch.Tensor:
     """Per-image random crop of x (B, C, H, W) after zero-padding, as torchvision's RandomCrop."""
     if padding == 0:
@@ -364,8 +373,8 @@ def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, part: Part = 
     b, c, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding))
     offsets = lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=g)  # noqa: E731
-    oy = _draws(b, part, offsets).to(x.device)
-    ox = _draws(b, part, offsets).to(x.device)
+    oy = _to(_draws(b, part, offsets), x.device)
+    ox = _to(_draws(b, part, offsets), x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * padding)
     xp = xp.gather(2, rows)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
@@ -373,7 +382,7 @@ def random_crop(x: torch.Tensor, padding: int, g: torch.Generator, part: Part = 
 
 
 def random_flip(x: torch.Tensor, g: torch.Generator, part: Part = None) -> torch.Tensor:
-    mask = (_draws(x.shape[0], part, lambda k: torch.rand(k, generator=g)) < 0.5).to(x.device)
+    mask = _to(_draws(x.shape[0], part, lambda k: torch.rand(k, generator=g)) < 0.5, x.device)
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -382,7 +391,7 @@ def random_rotate(x: torch.Tensor, degrees: float, g: torch.Generator, part: Par
     cos, sin = angle.cos(), angle.sin()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(_to(theta, x.device).to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

@@ -100,6 +100,13 @@ def gpu(slot: Optional[str]) -> Optional[str]:
     return None if slot is None or slot.startswith("cpu") else slot
 
 
+def visible_gpu(slot: str, visible: Optional[str]) -> str:
+    """What a job's CUDA_VISIBLE_DEVICES is for --gpus number `slot`: the numbers count the GPUs this
+    process sees, so under CUDA_VISIBLE_DEVICES=4,5 GPU 1 is the machine's GPU 5."""
+    seen = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return seen[int(slot)] if seen else slot
+
+
 def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[str], None]) -> int:
     """Run every phase's jobs, at most one per slot at a time; 0, or the first failed job's exit code."""
     total = sum(len(p) for p in phases)
@@ -153,7 +160,7 @@ def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[st
 def _start(job: Job, env_base: dict[str, str], logs: Path, alone: bool) -> None:
     env = dict(env_base)
     if gpu(job.slot) is not None:
-        env["CUDA_VISIBLE_DEVICES"] = job.slot
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpu(job.slot, os.environ.get("CUDA_VISIBLE_DEVICES"))
     out = None
     if not alone:
         logs.mkdir(parents=True, exist_ok=True)

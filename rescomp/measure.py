@@ -167,17 +167,22 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
     """Inference throughput on the first GPU in bf16 and channels_last, or None without a GPU."""
     if not torch.cuda.is_available():
         return None
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     model = copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size, device=dev).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(10):
-            model(x)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-        torch.cuda.synchronize()
+    tuned = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # the same figure whether or not a training run set it first
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(10):
+                model(x)
+            torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model(x)
+            torch.cuda.synchronize(dev)
+    finally:
+        torch.backends.cudnn.benchmark = tuned
     return batch * iters / (time.perf_counter() - t0)
 
 
@@ -190,7 +195,7 @@ def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.d
     and its times come back as reference_forward_ms_b<B> / reference_backward_ms_b<B>."""
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     models = {"": copy.deepcopy(model).to(device).train()}
     if reference is not None:
         models["reference_"] = copy.deepcopy(reference).to(device).train()

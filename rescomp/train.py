@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from rescomp import checkpoint, distributed
 from rescomp.config import ExperimentConfig, OptimizerConfig, ScheduleConfig
-from rescomp.context import RunContext
+from rescomp.context import RunContext, exact_fp32
 from rescomp.data import BatchLoader
 from rescomp.errors import CheckpointError, TrainingDiverged
 from rescomp.hardware import memory_format_of
@@ -117,7 +117,8 @@ def lr_lambda(s: ScheduleConfig, epochs: int, steps_per_epoch: int) -> Callable[
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions: bool = False) -> dict[str, Any]:
-    """Test loss and top-1 of `model` on `loader`; a sharded loader's sums are added over ranks, so every
+    """Test loss and top-1 of `model` on `loader`, in fp32 whatever the training precision, TF32 off: a
+    row's top-1 is the fp32 network's on every device, the figure the CPU-only steps compare with; a sharded loader's sums are added over ranks, so every
     rank returns the numbers of the whole set. predictions: also each image's predicted class (`pred`)
     and label (`target`), in the loader's order, for `paired` (one process's loader only)."""
     sharded = getattr(loader, "sharded", False)
@@ -131,7 +132,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions
     for x, y in loader:
         if not len(y):  # a rank's empty slice of a small last batch
             continue
-        with ctx.autocast():
+        with exact_fp32():
             out = model(x.contiguous(memory_format=fmt))
         pred = out.argmax(1)
         sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
@@ -191,6 +192,8 @@ class Trainer:
         if self.tc.sync_bn:  # the global batch's statistics under several processes (a no-op for one)
             distributed.sync_batchnorm(self.model, ctx.device)
         net = distributed.wrap(self.model, ctx.device)  # DDP under torchrun; the model itself for one process
+        if ctx.compile:  # each Trainer's network is new (pruned, shortened): compile it afresh, not as the
+            torch._dynamo.reset()  # 9th recompile of one forward, after which dynamo falls back to eager
         self.forward = torch.compile(net) if ctx.compile else net
         self.opt = build_optimizer(self.model, self.tc.optimizer, ctx.device)
         steps = len(loaders["train"])
@@ -282,7 +285,7 @@ class Trainer:
                     on_progress(step + 1, loss=f"{mean:.3f}", acc=f"{100 * total_correct / total_n:.1f}",
                                 ips=f"{total_n / (time.perf_counter() - t0):,.0f}")
         if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(ctx.device)
         seconds = time.perf_counter() - t0
         total_loss, total_correct, total_n = totals()
         return {"train_loss": total_loss / total_n, "train_top1": 100 * total_correct / total_n,

@@ -4,7 +4,9 @@ Wrong versions these tests must catch:
 - a phase's jobs starting before the previous phase has finished (a run racing its own training run);
 - more jobs at once than slots, or a job's GPU given to a second job while it runs;
 - jobs started after one failed, or the failure's exit code lost (0, or torchrun's 1 for a user mistake);
-- a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted.
+- a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted;
+- --gpus numbers written into a job's CUDA_VISIBLE_DEVICES as they are, when this process already sees
+  only some GPUs (--gpus 0,1 under CUDA_VISIBLE_DEVICES=4,5 must run on the machine's 4 and 5).
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def test_slots() -> None:
                          ("1,1", None, "distinct"), (str(torch.cuda.device_count()), None, "this machine has")):
         with pytest.raises(ConfigError, match=msg):
             jobs.slots(gpus, n)
+
+
+def test_gpu_numbers_count_the_gpus_this_process_sees(monkeypatch, tmp_path) -> None:
+    assert [jobs.visible_gpu(s, "4,5") for s in ("0", "1")] == ["4", "5"]
+    assert jobs.visible_gpu("1", "GPU-aa, GPU-bb") == "GPU-bb"  # UUIDs pass through as they are
+    assert jobs.visible_gpu("1", None) == "1" and jobs.visible_gpu("1", "") == "1"
+    # and _start hands the job that GPU
+    seen = {}
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda args, env, **kw: seen.setdefault("env", env))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    job = jobs.parse("rescomp train a.yaml\n")[0][0]
+    job.slot = "1"
+    jobs._start(job, dict(jobs.os.environ), tmp_path, alone=True)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "5"
 
 
 def _fake_start(trace: Path, fail: set[int], seconds: dict[int, float] | None = None):

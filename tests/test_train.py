@@ -114,3 +114,21 @@ def test_learns_real_cifar10(workdir, tiny):
     }
     _, summary = run_train(validate(cfg, "learn"))
     assert summary["top1"] > 30.0, summary["top1"]
+
+
+def test_evaluation_is_fp32_whatever_the_training_precision():
+    # Wrong version: evaluation under the run's autocast, so a bf16 (or fp16 GPU) run reports the top-1 of
+    # its bf16 logits, which differs from the fp32 top-1 that quantize and the CPU report for that network.
+    from rescomp.context import RunContext
+    from rescomp.data import BatchLoader
+    from rescomp.train import evaluate
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 8})
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (256, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (256,), generator=g)
+    loader = BatchLoader(x, y, 128, mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"))
+    fp32, bf16 = (evaluate(model, loader, RunContext(torch.device("cpu"), precision=p)) for p in ("fp32", "bf16"))
+    assert bf16 == fp32  # bit for bit, loss included
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 loss is another number: the test can tell
+        assert evaluate(model, loader, RunContext(torch.device("cpu")))["loss"] != fp32["loss"]

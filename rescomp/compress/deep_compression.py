@@ -112,7 +112,7 @@ def linear_kmeans(values: torch.Tensor, k: int, iterations: int = 30) -> tuple[t
     2016, section 3.2); returns (centroids, the index of each value's centroid). A centroid that loses all
     its members keeps its place."""
     lo, hi = values.min(), values.max()
-    centroids = torch.linspace(float(lo), float(hi), k, dtype=values.dtype) if k > 1 else values.mean().reshape(1)
+    centroids = torch.linspace(float(lo), float(hi), k, dtype=values.dtype, device=values.device) if k > 1 else values.mean().reshape(1)
     for _ in range(iterations):
         index = _nearest(values, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, index, values)
