@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
+.PHONY: install test demo gpu-prep bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
 	table-combined table-deep-compression table-int8 report-int8 report-separable report-layer-drop report-taylor report-combined \
 	report-deep-compression clean
 
@@ -54,6 +54,21 @@ demo: install
 	$(BIN)/rescomp train configs/demo/resnet20.yaml
 	$(BIN)/rescomp quantize configs/demo/resnet20.yaml
 	$(BIN)/rescomp report demo
+
+# What a lent GPU machine (scripts/gpu_check.sh; Python 3.12, no network) needs from here: wheels of the
+# dependencies its image lacks, in .whl/, and the CIFAR-10 copy, in data/ (both git-ignored).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+	yacs==0.1.8 termcolor==3.3.0 torch-pruning==1.6.1 torchao==0.18.0
+GPU_SOURCES := fvcore==0.1.5.post20221221 iopath==0.1.10  # published as sources only: built here (pure Python)
+gpu-prep: install
+	rm -rf .whl && mkdir -p .whl data
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps -w .whl $(GPU_SOURCES)
+	@test -f data/cifar10-jpeg.tar.gz || cp ../shared/data/cifar10-jpeg.tar.gz data/ \
+	  || echo "no CIFAR-10 copy in ../shared/data: the GPU check's benchmarks will use synthetic data"
+	@du -sh .whl data
 
 # Training throughput: the usual DataLoader recipe vs rescomp's loop; writes results/bench/.
 bench: install

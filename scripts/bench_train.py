@@ -23,10 +23,12 @@ thread pool). Pass --workers to try others. About 1 minute on 2 cores. Run it on
 a second busy process on a 2-core VM slows both recipes unevenly (thread oversubscription).
 
 On a GPU machine (defaults: 100 timed steps after 10 warm-up, min(8, cores) workers):
-    python scripts/bench_train.py                           # throughput -> results/bench/train_throughput.{json,md}
+    python scripts/bench_train.py                           # throughput -> results/bench/train_throughput-gpu.{json,md}
     python scripts/bench_train.py --compile                 # the same with torch.compile in the rescomp path
+                                                            #   -> train_throughput-gpu-compile.{json,md}
     python scripts/bench_train.py --accuracy-epochs 30      # instead of throughput: both recipes 30 epochs,
-                                                            # test top-1 -> results/bench/accuracy_match.{json,md}
+                                                            # test top-1 -> results/bench/accuracy_match-gpu.{json,md}
+Files end in -gpu or -cpu after the device that made them, so a GPU run never replaces the CPU's figures.
 Set RESCOMP_DATA to the folder holding cifar10-jpeg.tar.gz if it is not under ./data or ../shared/data.
 """
 
@@ -67,7 +69,7 @@ def load_data(kind: str) -> tuple[Splits, str]:
     """(splits, dataset name): the CIFAR-10 copy if found (never downloaded), else CIFAR-10-shaped synthetic."""
     if kind in ("auto", "real"):
         try:
-            return load_splits(DataConfig()), "cifar10"
+            return load_splits(DataConfig(download=False)), "cifar10"
         except DataError:
             if kind == "real":
                 raise
@@ -299,6 +301,7 @@ def main() -> None:
     print("\n".join(line for line in extra if line and not line.startswith("|---")))
     record = {**meta, "arch": args.arch, "dataset": dataset, "steps": args.steps, "warmup": args.warmup,
               "workers": args.workers, "rescomp_batch": args.rescomp_batch, "compile": args.compile, **r}
+    stem += ("-gpu" if gpu else "-cpu") + ("-compile" if args.compile else "")
     checkpoint.atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=2) + "\n")
     checkpoint.atomic_write_text(out / f"{stem}.md", markdown(title, meta, table, extra))
     print(f"wrote {out / stem}.json and .md")
