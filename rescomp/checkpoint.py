@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 
 from rescomp.errors import CheckpointError
 
@@ -58,9 +58,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write a checkpoint; tensors on a GPU are stored as CPU tensors, so that a plain torch.load on a
     machine without one reads it and no later step depends on where the network was trained."""
-    payload = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) and t.device.type != "cpu" else t,
-                       {"format": FORMAT, "version": VERSION, **payload})
+    payload = _on_cpu({"format": FORMAT, "version": VERSION, **payload})
     atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+
+
+def _on_cpu(obj: Any) -> Any:
+    """obj with every tensor off the CPU copied to it. Containers holding none come back as they are; a
+    rebuilt state_dict keeps its `_metadata` (the modules' versions, which load_state_dict reads: a
+    quantized Linear without its version loads by an old path and fails)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu() if obj.device.type != "cpu" else obj
+    if type(obj) in (dict, OrderedDict):
+        items = {k: _on_cpu(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        items = [_on_cpu(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
+    return obj
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -38,6 +38,14 @@ class RunContext:
     def amp_dtype(self) -> Optional[torch.dtype]:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
+    @property
+    def arithmetic(self) -> str:
+        """What training computes in, as a summary records it: the autocast dtype, or fp32, which is TF32
+        in a GPU's convolutions and matrix products (make_context allows it there)."""
+        if self.precision == "fp32" and self.device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+            return "tf32"
+        return self.precision
+
     def autocast(self):
         dtype = self.amp_dtype
         if dtype is None:

@@ -439,6 +439,9 @@ class BatchLoader:
         self.batch_size, self.device, self.train = batch_size, device, train
         self.augment = augment if train else None
         self.image_size, self.seed, self.channels_last = image_size, seed, channels_last
+        # a divisor on the device: CUDA divides by a CPU scalar as a product with its reciprocal, which
+        # differs from the CPU's division in the last bit for half of the 256 byte values
+        self.scale = torch.tensor(255.0, device=device)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.drop_last = train and len(y) > batch_size if drop_last is None else drop_last
@@ -462,7 +465,7 @@ class BatchLoader:
         return min(self.batch_size, len(self.y) - i * self.batch_size)
 
     def to_input(self, xb: torch.Tensor, g: Optional[torch.Generator] = None, part: Part = None) -> torch.Tensor:
-        x = xb.float().div_(255)
+        x = xb.float().div_(self.scale)
         if self.augment is not None and g is not None:
             x = augment_batch(x, self.augment, g, part)
         x = (x - self.mean) / self.std
@@ -475,7 +478,7 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
-        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
+        order = _to(torch.randperm(n, generator=g), self.device) if self.train else None
         for i in range(len(self)):
             start, total = i * self.batch_size, self.batch_total(i)
             lo, hi = total * self.rank // self.world, total * (self.rank + 1) // self.world

@@ -158,7 +158,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     with writing(out, cfg):
         fields = st.body(run)
         summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
-                   "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.precision,
+                   "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.arithmetic,
                    **({"source": str(source)} if source is not None else {}), **fields, **splits.stamp(),
                    "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device)}
         checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

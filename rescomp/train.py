@@ -132,7 +132,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions
     for x, y in loader:
         if not len(y):  # a rank's empty slice of a small last batch
             continue
-        with exact_fp32():
+        with exact_fp32(), torch.autocast(ctx.device.type, enabled=False):
             out = model(x.contiguous(memory_format=fmt))
         pred = out.argmax(1)
         sums[0] += F.cross_entropy(out.float(), y, reduction="sum")

@@ -292,7 +292,7 @@ def main() -> None:
                           str(x["channels_last"]), str(x["workers"]), str(args.steps), f"{x['seconds']:.2f}"])
         r["targets"] = [{"target": t, "measured": v, "status": s} for t, v, s in targets(r, device)]
         extra = [f"rescomp / reference: **{r['ratio']:.2f}x**. Evaluation of {r['eval']['images']:,} test images: "
-                 f"{r['eval']['seconds']:.3f} s (batch {r['eval']['batch_size']}, after a one-batch warm-up). "
+                 f"{r['eval']['seconds']:.3f} s (fp32, TF32 off, as every evaluation; batch {r['eval']['batch_size']}, after a one-batch warm-up). "
                  f"{args.warmup} untimed warm-up steps per recipe.", "", "| issue's target | measured | status |", "|---|---|---|"]
         extra += [f"| {t['target']} | {t['measured']} | {t['status']} |" for t in r["targets"]]
         stem, title = "train_throughput", f"Training throughput: {args.arch}"

@@ -19,6 +19,15 @@ def test_model_round_trips_from_its_spec(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
 
 
+def test_a_state_dict_keeps_its_module_versions(tmp_path):
+    # Wrong version: save() rebuilding every dict on its way to the CPU without the state_dict's _metadata
+    # (load_state_dict reads module versions from it; test_quantize's lenet5 reload fails without it).
+    model = build_model(SPEC)
+    checkpoint.save(tmp_path / "m.pt", {"arch": SPEC, "state_dict": model.state_dict()})
+    saved = checkpoint.load(tmp_path / "m.pt")["state_dict"]
+    assert saved._metadata == model.state_dict()._metadata and saved._metadata[""]["version"] == 1
+
+
 def test_a_failed_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "last.pt"
     checkpoint.save(path, {"arch": SPEC, "state_dict": {}, "epoch": 1})

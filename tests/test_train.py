@@ -117,8 +117,8 @@ def test_learns_real_cifar10(workdir, tiny):
 
 
 def test_evaluation_is_fp32_whatever_the_training_precision():
-    # Wrong version: evaluation under the run's autocast, so a bf16 (or fp16 GPU) run reports the top-1 of
-    # its bf16 logits, which differs from the fp32 top-1 that quantize and the CPU report for that network.
+    # Wrong version: evaluation under the run's autocast (or under a caller's), so a bf16 (or fp16 GPU) run
+    # reports the top-1 of its bf16 logits, not the fp32 top-1 that quantize and the CPU report.
     from rescomp.context import RunContext
     from rescomp.data import BatchLoader
     from rescomp.train import evaluate
@@ -130,5 +130,24 @@ def test_evaluation_is_fp32_whatever_the_training_precision():
     loader = BatchLoader(x, y, 128, mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"))
     fp32, bf16 = (evaluate(model, loader, RunContext(torch.device("cpu"), precision=p)) for p in ("fp32", "bf16"))
     assert bf16 == fp32  # bit for bit, loss included
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 loss is another number: the test can tell
-        assert evaluate(model, loader, RunContext(torch.device("cpu")))["loss"] != fp32["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert evaluate(model, loader, RunContext(torch.device("cpu"))) == fp32
+        with torch.no_grad():  # and bf16 gives another loss, so the equalities above can tell
+            bf16_loss = sum(torch.nn.functional.cross_entropy(model.eval()(xb).float(), yb, reduction="sum").item()
+                            for xb, yb in loader) / len(y)
+    assert bf16_loss != pytest.approx(fp32["loss"], rel=1e-6)
+
+
+def test_exact_fp32_turns_tf32_off_and_back():
+    # Wrong version: exact_fp32 leaving TF32 on (a GPU evaluation with 10-bit mantissas), or not restoring it.
+    from rescomp.context import exact_fp32
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with exact_fp32():
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
