@@ -172,14 +172,15 @@ def test_a_quantize_run_with_pt2e_end_to_end(workdir, tiny):
     assert s["fp32_latency_ms_cpu_b1"] > 0 and s["fp32_latency_ms_ind_b1"] > 0  # fp32 where int8 runs, too
     best = min(s["fp32_latency_ms_cpu_b1"], s["fp32_latency_ms_ind_b1"])
     assert s["speedup_cpu_b1"] == pytest.approx(best / s["latency_ms_ind_b1"])
-    res = cli("measure", workdir / "runs/exp-ptq-pt2e/int8.pt", "--json")
+    res = cli("measure", workdir / "runs/exp-ptq-pt2e/int8.pt", "--json", "--set", "measure.latency=false")
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"] < s["file_bytes"]
-    res = cli("quantize", workdir / "exp.yaml", "--set", "quantize.method=qat", "--set", "quantize.qat.epochs=1")
+    # QAT through the CLI, untimed (PTQ's timing above runs the same code, and each timing compiles twice)
+    res = cli("quantize", workdir / "exp.yaml", "--set", "quantize.method=qat", "--set", "quantize.qat.epochs=1",
+              "--set", "measure.latency=false")
     assert res.exit_code == 0, res.output
     s = json.loads((workdir / "runs/exp-qat-pt2e/summary.json").read_text())
     assert s["quantization"]["method"] == "qat" and s["quantization"]["qat_epochs"] == 1
-    assert "int8 PT2E QAT (" in s["row"] and s["name"] == "exp-qat-pt2e"
-    assert s["latency_ms_ind_b1"] > 0 and 0 <= s["top1"] <= 100
+    assert "int8 PT2E QAT (" in s["row"] and s["name"] == "exp-qat-pt2e" and 0 <= s["top1"] <= 100
 
 
 def test_a_network_torchao_cannot_annotate_is_one_line(workdir, tiny, monkeypatch):
