@@ -115,7 +115,7 @@ M = [
  ("pt2e-fp32-eager-only", "rescomp/measure.py", "    if runtime and runtime not in cfg.runtimes:", "    if False:",
   "tests/test_quantize_pt2e.py::test_a_quantize_run_with_pt2e_end_to_end"),
  ("qat-run-as-ptq", "rescomp/stages/quantize.py", "    if qc.method == \"qat\":  # the config", "    if False:  # the config",
-  "tests/test_quantize_pt2e.py::test_a_quantize_run_with_pt2e_end_to_end"),
+  "tests/test_quantize.py::test_qat_fine_tunes_then_converts"),
  ("pt2e-qat-in-place", "rescomp/compress/quantize_pt2e.py", "    model = copy.deepcopy(model).cpu().train(qat)", "    model = model.cpu().train(qat)",
   "tests/test_quantize_pt2e.py::test_pt2e_qat_fine_tunes_a_copy_and_converts_what_it_learned"),
  ("pt2e-qat-bn-never-eval", "rescomp/compress/quantize_pt2e.py", "        (api.to_train if mode else api.to_eval)(self.program)", "        api.to_train(self.program)",

@@ -15,6 +15,9 @@
 # - the stem's zero pad re-quantized with scales of its own    -> test_zero_pad_keeps_its_inputs_int8_grid
 # - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
 # - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
+# - a QAT run that only calibrates (no fine-tuning), or its row not saying QAT -> test_qat_fine_tunes_then_converts
+# - an int8.pt whose state_dict lost its module versions (LeNet-5's quantized Linear cannot reload)
+#       -> test_every_backend_saves_what_reloads_with_identical_outputs[x86-lenet5]
 # - int8 far from fp32; a reload that recalibrates or differs -> test_int8_agrees_with_fp32_and_reloads_identically
 # - a registered backend whose int8.pt reloads as another backend's, or not at all
 #       -> test_every_backend_saves_what_reloads_with_identical_outputs (parametrized over the registry)
@@ -149,6 +152,8 @@ def test_qat_fine_tunes_then_converts(workdir, tiny):
     cfg = validate({**cfg.to_dict(), "quantize": {"method": "qat", "calibration_images": 64, "qat": {"epochs": 1}}}, "t")
     run_dir, s = run_quantize(cfg)
     assert s["quantization"]["method"] == "qat" and run_dir.name.endswith("-qat")
+    assert s["quantization"]["qat_epochs"] == 1  # fine-tuning ran (a PTQ run would name the method too)
+    assert s["row"].startswith(f"{cfg.run_name} int8 FX x86 QAT (")
     again, _ = load_int8(run_dir / "int8.pt")
     assert again(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
