@@ -164,7 +164,7 @@ def _iqr(t: list[float]) -> float:
 
 
 def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters: int = 50) -> Optional[float]:
-    """Inference throughput on the first GPU in bf16 and channels_last, or None without a GPU."""
+    """Inference throughput on the current GPU in bf16 and channels_last, cuDNN autotuned, or None without a GPU."""
     if not torch.cuda.is_available():
         return None
     dev = torch.device("cuda", torch.cuda.current_device())

@@ -103,8 +103,9 @@ def test_gpu_evaluation_is_the_cpu_evaluation():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     assert gpu["n"] == cpu["n"] == 1000
     # Measured on the CPU for this kind of network: bf16 logits move the loss 1.7e-4 (relative), NHWC
-    # against NCHW in fp32 1e-7; near-ties may flip a few of the 1,000 images.
-    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-5)
+    # against NCHW in fp32 1e-7. cuDNN's fp32 algorithms (Winograd, FFT, chosen by autotuning) round
+    # differently from oneDNN's: 5e-5 leaves them room and still tells bf16. Near-ties may flip a few images.
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=5e-5)
     assert abs(gpu["top1"] - cpu["top1"]) <= 0.5
 
 
