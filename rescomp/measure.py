@@ -163,6 +163,18 @@ def _iqr(t: list[float]) -> float:
     return q[2] - q[0]
 
 
+@contextmanager
+def cudnn_autotuned() -> Iterator[None]:
+    """cuDNN autotuning on while the block runs, as it was after: a GPU timing then does not depend on
+    whether a training run (make_context) turned it on first."""
+    tuned = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = tuned
+
+
 def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters: int = 50) -> Optional[float]:
     """Inference throughput on the current GPU in bf16 and channels_last, cuDNN autotuned, or None without a GPU."""
     if not torch.cuda.is_available():
@@ -170,19 +182,14 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
     dev = torch.device("cuda", torch.cuda.current_device())
     model = copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size, device=dev).contiguous(memory_format=torch.channels_last)
-    tuned = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # the same figure whether or not a training run set it first
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            for _ in range(10):
-                model(x)
-            torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                model(x)
-            torch.cuda.synchronize(dev)
-    finally:
-        torch.backends.cudnn.benchmark = tuned
+    with cudnn_autotuned(), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(10):
+            model(x)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        torch.cuda.synchronize(dev)
     return batch * iters / (time.perf_counter() - t0)
 
 

@@ -118,8 +118,8 @@ def lr_lambda(s: ScheduleConfig, epochs: int, steps_per_epoch: int) -> Callable[
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions: bool = False) -> dict[str, Any]:
     """Test loss and top-1 of `model` on `loader`, in fp32 whatever the training precision, TF32 off: a
-    row's top-1 is the fp32 network's on every device, the figure the CPU-only steps compare with; a sharded loader's sums are added over ranks, so every
-    rank returns the numbers of the whole set. predictions: also each image's predicted class (`pred`)
+    row's top-1 is the fp32 network's on every device, the figure the CPU-only steps compare with; a
+    sharded loader's sums are added over ranks, so every rank returns the numbers of the whole set. predictions: also each image's predicted class (`pred`)
     and label (`target`), in the loader's order, for `paired` (one process's loader only)."""
     sharded = getattr(loader, "sharded", False)
     if predictions and sharded:
@@ -129,18 +129,18 @@ def evaluate(model: nn.Module, loader: BatchLoader, ctx: RunContext, predictions
     sums = torch.zeros(3, device=ctx.device, dtype=torch.float64)  # loss, correct, images
     preds, targets = [], []
     fmt = memory_format_of(model)
-    for x, y in loader:
-        if not len(y):  # a rank's empty slice of a small last batch
-            continue
-        with exact_fp32(), torch.autocast(ctx.device.type, enabled=False):
+    with exact_fp32(), torch.autocast(ctx.device.type, enabled=False):
+        for x, y in loader:
+            if not len(y):  # a rank's empty slice of a small last batch
+                continue
             out = model(x.contiguous(memory_format=fmt))
-        pred = out.argmax(1)
-        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
-        sums[1] += (pred == y).sum()
-        sums[2] += len(y)
-        if predictions:
-            preds.append(pred.cpu())
-            targets.append(y.cpu())
+            pred = out.argmax(1)
+            sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+            sums[1] += (pred == y).sum()
+            sums[2] += len(y)
+            if predictions:
+                preds.append(pred.cpu())
+                targets.append(y.cpu())
     model.train(was_training)
     if sharded:
         distributed.all_reduce_sum(sums)

@@ -36,9 +36,9 @@ from typer.testing import CliRunner
 from conftest import write_config
 from rescomp.cli import app
 from rescomp.config import AugmentConfig
-from rescomp.context import RunContext
+from rescomp.context import RunContext, exact_fp32
 from rescomp.data import BatchLoader
-from rescomp.measure import count_macs, gpu_images_per_s
+from rescomp.measure import count_macs, cudnn_autotuned, gpu_images_per_s
 from rescomp.models import build_model
 from rescomp.train import evaluate
 
@@ -55,10 +55,8 @@ def cli(*args) -> object:
 @pytest.fixture
 def no_tf32():
     """fp32 really fp32 on the GPU while a test compares it with the CPU (make_context turns TF32 on)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    with exact_fp32():
+        yield
 
 
 def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,18 +189,14 @@ def _event_timed(model, batch: int, iters: int) -> float:
     m = copy.deepcopy(model).to(GPU).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32, device=GPU).contiguous(memory_format=torch.channels_last)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
-    try:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            for _ in range(10):
-                m(x)
-            start.record()
-            for _ in range(iters):
-                m(x)
-            end.record()
-            end.synchronize()
-    finally:
-        torch.backends.cudnn.benchmark = tuned
+    with cudnn_autotuned(), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(10):
+            m(x)
+        start.record()
+        for _ in range(iters):
+            m(x)
+        end.record()
+        end.synchronize()
     return batch * iters / (start.elapsed_time(end) / 1e3)
 
 
