@@ -351,7 +351,10 @@ def test_two_processes_train_and_prune_as_one(workdir: Path, tiny: dict) -> None
     r1 = json.loads(Path(f"{one}{prune}/summary.json").read_text())["rows"][-1]
     r2 = json.loads(Path(f"{two}{prune}/summary.json").read_text())["rows"][-1]
     assert r1["per_layer"] == r2["per_layer"] and r1["params"] == r2["params"]  # the same filters removed
-    assert r1["top1"] == pytest.approx(r2["top1"], abs=1e-9)
+    # weights within 1e-3 may still move a test image across a decision boundary (torch 2.11 does: 12.5 %
+    # against 9.375 % on these 32 images); more than one image would be another network
+    assert r1["top1"] == pytest.approx(r2["top1"], abs=100 / tiny["data"]["synthetic"]["test_size"] + 1e-9)
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-3)  # over every test image, not one rank's half
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
     assert files(one) == files(two)  # nothing written twice or by another rank (a temp file, a second log)
     hist = (two / "metrics.jsonl").read_text().splitlines()
