@@ -122,6 +122,8 @@ M = [
   "tests/test_quantize_pt2e.py::test_pt2e_qat_fine_tunes_a_copy_and_converts_what_it_learned"),
  ("pt2e-qat-converts-a-copy", "rescomp/compress/quantize_pt2e.py", "    return _converted(prepared.program, image_size)", "    return _converted(copy.deepcopy(prepared.program), image_size) if False else ptq(prepared.program, QuantizeConfig(backend=\"pt2e\"), [], image_size)[::2]",
   "tests/test_quantize_pt2e.py::test_pt2e_qat_fine_tunes_a_copy_and_converts_what_it_learned"),
+ ("pt2e-nothing-annotated-kept", "rescomp/compress/quantize_pt2e.py", "    if not any(isinstance(m, (api.Observer, api.FakeQuantize)) for m in prepared.modules()):",
+  "    if False:", "tests/test_quantize_pt2e.py::test_a_network_with_nothing_to_quantize_is_refused"),
  ("pt2e-unused-weights-kept", "rescomp/compress/quantize_pt2e.py", "        if name not in read:", "        if False:",
   "tests/test_quantize_pt2e.py::test_pt2e_int8_tracks_fp32_and_reloads_identically"),
  ("pt2e-8bit-without-vnni", "rescomp/compress/quantize.py", "    return not has_vnni(onednn=True) if cfg.backend == \"pt2e\" else", "    return False if cfg.backend == \"pt2e\" else",

@@ -17,6 +17,10 @@
 #  9. ResNet50V2's block calling one ReLU module three times: torch.export makes the three calls one
 #     source partition with three outputs, which X86InductorQuantizer refuses
 #       -> test_resnet50v2_quantizes_through_pt2e
+# 10. a network in which the quantizer annotates nothing converted anyway: the fp32 network stored and
+#     reported as int8 (torch 2.11 annotated nothing in a non-strict capture, whose nodes carry no
+#     source_fn_stack; that capture itself is caught only there, by
+#     test_pt2e_int8_tracks_fp32_and_reloads_identically) -> test_a_network_with_nothing_to_quantize_is_refused
 
 import json
 from pathlib import Path
@@ -130,6 +134,15 @@ def test_pt2e_qat_fine_tunes_a_copy_and_converts_what_it_learned(tmp_path):
               blob=blob)
     _, payload = load_int8(tmp_path / "int8.pt")
     assert payload["quantize"]["method"] == "qat" and payload["pt2"] == blob
+
+
+def test_a_network_with_nothing_to_quantize_is_refused():
+    from rescomp.compress import quantize_pt2e
+    from rescomp.errors import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.ReLU()).eval()
+    with pytest.raises(ConfigError, match="found no conv or linear to quantize"):
+        quantize_pt2e.ptq(model, QuantizeConfig(backend="pt2e"), [torch.randn(2, 3, 32, 32)], 32)
 
 
 def test_auto_activation_width_keeps_int8_sums_exact(monkeypatch):

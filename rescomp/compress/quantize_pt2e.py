@@ -19,6 +19,13 @@ QAT (`method: qat`) captures the network in train mode, so its batch norms keep 
 torchao's prepare_qat_pt2e folds each conv-BN pair into a fake-quantized conv; the Trainer fine-tunes
 it like any network (QatProgram switches train and eval the way torchao does for exported graphs),
 and the result is converted and stored as the PTQ program is.
+
+The capture is strict (through Dynamo), which records each node's source module in `source_fn_stack`;
+X86InductorQuantizer finds convs and linears by it (torch's get_source_partitions). A non-strict
+capture, torch.export's default, records none, and torch 2.11's get_source_partitions has no other way
+to match a module type (later versions fall back to `nn_module_stack`): nothing was quantized, and
+convert returned the fp32 network, stored and exported as int8. A network in which the quantizer finds
+nothing is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from rescomp.measure import InductorForward
 
 def _api() -> Any:
     try:
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+        from torchao.quantization.pt2e import (FakeQuantizeBase, ObserverBase, move_exported_model_to_eval,
+                                               move_exported_model_to_train)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -47,7 +55,8 @@ def _api() -> Any:
         raise ConfigError(f"quantize.backend pt2e needs torchao ({e.name} is missing): pip install 'torchao==0.18.0'") from None
     return SimpleNamespace(prepare=prepare_pt2e, prepare_qat=prepare_qat_pt2e, convert=convert_pt2e,
                            to_train=move_exported_model_to_train, to_eval=move_exported_model_to_eval,
-                           Quantizer=X86InductorQuantizer, config=get_default_x86_inductor_quantization_config)
+                           Quantizer=X86InductorQuantizer, config=get_default_x86_inductor_quantization_config,
+                           Observer=ObserverBase, FakeQuantize=FakeQuantizeBase)
 
 
 def describe(cfg: QuantizeConfig) -> dict[str, Any]:
@@ -100,17 +109,22 @@ def _annotated(model: nn.Module, cfg: QuantizeConfig, image_size: int, qat: bool
     api = _api()
     model = copy.deepcopy(model).cpu().train(qat).to(memory_format=torch.contiguous_format)
     example = (torch.zeros(2, 3, image_size, image_size),)
-    try:
-        captured = torch.export.export(model, example, dynamic_shapes=dynamic_batch()).module()
+    try:  # strict: see the module's docstring
+        captured = torch.export.export(model, example, dynamic_shapes=dynamic_batch(), strict=True).module()
     except Exception as e:
         raise ConfigError(f"torch.export cannot capture this model for PT2E ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
     quantizer = api.Quantizer().set_global(api.config(is_qat=qat, reduce_range=reduce_range(cfg)))
     try:
-        return (api.prepare_qat if qat else api.prepare)(captured, quantizer)
+        prepared = (api.prepare_qat if qat else api.prepare)(captured, quantizer)
     except Exception as e:  # torchao's annotation has patterns it cannot take (one module called twice, for one)
         raise ConfigError(f"torchao's X86InductorQuantizer cannot annotate this network ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:200]}); use backend x86 or onnxruntime") from None
+    if not any(isinstance(m, (api.Observer, api.FakeQuantize)) for m in prepared.modules()):
+        # nothing annotated: convert would return the fp32 network, stored and reported as int8
+        raise ConfigError("torchao's X86InductorQuantizer found no conv or linear to quantize in this network; "
+                          "use backend x86 or onnxruntime")
+    return prepared
 
 
 def _converted(prepared: nn.Module, image_size: int) -> tuple[Pt2eForward, bytes]:
