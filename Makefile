@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo gpu-prep bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
+.PHONY: install test demo gpu-prep test-gpu-env bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
 	table-combined table-deep-compression table-int8 report-int8 report-separable report-layer-drop report-taylor report-combined \
 	report-deep-compression clean
 
@@ -37,15 +37,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# One pytest-xdist worker per core (at most 4), each with its share of the cores for PyTorch
+# (tests/conftest.py); a test that is free goes to whichever worker is. Much of the suite waits on
+# subprocesses (torch imports, torchrun, C++ compiles), so two workers on 2 cores take about two thirds
+# of one's time. `make test PYTEST_ARGS=-q` runs it in one process.
+PYTEST_ARGS ?= -q -n auto --maxprocesses 4 --dist worksteal
+
 # The suite runs on this CPU's own kernels, then again on the AVX2 ones most users' CPUs have
 # (oneDNN picks other kernels there; ../shared/UPSTREAM.md). On a CPU without AVX-512 the first pass
 # already is the AVX2 pass. A test stuck in native code ends the run with every thread's stack
 # (faulthandler_timeout in pyproject.toml) instead of blocking CI.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest $(PYTEST_ARGS)
 	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null && [ -z "$$ONEDNN_MAX_CPU_ISA" ]; then \
 	  echo "again with ONEDNN_MAX_CPU_ISA=AVX2 (the kernels of AVX2-only CPUs):"; \
-	  ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q; \
+	  ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest $(PYTEST_ARGS); \
 	else echo "this CPU has no AVX-512 (or ONEDNN_MAX_CPU_ISA is set): the pass above ran the AVX2 kernels"; fi
 
 # ResNet-20 on CIFAR-10 (the offline copy in ../shared/data if present, else torchvision's download),
@@ -69,6 +75,20 @@ gpu-prep: install
 	@test -f data/cifar10-jpeg.tar.gz || cp ../shared/data/cifar10-jpeg.tar.gz data/ \
 	  || echo "no CIFAR-10 copy in ../shared/data: the GPU check's benchmarks will use synthetic data"
 	@du -sh .whl data
+
+# The GPU machine's software, on this CPU: Python 3.12 with the versions its image holds (the device tool's
+# KINDS.md: torch 2.11.0, torchvision 0.26.0, numpy 2.5.2, onnx 1.23.1, onnxruntime 1.30.0), the wheels
+# gpu-prep carries there, and rescomp on PYTHONPATH, as scripts/gpu_check.sh runs it. The suite in
+# .venv-gpu/ (about 5 GB: PyPI's torch is a CUDA build; needs the network and python3.12) shows what
+# would break on a lease before the lease is spent. CUDA's own tests skip here.
+GPU_IMAGE := torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 onnx==1.23.1 onnxscript==0.7.2 onnxruntime==1.30.0 \
+  typer rich pyyaml pillow matplotlib tabulate tqdm portalocker pytest pytest-xdist tensorboard==2.21.0
+PY312 ?= python3.12
+test-gpu-env: gpu-prep
+	@test -x .venv-gpu/bin/python || $(PY312) -m venv .venv-gpu
+	.venv-gpu/bin/pip install --quiet --disable-pip-version-check $(GPU_IMAGE)
+	.venv-gpu/bin/pip install --quiet --disable-pip-version-check --no-deps .whl/*.whl
+	PYTHONPATH=$(CURDIR) .venv-gpu/bin/python -m pytest $(PYTEST_ARGS)
 
 # Training throughput: the usual DataLoader recipe vs rescomp's loop; writes results/bench/.
 bench: install
@@ -205,4 +225,4 @@ report-deep-compression: install
 	  --table table-deep-compression $(if $(filter cpu,$(PROFILE)),--notes configs/table-deep-compression/notes.md)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-gpu runs .pytest_cache

@@ -341,7 +341,8 @@ def test_two_processes_train_and_prune_as_one(workdir: Path, tiny: dict) -> None
     assert proc.returncode == 0, output
     assert output.count("1. train") == 1  # rank 0 speaks for both
     one, two = workdir / "runs/one", workdir / "runs/two"
-    _assert_same_weights(one / "model.pt", two / "model.pt")
+    # the one-process run's own thread count moves its sums too: within 2e-5 with 2 threads, 4.1e-5 with 1 (measured)
+    _assert_same_weights(one / "model.pt", two / "model.pt", tol=1e-4)
     drop = "-layerdrop-gate-k1-n1"
     d1, d2 = (json.loads(Path(f"{r}{drop}/summary.json").read_text())["rows"] for r in (one, two))
     assert [r.get("deleted") for r in d1] == [r.get("deleted") for r in d2] and d1[-1]["layers"] == d2[-1]["layers"] < 14
