@@ -40,8 +40,9 @@ $(STAMP): pyproject.toml
 # One pytest-xdist worker per core (at most 4), each with its share of the cores for PyTorch
 # (tests/conftest.py); a test that is free goes to whichever worker is. Much of the suite waits on
 # subprocesses (torch imports, torchrun, C++ compiles), so two workers on 2 cores take about two thirds
-# of one's time. `make test PYTEST_ARGS=-q` runs it in one process.
-PYTEST_ARGS ?= -q -n auto --maxprocesses 4 --dist worksteal
+# of one's time. A worker that faulthandler ends (a test stuck in native code, below) is not replaced:
+# the run stops there. `make test PYTEST_ARGS=-q` runs it in one process.
+PYTEST_ARGS ?= -q -n auto --maxprocesses 4 --dist worksteal --max-worker-restart 0
 
 # The suite runs on this CPU's own kernels, then again on the AVX2 ones most users' CPUs have
 # (oneDNN picks other kernels there; ../shared/UPSTREAM.md). On a CPU without AVX-512 the first pass
@@ -82,7 +83,7 @@ gpu-prep: install
 # .venv-gpu/ (about 5 GB: PyPI's torch is a CUDA build; needs the network and python3.12) shows what
 # would break on a lease before the lease is spent. CUDA's own tests skip here.
 GPU_IMAGE := torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 onnx==1.23.1 onnxscript==0.7.2 onnxruntime==1.30.0 \
-  typer rich pyyaml pillow matplotlib tabulate tqdm portalocker pytest pytest-xdist tensorboard==2.21.0
+  typer rich pyyaml pillow matplotlib tabulate tqdm portalocker "pytest>=9.2,<10" pytest-xdist==3.8.0 tensorboard==2.21.0
 PY312 ?= python3.12
 test-gpu-env: gpu-prep
 	@test -x .venv-gpu/bin/python || $(PY312) -m venv .venv-gpu

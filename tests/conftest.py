@@ -27,7 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))  # the cores this process may use
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,8 @@
 # 10. a network in which the quantizer annotates nothing converted anyway: the fp32 network stored and
 #     reported as int8 (torch 2.11 annotated nothing in a non-strict capture, whose nodes carry no
 #     source_fn_stack; that capture itself is caught only there, by
-#     test_pt2e_int8_tracks_fp32_and_reloads_identically) -> test_a_network_with_nothing_to_quantize_is_refused
+#     test_pt2e_int8_tracks_fp32_and_reloads_identically) -> test_a_network_with_nothing_to_quantize_is_refused;
+#     the non-strict capture, where torch 2.14 still quantizes -> test_the_capture_records_the_source_of_each_conv_the_quantizer_looks_for
 
 import json
 from pathlib import Path
@@ -148,6 +149,18 @@ def test_a_network_with_nothing_to_quantize_is_refused():
     model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.ReLU()).eval()
     with pytest.raises(ConfigError, match="found no conv or linear to quantize"):
         quantize_pt2e.ptq(model, QuantizeConfig(backend="pt2e"), [torch.randn(2, 3, 32, 32)], 32)
+
+
+def test_the_capture_records_the_source_of_each_conv_the_quantizer_looks_for():
+    # X86InductorQuantizer finds convs by their nodes' source_fn_stack, which only a strict capture
+    # records; torch 2.14 falls back to nn_module_stack, so only this catches a non-strict one there
+    from rescomp.compress import quantize_pt2e
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3)).eval()
+    prepared = quantize_pt2e._annotated(model, QuantizeConfig(backend="pt2e"), 8, qat=False)
+    convs = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == 2 and all(n.meta.get("source_fn_stack") for n in convs)
+    assert all("quantization_annotation" in n.meta for n in convs)  # and the quantizer found each
 
 
 def test_auto_activation_width_keeps_int8_sums_exact(monkeypatch):

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import copy
 import io
-from unittest import mock
 from types import SimpleNamespace
 from typing import Any, Iterable
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -134,9 +134,10 @@ def _convert(prepared: nn.Module, qat: bool) -> nn.Module:
     their transposes; each twice where CUDA is available), and captures 24 pattern graphs with
     torch.export for each: about 36 s on 2 cores on every call. Skipped, with the same converted graph:
       - a conv type the graph does not call, whose patterns (which call it) cannot match;
-      - the whole pass for PTQ: prepare_pt2e already folded each conv-BN pair it has, and what is left
-        (ResNet50V2's pre-activation BNs) follows no conv (checked: the same graph, weights and outputs
-        for the ResNet50V2 of test_resnet50v2_quantizes_through_pt2e, 0.1 s instead of 36 s).
+      - the whole pass for PTQ: every pattern holds conv_weight * (bn_weight / sqrt(running_var + eps)),
+        which only prepare_qat_pt2e puts in a graph, and the BN-tracking increments the pass erases exist
+        only in a train-mode capture (checked: the same graph, weights and outputs for the ResNet50V2 of
+        test_resnet50v2_quantizes_through_pt2e, whose pre-activation BNs stay, 0.1 s instead of 36 s).
     For QAT on a network of conv2d layers (every network here), the same check on a fine-tuned ResNet-8:
     11 s instead of 39 s."""
     api = _api()
