@@ -41,7 +41,8 @@ $(STAMP): pyproject.toml
 # (tests/conftest.py); a test that is free goes to whichever worker is. Much of the suite waits on
 # subprocesses (torch imports, torchrun, C++ compiles), so two workers on 2 cores take about two thirds
 # of one's time. A worker that faulthandler ends (a test stuck in native code, below) is not replaced:
-# the run stops there. `make test PYTEST_ARGS=-q` runs it in one process.
+# that test fails with every thread's stack, the other workers finish the rest, and the run fails
+# (checked with a sleeping test). `make test PYTEST_ARGS=-q` runs it in one process.
 PYTEST_ARGS ?= -q -n auto --maxprocesses 4 --dist worksteal --max-worker-restart 0
 
 # The suite runs on this CPU's own kernels, then again on the AVX2 ones most users' CPUs have
