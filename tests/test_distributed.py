@@ -343,7 +343,7 @@ def test_two_processes_train_and_prune_as_one(workdir: Path, tiny: dict) -> None
     one, two = workdir / "runs/one", workdir / "runs/two"
     # the one-process run's own thread count moves its sums too: within 2e-5 with 2 threads, 4.1e-5 with 1 (measured)
     _assert_same_weights(one / "model.pt", two / "model.pt", tol=1e-4)
-    assert torch.load(two / "model.pt", weights_only=True)["metrics"]["n"] == tiny["data"]["synthetic"]["test_size"]
+    assert torch.load(two / "model.pt", weights_only=True)["metrics"]["test_n"] == tiny["data"]["synthetic"]["test_size"]
     drop = "-layerdrop-gate-k1-n1"
     d1, d2 = (json.loads(Path(f"{r}{drop}/summary.json").read_text())["rows"] for r in (one, two))
     assert [r.get("deleted") for r in d1] == [r.get("deleted") for r in d2] and d1[-1]["layers"] == d2[-1]["layers"] < 14
