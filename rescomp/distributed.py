@@ -375,7 +375,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from rescomp.jobs import threads_per_process
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rescomp", *argv])
     try:
         run(args)

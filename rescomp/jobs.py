@@ -31,6 +31,12 @@ from rescomp.errors import ConfigError
 PHASE_BREAK = "---"
 
 
+def threads_per_process(processes: int) -> int:
+    """Each of `processes` processes side by side gets its share of this machine's cores as its threads
+    (OpenMP's waits on a busy core cost more than the threads bring): jobs' slots, `--nproc` ranks."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 @dataclass
 class Job:
     number: int
@@ -113,7 +119,7 @@ def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[st
     alone = len(where) == 1
     env_base = {**os.environ, "RESCOMP_JOBS": str(len(where))}
     if not alone and "OMP_NUM_THREADS" not in os.environ:
-        env_base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(where)))
+        env_base["OMP_NUM_THREADS"] = str(threads_per_process(len(where)))
     failed: Optional[Job] = None
     running: list[Job] = []
     try:

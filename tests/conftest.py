@@ -20,14 +20,17 @@ TINY = {
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`make test` runs one worker per core), each worker's PyTorch gets its share of
-    the cores: two workers with every core each would make OpenMP's threads wait on each other."""
+    the cores, as each of rescomp's processes side by side does: two workers with every core each would
+    make OpenMP's threads wait on each other."""
     import os
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))  # the cores this process may use
+        from rescomp.jobs import threads_per_process
+
+        torch.set_num_threads(threads_per_process(workers))
 
 
 @pytest.fixture(autouse=True)
