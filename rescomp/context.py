@@ -67,15 +67,20 @@ class RunContext:
 
 
 @contextmanager
-def exact_fp32():
-    """Convolutions and matrix products in full fp32 on a GPU while the block runs (TF32 off; make_context
-    turns it on for training), so that an evaluation there reports what the CPU computes."""
+def tf32(enabled: bool):
+    """TF32 for a GPU's convolutions and matrix products on or off while the block runs, as it was after."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def exact_fp32():
+    """Convolutions and matrix products in full fp32 on a GPU while the block runs (TF32 off; make_context
+    turns it on for training), so that an evaluation there reports what the CPU computes."""
+    return tf32(False)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -152,7 +152,7 @@ M = [
   "    with ctx.autocast():\n        for x, y in loader:", "tests/test_train.py::test_evaluation_is_fp32_whatever_the_training_precision"),
  ("eval-under-callers-autocast", "rescomp/train.py", "    with exact_fp32(), torch.autocast(ctx.device.type, enabled=False):\n        for x, y in loader:",
   "    with exact_fp32():\n        for x, y in loader:", "tests/test_train.py::test_evaluation_is_fp32_whatever_the_training_precision"),
- ("exact-fp32-keeps-tf32", "rescomp/context.py", "    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False\n", "",
+ ("exact-fp32-keeps-tf32", "rescomp/context.py", "    return tf32(False)\n", "    return tf32(torch.backends.cudnn.allow_tf32)\n",
   "tests/test_train.py::test_exact_fp32_turns_tf32_off_and_back"),
  ("checkpoint-rebuilds-dicts", "rescomp/checkpoint.py", "        if all(items[k] is v for k, v in obj.items()):\n            return obj\n        out = type(obj)(items)\n        if hasattr(obj, \"_metadata\"):\n            out._metadata = obj._metadata\n        return out\n",
   "        return type(obj)(items)\n",

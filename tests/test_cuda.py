@@ -36,7 +36,7 @@ from typer.testing import CliRunner
 from conftest import write_config
 from rescomp.cli import app
 from rescomp.config import AugmentConfig
-from rescomp.context import RunContext, exact_fp32
+from rescomp.context import RunContext, exact_fp32, tf32
 from rescomp.data import BatchLoader
 from rescomp.measure import count_macs, cudnn_autotuned, gpu_images_per_s
 from rescomp.models import build_model
@@ -92,13 +92,9 @@ def test_gpu_evaluation_is_the_cpu_evaluation():
     with torch.no_grad():  # BN running statistics of this data (a new network's are 0 and 1)
         model.train()(((x[:500].float() / 255) - 0.5) / 0.25)
     cpu = evaluate(model, loader(x, y, CPU), RunContext(CPU))
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as make_context leaves them
-    try:  # a bf16 channels_last run's evaluation, as a GPU training run calls it
+    with tf32(True):  # as make_context leaves it; a bf16 channels_last run's evaluation, as a GPU training run calls it
         gpu = evaluate(copy.deepcopy(model).to(GPU).to(memory_format=torch.channels_last), loader(x, y, GPU),
                        RunContext(GPU, precision="bf16"))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     assert gpu["n"] == cpu["n"] == 1000
     # Measured on the CPU for this kind of network: bf16 logits move the loss 1.7e-4 (relative), NHWC
     # against NCHW in fp32 1e-7. cuDNN's fp32 algorithms (Winograd, FFT, chosen by autotuning) round

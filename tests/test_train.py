@@ -140,14 +140,13 @@ def test_evaluation_is_fp32_whatever_the_training_precision():
 
 def test_exact_fp32_turns_tf32_off_and_back():
     # Wrong version: exact_fp32 leaving TF32 on (a GPU evaluation with 10-bit mantissas), or not restoring it.
-    from rescomp.context import exact_fp32
+    from rescomp.context import exact_fp32, tf32
 
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
     before = flags()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with tf32(True):  # as make_context leaves it
+        assert flags() == (True, True)
         with exact_fp32():
             assert flags() == (False, False)
         assert flags() == (True, True)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert flags() == before
