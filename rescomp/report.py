@@ -15,14 +15,14 @@ from typing import Any, Iterable, Optional
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
 
-COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
+COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers", "weight_layers", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
            "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
            "macs_paper_input", "params_paper_head", "size_bytes", "compression", "weights_kept", "weights_compression",
            "dc_dense_bytes", "dc_sparse_bytes", "dc_shared_bytes", "dc_huffman_bytes", "dc_compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "int8 by", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "int8 by", "int8_layers": "int8 layers", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
@@ -35,6 +35,8 @@ RUNTIME_HEADERS = {"cpu": "CPU ms", "ort": "ONNX Runtime ms", "ind": "Inductor m
 LATENCY = tuple(f"latency_ms_{c}_b" for c in RUNTIME_HEADERS)
 # The spread behind each latency (CSV and JSON columns; in Markdown folded into the latency cell).
 SPREAD = ("latency_iqr_ms", "latency_runs", "speedup_within_noise")
+# Columns whose Markdown cell folds in another's (CSV and JSON keep both): int8 layers "56 of 57".
+FOLDED = {"weight_layers": "int8_layers"}
 PROVENANCE = ["seed", "config_hash", "commit", "torch", "device", "wall_seconds", "command", "data_source",
               "train_images", "test_images"]
 # Markdown: one section per kind of row (stage), each split into tables of at most MAX_COLUMNS columns
@@ -43,7 +45,7 @@ STAGES = {"train": "Trained networks", "ptq": "int8 networks", "qat": "int8 netw
           "layerdrop": "Layer deletion", "magnitude_prune": "Magnitude pruning (Deep Compression)",
           "weight_share": "Weight sharing and Huffman coding (Deep Compression)", "binarize": "Pattern binarization (SEP-Net)"}
 MAX_COLUMNS = 11
-CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "share", "removed", "removed_coupled_channels",
+CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "int8_layers", "share", "removed", "removed_coupled_channels",
            "finetune_epochs_total", "layers", "units_deleted", "seeds")
 ACCURACY = ("top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement")
 
@@ -178,6 +180,9 @@ def _cell(key: str, f: dict[str, Any]) -> str:
         text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
     if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
         text += " (noise)"
+    for folded, into in FOLDED.items():
+        if key == into and f.get(folded) is not None:
+            text += f" of {_fmt(folded, f[folded])}"
     return text
 
 
@@ -251,7 +256,7 @@ def paper_table(flat: list[dict[str, Any]]) -> list[str]:
 def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None,
              notes: str | None = None) -> str:
     flat = [flatten(r) for r in rows]
-    ours = [k for k in column_order(flat) if k not in PROVENANCE and not k.startswith(SPREAD)
+    ours = [k for k in column_order(flat) if k not in PROVENANCE and k not in FOLDED and not k.startswith(SPREAD)
             and not k.endswith(" (paper)") and not k.startswith("Δ ")]
     common = [k for k in SHARED if k in ours and len({str(f.get(k)) for f in flat}) == 1]
     lines = [f"# {table}", ""]

@@ -15,6 +15,10 @@
 # - the stem's zero pad re-quantized with scales of its own    -> test_zero_pad_keeps_its_inputs_int8_grid
 # - 8-bit activations on x86 without VNNI not flagged         -> test_saturation_risk_is_flagged
 # - a bad reduce_range value not one clear line (exit 2)       -> test_quantize_bad_input
+# - a layer left fp32 counted as int8 (the classifier of FX, any layer of an fp32 graph), or a run
+#   that stores an "int8" network with no int8 layer             -> test_every_backend_saves_what_reloads_with_identical_outputs,
+#       test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend, test_an_int8_network_with_no_int8_layer_is_refused,
+#       test_quantize_run_measures_int8_beside_fp32
 # - a QAT run that only calibrates (no fine-tuning), or its row not saying QAT -> test_qat_fine_tunes_then_converts
 # - an int8.pt whose state_dict lost its module versions (LeNet-5's quantized Linear cannot reload)
 #       -> test_every_backend_saves_what_reloads_with_identical_outputs[x86-lenet5]
@@ -102,6 +106,39 @@ def test_every_backend_saves_what_reloads_with_identical_outputs(tmp_path, name,
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert torch.equal(again(x), q(x)) and payload["quantize"]["backend"] == name
+    # ResNet-8: a stem, 6 block convs (option A shortcuts have none) and the classifier; Caffe's LeNet-5:
+    # 2 convs and 2 linears. FX keeps the classifier fp32; ONNX Runtime and PT2E quantize every one
+    weighted = 4 if spec["arch"] == "lenet5" else 8
+    expected = (weighted - 1, weighted) if name in ("x86", "fbgemm", "qnnpack") else (weighted, weighted)
+    assert backend(name).layers(q) == expected == backend(name).layers(again)
+
+
+def test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend(tmp_path):
+    # each counter reads the fp32 network's own form (module, ONNX graph, exported program) as 0 int8
+    from types import SimpleNamespace
+
+    from rescomp.compress.quantize import backend
+    from rescomp.export import export_onnx
+    from rescomp.models import build_model
+
+    model = build_model(RESNET8[0]).eval()
+    export_onnx(model, 16, tmp_path / "fp32.onnx")
+    program = torch.export.export(model, (torch.zeros(2, 3, 16, 16),)).module()
+    assert backend("x86").layers(model) == (0, 8)
+    assert backend("onnxruntime").layers(SimpleNamespace(model=(tmp_path / "fp32.onnx").read_bytes())) == (0, 8)
+    assert backend("pt2e").layers(SimpleNamespace(net=program)) == (0, 8)
+
+
+def test_an_int8_network_with_no_int8_layer_is_refused():
+    from rescomp.compress.quantize import backend, counted_layers
+
+    b = backend("x86")
+    classifier_only = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 10)).eval()
+    q, _, _ = b.ptq(classifier_only, QuantizeConfig(), [torch.randn(8, 3, 4, 4)], 4)  # FX keeps it fp32
+    with pytest.raises(ConfigError, match="FX x86 left all 1 conv and linear layers of this network in fp32"):
+        counted_layers(b, q)
+    with pytest.raises(ConfigError, match="has no conv or linear layer"):
+        counted_layers(b, torch.nn.Sequential(torch.nn.ReLU()))
 
 
 def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
@@ -110,6 +147,7 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     assert run_dir.name == f"{cfg.run_name}-ptq"
     assert s["quantization"] == {"method": "ptq", "backend": "x86", "activation_bits": 7, "calibration_images": 64}
     assert s["row"] == f"{cfg.run_name} int8 FX x86 (7-bit act.)"
+    assert (s["int8_layers"], s["weight_layers"]) == (7, 8)  # ResNet-8's classifier stays fp32
     assert abs(s["top1"] - s["fp32_top1"]) <= 5
     n = s["test_images"]
     assert s["top1_drop"] == pytest.approx(100 * (s["only_fp32_right"] - s["only_int8_right"]) / n)

@@ -233,3 +233,12 @@ def test_storage_curves_follow_each_chain_in_order_on_a_log_axis():
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.xaxis_inverted()
     assert [list(line.get_xdata()) for line in ax.lines] == [[4.0, 2.0, 0.4], [0.45]]
+
+
+def test_an_int8_rows_layer_count_reads_k_of_n_and_both_stay_in_the_csv():
+    row = {**ROW, "stage": "ptq", "int8_layers": 7, "weight_layers": 8}
+    table = next(t for t in _tables(markdown("t", [row])) if "int8 layers" in t[0])
+    assert dict(zip(table[0], table[1]))["int8 layers"] == "7 of 8"
+    assert not any("weight_layers" in h for t in _tables(markdown("t", [row])) for h in t[0])
+    csv_row = next(csv.DictReader(io.StringIO(to_csv([row]))))
+    assert (csv_row["int8_layers"], csv_row["weight_layers"]) == ("7", "8")

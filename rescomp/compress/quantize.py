@@ -59,6 +59,7 @@ class Backend:
     ptq: Callable[..., tuple[nn.Module, dict[str, Any], Optional[bytes]]]  # (model, cfg, batches, image_size)
     describe: Callable[[QuantizeConfig], dict[str, Any]]  # what a row must say about how it was quantized
     load: Callable[[dict[str, Any]], nn.Module]  # an int8.pt payload -> the network, nothing recalibrated
+    layers: Callable[[nn.Module], tuple[int, int]]  # its int8 network -> (conv / linear layers in int8, all of them)
     blob_key: Optional[str] = None  # the payload key of its serialized int8 program; None: a state_dict
     prepare_qat: Optional[Callable[..., nn.Module]] = None  # (model, cfg, image_size) -> a network to fine-tune
     convert_qat: Optional[Callable[..., tuple[nn.Module, Optional[bytes]]]] = None  # (fine-tuned, image_size)
@@ -72,6 +73,19 @@ def backend(name: str) -> Backend:
     for module in ("quantize_ort", "quantize_pt2e"):
         importlib.import_module(f"rescomp.compress.{module}")
     return BACKENDS.get(name)
+
+
+def counted_layers(b: Backend, qmodel: nn.Module) -> dict[str, int]:
+    """{"int8_layers": the conv and linear layers that compute in int8, "weight_layers": all of them}, as
+    each backend's int8 network holds them. ConfigError where none is int8: the fp32 network would be
+    stored, measured and reported as int8 (PT2E under torch 2.11 with a non-strict capture did this)."""
+    int8, total = b.layers(qmodel)
+    if not total:
+        raise ConfigError("this network has no conv or linear layer, so int8 has nothing to quantize")
+    if not int8:
+        raise ConfigError(f"{b.label} left all {total} conv and linear layers of this network in fp32, so its "
+                          f"'int8' network would be the fp32 one; use another quantize.backend")
+    return {"int8_layers": int8, "weight_layers": total}
 
 
 @contextmanager
@@ -326,8 +340,21 @@ def _load_fx(payload: dict[str, Any]) -> nn.Module:
     return q
 
 
+def _fx_layers(q: nn.Module) -> tuple[int, int]:
+    """(quantized conv and linear modules, those and the float ones) of an FX int8 network: the classifier,
+    which stays fp32 (`qconfig_mapping`), is a float one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.nn.quantized as nnq
+        from torch.ao.nn.quantized.modules.conv import _ConvNd as QuantizedConv
+
+    int8 = sum(isinstance(m, (QuantizedConv, nnq.Linear)) for m in q.modules())
+    fp32 = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in q.modules())
+    return int8, int8 + fp32
+
+
 for _engine in ("x86", "fbgemm", "qnnpack"):
     BACKENDS.register(_engine)(Backend(
-        f"FX {_engine}", ptq=lambda *a: (*ptq(*a), None), describe=describe, load=_load_fx,
+        f"FX {_engine}", ptq=lambda *a: (*ptq(*a), None), describe=describe, load=_load_fx, layers=_fx_layers,
         prepare_qat=prepare, convert_qat=lambda prepared, image_size: (convert(prepared, image_size), None)))
 del _engine

@@ -95,5 +95,18 @@ def load(blob: bytes, threads: int | None = None) -> nn.Module:
     return forward
 
 
+def layers(q: nn.Module) -> tuple[int, int]:
+    """(convs, Gemms and MatMuls whose weight comes from a DequantizeLinear, all of them) in the QDQ graph
+    of an int8 network in ONNX Runtime: in QDQ form an int8 layer is the float op fed dequantized inputs,
+    and ONNX Runtime runs it in int8 where its weight and input are."""
+    from onnx import load_model_from_string
+
+    graph = load_model_from_string(q.model).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    return sum(made_by.get(node.input[1]) == "DequantizeLinear" for node in weighted), len(weighted)
+
+
 BACKENDS.register("onnxruntime")(Backend(
-    "ONNX Runtime", ptq=ptq, describe=describe, load=lambda payload: load(payload["onnx"]), blob_key="onnx"))
+    "ONNX Runtime", ptq=ptq, describe=describe, load=lambda payload: load(payload["onnx"]), layers=layers,
+    blob_key="onnx"))

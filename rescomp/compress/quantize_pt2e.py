@@ -220,6 +220,19 @@ def load(blob: bytes) -> Pt2eForward:
     return Pt2eForward(program.module(), blob, tensor_bytes(tensors))
 
 
+WEIGHTED = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
+
+
+def layers(q: nn.Module) -> tuple[int, int]:
+    """(conv and linear calls whose weight is dequantized from int8, all of them) in a PT2E program: a
+    converted program computes a layer in int8 where Inductor fuses dequantize -> conv -> quantize."""
+    def op(node: torch.fx.Node) -> str:  # aten.conv2d.default -> conv2d
+        return str(node.target).split(".")[1] if isinstance(node.target, torch._ops.OpOverload) else ""
+
+    weighted = [n for n in q.net.graph.nodes if n.op == "call_function" and op(n) in WEIGHTED]
+    return sum(isinstance(n.args[1], torch.fx.Node) and op(n.args[1]).startswith("dequantize") for n in weighted), len(weighted)
+
+
 BACKENDS.register("pt2e")(Backend(
-    "PT2E", ptq=ptq, describe=describe, load=lambda payload: load(payload["pt2"]), blob_key="pt2",
+    "PT2E", ptq=ptq, describe=describe, load=lambda payload: load(payload["pt2"]), layers=layers, blob_key="pt2",
     prepare_qat=prepare_qat, convert_qat=convert_qat))

@@ -80,8 +80,10 @@ def body(run: StageRun) -> dict[str, Any]:
         qmodel, info, blob = _qat(model, cfg, splits, ctx, b)
     else:
         qmodel, info, blob = b.ptq(model, qc, (x for x, _ in calib), size)
+    layers = q.counted_layers(b, qmodel)  # refuses an "int8" network with no int8 layer
     ctx.log(f"int8 ({info['method']}, {qc.backend}, {info['activation_bits']}-bit activations) of {source}"
-            + (f"; calibrated on {info['calibration_images']} training images" if "calibration_images" in info else ""))
+            + (f"; calibrated on {info['calibration_images']} training images" if "calibration_images" in info else "")
+            + f"; {layers['int8_layers']} of its {layers['weight_layers']} conv and linear layers in int8")
     if q.may_saturate(qc):
         ctx.log(f"warning: quantize.reduce_range=false on {qc.backend} without VNNI: int8 convs sum products in "
                 f"saturating int16 pairs, so results can be wrong; use reduce_range: auto, or a CPU with VNNI")
@@ -97,7 +99,7 @@ def body(run: StageRun) -> dict[str, Any]:
         "stage": qc.method,
         "row": f"{cfg.label} int8 {b.label}{' QAT' if qc.method == 'qat' else ''} "
                f"({info['activation_bits']}-bit act.)", "arch": spec,
-        "quantization": info, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
+        "quantization": info, **layers, "top1": int8_eval["top1"], "loss": int8_eval["loss"],
         "params": costs["params"], "params_with_bn_stats": costs["params_with_bn_stats"], "macs": costs["macs"],
         "image_size": size, **int8,
         "fp32_top1": fp32_eval["top1"], "fp32_loss": fp32_eval["loss"], "top1_drop": fp32_eval["top1"] - int8_eval["top1"],
