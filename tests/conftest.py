@@ -19,10 +19,19 @@ TINY = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test` runs one worker per core), each worker's PyTorch gets its share of
-    the cores, as each of rescomp's processes side by side does: two workers with every core each would
-    make OpenMP's threads wait on each other."""
+    """The suite tests this checkout's rescomp, not another's: a virtual environment shared with another
+    worktree (a symlinked .venv in which `make install` ran there) imports that one's code, and its
+    tests then fail, or pass, for the other code. Under pytest-xdist (`make test` runs one worker per
+    core), each worker's PyTorch gets its share of the cores, as each of rescomp's processes side by side
+    does: two workers with every core each would make OpenMP's threads wait on each other."""
     import os
+
+    import rescomp
+
+    here, imported = Path(__file__).resolve().parent.parent, Path(rescomp.__file__).resolve().parent
+    if imported != here / "rescomp":
+        raise pytest.UsageError(f"this suite is in {here} but imports rescomp from {imported}, another checkout's "
+                                f"editable install; reinstall this one: .venv/bin/pip install -e '.[dev]'")
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
