@@ -18,7 +18,7 @@
 # - a layer left fp32 counted as int8 (the classifier of FX, any layer of an fp32 graph), or a run
 #   that stores an "int8" network with no int8 layer             -> test_every_backend_saves_what_reloads_with_identical_outputs,
 #       test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend, test_an_int8_network_with_no_int8_layer_is_refused,
-#       test_quantize_run_measures_int8_beside_fp32
+#       test_quantize_run_measures_int8_beside_fp32 (which `rescomp measure int8.pt` reports too)
 # - a QAT run that only calibrates (no fine-tuning), or its row not saying QAT -> test_qat_fine_tunes_then_converts
 # - an int8.pt whose state_dict lost its module versions (LeNet-5's quantized Linear cannot reload)
 #       -> test_every_backend_saves_what_reloads_with_identical_outputs[x86-lenet5]
@@ -159,6 +159,7 @@ def test_quantize_run_measures_int8_beside_fp32(workdir, tiny):
     assert res.exit_code == 0, res.output
     measured = json.loads(res.stdout)
     assert measured["dtype"] == "int8" and measured["size_bytes"] == s["size_bytes"]
+    assert (measured["int8_layers"], measured["weight_layers"]) == (7, 8)  # counted again on the reloaded int8.pt
     assert measured["act_peak_bytes_b1"] == s["act_peak_bytes_b1"] and measured["latency_ms_cpu_b64"] > 0
     assert run_quantize(cfg)[1] == s  # done: found, not redone
     other = validate({**cfg.to_dict(), "quantize": {**cfg.quantize.model_dump(), "reduce_range": False}}, "t")
