@@ -317,15 +317,14 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
         payload, cfg = None, load_config(target, set_)
     device = resolve_device(cfg.device) if cfg else None  # a device that is not there is an error, never the CPU
     if payload is not None and payload.get("kind") == "rescomp-int8":
-        from rescomp.compress.quantize import backend, load_int8
+        from rescomp.compress.quantize import backend, layer_counts, load_int8
         from rescomp.measure import measure_int8
 
         if device is not None and device.type != "cpu" and cfg.device != "auto":
             raise DeviceError(f"'{target}' is an int8 model, which runs on the CPU only; drop --set device={cfg.device}")
         model, payload = load_int8(target)
         size = payload["image_size"]
-        int8, total = backend(payload["quantize"]["backend"]).layers(model)
-        row = {"arch": payload["arch"]["arch"], "dtype": "int8", "int8_layers": int8, "weight_layers": total,
+        row = {"arch": payload["arch"]["arch"], "dtype": "int8", **layer_counts(backend(payload["quantize"]["backend"]), model),
                **measure_int8(model, size, cfg.measure if cfg else None)}
         _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
         return

@@ -128,7 +128,7 @@ M = [
   "tests/test_quantize.py::test_every_backend_saves_what_reloads_with_identical_outputs tests/test_quantize.py::test_an_int8_network_with_no_int8_layer_is_refused"),
  ("ort-fp32-layer-counted-int8", "rescomp/compress/quantize_ort.py", "made_by.get(node.input[1]) == \"DequantizeLinear\" for", "True for",
   "tests/test_quantize.py::test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend"),
- ("pt2e-fp32-layer-counted-int8", "rescomp/compress/quantize_pt2e.py", "isinstance(n.args[1], torch.fx.Node) and op(n.args[1]).startswith(\"dequantize\")", "True",
+ ("pt2e-fp32-layer-counted-int8", "rescomp/compress/quantize_pt2e.py", "isinstance(n.args[1], torch.fx.Node) and _op(n.args[1]).startswith(\"dequantize\")", "True",
   "tests/test_quantize.py::test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend"),
  ("pt2e-linear-not-counted", "rescomp/compress/quantize_pt2e.py", "\"conv_transpose3d\", \"linear\")", "\"conv_transpose3d\")",
   "tests/test_quantize.py::test_every_backend_saves_what_reloads_with_identical_outputs"),

@@ -75,17 +75,24 @@ def backend(name: str) -> Backend:
     return BACKENDS.get(name)
 
 
-def counted_layers(b: Backend, qmodel: nn.Module) -> dict[str, int]:
+def layer_counts(b: Backend, qmodel: nn.Module) -> dict[str, int]:
     """{"int8_layers": the conv and linear layers that compute in int8, "weight_layers": all of them}, as
-    each backend's int8 network holds them. ConfigError where none is int8: the fp32 network would be
-    stored, measured and reported as int8 (PT2E under torch 2.11 with a non-strict capture did this)."""
+    backend `b`'s int8 network holds them (a run's summary, `rescomp measure` of an int8.pt)."""
     int8, total = b.layers(qmodel)
+    return {"int8_layers": int8, "weight_layers": total}
+
+
+def counted_layers(b: Backend, qmodel: nn.Module) -> dict[str, int]:
+    """layer_counts, or ConfigError where none is int8: the fp32 network would be stored, measured and
+    reported as int8 (PT2E under torch 2.11 with a non-strict capture did this)."""
+    counts = layer_counts(b, qmodel)
+    int8, total = counts["int8_layers"], counts["weight_layers"]
     if not total:
         raise ConfigError("this network has no conv or linear layer, so int8 has nothing to quantize")
     if not int8:
         raise ConfigError(f"{b.label} left all {total} conv and linear layers of this network in fp32, so its "
                           f"'int8' network would be the fp32 one; use another quantize.backend")
-    return {"int8_layers": int8, "weight_layers": total}
+    return counts
 
 
 @contextmanager

@@ -128,6 +128,12 @@ def _annotated(model: nn.Module, cfg: QuantizeConfig, image_size: int, qat: bool
     return prepared
 
 
+def _op(node: torch.fx.Node) -> str:
+    """The op a graph node calls, without namespace or overload (aten.conv2d.default: conv2d); "" for a
+    node that calls no torch op (a placeholder, operator.getitem)."""
+    return str(node.target).split(".")[1] if isinstance(node.target, torch._ops.OpOverload) else ""
+
+
 def _convert(prepared: nn.Module, qat: bool) -> nn.Module:
     """convert_pt2e, with its fold of QAT's fake-quantized conv-BN pairs run only where it can match.
     That pass runs wherever a batch norm is left in the graph, for four conv types (conv1d, conv2d and
@@ -149,8 +155,7 @@ def _convert(prepared: nn.Module, qat: bool) -> nn.Module:
     if not qat:
         with mock.patch.object(qp, "_fold_conv_bn_qat", lambda m: m):
             return api.convert(prepared)
-    called = {str(n.target).split(".")[1] for n in prepared.graph.nodes
-              if n.op == "call_function" and str(n.target).startswith("aten.")}
+    called = {_op(n) for n in prepared.graph.nodes}
     fold = qu._fold_conv_bn_qat_helper
 
     def only_present(m: nn.Module, conv_fn: Any, example_inputs: Any, is_cuda: bool) -> nn.Module:
@@ -226,11 +231,8 @@ WEIGHTED = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d"
 def layers(q: nn.Module) -> tuple[int, int]:
     """(conv and linear calls whose weight is dequantized from int8, all of them) in a PT2E program: a
     converted program computes a layer in int8 where Inductor fuses dequantize -> conv -> quantize."""
-    def op(node: torch.fx.Node) -> str:  # aten.conv2d.default -> conv2d
-        return str(node.target).split(".")[1] if isinstance(node.target, torch._ops.OpOverload) else ""
-
-    weighted = [n for n in q.net.graph.nodes if n.op == "call_function" and op(n) in WEIGHTED]
-    return sum(isinstance(n.args[1], torch.fx.Node) and op(n.args[1]).startswith("dequantize") for n in weighted), len(weighted)
+    weighted = [n for n in q.net.graph.nodes if _op(n) in WEIGHTED]
+    return sum(isinstance(n.args[1], torch.fx.Node) and _op(n.args[1]).startswith("dequantize") for n in weighted), len(weighted)
 
 
 BACKENDS.register("pt2e")(Backend(
