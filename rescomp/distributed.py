@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rescomp.errors import ConfigError, RescompError
+from rescomp.jobs import threads_per_process, usable_cores
 
 T = TypeVar("T")
 
@@ -142,9 +143,9 @@ def check_launch(cfgs: list, nproc: int) -> torch.device:
             if nproc > torch.cuda.device_count():
                 raise ConfigError(f"--nproc {nproc} asks for a GPU per process, but this machine has "
                                   f"{torch.cuda.device_count()}; use --nproc {torch.cuda.device_count()} or fewer")
-        elif nproc > (os.cpu_count() or 1):
-            raise ConfigError(f"--nproc {nproc} processes on a CPU of {os.cpu_count()} cores would slow each other "
-                              f"down; use --nproc {os.cpu_count()} or fewer")
+        elif nproc > (cores := usable_cores()):
+            raise ConfigError(f"--nproc {nproc} processes on the {cores} CPU cores this process may use would slow "
+                              f"each other down; use --nproc {cores} or fewer")
     return device
 
 
@@ -374,8 +375,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     (2 for a user mistake, as one process gives), or 0."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from rescomp.jobs import threads_per_process
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "rescomp", *argv])

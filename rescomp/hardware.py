@@ -26,6 +26,8 @@ from typing import Any, Literal, Union
 import torch
 import torch.nn as nn
 
+from rescomp.jobs import usable_cores
+
 # Instruction sets that change which int8 / fp32 kernels oneDNN and FBGEMM run (flags of /proc/cpuinfo).
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 NHWC_MIN_IN_CHANNELS = 16  # oneDNN #6035: AVX2's block is 8 (measured), AVX-512's is 16 (kept out, untested)
@@ -101,6 +103,7 @@ def cpu_record() -> dict[str, Any]:
     return {
         "model": cpu_name(),
         "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),  # the CPU affinity's: what the threads may run on
         "physical_cores": _physical_cores(),
         "isa": cpu_isa(),
         "onednn_max_cpu_isa": onednn_isa_cap(),
@@ -121,7 +124,9 @@ def device_name(device: Union[torch.device, str]) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{cpu_name()}, {os.cpu_count()} cores, {isa_summary()} ({torch.get_num_threads()} threads)"
+    cores, usable = os.cpu_count(), usable_cores()
+    cores = f"{cores} cores" + (f" ({usable} usable)" if usable != cores else "")
+    return f"cpu:{cpu_name()}, {cores}, {isa_summary()} ({torch.get_num_threads()} threads)"
 
 
 def device_record(device: Union[torch.device, str]) -> dict[str, Any]:

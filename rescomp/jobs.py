@@ -31,10 +31,20 @@ from rescomp.errors import ConfigError
 PHASE_BREAK = "---"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), which is what
+    PyTorch sizes its thread pool by; all the machine's where the OS has no affinity call. os.cpu_count()
+    counts the machine's, so 2 processes under `taskset -c 0,1` on a 64-core host would get 32 threads each."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def threads_per_process(processes: int) -> int:
-    """Each of `processes` processes side by side gets its share of this machine's cores as its threads
+    """Each of `processes` processes side by side gets its share of the usable cores as its threads
     (OpenMP's waits on a busy core cost more than the threads bring): jobs' slots, `--nproc` ranks."""
-    return max(1, (os.cpu_count() or 1) // processes)
+    return max(1, usable_cores() // processes)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from rescomp import provenance  # noqa: E402
+from rescomp.jobs import usable_cores  # noqa: E402
 
 
 def counts(most: int) -> list[int]:
@@ -95,7 +96,7 @@ def main() -> None:
         r["efficiency"] = r["speedup"] / r["processes"]
     meta = {**provenance.stamp(device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "backend": "nccl" if cuda else "gloo", "arch": args.arch, "sync_bn": args.sync_bn, "epochs": args.epochs,
-            "images_per_epoch": images, "cores": os.cpu_count()}
+            "images_per_epoch": images, "cores": usable_cores()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ddp_scaling-{device.type}"
@@ -109,7 +110,7 @@ def main() -> None:
               f"{100 * r['efficiency']:.0f} % | {r['wall_seconds']:.0f} |" for r in rows]
     if not cuda:
         lines += ["", f"Weak scaling (each process keeps a batch of {per}). On the CPU the n processes share the "
-                      f"machine's {os.cpu_count()} cores, cores / n threads each, against one process with all of "
+                      f"{meta['cores']} cores it may use, cores / n threads each, against one process with all of "
                       "them: the figure compares two ways of using the same cores, Gloo's gradient all-reduce "
                       "included. It says nothing about scaling over GPUs."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

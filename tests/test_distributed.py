@@ -223,7 +223,8 @@ def test_bad_nproc_is_one_clear_line(workdir: Path, tiny: dict, monkeypatch: pyt
     assert res.exit_code == 2 and "'--nproc'" in res.output and "integer" in res.output
     res = runner.invoke(app, ["train", str(path), "--nproc", "3"])  # batch 16 does not split into 3
     assert res.exit_code == 2 and "split evenly across 3" in res.output, res.output
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # taskset -c 0,1 on a 64-core host
     res = runner.invoke(app, ["train", str(path), "--nproc", "4"])
     assert res.exit_code == 2 and "--nproc 2 or fewer" in res.output, res.output
     tiny["model"]["arch"] = "no_such_net"

@@ -9,12 +9,16 @@ Wrong versions these tests must catch:
 - the decision bypassed: the trainer, prune scoring or QAT putting a model in NHWC without it;
 - NHWC kept where it is safe but computing different gradients than NCHW (the decision's other side);
 - a latency row that does not say which instruction sets made it;
+- the cores counted as the machine's (os.cpu_count) where the CPU affinity allows fewer (taskset, a
+  container's cpuset): processes side by side each given threads for cores they cannot use, and a row
+  that names cores its timing never had;
 - a per-test limit that cannot fire while a test holds the GIL in native code.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from rescomp.context import RunContext
-from rescomp.hardware import device_name, memory_format_of, nhwc_hazards, training_layout
+from rescomp.hardware import cpu_record, device_name, memory_format_of, nhwc_hazards, training_layout
+from rescomp.jobs import threads_per_process, usable_cores
 from rescomp.models import build_model
 from rescomp.provenance import stamp
 
@@ -118,6 +123,32 @@ def test_every_timing_row_names_the_instruction_sets() -> None:
     assert s["hardware"]["cpu"]["logical_cores"] == os.cpu_count()
     assert ("avx2" in device_name("cpu")) == ("avx2" in isa)
     assert s["hardware"]["threads"] == torch.get_num_threads()
+
+
+def test_cores_are_those_the_cpu_affinity_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})  # taskset -c 4-7 on a 64-core host
+    assert usable_cores() == 4
+    assert [threads_per_process(n) for n in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    assert cpu_record()["usable_cores"] == 4 and cpu_record()["logical_cores"] == 64
+    assert ", 64 cores (4 usable), " in device_name("cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert ", 64 cores, " in device_name("cpu") and threads_per_process(2) == 32
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have no affinity call
+    assert usable_cores() == 64
+
+
+@pytest.mark.skipif(not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs taskset and 2 cores")
+def test_one_process_gets_the_threads_pytorch_gives_it_under_taskset() -> None:
+    """The count agrees with PyTorch's own thread pool, which follows the affinity."""
+    code = ("import torch; from rescomp.jobs import threads_per_process as t; "
+            "print(t(1), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "1"]
 
 
 def test_a_test_stuck_in_native_code_fails_fast_with_its_stack(tmp_path: Path) -> None:
