@@ -150,6 +150,17 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _table_name(name: str) -> None:
+    """results/<name>/ must be a folder of results/, not a path out of it."""
+    from rescomp.config import folder_name
+    from rescomp.errors import ConfigError
+
+    try:
+        folder_name(name)
+    except ValueError as e:
+        raise ConfigError(f"table '{name}': {e}; pass --table NAME") from None
+
+
 @app.command()
 @user_errors
 def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Optional[List[str]] = SetOpt,
@@ -414,6 +425,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
         raise ConfigError("these runs name no table (report.table in their config); pass --table NAME")
+    _table_name(name)
     path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries,
                        notes=notes.read_text() if notes else None)
     out.print(f"{len(rows)} row(s) -> {path}/table.md")
@@ -436,6 +448,7 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     from rescomp.errors import ConfigError
     from rescomp.report import find_runs, load_rows
 
+    _table_name(table)
     if notes is not None and not notes.is_file():
         raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-combined/notes.md")
     if runs.suffix in (".yaml", ".yml"):

@@ -20,6 +20,14 @@ from rescomp.errors import ConfigError
 from rescomp.registry import suggest
 
 
+def folder_name(v: str) -> str:
+    """A run or table name is one folder of out_dir or results/: a '/' or '..' in it would put a run, its
+    --fresh deletion and a table's files somewhere else (`name: .` made --fresh empty every run)."""
+    if not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0"):
+        raise ValueError("must be one folder name: not empty, '.' or '..', and without '/' or '\\'")
+    return v
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -324,6 +332,11 @@ class PruneConfig(Strict):
 
 class ReportConfig(Strict):
     table: Optional[str] = None  # results/<table>/
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else folder_name(v)
     row: Optional[str] = None  # the row's label; default the run name
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
@@ -443,6 +456,11 @@ class ExperimentConfig(Rooted):
         if v is not None and not v:
             raise ValueError("is empty; name its stages, e.g. [train, prune, quantize]")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else folder_name(v)
 
     @field_validator("device")
     @classmethod
@@ -628,8 +646,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
 
 
 # The config keys that hold paths (see ExperimentConfig.out_dir)
-PATH_KEYS = (("out_dir",), ("data", "path"), ("data", "cache_dir"), ("quantize", "checkpoint"),
-             ("prune", "checkpoint"), ("layer_drop", "checkpoint"), ("train", "distill", "teacher"))
+# (every stage section's checkpoint: a new stage's is rebased without being listed here)
+PATH_KEYS = (("out_dir",), ("data", "path"), ("data", "cache_dir"), ("train", "distill", "teacher"),
+             *((name, "checkpoint") for name, f in ExperimentConfig.model_fields.items()
+               if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+               and "checkpoint" in f.annotation.model_fields))
 
 
 def project_root(config_file: Path) -> Path:

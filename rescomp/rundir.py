@@ -70,6 +70,10 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return run_dir, None  # claimed by `writing` when the run starts writing
+    if others := sorted(p.parent.name for p in run_dir.glob("*/config.yaml")):  # out_dir: ., name: runs
+        raise ConfigError(f"'{run_dir}' holds other runs ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
+                          f"so it cannot be this run's folder{' (nor be emptied by --fresh)' if fresh else ''}; "
+                          f"choose another name or out_dir")
     if fresh:
         if saved.is_file() or not runlock.contents(run_dir):
             _empty(run_dir)

@@ -11,6 +11,14 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 M = [
+ ("name-may-be-a-path", "rescomp/config.py", "    if not v.strip() or v in (\".\", \"..\") or any(c in v for c in \"/\\\\\\0\"):", "    if not v.strip():",
+  "tests/test_workflow.py::test_a_name_or_table_that_is_not_one_folder_is_refused_and_writes_nothing"),
+ ("cli-table-unchecked", "rescomp/cli.py", "        folder_name(name)\n", "        pass\n",
+  "tests/test_workflow.py::test_a_name_or_table_that_is_not_one_folder_is_refused_and_writes_nothing"),
+ ("runs-folder-as-run-folder", "rescomp/rundir.py", "run_dir.glob(\"*/config.yaml\")):  # out_dir", "run_dir.glob(\"*/never\")):  # out_dir",
+  "tests/test_workflow.py::test_a_folder_that_holds_other_runs_is_never_a_run_folder"),
+ ("stage-checkpoints-not-rebased", "rescomp/config.py", "               and \"checkpoint\" in f.annotation.model_fields))", "               and name in (\"quantize\", \"prune\", \"layer_drop\")))",
+  "tests/test_workflow.py::test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there"),
  ("stage-section-ignored", "rescomp/rundir.py", "changed = other_settings(run_dir, cfg, section)", "changed = other_settings(run_dir, cfg, None)",
   "tests/test_workflow.py::test_a_changed_stage_setting_is_refused_naming_the_key"),
  ("keys-not-named", "rescomp/rundir.py", "holds a run with other settings: {', '.join(changed)}", "holds a run with other settings: a different config",

@@ -17,6 +17,13 @@
 #          test_a_folder_with_nothing_to_resume_is_taken_over
 #  7. a failed run removes a folder that holds checkpoints to resume from
 #       -> test_a_run_that_fails_after_a_checkpoint_keeps_it
+#  8. a run name or table that is a path ('.', '..', 'a/b'): with name '.' a run wrote into runs/ itself
+#     and --fresh then emptied every run there; '--table ../x' wrote outside results/
+#       -> test_a_name_or_table_that_is_not_one_folder_is_refused_and_writes_nothing,
+#          test_a_folder_that_holds_other_runs_is_never_a_run_folder
+#  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
+#     shell's folder, for the sections added after quantize / prune / layer_drop
+#       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
 
 import json
 from pathlib import Path
@@ -153,6 +160,42 @@ def test_a_folder_with_nothing_to_resume_is_taken_over(workdir, tiny):
     res = cli("train", path)
     assert res.exit_code == 0, res.output
     assert json.loads((run / "summary.json").read_text())["seed"] == 0
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../elsewhere"])
+def test_a_name_or_table_that_is_not_one_folder_is_refused_and_writes_nothing(workdir, tiny, name):
+    path = write_config(workdir, _quick(tiny))
+    for args in (("train", path, "--set", f"name={name}"), ("train", path, "--set", f"report.table={name}")):
+        res = cli(*args)
+        assert res.exit_code == 2 and "must be one folder name" in res.stderr, res.output
+    assert not list(workdir.glob("runs*")) and not (workdir.parent / "elsewhere").exists()
+    assert cli("train", path).exit_code == 0
+    for command in ("report", "compare"):
+        res = cli(command, "runs", "--table", name, "--out", workdir / "results")
+        assert res.exit_code == 2 and f"table '{name}': must be one folder name" in res.stderr, res.output
+    assert not (workdir / "results").exists() and not (workdir / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("fresh", [(), ("--fresh",)])
+def test_a_folder_that_holds_other_runs_is_never_a_run_folder(workdir, tiny, fresh):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    before = sorted(p.relative_to(workdir) for p in (workdir / "runs").rglob("*"))
+    res = cli("train", path, "--set", "out_dir=.", "--set", "name=runs", *fresh)  # runs/ as one run's folder
+    assert res.exit_code == 2 and "'runs' holds other runs (exp)" in res.stderr, res.output
+    assert sorted(p.relative_to(workdir) for p in (workdir / "runs").rglob("*")) == before
+
+
+@pytest.mark.parametrize("section", ["quantize", "prune", "layer_drop", "magnitude_prune", "weight_share", "binarize"])
+def test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there(workdir, tiny, monkeypatch, section):
+    from rescomp.config import load_config
+
+    (workdir / "pyproject.toml").write_text("[project]\nname = 'mine'\n")
+    path = write_config(workdir, tiny)
+    (workdir / "runs").mkdir()
+    monkeypatch.chdir(workdir / "runs")
+    cfg = load_config(path, [f"{section}.checkpoint=exp/model.pt"])
+    assert getattr(cfg, section).checkpoint == "runs/exp/model.pt"
 
 
 # -- your own model ------------------------------------------------------------------------------
