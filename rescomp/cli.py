@@ -413,13 +413,12 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
            notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the table's rows can and cannot show")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
-    from rescomp.config import load_config
+    from rescomp.config import load_config, read_text
     from rescomp.report import expand, find_runs, load_rows, write_table
 
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
-    if notes is not None and not notes.is_file():
-        raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-taylor/notes.md")
+    notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-taylor/notes.md") if notes is not None else None
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
@@ -427,7 +426,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
         raise ConfigError("these runs name no table (report.table in their config); pass --table NAME")
     _table_name(name)
     path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries,
-                       notes=notes.read_text() if notes else None)
+                       notes=notes_text)
     out.print(f"{len(rows)} row(s) -> {path}/table.md")
 
 
@@ -444,13 +443,12 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     """Every technique and chain against one baseline: accuracy, params, MACs, bytes and latency, with the
     Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
     from rescomp import compare as cmp
-    from rescomp.config import load_config
+    from rescomp.config import load_config, read_text
     from rescomp.errors import ConfigError
     from rescomp.report import find_runs, load_rows
 
     _table_name(table)
-    if notes is not None and not notes.is_file():
-        raise ConfigError(f"--notes '{notes}' is not a file; pass a Markdown file such as configs/table-combined/notes.md")
+    notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-combined/notes.md") if notes is not None else None
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
@@ -460,7 +458,7 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
             raise ConfigError(f"none of these runs was made with profile '{profile}'; drop --profile, or run the "
                               f"table's configs with --profile {profile}")
     pts = cmp.against(cmp.points(summaries), baseline)
-    path = cmp.write(table, pts, out_dir, notes.read_text() if notes else None)
+    path = cmp.write(table, pts, out_dir, notes_text)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)
 
@@ -479,16 +477,12 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     import sys
 
     from rescomp import jobs as jobs_mod
-    from rescomp.errors import ConfigError
+    from rescomp.config import read_text
 
     if file == "-":
         text, source = sys.stdin.read(), "standard input"
     else:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"jobs file '{file}' not found; pass a file of rescomp commands, or - to read them "
-                              f"from standard input")
-        text, source = path.read_text(), str(path)
+        text, source = read_text(Path(file), "jobs file", "pass a file of rescomp commands, one per line, or - for standard input"), file
     phases = jobs_mod.parse(text, source)
     where = jobs_mod.slots(gpus, n_jobs)
     code = jobs_mod.run(phases, where, logs, lambda line: err.print(line, highlight=False, markup=False))

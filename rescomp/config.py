@@ -165,6 +165,13 @@ class MeasureConfig(Strict):
     # than one, each row also names its fastest (fastest_runtime_b<N>).
     runtimes: list[Literal["eager", "onnxruntime", "inductor"]] = ["eager"]
 
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:  # checked here: a training run measures only once it has trained
+            raise ValueError("must list one or more batch sizes of at least 1, e.g. [1, 64]")
+        return list(dict.fromkeys(v))
+
     @field_validator("runtimes")
     @classmethod
     def _runtimes(cls, v: list[str]) -> list[str]:
@@ -555,8 +562,10 @@ def validate(raw: dict[str, Any], origin: str) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(_format_error(err) for err in e.errors())
-        raise ConfigError(f"{origin}: {problems}") from None
+        problems = [_format_error(err) for err in e.errors()]
+        if len(problems) > 5:  # not a config at all (a summary.json?): the first few say so
+            problems = [*problems[:4], f"and {len(problems) - 4} more; is it a rescomp config?"]
+        raise ConfigError(f"{origin}: {'; '.join(problems)}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -583,15 +592,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_text(path: Path, what: str, hint: str) -> str:
+    """A text file the user named (a config, notes, a jobs file), or one line saying why it is not one and
+    `hint`, how to fix it ("pass a Markdown file such as ...")."""
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder, not a file; {hint}")
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file such as configs/demo/resnet20.yaml")
+        raise ConfigError(f"{what} '{path}' not found; {hint}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not text (byte {e.start} is not UTF-8); {hint}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    hint = "pass a YAML config such as configs/demo/resnet20.yaml"
+    if path.is_dir() and (path / "config.yaml").is_file():
+        hint = f"pass {path / 'config.yaml'}, the config this run folder keeps"
+    elif path.suffix in (".pt", ".onnx", ".pth"):
+        hint += f"; `rescomp measure {path}` measures a saved network"
+    text = read_text(path, "config file", hint)
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:  # an empty file would run every default: ResNet-20 on all of CIFAR-10, for hours
+        raise ConfigError(f"{path} is empty; a config names its settings (model:, data:, train:, ...), e.g. "
+                          f"configs/demo/resnet20.yaml; write {{}} to run every default")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (data:, model:, train:, ...)")
     return raw

@@ -31,6 +31,9 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     ("device=tpu", r"device: must be auto, cpu, cuda or cuda:N"),
     ("train.early_stopping.patience=3", r"needs data.val_fraction > 0"),
     ("train.epochs", r"expected dotted.key=value"),
+    ("measure.batch_sizes=[-5]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
+    ("measure.batch_sizes=[1, 0]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
+    ("measure.batch_sizes=[]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
 ])
 def test_bad_values_name_the_key_and_the_fix(tmp_path, tiny, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -58,7 +58,7 @@ def test_notes_and_a_difference_only_between_like_quantities(tmp_path):
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps(ROW))
     res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "results"), "--notes", "missing.md"])
-    assert res.exit_code == 2 and "--notes 'missing.md' is not a file" in res.stderr
+    assert res.exit_code == 2 and "--notes 'missing.md' not found; pass a Markdown file" in res.stderr
     assert not (tmp_path / "results").exists()
 
 

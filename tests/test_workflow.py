@@ -21,6 +21,9 @@
 #     and --fresh then emptied every run there; '--table ../x' wrote outside results/
 #       -> test_a_name_or_table_that_is_not_one_folder_is_refused_and_writes_nothing,
 #          test_a_folder_that_holds_other_runs_is_never_a_run_folder
+# 10. a file that is not UTF-8 text (a model.pt given as the config, Latin-1 notes, a binary jobs file)
+#     ends in a UnicodeDecodeError traceback; an empty config runs every default (hours of ResNet-20)
+#       -> test_a_file_that_is_not_a_text_config_is_one_line
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
 #     shell's folder, for the sections added after quantize / prune / layer_drop
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
@@ -184,6 +187,31 @@ def test_a_folder_that_holds_other_runs_is_never_a_run_folder(workdir, tiny, fre
     res = cli("train", path, "--set", "out_dir=.", "--set", "name=runs", *fresh)  # runs/ as one run's folder
     assert res.exit_code == 2 and "'runs' holds other runs (exp)" in res.stderr, res.output
     assert sorted(p.relative_to(workdir) for p in (workdir / "runs").rglob("*")) == before
+
+
+def test_a_file_that_is_not_a_text_config_is_one_line(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    binary = workdir / "binary.md"
+    binary.write_bytes(bytes(range(256)) * 4)
+    (workdir / "empty.yaml").write_text("# nothing but a comment\n")
+    (workdir / "latin1.yaml").write_bytes("report: {row: 'Réseau'}\n".encode("latin-1"))
+    (workdir / "summary.yaml").write_text((workdir / "runs/exp/summary.json").read_text())
+    for args, message in [
+        (("train", workdir / "runs/exp/model.pt"), "config file '{w}/runs/exp/model.pt' is not text (byte "),
+        (("train", workdir / "runs/exp/model.pt"), "`rescomp measure {w}/runs/exp/model.pt` measures a saved network"),
+        (("train", workdir / "latin1.yaml"), "config file '{w}/latin1.yaml' is not text (byte 16 is not UTF-8)"),
+        (("train", workdir / "runs/exp"), "is a folder, not a file; pass {w}/runs/exp/config.yaml, the config this run"),
+        (("train", workdir / "empty.yaml"), "empty.yaml is empty; a config names its settings"),
+        (("train", workdir / "summary.yaml"), "more; is it a rescomp config?"),
+        (("report", "runs", "--notes", binary, "--out", workdir / "results"), "--notes '{w}/binary.md' is not text"),
+        (("compare", "runs", "--table", "c", "--notes", binary, "--out", workdir / "results"), "is not text (byte 128"),
+        (("jobs", binary), "jobs file '{w}/binary.md' is not text (byte 128 is not UTF-8); pass a file of rescomp"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 2 and message.format(w=workdir) in " ".join(res.stderr.split()), (args, res.output)
+        assert "Traceback" not in res.output and len(res.stderr.strip().splitlines()) <= 3  # one line, wrapped
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["exp"] and not (workdir / "results").exists()
 
 
 @pytest.mark.parametrize("section", ["quantize", "prune", "layer_drop", "magnitude_prune", "weight_share", "binarize"])
