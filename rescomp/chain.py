@@ -92,7 +92,7 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
         step.stage.chain_check(scfg)
         step.stage.check(scfg)
         if i == 0:  # no earlier stage makes its input
-            step.stage.check_input(scfg)
+            step.stage.check_source(scfg)
         out.append((step, scfg))
         traits = step.stage.gives(traits)
     return out

@@ -85,13 +85,14 @@ def _on_cpu(obj: Any) -> Any:
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found")
+        raise CheckpointError(f"checkpoint '{path}' not found; pass a model.pt that rescomp wrote "
+                              f"(runs/<name>/model.pt), or make it first")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); delete it, or re-run "
-            f"training with --fresh to start over"
+            f"checkpoint '{path}' is truncated or corrupt, or no PyTorch file ({type(e).__name__}); pass a model.pt "
+            f"that rescomp wrote, or, if it is a run's own checkpoint, delete it or re-run with --fresh"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a rescomp checkpoint (no '{FORMAT}' header)")

@@ -32,15 +32,38 @@ NprocOpt = typer.Option(None, "--nproc", metavar="N", help="run as N processes t
 DISTRIBUTED_COMMANDS = ("train", "prune", "layer-drop", "quantize", "run", "magnitude-prune", "weight-share", "binarize")
 
 
-def _dry_run(cfgs: list, command: str) -> None:
-    print(_checks(cfgs, command))
+def _dry_run(cfgs: list, command: str, nproc: Optional[int], fresh: bool = False) -> None:
+    """The plan, then exit 2 where the command would refuse to start: a folder it may not use, or --nproc."""
+    from rescomp import distributed
+
+    plan = _checks(cfgs, command, fresh, refuse=False)
+    print(plan)
+    if nproc is not None:
+        _nproc_ok(nproc)
+        if nproc > 1:
+            distributed.check_launch(cfgs, nproc)
+    _refusal(plan)
 
 
-def _checks(cfgs: list, command: str) -> str:
-    """Every check of `command` on cfgs (what --dry-run runs), and its plan."""
+def _checks(cfgs: list, command: str, fresh: bool = False, refuse: bool = True) -> str:
+    """Every check of `command` on cfgs (what --dry-run runs), and its plan; ConfigError for a folder the
+    command would refuse, unless `refuse` is False."""
     from rescomp.plan import describe_all
 
-    return describe_all(cfgs, command)
+    plan = describe_all(cfgs, command, fresh)
+    if refuse:
+        _refusal(plan)
+    return plan
+
+
+def _refusal(plan: str) -> None:
+    from rescomp.errors import ConfigError
+
+    for line in plan.splitlines():
+        where, sep, why = line.partition(": refused: ")
+        if sep:
+            raise ConfigError(f"{where.split()[-1]} {why}; run with --fresh to replace it, or --set name=<new name>"
+                              if "other settings" in why else f"{where.split()[-1]} {why}; choose another name or out_dir")
 
 
 def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int]) -> list:
@@ -59,9 +82,7 @@ def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[
     from rescomp import distributed
     from rescomp.errors import ConfigError
 
-    if nproc < 1:
-        raise ConfigError(f"--nproc {nproc}: give a number of processes of at least 1 (one per GPU, or up to the "
-                          f"CPU cores on a CPU)")
+    _nproc_ok(nproc)
     if distributed.launched():
         raise ConfigError("--nproc starts torchrun itself; under torchrun, the number of processes is its "
                           "--nproc_per_node: drop --nproc")
@@ -72,6 +93,14 @@ def _spread(nproc: Optional[int], argv: list[str], cfgs: list, check: Callable[[
     err.print(f"[dim]starting {nproc} processes (torchrun, {'NCCL' if device.type == 'cuda' else 'Gloo'})[/]",
               highlight=False)
     raise typer.Exit(distributed.launch(nproc, argv))
+
+
+def _nproc_ok(nproc: int) -> None:
+    from rescomp.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: give a number of processes of at least 1 (one per GPU, or up to the "
+                          f"CPU cores on a CPU)")
 
 
 def _argv(command: str, config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int],
@@ -172,8 +201,8 @@ def train(config: Path = typer.Argument(..., help="experiment YAML"), set_: Opti
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
-        return _dry_run(cfgs, "train")
-    _spread(nproc, _argv("train", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "train"))
+        return _dry_run(cfgs, "train", nproc, fresh)
+    _spread(nproc, _argv("train", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "train", fresh))
     for cfg in cfgs:
         run_dir, summary = run_train(cfg, fresh=fresh, console=err)
         out.print(f"top-1 {summary['top1']:.2f}%  params {summary['params']:,}  MACs {summary['macs'] / 1e6:.2f} M  "
@@ -191,8 +220,8 @@ def quantize(config: Path = typer.Argument(..., help="experiment YAML whose trai
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
-        return _dry_run(cfgs, "quantize")
-    _spread(nproc, _argv("quantize", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "quantize"))
+        return _dry_run(cfgs, "quantize", nproc, fresh)
+    _spread(nproc, _argv("quantize", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "quantize", fresh))
     for cfg in cfgs:
         run_dir, s = run_quantize(cfg, fresh=fresh, console=err)
         speed = "  ".join(f"{k.removeprefix('speedup_cpu_')} {v:.2f}x" for k, v in s.items() if k.startswith("speedup_cpu_"))
@@ -212,8 +241,8 @@ def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune 
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
-        return _dry_run(cfgs, "prune")
-    _spread(nproc, _argv("prune", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "prune"))
+        return _dry_run(cfgs, "prune", nproc, fresh)
+    _spread(nproc, _argv("prune", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "prune", fresh))
     for cfg in cfgs:
         run_dir, s = run_prune(cfg, fresh=fresh, console=err)
         first, last = s["rows"][0], s["rows"][-1]
@@ -263,8 +292,8 @@ def _one_stage(name: str, command: str, doc: str) -> None:
 
         cfgs = _configs(config, set_, profile, seed)
         if dry_run:
-            return _dry_run(cfgs, command)
-        _spread(nproc, _argv(command, config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, command))
+            return _dry_run(cfgs, command, nproc, fresh)
+        _spread(nproc, _argv(command, config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, command, fresh))
         for cfg in cfgs:
             run_dir, s = execute(stage(name), cfg, fresh=fresh, console=err)
             last = s["rows"][-1]
@@ -295,8 +324,8 @@ def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a g
 
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
-        return _dry_run(cfgs, "layer-drop")
-    _spread(nproc, _argv("layer-drop", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "layer-drop"))
+        return _dry_run(cfgs, "layer-drop", nproc, fresh)
+    _spread(nproc, _argv("layer-drop", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "layer-drop", fresh))
     for cfg in cfgs:
         run_dir, s = run_layer_drop(cfg, fresh=fresh, console=err)
         rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]

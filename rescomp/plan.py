@@ -13,15 +13,21 @@ from typing import Optional
 
 from rescomp.config import ExperimentConfig
 from rescomp.context import resolve_device
-from rescomp.rundir import other_settings, resumable, run_folder
+from rescomp.rundir import other_runs, other_settings, resumable, run_folder
 from rescomp.runner import model_spec
 
 
-def folder_state(cfg: ExperimentConfig, suffix: str = "", section: Optional[str] = None) -> tuple[Path, str]:
-    """The run folder a command would use and what it would do there, read-only (rundir.claim)."""
+def folder_state(cfg: ExperimentConfig, suffix: str = "", section: Optional[str] = None,
+                 fresh: bool = False) -> tuple[Path, str]:
+    """The run folder a command would use and what it would do there, read-only (rundir.claim). A state
+    that starts with "refused: " makes the dry run exit 2, as the command would."""
     run_dir = run_folder(cfg, suffix)
+    if others := other_runs(run_dir):
+        return run_dir, f"refused: holds other runs ({others}), so it cannot be this run's folder"
     if not run_dir.exists() or not resumable(run_dir):
         return run_dir, "new run"
+    if fresh:
+        return run_dir, "--fresh deletes it and starts a new run"
     changed = other_settings(run_dir, cfg, section)
     if changed:
         return run_dir, f"refused: holds a run with other settings: {', '.join(changed)}"
@@ -47,8 +53,8 @@ def _data(cfg: ExperimentConfig) -> str:
     return where + (f" ({limits})" if limits else "") + f", {d.image_size}x{d.image_size} px"
 
 
-def _train_lines(cfg: ExperimentConfig) -> list[str]:
-    run_dir, state = folder_state(cfg)
+def _train_lines(cfg: ExperimentConfig, fresh: bool = False) -> list[str]:
+    run_dir, state = folder_state(cfg, fresh=fresh)
     t = cfg.train
     return [f"train   {run_dir}: {state}",
             f"        {cfg.model.arch} on {_data(cfg)}; device {resolve_device(cfg.device)}, seed {cfg.seed}",
@@ -56,20 +62,26 @@ def _train_lines(cfg: ExperimentConfig) -> list[str]:
             f"{t.schedule.name} schedule"]
 
 
-def describe(cfg: ExperimentConfig, command: str) -> str:
-    """The plan of `command` (train | prune | layer-drop | quantize) for cfg, after its checks."""
+def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
+    """The plan of `command` (train | prune | layer-drop | quantize | ...) for cfg, after its checks: the
+    device, the stage's input (a given checkpoint, quantize's trained model), the stage's own settings."""
+    from rescomp.runner import stage
+
     resolve_device(cfg.device)
+    stage(command.replace("-", "_")).check_source(cfg)
     if command == "train":
-        model_spec(cfg)
-        return "\n".join(_train_lines(cfg))
+        from rescomp.stages.train import check
+
+        check(cfg)  # the model, and a distillation teacher that loads
+        return "\n".join(_train_lines(cfg, fresh))
     if command == "quantize":
         from rescomp.stages.quantize import input_path, suffix
 
         qc = cfg.quantize
         source = input_path(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "quantize")
+        run_dir, state = folder_state(cfg, suffix(cfg), "quantize", fresh)
         lines = [f"{qc.method:7} {run_dir}: {state}",
-                 f"        int8 of {source}" + ("" if source.is_file() else " (missing: run `rescomp train` first)"),
+                 f"        int8 of {source}",
                  f"        backend {qc.backend}, reduce_range {qc.reduce_range}, "
                  + (f"calibrated on {qc.calibration_images} training images" if qc.method == "ptq"
                     else f"{qc.qat.epochs} epochs of QAT at lr {qc.qat.lr}")
@@ -81,7 +93,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         pc = cfg.prune
         _, prunable = check(cfg)
         lines = [] if pc.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "prune")
+        run_dir, state = folder_state(cfg, suffix(cfg), "prune", fresh)
         lines += [f"prune   {run_dir}: {state}",
                   f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
                   f"policy, {pc.allocation} allocation, {prunable:,} prunable filters"]
@@ -103,7 +115,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
         lines = [] if ld.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "layer_drop")
+        run_dir, state = folder_state(cfg, suffix(cfg), "layer_drop", fresh)
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
                   f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "
@@ -132,7 +144,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
         st.check(cfg)
         section = getattr(cfg, st.section)
         lines = [] if section.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, st.suffix(cfg), st.section)
+        run_dir, state = folder_state(cfg, st.suffix(cfg), st.section, fresh)
         settings = ", ".join(f"{k} {v}" for k, v in section.model_dump().items() if k != "checkpoint")
         lines += [f"{command} {run_dir}: {state}",
                   f"        from {section.checkpoint or 'the training run above'}; {settings}"]
@@ -140,6 +152,7 @@ def describe(cfg: ExperimentConfig, command: str) -> str:
     raise ValueError(command)
 
 
-def describe_all(cfgs: list[ExperimentConfig], command: str) -> str:
-    return "\n".join(describe(c, command) for c in cfgs)
-
+def describe_all(cfgs: list[ExperimentConfig], command: str, fresh: bool = False) -> str:
+    """The plan of `command` for every config; `fresh` (the command's --fresh) applies to its own folder,
+    not to the training run a later stage starts from."""
+    return "\n".join(describe(c, command, fresh) for c in cfgs)

@@ -57,6 +57,12 @@ def resumable(run_dir: Path) -> bool:
     return any(p.is_file() and p.name not in ("config.yaml", runlock.LOCK_NAME) for p in run_dir.rglob("*"))
 
 
+def other_runs(run_dir: Path) -> str:
+    """The run folders inside run_dir, named ('' if none): a folder of runs is never one run's folder."""
+    others = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+    return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+
+
 def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
           section: Optional[str] = None) -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder of a stage (`run_folder(cfg, suffix)`, its config section, if any, `section`), after
@@ -70,10 +76,9 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return run_dir, None  # claimed by `writing` when the run starts writing
-    if others := sorted(p.parent.name for p in run_dir.glob("*/config.yaml")):  # out_dir: ., name: runs
-        raise ConfigError(f"'{run_dir}' holds other runs ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
-                          f"so it cannot be this run's folder{' (nor be emptied by --fresh)' if fresh else ''}; "
-                          f"choose another name or out_dir")
+    if others := other_runs(run_dir):  # out_dir: ., name: runs
+        raise ConfigError(f"'{run_dir}' holds other runs ({others}), so it cannot be this run's folder"
+                          f"{' (nor be emptied by --fresh)' if fresh else ''}; choose another name or out_dir")
     if fresh:
         if saved.is_file() or not runlock.contents(run_dir):
             _empty(run_dir)

@@ -63,9 +63,17 @@ class Stage:
     context: Callable[[ExperimentConfig, Optional[Console]], RunContext] = lambda cfg, console: make_context(cfg, console=console)
     first_only: bool = False  # train starts a chain from the config's model; it takes no input
     chain_check: Callable[[ExperimentConfig], None] = lambda cfg: None  # what else a chain needs: one network out
-    # Its input, where it must exist already (quantize trains nothing first): checked by a run before its
-    # folder is claimed, not by a chain's plan, whose earlier stages make it.
-    check_input: Callable[[ExperimentConfig], None] = lambda cfg: None
+    # Its input, where it must exist already: checked by a run (and --dry-run) before the data is decoded
+    # and its folder claimed, not by a chain's plan, whose earlier stages make it. Default: the section's
+    # checkpoint, where one is given (without one, the config's training run is made first).
+    check_input: Optional[Callable[[ExperimentConfig], None]] = None
+
+    def check_source(self, cfg: ExperimentConfig) -> None:
+        if self.check_input is not None:
+            return self.check_input(cfg)
+        path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
+        if path:
+            checkpoint.load(cfg.at(path))  # missing, corrupt or not rescomp's: one line, before any work
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")
@@ -146,7 +154,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     t_start = time.perf_counter()
     ctx = st.context(cfg, console)  # a device that is not there is named first
     checked = st.check(cfg)
-    st.check_input(cfg)
+    st.check_source(cfg)
     splits = prepare(cfg.data, cfg.seed)
     out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section))  # rank 0 decides
     if finished is not None:

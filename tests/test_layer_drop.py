@@ -9,6 +9,7 @@
 #  4. output_norm measures F(x) instead of w * F(x) (paper, Figure 5) -> test_output_norm_scales_with_the_gate
 #  5. gates start at a constant, outside the configured range, or normal (paper 4.2.6: uniform random)
 #       -> test_gates_start_uniform_in_the_configured_range
+#     `gates: true` (the natural way to say "gated") ended in "'bool' object has no attribute 'get'"
 #  6. gates are weight-decayed by default -> test_gates_skip_weight_decay_unless_asked
 #  7. no stop rule: with keep_going false the loop deletes on past the first step below the full
 #     network's top-1 -> test_the_loop_stops_at_the_first_drop_and_the_table_follows_it
@@ -263,6 +264,13 @@ def test_gates_start_uniform_in_the_configured_range():
     model = build_model({"arch": "resnet56_bottleneck", "num_classes": 10, "width": 4, "gates": {"init": [-0.5, 0.25]}})
     g = list(gates(model).values())
     assert len(g) == len(set(g)) == 15 and all(-0.5 <= v <= 0.25 for v in g)
+    spec = {"arch": "resnet56_bottleneck", "num_classes": 10, "width": 4}
+    g = list(gates(build_model({**spec, "gates": True})).values())  # `gates: true`: the default range
+    assert len(g) == 15 and all(-1.0 <= v <= 1.0 for v in g) and min(g) < 0 < max(g)
+    assert gates(build_model({**spec, "gates": False})) == {}
+    for bad in (7, {"init": 3}, {"int": [-1, 1]}, {"init": [-1, 0, 1]}):
+        with pytest.raises(ConfigError, match=r"model.gates: .* is neither true nor \{init: \[low, high\]\}"):
+            build_model({**spec, "gates": bad})
 
 
 def test_regular_baselines_are_the_family_at_each_depth():

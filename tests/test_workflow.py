@@ -24,6 +24,10 @@
 # 10. a file that is not UTF-8 text (a model.pt given as the config, Latin-1 notes, a binary jobs file)
 #     ends in a UnicodeDecodeError traceback; an empty config runs every default (hours of ResNet-20)
 #       -> test_a_file_that_is_not_a_text_config_is_one_line
+# 11. --dry-run ("a dry run that passes means the command will start") passing what the command refuses:
+#     a stage checkpoint or distillation teacher that is missing or corrupt, quantize without a trained
+#     model, a folder of other settings, --nproc beyond the machine
+#       -> test_dry_run_refuses_what_the_command_would, test_dry_run_checks_everything_...
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
 #     shell's folder, for the sections added after quantize / prune / layer_drop
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
@@ -517,4 +521,38 @@ def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdi
     assert cli("train", path).exit_code == 0
     res = cli("train", path, "--dry-run", "--set", "train.epochs=3")
     assert "refused: holds a run with other settings: train.epochs (1 -> 3)" in res.stdout
+    assert res.exit_code == 2 and "runs/exp holds a run with other settings: train.epochs (1 -> 3); run with --fresh" \
+        in res.stderr, res.output  # as the command itself would
+    res = cli("train", path, "--dry-run", "--set", "train.epochs=3", "--fresh")
+    assert res.exit_code == 0 and "runs/exp: --fresh deletes it and starts a new run" in res.stdout, res.output
     assert "complete: nothing to run" in cli("train", path, "--dry-run").stdout
+
+
+@pytest.mark.parametrize("key", ["prune.checkpoint", "layer_drop.checkpoint", "magnitude_prune.checkpoint",
+                                 "weight_share.checkpoint", "binarize.checkpoint", "train.distill.teacher"])
+def test_dry_run_refuses_what_the_command_would(workdir, tiny, key):
+    tiny = _quick(tiny)
+    command = {"layer_drop": "layer-drop", "magnitude_prune": "magnitude-prune", "weight_share": "weight-share",
+               "train": "train"}.get(key.split(".")[0], key.split(".")[0])
+    if command == "layer-drop":
+        tiny["model"].update(depth=14, gates=True)  # 2 units a stage: one deletable
+    path = write_config(workdir, tiny)
+    (workdir / "junk.pt").write_bytes(b"garbage" * 100)
+    for given, message in (("nope.pt", "checkpoint 'nope.pt' not found; pass a model.pt"),
+                           ("junk.pt", "checkpoint 'junk.pt' is truncated or corrupt")):
+        extra = ["--set", "train.distill.alpha=0.5"] if key.startswith("train") else []
+        for dry in (["--dry-run"], []):
+            res = cli(command, path, "--set", f"{key}={given}", *extra, *dry)
+            assert res.exit_code == 2 and message in res.stderr, (dry, res.output)
+    assert not (workdir / "runs").exists()  # refused before any run started, the real command too
+
+
+def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    res = cli("quantize", path, "--dry-run")
+    assert res.exit_code == 2 and "no trained model at 'runs/exp/model.pt'; run `rescomp train`" in res.stderr
+    res = cli("train", path, "--dry-run", "--nproc", "1024", "--set", "train.batch_size=1024")
+    assert res.exit_code == 2 and "--nproc 1024" in res.stderr and "or fewer" in res.stderr, res.output
+    res = cli("train", path, "--dry-run", "--nproc", "0")
+    assert res.exit_code == 2 and "at least 1" in res.stderr
+    assert not (workdir / "runs").exists()

@@ -100,8 +100,15 @@ def add_gates(model: nn.Module, init: tuple[float, float] = (-1.0, 1.0)) -> nn.M
 
 
 @register_transform("gates", order=20)
-def _rebuild_gates(model: nn.Module, value: dict[str, Any]) -> nn.Module:
-    return add_gates(model, tuple(value.get("init", (-1.0, 1.0))))
+def _rebuild_gates(model: nn.Module, value: bool | dict[str, Any]) -> nn.Module:
+    """model.gates: true, or {init: [low, high]} (each gate's w drawn uniformly from it); false: none."""
+    if value is True or value is False:
+        return add_gates(model) if value else model
+    init = value.get("init", (-1.0, 1.0)) if isinstance(value, dict) and set(value) <= {"init"} else None
+    if not (isinstance(init, (list, tuple)) and len(init) == 2 and all(isinstance(v, (int, float)) for v in init)):
+        raise ConfigError(f"model.gates: {value!r} is neither true nor {{init: [low, high]}}, the uniform range of each "
+                          f"gate's initial w (e.g. {{init: [-1.0, 1.0]}})")
+    return add_gates(model, tuple(init))
 
 
 @register_transform("deleted", order=30)
