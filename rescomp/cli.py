@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -162,6 +163,10 @@ def quiet_library_warnings() -> None:
     logging.captureWarnings(True)
 
 
+# The file-system errors a user can act on (a folder not writable, a file where a folder should be)
+USER_OS_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
 def user_errors(fn: Callable) -> Callable:
     """A user mistake prints one line and exits 2 (or the error's own code); never a traceback."""
 
@@ -175,6 +180,13 @@ def user_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: run the same command again to resume from the last checkpoint")
             raise typer.Exit(130) from None
+        except OSError as e:  # what the checks before the work cannot see: a full disk, a path that changed since
+            if not (isinstance(e, USER_OS_ERRORS) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
+                raise
+            where = f": '{e.filename}'" if e.filename else ""
+            err.print(f"[bold red]error:[/] {escape((e.strerror or str(e)) + where)}; check the path, its permissions "
+                      f"and the free space, then run the same command again", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -442,9 +454,10 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
            notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the table's rows can and cannot show")) -> None:
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
     from rescomp.errors import ConfigError
-    from rescomp.config import load_config, read_text
+    from rescomp.config import check_writable, load_config, read_text
     from rescomp.report import expand, find_runs, load_rows, write_table
 
+    check_writable(out_dir, "--out")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-taylor/notes.md") if notes is not None else None
@@ -472,11 +485,12 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     """Every technique and chain against one baseline: accuracy, params, MACs, bytes and latency, with the
     Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
     from rescomp import compare as cmp
-    from rescomp.config import load_config, read_text
+    from rescomp.config import check_writable, load_config, read_text
     from rescomp.errors import ConfigError
     from rescomp.report import find_runs, load_rows
 
     _table_name(table)
+    check_writable(out_dir, "--out")
     notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-combined/notes.md") if notes is not None else None
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
@@ -506,7 +520,7 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     import sys
 
     from rescomp import jobs as jobs_mod
-    from rescomp.config import read_text
+    from rescomp.config import check_writable, read_text
 
     if file == "-":
         text, source = sys.stdin.read(), "standard input"
@@ -514,6 +528,8 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
         text, source = read_text(Path(file), "jobs file", "pass a file of rescomp commands, one per line, or - for standard input"), file
     phases = jobs_mod.parse(text, source)
     where = jobs_mod.slots(gpus, n_jobs)
+    if len(where) > 1:  # side by side, each job writes its log there
+        check_writable(logs, "--logs")
     code = jobs_mod.run(phases, where, logs, lambda line: err.print(line, highlight=False, markup=False))
     raise typer.Exit(code)
 

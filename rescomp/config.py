@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -603,6 +604,21 @@ def read_text(path: Path, what: str, hint: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} '{path}' is not text (byte {e.start} is not UTF-8); {hint}") from None
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """That files can be made in `folder` (made if missing), checked before any work and leaving nothing
+    behind: the nearest existing folder on its path must be a folder this process can write in."""
+    here = Path(os.path.abspath(folder))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ConfigError(f"{what} '{folder}': '{here}' is a file, not a folder; choose another {what}")
+    try:  # a file made and gone at once: os.access says yes to root on read-only /sys and /proc
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        raise ConfigError(f"{what} '{folder}': cannot write in '{here}' ({e.strerror}); choose another {what}, or make "
+                          f"it writable") from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from rescomp import checkpoint
+from rescomp.config import check_writable
 from rescomp.errors import ConfigError, RescompError
 
-OPSET = 18
+OPSET = 18  # torch.onnx's own (torch.export-based) exporter writes 18 and later; older opsets are converted
 RTOL = 1e-4  # of max(1, the largest |logit|): the agreement an export must show
 CHECK_BATCH = 4
 MAX_BATCH = 4096
@@ -90,6 +91,12 @@ def _torch_onnx(model: Any, x: torch.Tensor, opset: int, path: Path) -> None:
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
                                     dynamic_shapes=dynamic_batch())
     program.save(str(path))
+    import onnx
+
+    written = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # torch.onnx falls back to its own opset where ONNX's version converter fails, and says so only in a log
+        raise ConfigError(f"--opset {opset}: torch.onnx wrote opset {written} instead (ONNX's version converter cannot "
+                          f"take this network to {opset}); use --opset {written}")
 
 
 def _checked_write(path: Path, write: Callable[[Path], None], check: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -105,7 +112,7 @@ def _checked_write(path: Path, write: Callable[[Path], None], check: Callable[[A
         checked = check(ort_session(tmp))
         written = next((o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx")), None)
         tmp.replace(path)
-    except RescompError:
+    except (RescompError, OSError):  # a full disk is not the network's fault
         raise
     except Exception as e:  # the exporter's own failures (an op it cannot translate) name the op
         raise ExportError(f"torch.onnx could not export this network: {str(e).strip().splitlines()[0][:300]}") from None
@@ -201,8 +208,13 @@ def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
     if int8 and not quantized:
         raise ConfigError(f"'{source}' is an fp32 model; --int8 exports an int8 model: run `rescomp quantize` with "
                           f"quantize.backend pt2e or onnxruntime and export its int8.pt")
-    onnx_modules()  # what to install, before any work
+    onnx, _ = onnx_modules()  # what to install, before any work
+    if not OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ConfigError(f"--opset {opset}: torch.onnx exports opsets {OPSET} to {onnx.defs.onnx_opset_version()} here "
+                          f"(this onnx package's newest); older ones go through ONNX's version converter, which cannot "
+                          f"convert these networks; use --opset {OPSET}")
     out = out or source.with_suffix(".onnx")
+    check_writable(out.parent, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     if quantized:
         model, payload = load_int8(source)

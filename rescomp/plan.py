@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from rescomp.config import ExperimentConfig
+from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
 from rescomp.rundir import other_runs, other_settings, resumable, run_folder
 from rescomp.runner import model_spec
@@ -22,6 +22,7 @@ def folder_state(cfg: ExperimentConfig, suffix: str = "", section: Optional[str]
     """The run folder a command would use and what it would do there, read-only (rundir.claim). A state
     that starts with "refused: " makes the dry run exit 2, as the command would."""
     run_dir = run_folder(cfg, suffix)
+    check_writable(cfg.runs_dir, "out_dir")
     if others := other_runs(run_dir):
         return run_dir, f"refused: holds other runs ({others}), so it cannot be this run's folder"
     if not run_dir.exists() or not resumable(run_dir):

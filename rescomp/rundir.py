@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from rescomp import checkpoint, distributed, runlock
-from rescomp.config import ExperimentConfig, dump_config, validate
+from rescomp.config import ExperimentConfig, check_writable, dump_config, validate
 from rescomp.errors import ConfigError
 from rescomp.provenance import command_line
 
@@ -74,6 +74,7 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
     """
     run_dir = run_folder(cfg, suffix)
     saved = run_dir / "config.yaml"
+    check_writable(cfg.runs_dir, "out_dir")
     if not run_dir.exists():
         return run_dir, None  # claimed by `writing` when the run starts writing
     if others := other_runs(run_dir):  # out_dir: ., name: runs

@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from rescomp.cli import app
+from rescomp.errors import ConfigError
 from rescomp.export import export_onnx, ort_session
 from rescomp.models import build_model
 
@@ -132,6 +133,9 @@ def test_an_fx_int8_checkpoint_is_refused(workdir, tiny):
         assert res.exit_code == 2 and "backend x86 (torch.ao FX, packed int8 ops) has no ONNX form" in res.stderr
     res = cli("export", "runs/exp/model.pt", "--int8")
     assert res.exit_code == 2 and "is an fp32 model; --int8 exports an int8 model" in res.stderr
+    for opset in ("3", "17", "999"):  # written as 18 with exit 0 before
+        res = cli("export", "runs/exp/model.pt", "--opset", opset)
+        assert res.exit_code == 2 and f"--opset {opset}: torch.onnx exports opsets 18 to " in res.stderr, res.output
     res = cli("export", "exp.yaml", "--int8", "--set", "quantize.backend=pt2e")
     assert res.exit_code == 2 and "no int8 model at" in res.stderr and "runs/exp-ptq-pt2e/int8.pt" in res.stderr
     assert not list(workdir.glob("runs/**/*.onnx*"))
@@ -166,13 +170,16 @@ def test_a_pt2e_int8_model_exports_as_a_qdq_graph_that_agrees(tmp_path, monkeypa
 
 def test_nan_outputs_and_the_opset_written(tmp_path, monkeypatch):
     # Wrong versions: a NaN difference passing the check (max(0.0, nan) is 0.0); the opset asked for
-    # recorded instead of the one the exporter wrote
+    # recorded instead of the one the exporter wrote, or another opset written than the one asked for
     import rescomp.export as ex
 
     model = build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10})
-    info = export_onnx(model, 32, tmp_path / "m.onnx", opset=13)
+    info = export_onnx(model, 32, tmp_path / "m.onnx", opset=21)
     written = [o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain in ("", "ai.onnx")]
-    assert info["opset"] == written[0]
+    assert info["opset"] == written[0] == 21
+    with pytest.raises(ConfigError, match="--opset 13: torch.onnx wrote opset 18 instead"):  # it fell back, and
+        export_onnx(model, 32, tmp_path / "old.onnx", opset=13)  # only logged it
+    assert not list(tmp_path.glob("*old.onnx*"))
     real = ex._run
     monkeypatch.setattr(ex, "_run", lambda session, x: real(session, x) * float("nan"))
     with pytest.raises(ex.ExportError, match="NaN"):

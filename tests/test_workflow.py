@@ -28,6 +28,10 @@
 #     a stage checkpoint or distillation teacher that is missing or corrupt, quantize without a trained
 #     model, a folder of other settings, --nproc beyond the machine
 #       -> test_dry_run_refuses_what_the_command_would, test_dry_run_checks_everything_...
+# 12. an output path that cannot be written (a file where a folder should be, a read-only folder, a full
+#     disk) ends in a traceback, after the work, or (export) blames the network
+#       -> test_an_output_that_cannot_be_written_is_one_line_before_any_work,
+#          test_a_full_disk_mid_run_is_one_line_and_other_os_errors_stay_tracebacks
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
 #     shell's folder, for the sections added after quantize / prune / layer_drop
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
@@ -556,3 +560,54 @@ def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir
     res = cli("train", path, "--dry-run", "--nproc", "0")
     assert res.exit_code == 2 and "at least 1" in res.stderr
     assert not (workdir / "runs").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can make files")
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    model = workdir / "runs/exp/model.pt"
+    jobs = workdir / "jobs.txt"
+    jobs.write_text("rescomp runs\n")
+    before = sorted(workdir.rglob("*"))
+    for args, message in [
+        (("train", path, "--set", "out_dir=exp.yaml"), "out_dir 'exp.yaml': '{w}/exp.yaml' is a file, not a folder"),
+        (("train", path, "--set", "out_dir=/proc/rescomp-runs", "--dry-run"),
+         "out_dir '/proc/rescomp-runs': cannot write in '/proc' ("),
+        (("prune", path, "--set", "out_dir=/proc/rescomp-runs", "--set", f"prune.checkpoint={model}"),
+         "out_dir '/proc/rescomp-runs': cannot write in '/proc' ("),
+        (("report", "runs", "--table", "t", "--out", "exp.yaml"), "--out 'exp.yaml': '{w}/exp.yaml' is a file"),
+        (("compare", "runs", "--table", "t", "--out", "/proc/rescomp-results"), "cannot write in '/proc' ("),
+        (("export", model, "--out", "exp.yaml/m.onnx"), "--out 'exp.yaml': '{w}/exp.yaml' is a file, not a folder"),
+        (("export", model, "--out", "/proc/rescomp/m.onnx"), "--out '/proc/rescomp': cannot write in '/proc' ("),
+        (("jobs", jobs, "--jobs", "2", "--logs", "exp.yaml"), "--logs 'exp.yaml': '{w}/exp.yaml' is a file"),
+    ]:
+        res = cli(*args)
+        assert res.exit_code == 2 and message.format(w=workdir) in " ".join(res.stderr.split()), (args, res.output)
+        assert "Traceback" not in res.output
+    assert sorted(workdir.rglob("*")) == before
+
+
+def test_a_full_disk_mid_run_is_one_line_and_other_os_errors_stay_tracebacks(workdir, tiny, monkeypatch):
+    import errno
+
+    from rescomp import checkpoint
+
+    path = write_config(workdir, _quick(tiny))
+    for error, code in ((OSError(errno.ENOSPC, "No space left on device", "runs/exp/summary.json"), 2),
+                        (PermissionError(errno.EACCES, "Permission denied", "runs/exp/summary.json"), 2),
+                        (OSError(errno.EIO, "Input/output error"), 1)):  # not the user's to fix: shown whole
+        def fail(p, text, error=error):
+            if Path(p).name == "summary.json":
+                raise error
+            return write(p, text)
+
+        write = checkpoint.atomic_write_text
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint, "atomic_write_text", fail)
+            res = cli("train", path)
+        assert res.exit_code == code, res.output
+        if code == 2:
+            assert f"error: {error.strerror}: 'runs/exp/summary.json'; check the path" in res.stderr
+        else:
+            assert isinstance(res.exception, OSError)
