@@ -526,12 +526,28 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
         text, source = sys.stdin.read(), "standard input"
     else:
         text, source = read_text(Path(file), "jobs file", "pass a file of rescomp commands, one per line, or - for standard input"), file
-    phases = jobs_mod.parse(text, source)
+    phases = jobs_mod.parse(text, source, _command_fault)
     where = jobs_mod.slots(gpus, n_jobs)
     if len(where) > 1:  # side by side, each job writes its log there
         check_writable(logs, "--logs")
     code = jobs_mod.run(phases, where, logs, lambda line: err.print(line, highlight=False, markup=False))
     raise typer.Exit(code)
+
+
+def _command_fault(args: list[str]) -> Optional[str]:
+    """What is wrong with the words of `rescomp <args>` that no run needs to find out: a command or an
+    option this CLI does not have; None if nothing."""
+    from rescomp.registry import suggest
+
+    commands = typer.main.get_command(app).commands
+    if args[0] not in commands:
+        return f"'{args[0]}' is no rescomp command{suggest(args[0], list(commands))}"
+    opts = {o for p in commands[args[0]].params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    for word in args[1:]:
+        opt = word.split("=", 1)[0]
+        if opt.startswith("-") and opt not in opts | {"--help"} and not opt.lstrip("-").replace(".", "", 1).isdigit():
+            return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(opts))}"
+    return None
 
 
 @app.command()

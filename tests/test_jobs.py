@@ -5,6 +5,7 @@ Wrong versions these tests must catch:
 - more jobs at once than slots, or a job's GPU given to a second job while it runs;
 - jobs started after one failed, or the failure's exit code lost (0, or torchrun's 1 for a user mistake);
 - a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted;
+- a misspelt command or option found only when its line runs, after the jobs before it (hours);
 - --gpus numbers written into a job's CUDA_VISIBLE_DEVICES as they are, when this process already sees
   only some GPUs (--gpus 0,1 under CUDA_VISIBLE_DEVICES=4,5 must run on the machine's 4 and 5).
 """
@@ -139,3 +140,17 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     assert "unknown key" in logs[2].read_text() and "unknown key" in res.output  # the failure's last lines are shown
     res = CliRunner().invoke(app, ["jobs", "missing.txt"])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+@pytest.mark.parametrize("line, message", [
+    ("rescomp trian {p}", "line 3: 'trian' is no rescomp command (did you mean 'train'?); nothing was started"),
+    ("rescomp train {p} --fersh", "line 3: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
+    ("rescomp report runs --tabel=t", "line 3: rescomp report has no option '--tabel' (did you mean '--table'?)"),
+])
+def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: Path, tiny: dict, line, message) -> None:
+    path = write_config(workdir, tiny)
+    (workdir / "jobs.txt").write_text(f"rescomp config {path} --set seed=-1 --set train.epochs=3\n---\n"
+                                      + line.format(p=path) + "\n")
+    res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (workdir / "logs").exists()  # line 1 never ran
