@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rescomp.errors import RescompError
+from rescomp.errors import RescompError, Terminated
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Reproduce and extend CNN-compression papers on CIFAR.")
@@ -167,13 +167,25 @@ def quiet_library_warnings() -> None:
 USER_OS_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def user_errors(fn: Callable) -> Callable:
     """A user mistake prints one line and exits 2 (or the error's own code); never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        before = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return fn(*args, **kwargs)
+        except Terminated:
+            err.print("[yellow]terminated[/]: run the same command again to resume from the last checkpoint")
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except RescompError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] stays text
             raise typer.Exit(e.exit_code) from None
@@ -187,6 +199,9 @@ def user_errors(fn: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {escape((e.strerror or str(e)) + where)}; check the path, its permissions "
                       f"and the free space, then run the same command again", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, before)
 
     return wrapper
 

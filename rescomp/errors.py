@@ -33,3 +33,9 @@ class TrainingDiverged(RescompError):
     """The loss became NaN or infinite; the run stopped with its last good checkpoint intact."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, a scheduler ending a job), raised by the CLI's handler where the run is,
+    so that it ends as after Ctrl-C: a run folder with nothing to resume removed, its lock released,
+    `rescomp jobs`' children ended. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""

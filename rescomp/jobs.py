@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from rescomp.errors import ConfigError
+from rescomp.errors import ConfigError, Terminated
 
 PHASE_BREAK = "---"
 
@@ -144,10 +144,10 @@ def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[st
                 while queue and free and failed is None:
                     job = queue.pop(0)
                     job.slot = free.pop(0)
+                    running.append(job)  # before it starts: a signal from here on ends it with the others
                     _start(job, env_base, logs, alone)
                     say(f"[{job.number}/{total}] started{'' if gpu(job.slot) is None else f' on GPU {job.slot}'}: {job.text}"
                         + ("" if alone else f"  (log: {job.log})"))
-                    running.append(job)
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
                     code = job.proc.returncode
@@ -163,13 +163,15 @@ def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[st
                 time.sleep(0.2 if running else 0)
             if failed is not None:
                 break
-    except KeyboardInterrupt:
-        for job in running:
+    except (KeyboardInterrupt, Terminated) as e:
+        started = [j for j in running if j.proc is not None]
+        for job in started:
             job.proc.terminate()
-        for job in running:
+        for job in started:
             job.proc.wait()
-        say("interrupted: run the same command again; finished runs are kept and interrupted ones resume")
-        return 130
+        say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: run the same command again; finished "
+            f"runs are kept and interrupted ones resume")
+        return 143 if isinstance(e, Terminated) else 130
     if failed is not None:
         if failed.number < total:
             say(f"stopped after the first failure (line {failed.line}); the jobs after it did not start")

@@ -6,6 +6,7 @@ Wrong versions these tests must catch:
 - jobs started after one failed, or the failure's exit code lost (0, or torchrun's 1 for a user mistake);
 - a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted;
 - a misspelt command or option found only when its line runs, after the jobs before it (hours);
+- SIGTERM (kill, timeout, a scheduler) ending `rescomp jobs` while its jobs train on, orphaned;
 - --gpus numbers written into a job's CUDA_VISIBLE_DEVICES as they are, when this process already sees
   only some GPUs (--gpus 0,1 under CUDA_VISIBLE_DEVICES=4,5 must run on the machine's 4 and 5).
 """
@@ -154,3 +155,27 @@ def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: 
     res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert not (workdir / "logs").exists()  # line 1 never ran
+
+
+def test_sigterm_ends_the_running_jobs_too(workdir: Path, tiny: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    started: list[subprocess.Popen] = []
+
+    def start(job, env, logs, alone):
+        job.started = time.monotonic()
+        job.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started.append(job.proc)
+        if len(started) == 2:  # both slots busy: the scheduler ends `rescomp jobs`
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(jobs, "_start", start)
+    path = write_config(workdir, tiny)
+    (workdir / "jobs.txt").write_text(f"rescomp config {path}\n" * 3)
+    before = signal.getsignal(signal.SIGTERM)
+    t0 = time.monotonic()
+    res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
+    assert res.exit_code == 143 and "terminated: run the same command again" in res.output, res.output
+    assert len(started) == 2 and all(p.poll() is not None for p in started) and time.monotonic() - t0 < 30
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone with it

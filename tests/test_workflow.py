@@ -15,6 +15,7 @@
 #     corrected command then refuses as "other settings"
 #       -> test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder,
 #          test_a_folder_with_nothing_to_resume_is_taken_over
+#     ... also when SIGTERM (kill, timeout, a scheduler) ends it, which ran no cleanup at all
 #  7. a failed run removes a folder that holds checkpoints to resume from
 #       -> test_a_run_that_fails_after_a_checkpoint_keeps_it
 #  8. a run name or table that is a path ('.', '..', 'a/b'): with name '.' a run wrote into runs/ itself
@@ -126,7 +127,7 @@ def test_a_model_that_cannot_run_is_one_line_and_leaves_nothing(workdir, tiny):
     assert not (workdir / "runs").exists()
 
 
-def _fail_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException) -> None:
+def _fail_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseException | str) -> None:
     """Make training fail at the start of `epoch` (1-based), after the checkpoints of the epochs before."""
     import rescomp.train as train
 
@@ -134,13 +135,21 @@ def _fail_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int, error: BaseExcep
 
     def train_epoch(self, *a, **kw):
         if self.state.epoch + 1 == epoch:
+            if error == "SIGTERM":  # as `kill` or `timeout` sends it, to this process
+                import os
+                import signal
+                import time
+
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+                raise AssertionError("SIGTERM did not end the run")
             raise error
         return real(self, *a, **kw)
 
     monkeypatch.setattr(train.Trainer, "train_epoch", train_epoch)
 
 
-@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (RuntimeError("boom"), 1)])
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), (RuntimeError("boom"), 1), ("SIGTERM", 143)])
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workdir, tiny, monkeypatch, error, code):
     path = write_config(workdir, _quick(tiny))
     with monkeypatch.context() as m:
@@ -154,8 +163,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workdir, 
 def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch):
     path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 2}})
     with monkeypatch.context() as m:
-        _fail_in_epoch(m, 2, KeyboardInterrupt())
-        assert cli("train", path).exit_code == 130
+        _fail_in_epoch(m, 2, "SIGTERM")
+        assert cli("train", path).exit_code == 143
     assert list((workdir / "runs/exp/checkpoints").iterdir())
     res = cli("train", path)
     assert res.exit_code == 0 and "resum" in res.stderr.lower()
