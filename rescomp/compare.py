@@ -87,6 +87,8 @@ def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
 def against(pts: list[dict[str, Any]], baseline: Optional[str]) -> list[dict[str, Any]]:
     """Each point with its top-1 change and cost ratios over the baseline: the run named `baseline`, else
     the one trained network among the points."""
+    if baseline:
+        baseline = Path(baseline).name or baseline  # runs/r20/ names the run r20, as its folder does
     base = [p for p in pts if p["run"] == baseline] if baseline else [p for p in pts if p["stage"] == "train"]
     if len(base) != 1:
         runs = ", ".join(sorted({p["run"] for p in pts}))

@@ -454,13 +454,27 @@ class ExperimentConfig(Rooted):
     # stage only (rescomp.chain)
     pipeline: Optional[list[Union[str, dict[str, Optional[dict[str, Any]]]]]] = None
 
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_entries(cls, v: Any) -> Any:
+        """Each entry a stage name or {stage: settings}, said in those words rather than pydantic's union types."""
+        for i, entry in enumerate(v if isinstance(v, list) else []):
+            if isinstance(entry, dict) and len(entry) == 1:
+                (name, settings), = entry.items()
+                if not isinstance(name, str) or not (settings is None or isinstance(settings, dict)):
+                    raise ValueError(f"entry {i + 1} ({entry}) gives {name} {settings!r}; a stage's settings are a "
+                                     f"mapping of its section's keys, e.g. - {name}: {{steps: 6}}")
+            elif isinstance(entry, dict):
+                raise ValueError(f"entry {i + 1} names {len(entry)} stages ({', '.join(map(str, entry)) or 'none'}); "
+                                 f"write one stage per entry, e.g. - prune: {{steps: 6}}")
+            elif not isinstance(entry, str):
+                raise ValueError(f"entry {i + 1} ({entry!r}) is neither a stage name nor {{stage: settings}}; write "
+                                 f"e.g. [train, {{prune: {{steps: 6}}}}, quantize]")
+        return v
+
     @field_validator("pipeline")
     @classmethod
     def _pipeline(cls, v: Optional[list]) -> Optional[list]:
-        for i, entry in enumerate(v or []):
-            if isinstance(entry, dict) and len(entry) != 1:
-                raise ValueError(f"entry {i + 1} names {len(entry)} stages ({', '.join(entry) or 'none'}); write one "
-                                 f"stage per entry, e.g. - prune: {{steps: 6}}")
         if v is not None and not v:
             raise ValueError("is empty; name its stages, e.g. [train, prune, quantize]")
         return v
@@ -552,6 +566,12 @@ def _format_error(err: dict[str, Any]) -> str:
         known = _known_keys(ExperimentConfig)
         parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
         siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
+        leaf = path.rsplit(".", 1)[-1]
+        elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == leaf]  # image_size: data.image_size
+        if elsewhere:
+            more = f", ... ({len(elsewhere)} in all)" if len(elsewhere) > 3 else ""
+            return (f"unknown key '{path}' (did you mean " + (f"'{elsewhere[0]}'?)" if len(elsewhere) == 1 else
+                    "one of " + ", ".join(f"'{k}'" for k in elsewhere[:3]) + f"{more}?)"))
         return f"unknown key '{path}'{suggest(path, siblings)}"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -573,6 +593,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set train.epochs=5")
     key, _, text = item.partition("=")
+    if not key.strip() or any(not k for k in key.strip().split(".")):
+        raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set train.epochs=5")
     try:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
@@ -621,6 +643,24 @@ def check_writable(folder: Path, what: str) -> None:
                           f"it writable") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, but a key given twice in one mapping is an error: PyYAML keeps the last
+    one silently, so `epochs: 200` above a forgotten `epochs: 2` ran 2."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:  # as written: the keys a merge (<<) brings are not yet in node.value
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one",
+                    problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     hint = "pass a YAML config such as configs/demo/resnet20.yaml"
     if path.is_dir() and (path / "config.yaml").is_file():
@@ -629,7 +669,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         hint += f"; `rescomp measure {path}` measures a saved network"
     text = read_text(path, "config file", hint)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

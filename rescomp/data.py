@@ -165,7 +165,8 @@ def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
                     yield m.name, tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"'{path}' is not a readable tar archive ({e}); re-copy or re-download it") from None
+        why = str(e).strip().splitlines()[-1].lstrip("- ").rstrip(")")  # tarfile lists every method it tried
+        raise DataError(f"'{path}' is not a readable tar archive ({why}); re-copy or re-download it") from None
 
 
 def _from_imagefolder(path: Path) -> Splits:

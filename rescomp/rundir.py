@@ -91,6 +91,11 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
         if not resumable(run_dir):
             _empty(run_dir)
             return run_dir, None
+        if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
+            old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
+            back = old + (f"-{suffix}" if suffix else "")
+            raise ConfigError(f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to "
+                              f"'{back}' and use --set name={old}, or re-run with --fresh to replace it")
         keep = "--set name=<new name>"
         if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
             keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"

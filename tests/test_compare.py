@@ -79,6 +79,7 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     assert cli("train", path, "--set", "name=other").exit_code == 0
     res = cli("compare", "runs", "--table", "cmp")
     assert res.exit_code == 2 and "2 trained networks" in res.stderr and "--baseline RUN" in res.stderr
-    res = cli("compare", "runs", "--table", "cmp", "--baseline", "other")
-    assert res.exit_code == 0
-    assert next(p for p in json.loads((workdir / "results/cmp/compare.json").read_text()) if p["baseline"])["run"] == "other"
+    for given in ("other", "runs/other", "runs/other/"):  # the run, or its folder as a shell completes it
+        res = cli("compare", "runs", "--table", "cmp", "--baseline", given)
+        assert res.exit_code == 0, res.output
+        assert next(p for p in json.loads((workdir / "results/cmp/compare.json").read_text()) if p["baseline"])["run"] == "other"

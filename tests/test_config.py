@@ -31,6 +31,13 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     ("device=tpu", r"device: must be auto, cpu, cuda or cuda:N"),
     ("train.early_stopping.patience=3", r"needs data.val_fraction > 0"),
     ("train.epochs", r"expected dotted.key=value"),
+    ("image_size=8", r"unknown key 'image_size' \(did you mean 'data.image_size'\?\)"),
+    ("lr=0.1", r"unknown key 'lr' \(did you mean one of 'train.optimizer.lr', 'quantize.qat.lr'\?\)"),
+    ("=3", r"--set '=3': expected dotted.key=value"),
+    ("train..epochs=3", r"expected dotted.key=value"),
+    ("pipeline=[train, {prune: 3}]", r"pipeline: entry 2 \(\{'prune': 3\}\) gives prune 3; a stage's settings are a mapping"),
+    ("pipeline=[train, 5]", r"pipeline: entry 2 \(5\) is neither a stage name nor \{stage: settings\}"),
+    ("pipeline=[{prune: {}, quantize: {}}]", r"entry 1 names 2 stages \(prune, quantize\)"),
     ("measure.batch_sizes=[-5]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
     ("measure.batch_sizes=[1, 0]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
     ("measure.batch_sizes=[]", r"measure.batch_sizes: must list one or more batch sizes of at least 1"),
@@ -38,6 +45,18 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
 def test_bad_values_name_the_key_and_the_fix(tmp_path, tiny, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, tiny), [override])
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path):
+    """PyYAML keeps the last of two equal keys: `epochs: 200` above a forgotten `epochs: 2` trained 2."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 200\n  batch_size: 8\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 3: key 'epochs' is given twice \(lines 2 and 4\); keep one"):
+        load_config(path)
+    path.write_text("base: &b {epochs: 3, batch_size: 4}\ntrain:\n  <<: *b\n  epochs: 5\nname: x\n")  # a merge
+    from rescomp.config import read_yaml  # may override what it brings
+
+    assert read_yaml(path)["train"] == {"epochs": 5, "batch_size": 4}
 
 
 def test_model_arguments_are_checked_against_the_builder(tiny):

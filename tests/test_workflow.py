@@ -170,6 +170,21 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch
     assert res.exit_code == 0 and "resum" in res.stderr.lower()
 
 
+def test_a_renamed_run_folder_is_named_with_the_way_back(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    import shutil
+
+    from rescomp import runlock
+
+    # renamed (copied without the lock, which this process still holds under the old path)
+    shutil.copytree(workdir / "runs/exp", workdir / "runs/mine", ignore=shutil.ignore_patterns(runlock.LOCK_NAME))
+    res = cli("train", path, "--set", "name=mine")  # the advice was --set name=<new name>, which this is
+    assert res.exit_code == 2, res.output
+    assert "'runs/mine' holds the run named 'exp' (a renamed folder?); rename it back to 'exp' and use --set " \
+           "name=exp" in " ".join(res.stderr.split())
+
+
 def test_a_folder_with_nothing_to_resume_is_taken_over(workdir, tiny):
     """A run killed before its first checkpoint (kill -9: no cleanup ran) left only its config."""
     path = write_config(workdir, _quick(tiny))
