@@ -84,6 +84,10 @@ def _on_cpu(obj: Any) -> Any:
 
 def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        inside = next((path / f for f in ("model.pt", "int8.pt") if (path / f).is_file()), None)
+        raise CheckpointError(f"checkpoint '{path}' is a folder; pass "
+                              + (f"{inside}, the network this run folder keeps" if inside else "a model.pt file"))
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found; pass a model.pt that rescomp wrote "
                               f"(runs/<name>/model.pt), or make it first")

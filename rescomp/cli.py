@@ -352,7 +352,8 @@ def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a g
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "layer-drop", nproc, fresh)
-    _spread(nproc, _argv("layer-drop", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "layer-drop", fresh))
+    _spread(nproc, _argv("layer-drop", config, set_, profile, seed, fresh), cfgs,
+            lambda: _checks(cfgs, "layer-drop", fresh))
     for cfg in cfgs:
         run_dir, s = run_layer_drop(cfg, fresh=fresh, console=err)
         rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
@@ -475,7 +476,8 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     check_writable(out_dir, "--out")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
-    notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-taylor/notes.md") if notes is not None else None
+    notes_text = None if notes is None else read_text(notes, "--notes",
+                                                      "pass a Markdown file such as configs/table-taylor/notes.md")
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
@@ -506,7 +508,8 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
 
     _table_name(table)
     check_writable(out_dir, "--out")
-    notes_text = read_text(notes, "--notes", "pass a Markdown file such as configs/table-combined/notes.md") if notes is not None else None
+    notes_text = None if notes is None else read_text(notes, "--notes",
+                                                      "pass a Markdown file such as configs/table-combined/notes.md")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
@@ -540,7 +543,8 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     if file == "-":
         text, source = sys.stdin.read(), "standard input"
     else:
-        text, source = read_text(Path(file), "jobs file", "pass a file of rescomp commands, one per line, or - for standard input"), file
+        text = read_text(Path(file), "jobs file", "pass a file of rescomp commands, one per line, or - for standard input")
+        source = file
     phases = jobs_mod.parse(text, source, _command_fault)
     where = jobs_mod.slots(gpus, n_jobs)
     if len(where) > 1:  # side by side, each job writes its log there
@@ -602,6 +606,9 @@ def config_(config: Optional[Path] = typer.Argument(None, help="experiment YAML 
     if keys:
         from rescomp.config_doc import reference
 
+        if config is not None or set_ or profile:
+            raise ConfigError("--keys lists every key of every config, so it takes no CONFIG, --set or --profile; "
+                              "drop them, or drop --keys to print that config")
         print(reference(), end="")
         return
     if config is None:

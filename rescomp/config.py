@@ -697,6 +697,9 @@ def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     bases = raw.pop("extends", None) or []
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
+        if not (path.parent / base).is_file():  # named from the file that extends it, where the fix is
+            raise ConfigError(f"{path}: extends '{base}', which is not a file (looked for {path.parent / base}); "
+                              f"a base is named relative to the config that extends it")
         merged = deep_merge(merged, read_with_extends(path.parent / base, (*seen, path.resolve())))
     return deep_merge(merged, raw)
 

@@ -94,7 +94,7 @@ def _torch_onnx(model: Any, x: torch.Tensor, opset: int, path: Path) -> None:
     import onnx
 
     written = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
-    if written != opset:  # torch.onnx falls back to its own opset where ONNX's version converter fails, and says so only in a log
+    if written != opset:  # where ONNX's version converter fails, torch.onnx falls back to its own and only logs it
         raise ConfigError(f"--opset {opset}: torch.onnx wrote opset {written} instead (ONNX's version converter cannot "
                           f"take this network to {opset}); use --opset {written}")
 

@@ -115,3 +115,6 @@ def test_extends_and_profiles(tmp_path, tiny):
     write_config(tmp_path, {"extends": "loop.yaml"}, "loop.yaml")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "loop.yaml")
+    write_config(tmp_path, {"extends": "nothere.yaml"}, "orphan.yaml")  # named from the file that says it
+    with pytest.raises(ConfigError, match=r"orphan.yaml: extends 'nothere.yaml', which is not a file \(looked for "):
+        load_config(tmp_path / "orphan.yaml")

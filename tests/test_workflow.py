@@ -358,6 +358,8 @@ def test_config_prints_what_rescomp_reads_and_the_key_reference_is_current(workd
     import yaml
     printed = yaml.safe_load(res.stdout)
     assert printed["train"]["epochs"] == 7 and printed["name"] == "exp" and printed["quantize"]["backend"] == "x86"
+    res = cli("config", "--keys", "--set", "train.epochs=7")  # was silently ignored
+    assert res.exit_code == 2 and "--keys lists every key of every config, so it takes no CONFIG, --set" in res.stderr
     committed = (Path(__file__).resolve().parent.parent / "docs/config-keys.md").read_text()
     assert committed == reference(), "docs/config-keys.md is stale: rescomp config --keys > docs/config-keys.md"
     documented = {line.split("`")[1] for line in committed.splitlines() if line.startswith("| `")}
@@ -566,13 +568,16 @@ def test_dry_run_refuses_what_the_command_would(workdir, tiny, key):
         tiny["model"].update(depth=14, gates=True)  # 2 units a stage: one deletable
     path = write_config(workdir, tiny)
     (workdir / "junk.pt").write_bytes(b"garbage" * 100)
+    (workdir / "runs/done").mkdir(parents=True)
+    (workdir / "runs/done/model.pt").write_bytes(b"")
     for given, message in (("nope.pt", "checkpoint 'nope.pt' not found; pass a model.pt"),
-                           ("junk.pt", "checkpoint 'junk.pt' is truncated or corrupt")):
+                           ("junk.pt", "checkpoint 'junk.pt' is truncated or corrupt"),
+                           ("runs/done", "checkpoint 'runs/done' is a folder; pass runs/done/model.pt, the network")):
         extra = ["--set", "train.distill.alpha=0.5"] if key.startswith("train") else []
         for dry in (["--dry-run"], []):
             res = cli(command, path, "--set", f"{key}={given}", *extra, *dry)
             assert res.exit_code == 2 and message in res.stderr, (dry, res.output)
-    assert not (workdir / "runs").exists()  # refused before any run started, the real command too
+    assert [p.name for p in (workdir / "runs").iterdir()] == ["done"]  # refused before any run started, the real command too
 
 
 def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir, tiny):
