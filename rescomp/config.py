@@ -644,21 +644,32 @@ def check_writable(folder: Path, what: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML as safe_load reads it, but a key given twice in one mapping is an error: PyYAML keeps the last
-    one silently, so `epochs: 200` above a forgotten `epochs: 2` ran 2."""
+    """YAML as safe_load reads it, but a key written twice in one mapping is an error: PyYAML keeps the last
+    one silently, so `epochs: 200` above a forgotten `epochs: 2` ran 2. Checked on the composed nodes,
+    before construction, where merges (<<) and aliases have not yet rewritten any mapping."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:  # as written: the keys a merge (<<) brings are not yet in node.value
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"key '{key}' is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}); keep one",
-                    problem_mark=key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._unique(node, set())
+        return super().construct_document(node)
+
+    def _unique(self, node: yaml.Node, done: set[int]) -> None:
+        if id(node) in done:  # an alias: the anchored node is checked once
+            return
+        done.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in lines:
+                        raise yaml.constructor.ConstructorError(
+                            problem=f"key '{key.value}' is given twice (lines {lines[key.tag, key.value]} and "
+                                    f"{key.start_mark.line + 1}); keep one", problem_mark=key.start_mark)
+                    lines[key.tag, key.value] = key.start_mark.line + 1
+                self._unique(key, done)
+                self._unique(value, done)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._unique(item, done)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

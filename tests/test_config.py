@@ -57,6 +57,13 @@ def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path):
     from rescomp.config import read_yaml  # may override what it brings
 
     assert read_yaml(path)["train"] == {"epochs": 5, "batch_size": 4}
+    import yaml
+
+    path.write_text("base: &b {epochs: 5}\ntrain: {<<: &c {<<: *b, epochs: 2}, lr: 0.1}\nother: *c\nname: x\n")
+    assert read_yaml(path) == yaml.safe_load(path.read_text())  # nested merges and an alias read as PyYAML reads them
+    path.write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 1, column 3: found unhashable key"):
+        read_yaml(path)
 
 
 def test_model_arguments_are_checked_against_the_builder(tiny):

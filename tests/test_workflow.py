@@ -381,6 +381,23 @@ def test_conventions(workdir):
     assert suggest("resnet21", ["resnet110", "resnet20", "resnet32", "resnet44", "resnet56"]) == " (did you mean 'resnet20'?)"
 
 
+def test_every_mutant_still_applies():
+    """scripts/mutants.py's wrong versions are code that moves on: a pattern no longer found exactly once
+    checks nothing (two went stale unseen), so each must match once and name tests that exist."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "scripts/mutants.py").read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "M")
+    mutants = ast.literal_eval(table)
+    assert len(mutants) > 150 and len({m[0] for m in mutants}) == len(mutants)
+    for mid, file, old, new, tests in mutants:
+        assert (root / file).read_text().count(old) == 1, f"mutant {mid}: its pattern is not in {file} exactly once"
+        for test in tests.split():
+            path, _, name = test.partition("::")
+            assert f"def {name.split('[')[0]}(" in (root / path).read_text(), f"mutant {mid}: no test {test}"
+
+
 def test_models_lists_builder_arguments_untruncated_when_piped():
     res = cli("models")
     assert res.exit_code == 0
