@@ -36,35 +36,29 @@ DISTRIBUTED_COMMANDS = ("train", "prune", "layer-drop", "quantize", "run", "magn
 def _dry_run(cfgs: list, command: str, nproc: Optional[int], fresh: bool = False) -> None:
     """The plan, then exit 2 where the command would refuse to start: a folder it may not use, or --nproc."""
     from rescomp import distributed
+    from rescomp.plan import describe_all
 
-    plan = _checks(cfgs, command, fresh, refuse=False)
+    plan, refused = describe_all(cfgs, command, fresh)
     print(plan)
     if nproc is not None:
         _nproc_ok(nproc)
         if nproc > 1:
             distributed.check_launch(cfgs, nproc)
-    _refusal(plan)
+    _refuse(refused)
 
 
-def _checks(cfgs: list, command: str, fresh: bool = False, refuse: bool = True) -> str:
-    """Every check of `command` on cfgs (what --dry-run runs), and its plan; ConfigError for a folder the
-    command would refuse, unless `refuse` is False."""
+def _checks(cfgs: list, command: str, fresh: bool = False) -> None:
+    """Every check of `command` on cfgs (what --dry-run runs), before --nproc starts its processes."""
     from rescomp.plan import describe_all
 
-    plan = describe_all(cfgs, command, fresh)
-    if refuse:
-        _refusal(plan)
-    return plan
+    _refuse(describe_all(cfgs, command, fresh)[1])
 
 
-def _refusal(plan: str) -> None:
+def _refuse(refused: list[str]) -> None:
     from rescomp.errors import ConfigError
 
-    for line in plan.splitlines():
-        where, sep, why = line.partition(": refused: ")
-        if sep:
-            raise ConfigError(f"{where.split()[-1]} {why}; run with --fresh to replace it, or --set name=<new name>"
-                              if "other settings" in why else f"{where.split()[-1]} {why}; choose another name or out_dir")
+    if refused:
+        raise ConfigError(refused[0])
 
 
 def _configs(config: Path, set_: Optional[List[str]], profile: Optional[str], seed: Optional[int]) -> list:

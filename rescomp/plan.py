@@ -13,25 +13,23 @@ from typing import Optional
 
 from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
-from rescomp.rundir import other_runs, other_settings, resumable, run_folder
+from rescomp.rundir import refusal, resumable, run_folder
 from rescomp.runner import model_spec
 
 
-def folder_state(cfg: ExperimentConfig, suffix: str = "", section: Optional[str] = None,
+def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", section: Optional[str] = None,
                  fresh: bool = False) -> tuple[Path, str]:
-    """The run folder a command would use and what it would do there, read-only (rundir.claim). A state
-    that starts with "refused: " makes the dry run exit 2, as the command would."""
+    """The run folder a command would use and what it would do there, read-only (rundir.claim). Where
+    the command would refuse it, why goes into `refused` too, which makes the dry run exit 2."""
     run_dir = run_folder(cfg, suffix)
     check_writable(cfg.runs_dir, "out_dir")
-    if others := other_runs(run_dir):
-        return run_dir, f"refused: holds other runs ({others}), so it cannot be this run's folder"
+    if why := refusal(cfg, fresh, suffix, section):
+        refused.append(why)
+        return run_dir, "refused (below)"
     if not run_dir.exists() or not resumable(run_dir):
         return run_dir, "new run"
     if fresh:
         return run_dir, "--fresh deletes it and starts a new run"
-    changed = other_settings(run_dir, cfg, section)
-    if changed:
-        return run_dir, f"refused: holds a run with other settings: {', '.join(changed)}"
     if (run_dir / "summary.json").is_file():
         return run_dir, "complete: nothing to run (--fresh redoes it)"
     history = run_dir / "metrics.jsonl"
@@ -54,8 +52,13 @@ def _data(cfg: ExperimentConfig) -> str:
     return where + (f" ({limits})" if limits else "") + f", {d.image_size}x{d.image_size} px"
 
 
-def _train_lines(cfg: ExperimentConfig, fresh: bool = False) -> list[str]:
-    run_dir, state = folder_state(cfg, fresh=fresh)
+def _train_lines(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> list[str]:
+    """The training run's plan, after train's own checks (the model, a distillation teacher that loads):
+    a later stage without a checkpoint trains first."""
+    from rescomp.stages.train import check
+
+    check(cfg)
+    run_dir, state = folder_state(cfg, refused, fresh=fresh)
     t = cfg.train
     return [f"train   {run_dir}: {state}",
             f"        {cfg.model.arch} on {_data(cfg)}; device {resolve_device(cfg.device)}, seed {cfg.seed}",
@@ -63,7 +66,7 @@ def _train_lines(cfg: ExperimentConfig, fresh: bool = False) -> list[str]:
             f"{t.schedule.name} schedule"]
 
 
-def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
+def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: bool = False) -> str:
     """The plan of `command` (train | prune | layer-drop | quantize | ...) for cfg, after its checks: the
     device, the stage's input (a given checkpoint, quantize's trained model), the stage's own settings."""
     from rescomp.runner import stage
@@ -71,16 +74,13 @@ def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
     resolve_device(cfg.device)
     stage(command.replace("-", "_")).check_source(cfg)
     if command == "train":
-        from rescomp.stages.train import check
-
-        check(cfg)  # the model, and a distillation teacher that loads
-        return "\n".join(_train_lines(cfg, fresh))
+        return "\n".join(_train_lines(cfg, refused, fresh))
     if command == "quantize":
         from rescomp.stages.quantize import input_path, suffix
 
         qc = cfg.quantize
         source = input_path(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "quantize", fresh)
+        run_dir, state = folder_state(cfg, refused, suffix(cfg), "quantize", fresh)
         lines = [f"{qc.method:7} {run_dir}: {state}",
                  f"        int8 of {source}",
                  f"        backend {qc.backend}, reduce_range {qc.reduce_range}, "
@@ -93,8 +93,8 @@ def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
 
         pc = cfg.prune
         _, prunable = check(cfg)
-        lines = [] if pc.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "prune", fresh)
+        lines = [] if pc.checkpoint else _train_lines(cfg, refused)
+        run_dir, state = folder_state(cfg, refused, suffix(cfg), "prune", fresh)
         lines += [f"prune   {run_dir}: {state}",
                   f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
                   f"policy, {pc.allocation} allocation, {prunable:,} prunable filters"]
@@ -115,8 +115,8 @@ def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
         deletable = sum(u.deletable for u in residual_units(build_model(spec)))
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
-        lines = [] if ld.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, suffix(cfg), "layer_drop", fresh)
+        lines = [] if ld.checkpoint else _train_lines(cfg, refused)
+        run_dir, state = folder_state(cfg, refused, suffix(cfg), "layer_drop", fresh)
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
                   f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "
@@ -144,8 +144,8 @@ def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
         st = stage(command.replace("-", "_"))
         st.check(cfg)
         section = getattr(cfg, st.section)
-        lines = [] if section.checkpoint else _train_lines(cfg)
-        run_dir, state = folder_state(cfg, st.suffix(cfg), st.section, fresh)
+        lines = [] if section.checkpoint else _train_lines(cfg, refused)
+        run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
         settings = ", ".join(f"{k} {v}" for k, v in section.model_dump().items() if k != "checkpoint")
         lines += [f"{command} {run_dir}: {state}",
                   f"        from {section.checkpoint or 'the training run above'}; {settings}"]
@@ -153,7 +153,9 @@ def describe(cfg: ExperimentConfig, command: str, fresh: bool = False) -> str:
     raise ValueError(command)
 
 
-def describe_all(cfgs: list[ExperimentConfig], command: str, fresh: bool = False) -> str:
-    """The plan of `command` for every config; `fresh` (the command's --fresh) applies to its own folder,
-    not to the training run a later stage starts from."""
-    return "\n".join(describe(c, command, fresh) for c in cfgs)
+def describe_all(cfgs: list[ExperimentConfig], command: str, fresh: bool = False) -> tuple[str, list[str]]:
+    """The plan of `command` for every config, and why the command would refuse to start (each in the
+    words the command would use; none: it starts). `fresh` (the command's --fresh) applies to its own
+    folder, not to the training run a later stage starts from."""
+    refused: list[str] = []
+    return "\n".join(describe(c, command, refused, fresh) for c in cfgs), refused

@@ -63,44 +63,56 @@ def other_runs(run_dir: Path) -> str:
     return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
 
 
+def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optional[str] = None) -> Optional[str]:
+    """Why `claim` would refuse the stage's run folder, found without touching it (what --dry-run
+    reports, in the same words); None where it would take it."""
+    run_dir = run_folder(cfg, suffix)
+    saved = run_dir / "config.yaml"
+    if not run_dir.exists():
+        return None
+    if others := other_runs(run_dir):  # out_dir: ., name: runs
+        return (f"'{run_dir}' holds other runs ({others}), so it cannot be this run's folder"
+                f"{' (nor be emptied by --fresh)' if fresh else ''}; choose another name or out_dir")
+    if who := runlock.holder(run_dir):
+        return runlock.busy(run_dir, who)
+    if fresh:
+        return None if saved.is_file() or not runlock.contents(run_dir) else \
+            f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name"
+    changed = other_settings(run_dir, cfg, section)
+    if not changed or not resumable(run_dir):  # nothing to resume from: taken over
+        return None
+    if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
+        old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
+        back = old + (f"-{suffix}" if suffix else "")
+        return (f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to '{back}' and use "
+                f"--set name={old}, or re-run with --fresh to replace it")
+    keep = "--set name=<new name>"
+    if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
+        keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
+    return (f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; re-run with --fresh to replace "
+            f"it, or {keep} to keep both")
+
+
 def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
           section: Optional[str] = None) -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder of a stage (`run_folder(cfg, suffix)`, its config section, if any, `section`), after
-    checking that it is ours to write; and its summary if the run is complete.
+    checking that it is ours to write (`refusal`); and its summary if the run is complete.
 
     Call it only once everything the run needs has been checked: `fresh` deletes here. A folder that
     holds a run of other settings is refused with the keys that differ, unless it holds nothing to
     resume (a run that failed before its first checkpoint), which is taken over.
     """
     run_dir = run_folder(cfg, suffix)
-    saved = run_dir / "config.yaml"
     check_writable(cfg.runs_dir, "out_dir")
     if not run_dir.exists():
         return run_dir, None  # claimed by `writing` when the run starts writing
-    if others := other_runs(run_dir):  # out_dir: ., name: runs
-        raise ConfigError(f"'{run_dir}' holds other runs ({others}), so it cannot be this run's folder"
-                          f"{' (nor be emptied by --fresh)' if fresh else ''}; choose another name or out_dir")
-    if fresh:
-        if saved.is_file() or not runlock.contents(run_dir):
-            _empty(run_dir)
-            return run_dir, None
-        raise ConfigError(f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name")
-    open_run_dir(run_dir)
-    changed = other_settings(run_dir, cfg, section)
-    if changed:
-        if not resumable(run_dir):
-            _empty(run_dir)
-            return run_dir, None
-        if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
-            old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
-            back = old + (f"-{suffix}" if suffix else "")
-            raise ConfigError(f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to "
-                              f"'{back}' and use --set name={old}, or re-run with --fresh to replace it")
-        keep = "--set name=<new name>"
-        if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
-            keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
-        raise ConfigError(f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; "
-                          f"re-run with --fresh to replace it, or {keep} to keep both")
+    if why := refusal(cfg, fresh, suffix, section):  # before it is held: a refused folder gets no lock file
+        raise ConfigError(why)
+    if not fresh:
+        open_run_dir(run_dir)  # held from here (_empty holds it for --fresh)
+    if fresh or other_settings(run_dir, cfg, section):  # --fresh, or a run of other settings with nothing to resume
+        _empty(run_dir)
+        return run_dir, None
     summary = run_dir / "summary.json"
     return run_dir, (json.loads(summary.read_text()) if summary.is_file() else None)
 

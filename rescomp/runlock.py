@@ -42,12 +42,16 @@ def claim(run_dir: Path, command: str = "") -> None:
     except BlockingIOError:
         holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "a process that has not said who it is"
         os.close(fd)
-        raise RunLocked(f"'{run_dir}' is being written by another rescomp process ({holder}); wait for it to "
-                        f"finish or stop it, then run this command again to resume") from None
+        raise RunLocked(busy(run_dir, holder)) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   f"{': ' + command if command else ''}\n".encode(), 0)
     _HELD[key] = fd
+
+
+def busy(run_dir: Path, holder: str) -> str:
+    return (f"'{run_dir}' is being written by another rescomp process ({holder}); wait for it to finish or stop "
+            f"it, then run this command again to resume")
 
 
 def holder(run_dir: Path) -> str | None:

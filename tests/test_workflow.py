@@ -567,11 +567,22 @@ def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdi
     assert res.exit_code == 2 and "cannot run" in res.stderr
     assert cli("train", path).exit_code == 0
     res = cli("train", path, "--dry-run", "--set", "train.epochs=3")
-    assert "refused: holds a run with other settings: train.epochs (1 -> 3)" in res.stdout
-    assert res.exit_code == 2 and "runs/exp holds a run with other settings: train.epochs (1 -> 3); run with --fresh" \
-        in res.stderr, res.output  # as the command itself would
+    assert "train   runs/exp: refused (below)" in res.stdout
+    real = cli("train", path, "--set", "train.epochs=3")
+    assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr, (res.output, real.output)  # its words
+    assert "'runs/exp' holds a run with other settings: train.epochs (1 -> 3); re-run with --fresh" in real.stderr
     res = cli("train", path, "--dry-run", "--set", "train.epochs=3", "--fresh")
     assert res.exit_code == 0 and "runs/exp: --fresh deletes it and starts a new run" in res.stdout, res.output
+    # a later stage's folder: the advice keeps the trained model (--set prune.checkpoint=...), as the command's
+    assert cli("prune", path).exit_code == 0
+    res, real = (cli("prune", path, "--set", "prune.finetune_epochs=2", *dry) for dry in (["--dry-run"], []))
+    assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr and "--set prune.checkpoint=" in res.stderr
+    # --fresh on a folder that is no run is refused by both
+    (workdir / "runs/other").mkdir()
+    (workdir / "runs/other/notes.txt").write_text("mine")
+    res, real = (cli("train", path, "--set", "name=other", "--fresh", *dry) for dry in (["--dry-run"], []))
+    assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr and "not a rescomp run folder" in res.stderr
+    assert (workdir / "runs/other/notes.txt").read_text() == "mine"
     assert "complete: nothing to run" in cli("train", path, "--dry-run").stdout
 
 
@@ -595,6 +606,9 @@ def test_dry_run_refuses_what_the_command_would(workdir, tiny, key):
             res = cli(command, path, "--set", f"{key}={given}", *extra, *dry)
             assert res.exit_code == 2 and message in res.stderr, (dry, res.output)
     assert [p.name for p in (workdir / "runs").iterdir()] == ["done"]  # refused before any run started, the real command too
+    if key.startswith("train"):  # a later stage that trains first checks the teacher too
+        res = cli("prune", path, "--set", f"{key}=nope.pt", "--set", "train.distill.alpha=0.5", "--dry-run")
+        assert res.exit_code == 2 and "checkpoint 'nope.pt' not found" in res.stderr, res.output
 
 
 def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir, tiny):
