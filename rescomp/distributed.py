@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rescomp.errors import ConfigError, RescompError
+from rescomp.errors import ConfigError, RescompError, Terminated
 from rescomp.jobs import threads_per_process, usable_cores
 
 T = TypeVar("T")
@@ -373,6 +373,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`rescomp <argv>` as nproc processes on this machine through torchrun (its elastic agent, run
     here), each with its share of the CPU threads; the exit code of the first process that failed
     (2 for a user mistake, as one process gives), or 0."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -384,5 +387,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         _, first = e.get_first_failure()
         code = first.exitcode or 1
         return code if code > 0 else 128 - code  # killed by a signal: the shell's 128 + signal
+    except SignalException as e:  # the agent's own handlers took SIGTERM / SIGINT and stopped the ranks
+        raise (Terminated() if e.sigval == signal.SIGTERM else KeyboardInterrupt()) from None
     return 0
 
