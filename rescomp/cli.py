@@ -173,7 +173,10 @@ def user_errors(fn: Callable) -> Callable:
         import signal
         import threading
 
-        main = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+        # Only the main thread can set a handler. A rank under torchrun keeps SIGTERM's default, dying at
+        # once: its launcher's end (PR_SET_PDEATHSIG) must stop it even inside a native collective, where a
+        # Python handler would wait; the launcher itself ends as a Terminated run (distributed.launch).
+        main = threading.current_thread() is threading.main_thread() and int(os.environ.get("WORLD_SIZE", "1")) <= 1
         before = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return fn(*args, **kwargs)
@@ -555,11 +558,17 @@ def _command_fault(args: list[str]) -> Optional[str]:
     commands = typer.main.get_command(app).commands
     if args[0] not in commands:
         return f"'{args[0]}' is no rescomp command{suggest(args[0], list(commands))}"
-    opts = {o for p in commands[args[0]].params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
-    for word in args[1:]:
+    params = {o: p for p in commands[args[0]].params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    words = iter(args[1:])
+    for word in words:
+        if word == "--":  # the end of options: the rest are arguments
+            break
         opt = word.split("=", 1)[0]
-        if opt.startswith("-") and opt not in opts | {"--help"} and not opt.lstrip("-").replace(".", "", 1).isdigit():
-            return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(opts))}"
+        if opt in params:
+            if "=" not in word and not getattr(params[opt], "is_flag", False):
+                next(words, None)  # its value, which may start with '-' (--seed -1, --baseline -r20)
+        elif opt.startswith("-") and opt != "--help":
+            return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(params))}"
     return None
 
 

@@ -567,8 +567,13 @@ def _format_error(err: dict[str, Any]) -> str:
         parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
         siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
         leaf = path.rsplit(".", 1)[-1]
-        elsewhere = [k for k in known if k.rsplit(".", 1)[-1] == leaf]  # image_size: data.image_size
-        if elsewhere:
+        near = [k for k in siblings if len(leaf) > 2 and (leaf in k[len(parent):] or k[len(parent):] in leaf)
+                and k != path]  # prune.epochs: prune.finetune_epochs
+        if near:
+            return f"unknown key '{path}' (did you mean '{near[0]}'?)"
+        section = path.split(".", 1)[0] + "."  # its own section's first: quantize.lr: quantize.qat.lr
+        elsewhere = sorted((k for k in known if k.rsplit(".", 1)[-1] == leaf), key=lambda k: not k.startswith(section))
+        if elsewhere:  # image_size: data.image_size
             more = f", ... ({len(elsewhere)} in all)" if len(elsewhere) > 3 else ""
             return (f"unknown key '{path}' (did you mean " + (f"'{elsewhere[0]}'?)" if len(elsewhere) == 1 else
                     "one of " + ", ".join(f"'{k}'" for k in elsewhere[:3]) + f"{more}?)"))

@@ -165,7 +165,9 @@ def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES):
                     yield m.name, tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
-        why = str(e).strip().splitlines()[-1].lstrip("- ").rstrip(")")  # tarfile lists every method it tried
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = lines[-1].lstrip("- ")  # tarfile lists every method it tried, the plain tar reader's last
+        why = why[:-1] if why.count(")") > why.count("(") else why
         raise DataError(f"'{path}' is not a readable tar archive ({why}); re-copy or re-download it") from None
 
 

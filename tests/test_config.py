@@ -34,6 +34,8 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     ("image_size=8", r"unknown key 'image_size' \(did you mean 'data.image_size'\?\)"),
     ("lr=0.1", r"unknown key 'lr' \(did you mean one of 'train.optimizer.lr', 'quantize.qat.lr'\?\)"),
     ("=3", r"--set '=3': expected dotted.key=value"),
+    ("prune.epochs=3", r"unknown key 'prune.epochs' \(did you mean 'prune.finetune_epochs'\?\)"),  # not train.epochs
+    ("quantize.lr=3", r"unknown key 'quantize.lr' \(did you mean one of 'quantize.qat.lr', 'train.optimizer.lr'\?\)"),
     ("train..epochs=3", r"expected dotted.key=value"),
     ("pipeline=[train, {prune: 3}]", r"pipeline: entry 2 \(\{'prune': 3\}\) gives prune 3; a stage's settings are a mapping"),
     ("pipeline=[train, 5]", r"pipeline: entry 2 \(5\) is neither a stage name nor \{stage: settings\}"),

@@ -146,7 +146,8 @@ def test_missing_dataset_says_where_it_looked(tmp_path, monkeypatch):
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
     with pytest.raises(DataError, match="not a readable tar archive") as e:
         load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path)))
-    assert "\n" not in str(e.value) and "method gz" not in str(e.value)  # one line, not every method tarfile tried
+    msg = str(e.value)  # one line, not every method tarfile tried, and its brackets balanced
+    assert "\n" not in msg and "method gz" not in msg and msg.count("(") == msg.count(")"), msg
 
 
 # -- data.download: auto ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import write_config
 from rescomp import jobs
-from rescomp.cli import app
+from rescomp.cli import _command_fault, app
 from rescomp.errors import ConfigError
 
 
@@ -144,14 +144,17 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
 
 
 @pytest.mark.parametrize("line, message", [
-    ("rescomp trian {p}", "line 3: 'trian' is no rescomp command (did you mean 'train'?); nothing was started"),
-    ("rescomp train {p} --fersh", "line 3: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
-    ("rescomp report runs --tabel=t", "line 3: rescomp report has no option '--tabel' (did you mean '--table'?)"),
+    ("rescomp trian {p}", "line 4: 'trian' is no rescomp command (did you mean 'train'?); nothing was started"),
+    ("rescomp train {p} --fersh", "line 4: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
+    ("rescomp report runs --tabel=t", "line 4: rescomp report has no option '--tabel' (did you mean '--table'?)"),
 ])
 def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: Path, tiny: dict, line, message) -> None:
     path = write_config(workdir, tiny)
-    (workdir / "jobs.txt").write_text(f"rescomp config {path} --set seed=-1 --set train.epochs=3\n---\n"
-                                      + line.format(p=path) + "\n")
+    (workdir / "jobs.txt").write_text(f"rescomp config {path} --set seed=-1 --set train.epochs=3 --profile -x\n"
+                                      f"rescomp report runs --baseline -r20 --table=t -- -odd-run\n---\n"
+                                      + line.format(p=path) + "\n")  # values and arguments that start with '-'
+    phases = jobs.parse((workdir / "jobs.txt").read_text().split("---")[0], "jobs.txt", _command_fault)
+    assert [j.args[0] for j in phases[0]] == ["config", "report"]
     res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert not (workdir / "logs").exists()  # line 1 never ran

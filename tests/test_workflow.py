@@ -160,11 +160,12 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workdir, 
     assert cli("train", path, "--set", "train.epochs=2").exit_code == 0
 
 
-def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch):
+@pytest.mark.parametrize("error, code", [(KeyboardInterrupt(), 130), ("SIGTERM", 143)])
+def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch, error, code):
     path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 2}})
     with monkeypatch.context() as m:
-        _fail_in_epoch(m, 2, "SIGTERM")
-        assert cli("train", path).exit_code == 143
+        _fail_in_epoch(m, 2, error)
+        assert cli("train", path).exit_code == code
     assert list((workdir / "runs/exp/checkpoints").iterdir())
     res = cli("train", path)
     assert res.exit_code == 0 and "resum" in res.stderr.lower()
