@@ -340,11 +340,6 @@ class PruneConfig(Strict):
 
 class ReportConfig(Strict):
     table: Optional[str] = None  # results/<table>/
-
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: Optional[str]) -> Optional[str]:
-        return v if v is None else folder_name(v)
     row: Optional[str] = None  # the row's label; default the run name
     paper: dict[str, float] = {}  # the paper's numbers for this row, keyed like our columns
     paper_int8: dict[str, float] = {}  # the same for the row `rescomp quantize` writes
@@ -359,6 +354,11 @@ class ReportConfig(Strict):
     # way as macs_paper_input / params_paper_head, and compared with the paper only there.
     paper_input: Optional[int] = Field(None, ge=8)
     paper_head: Optional[int] = Field(None, ge=1)  # classes of the paper's head for params_paper_head (see paper_input)
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else folder_name(v)
 
 
 # Deep Compression (Han et al. 2015, 2016; survey-cnn-compression.txt, sep-net-slides.txt).
@@ -567,8 +567,8 @@ def _format_error(err: dict[str, Any]) -> str:
         parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
         siblings = [k for k in known if k.startswith(parent) and "." not in k[len(parent):]]
         leaf = path.rsplit(".", 1)[-1]
-        near = [k for k in siblings if len(leaf) > 2 and (leaf in k[len(parent):] or k[len(parent):] in leaf)
-                and k != path]  # prune.epochs: prune.finetune_epochs
+        near = [k for k in siblings  # prune.epochs: prune.finetune_epochs
+                if len(leaf) > 2 and (leaf in k[len(parent):] or k[len(parent):] in leaf)]
         if near:
             return f"unknown key '{path}' (did you mean '{near[0]}'?)"
         section = path.split(".", 1)[0] + "."  # its own section's first: quantize.lr: quantize.qat.lr
@@ -595,10 +595,8 @@ def validate(raw: dict[str, Any], origin: str) -> ExperimentConfig:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set train.epochs=5")
-    key, _, text = item.partition("=")
-    if not key.strip() or any(not k for k in key.strip().split(".")):
+    key, sep, text = item.partition("=")
+    if not sep or any(not k for k in key.strip().split(".")):  # no '=', or an empty key or part ('=3', 'a..b=3')
         raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set train.epochs=5")
     try:
         value = yaml.safe_load(text) if text != "" else ""

@@ -26,7 +26,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -91,12 +91,15 @@ def _torch_onnx(model: Any, x: torch.Tensor, opset: int, path: Path) -> None:
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, verbose=False,
                                     dynamic_shapes=dynamic_batch())
     program.save(str(path))
-    import onnx
-
-    written = next((o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")), None)
+    written = _opset(program.model_proto)  # the program in memory: no second read of the file
     if written != opset:  # where ONNX's version converter fails, torch.onnx falls back to its own and only logs it
         raise ConfigError(f"--opset {opset}: torch.onnx wrote opset {written} instead (ONNX's version converter cannot "
                           f"take this network to {opset}); use --opset {written}")
+
+
+def _opset(model_proto: Any) -> Optional[int]:
+    """The standard-domain opset an ONNX model imports."""
+    return next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _checked_write(path: Path, write: Callable[[Path], None], check: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def _checked_write(path: Path, write: Callable[[Path], None], check: Callable[[A
         write(tmp)
         onnx.checker.check_model(str(tmp))
         checked = check(ort_session(tmp))
-        written = next((o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx")), None)
+        written = _opset(onnx.load(str(tmp)))
         tmp.replace(path)
     except (RescompError, OSError):  # a full disk is not the network's fault
         raise
