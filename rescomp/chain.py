@@ -18,6 +18,7 @@ checkpoint (a prune or layer-drop stage at its last finished step).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -98,40 +99,49 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
     return out
 
 
-def folders(cfg: ExperimentConfig) -> list[tuple[Step, Path]]:
-    """Each stage of the chain with the run folder it writes, after plan's checks; nothing runs."""
-    out, name = [], None
-    for step, scfg in plan(cfg):
-        if name is not None:
-            scfg = scfg.model_copy(update={"name": name})
-        folder = run_folder(scfg, step.stage.suffix(scfg))
-        name = folder.name
-        out.append((step, folder))
-    return out
+def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> list[str]:
+    """`rescomp run --dry-run`: each stage, its run folder and what the chain would do there, judged as the
+    stage's own command judges it (rescomp.plan.folder_state), with the input the chain would hand it; the
+    folders the chain would refuse go into `refused`, in its words. A stage after one that is not complete
+    is judged when that one is (the network it starts from does not exist yet), unless `fresh` (the chain's
+    --fresh) redoes it whatever it holds. Nothing runs."""
+    from rescomp.plan import folder_state
+
+    lines, name, source, before = [], None, None, ""
+    for i, (step, scfg) in enumerate(plan(cfg)):
+        if i:
+            scfg = stage_config(cfg, step, name, source) if source else scfg.model_copy(update={"name": name})
+        suffix = step.stage.suffix(scfg)
+        if i == 0 and step.stage.start is None and not getattr(scfg, step.stage.section).checkpoint:
+            trained, state = folder_state(scfg, refused)  # its input is the config's training run, made first
+            lines.append(f"0. {'train':<10} -> {trained}: {state}")
+        if i and source is None and not fresh:
+            folder, state = run_folder(scfg, suffix), f"judged when stage {i} ({before}) is complete"
+        else:
+            folder, state = folder_state(scfg, refused, suffix, step.stage.section, fresh)
+        done = folder / "summary.json"
+        source = (Path(cfg.written(step.stage.output(scfg, folder, json.loads(done.read_text()))))
+                  if state.startswith("complete") else None)
+        name, before = folder.name, step.name
+        lines.append(f"{i + 1}. {step.name:<10} -> {folder}: {state}")
+    return lines
 
 
-def run_chain(cfg: ExperimentConfig, *, console: Optional[Console] = None,
+def run_chain(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None,
               report: Optional[Callable[[int, Step, Path, dict[str, Any]], None]] = None) -> list[tuple[Path, dict[str, Any]]]:
     """Run every stage in order, each from the network the previous one left; finished stages are
-    returned as they are, an interrupted one resumes."""
+    returned as they are, an interrupted one resumes (`fresh`: every stage is redone)."""
     planned = plan(cfg)
     done: list[tuple[Path, dict[str, Any]]] = []
     name, source = None, None
     for i, (step, scfg) in enumerate(planned):
         if i:
             scfg = stage_config(cfg, step, name, source)
-        run_dir, summary = execute(step.stage, scfg, console=console)
+        run_dir, summary = execute(step.stage, scfg, fresh=fresh, console=console)
         output = step.stage.output(scfg, run_dir, summary)
-        name, source = run_dir.name, _project_relative(cfg, output)
+        name, source = run_dir.name, Path(cfg.written(output))
         done.append((run_dir, summary))
         if report:
             report(i, step, run_dir, summary)
     return done
 
-
-def _project_relative(cfg: ExperimentConfig, path: Path) -> Path:
-    """`path` (usable from this process's folder) as the config writes paths: relative to its project."""
-    import os
-
-    root = cfg._root
-    return Path(os.path.relpath(Path(path).resolve(), root)) if root is not None else Path(path)

@@ -6,6 +6,7 @@ filled from `state_dict`, so it loads with `weights_only=True` and survives code
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -103,6 +104,16 @@ def load(path: str | Path) -> dict[str, Any]:
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"'{path}' was written by a newer rescomp (format {payload['version']}); upgrade rescomp")
     return payload
+
+
+def digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: what a run records of each file it was made from (rescomp.rundir.INPUTS),
+    so that a result is never returned, resumed or reported once that file has been re-made."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def rebuild(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:

@@ -279,28 +279,25 @@ def prune(config: Path = typer.Argument(..., help="experiment YAML with a prune 
 @user_errors
 def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a `pipeline:` of stages"),
                  set_: Optional[List[str]] = SetOpt, profile: Optional[str] = ProfileOpt, seed: Optional[int] = SeedOpt,
-                 dry_run: bool = typer.Option(False, "--dry-run", help="check the chain and list its stages and "
-                                                                      "folders; run nothing"),
+                 dry_run: bool = DryOpt,
+                 fresh: bool = typer.Option(False, "--fresh", help="redo every stage of the chain (not a training run "
+                                                                  "that a first later stage starts from)"),
                  nproc: Optional[int] = NprocOpt) -> None:
     """Run the config's pipeline (train -> prune -> layer_drop -> quantize, or any chain of them): each stage
     from the network the previous one left, each in its own resumable folder."""
-    from rescomp.chain import folders, plan, run_chain
+    from rescomp.chain import run_chain
 
     cfgs = _configs(config, set_, profile, seed)
-    if not dry_run:
-        _spread(nproc, _argv("run", config, set_, profile, seed), cfgs, lambda: [plan(c) for c in cfgs])
+    if dry_run:
+        return _dry_run(cfgs, "run", nproc, fresh)
+    _spread(nproc, _argv("run", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "run", fresh))
     for cfg in cfgs:
-        if dry_run:
-            for i, (step, folder) in enumerate(folders(cfg)):
-                out.print(f"{i + 1}. {step.name:<10} -> {folder}", highlight=False)
-            continue
-
         def done(i, step, run_dir, s):
             top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
             out.print(f"{i + 1}. {step.name:<10} top-1 {top1:.2f}%  -> {run_dir}/summary.json" if top1 is not None
                       else f"{i + 1}. {step.name:<10} -> {run_dir}/summary.json", highlight=False)
 
-        run_chain(cfg, console=err, report=done)
+        run_chain(cfg, fresh=fresh, console=err, report=done)
 
 
 def _one_stage(name: str, command: str, doc: str) -> None:

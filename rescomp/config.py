@@ -46,6 +46,11 @@ class Rooted(Strict):
             return path
         return Path(os.path.relpath(self._root / path))
 
+    def written(self, path: Path) -> str:
+        """The config path of `path` (a path usable from this process's folder): relative to the project,
+        as `at` reads it back."""
+        return os.path.relpath(Path(path).resolve(), self._root) if self._root is not None else str(path)
+
 
 class AugmentConfig(Strict):
     crop_padding: int = Field(4, ge=0, description="random crop after zero-padding by this many pixels")

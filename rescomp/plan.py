@@ -71,6 +71,10 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
     device, the stage's input (a given checkpoint, quantize's trained model), the stage's own settings."""
     from rescomp.runner import stage
 
+    if command == "run":
+        from rescomp.chain import describe as chain
+
+        return "\n".join(chain(cfg, refused, fresh))
     resolve_device(cfg.device)
     stage(command.replace("-", "_")).check_source(cfg)
     if command == "train":

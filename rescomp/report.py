@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
+from rescomp.rundir import stale_input
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers", "weight_layers", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
            "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
@@ -65,7 +66,7 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
 
 
 def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
-    rows = []
+    rows, run_dirs = [], list(run_dirs)
     for d in run_dirs:
         try:
             rows.append(json.loads((d / "summary.json").read_text()))
@@ -73,6 +74,11 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
             raise ConfigError(f"{d}/summary.json is unreadable ({e}); re-run that experiment") from None
     if not rows:
         raise ConfigError("no finished runs (summary.json) found to report")
+    for d, s in zip(run_dirs, rows):
+        if why := stale_input(s.get("inputs") or {}, Path):  # paths as the project writes them: from its folder
+            command = s.get("command") or "its command"
+            raise ConfigError(f"'{d}' {why}, so its numbers are of the old network; redo it with `{command}"
+                              f"{'' if '--fresh' in command.split() else ' --fresh'}`, or leave it out of the table")
     return rows
 
 

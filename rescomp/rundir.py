@@ -12,7 +12,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
@@ -53,8 +53,44 @@ def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] 
 
 
 def resumable(run_dir: Path) -> bool:
-    """Whether a run folder holds anything a run could resume from or report: any file but its config and lock."""
-    return any(p.is_file() and p.name not in ("config.yaml", runlock.LOCK_NAME) for p in run_dir.rglob("*"))
+    """Whether a run folder holds anything a run could resume from or report: any file but its config, its
+    inputs' digests and its lock."""
+    return any(p.is_file() and p.name not in ("config.yaml", INPUTS, runlock.LOCK_NAME) for p in run_dir.rglob("*"))
+
+
+# The files a run is made from (the network it starts from, a distillation teacher), as config paths, with
+# their digests: recorded when the run starts, in its folder and its summary. A file re-made since (the same
+# path, other bytes: a checkpoint retrained with --fresh) makes the run's result stale, so the run is
+# neither returned as complete nor resumed, and `rescomp report` refuses its rows.
+INPUTS = "inputs.json"
+
+
+def stale_input(recorded: dict[str, str], at: Callable[[str], Path], finished: bool = True) -> Optional[str]:
+    """Why a run made from the `recorded` inputs may not be returned or resumed: the first input whose
+    file now holds other bytes, or, for a run that is not `finished`, one that is gone (it cannot resume
+    from it); None where none is. A finished run whose input is gone stands: it was made from what was there."""
+    for p, digest in recorded.items():
+        path = at(p)
+        if path.is_file():
+            if checkpoint.digest(path) != digest:
+                return f"was made from '{path}' as it was before that file was re-made"
+        elif not finished:
+            return f"was started from '{path}', which is gone, so it cannot resume"
+    return None
+
+
+def record_inputs(run_dir: Path, cfg: ExperimentConfig, paths: list[Path]) -> dict[str, str]:
+    """The digests of the files the run in run_dir is made from, recorded there on its first start; on a
+    resumed start they must be the ones recorded (a file re-made while the run was stopped is refused)."""
+    now = {cfg.written(p): checkpoint.digest(p) for p in paths}
+    rec = run_dir / INPUTS
+    if rec.is_file():
+        before = json.loads(rec.read_text())
+        if why := stale_input({p: d for p, d in before.items() if p in now}, cfg.at, finished=False):
+            raise ConfigError(f"'{run_dir}' {why}; re-run with --fresh to start it again")
+    elif now:
+        checkpoint.atomic_write_text(rec, json.dumps(now, indent=2))
+    return now
 
 
 def other_runs(run_dir: Path) -> str:
@@ -78,17 +114,23 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
     if fresh:
         return None if saved.is_file() or not runlock.contents(run_dir) else \
             f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name"
-    changed = other_settings(run_dir, cfg, section)
-    if not changed or not resumable(run_dir):  # nothing to resume from: taken over
+    if not resumable(run_dir):  # nothing to resume from: taken over
         return None
+    keep = "--set name=<new name>"
+    if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
+        keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
+    changed = other_settings(run_dir, cfg, section)
+    if not changed:
+        finished = (run_dir / "summary.json").is_file()
+        recorded = run_dir / INPUTS
+        why = stale_input(json.loads(recorded.read_text()), cfg.at, finished) if recorded.is_file() else None
+        return why and f"'{run_dir}' {why}; re-run with --fresh to " + (
+            f"redo it from the file as it is now, or {keep} to keep both" if finished else "start it again")
     if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
         old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
         back = old + (f"-{suffix}" if suffix else "")
         return (f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to '{back}' and use "
                 f"--set name={old}, or re-run with --fresh to replace it")
-    keep = "--set name=<new name>"
-    if getattr(getattr(cfg, section or "train"), "checkpoint", "") is None:  # a new name alone would train anew
-        keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
     return (f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; re-run with --fresh to replace "
             f"it, or {keep} to keep both")
 

@@ -33,6 +33,14 @@
 #     disk) ends in a traceback, after the work, or (export) blames the network
 #       -> test_an_output_that_cannot_be_written_is_one_line_before_any_work,
 #          test_a_full_disk_mid_run_is_one_line_and_other_os_errors_stay_tracebacks
+# 13. a result made from a file that has been re-made since (the same path, other bytes: a model.pt
+#     retrained with --fresh, a teacher replaced) returned as complete, resumed, or reported; a finished
+#     run whose input is gone refused (it stands), an unfinished one resumed without it
+#       -> test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported,
+#          test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused, test_a_re_made_teacher_...
+# 14. `rescomp run --dry-run` passing a chain folder the chain would refuse, or --nproc 0; `rescomp run`
+#     advising --fresh, which it did not have
+#       -> test_a_chain_dry_run_judges_each_folder_as_the_chain_would
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
 #     shell's folder, for the sections added after quantize / prune / layer_drop
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
@@ -672,3 +680,137 @@ def test_a_full_disk_mid_run_is_one_line_and_other_os_errors_stay_tracebacks(wor
             assert f"error: {error.strerror}: 'runs/exp/summary.json'; check the path" in res.stderr
         else:
             assert isinstance(res.exception, OSError)
+
+
+# -- inputs re-made since a run was made from them ---------------------------------------------------
+
+def _retrained(workdir, path, into: str, seed: int) -> None:
+    """Overwrite `into` with the network trained from another seed (runs/other<seed>): the same path, other bytes."""
+    assert cli("train", path, "--set", f"name=other{seed}", "--set", f"seed={seed}").exit_code == 0
+    (workdir / into).write_bytes((workdir / f"runs/other{seed}/model.pt").read_bytes())
+
+
+def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(workdir, tiny):
+    tiny = _quick(tiny)
+    tiny["quantize"] = {"calibration_images": 16}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    given = workdir / "given.pt"
+    given.write_bytes((workdir / "runs/exp/model.pt").read_bytes())
+    q = ("quantize", path, "--set", "name=q", "--set", "quantize.checkpoint=given.pt")
+    assert cli(*q).exit_code == 0
+    made = json.loads((workdir / "runs/q-ptq/summary.json").read_text())
+    assert list(made["inputs"]) == ["given.pt"]
+    given.write_bytes(given.read_bytes())  # re-written with the same bytes: the same network, reused
+    assert "already complete" in cli(*q).output
+    _retrained(workdir, path, "given.pt", 7)
+    res, dry = cli(*q), cli(*q, "--dry-run")
+    assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr, (res.output, dry.output)
+    assert ("'runs/q-ptq' was made from 'given.pt' as it was before that file was re-made; re-run with --fresh to "
+            "redo it from the file as it is now, or --set name=<new name> to keep both") in " ".join(res.stderr.split())
+    rep = cli("report", "runs/q-ptq")
+    assert rep.exit_code == 2 and "its numbers are of the old network; redo it with `" in rep.stderr
+    assert "--fresh`" in rep.stderr and not (workdir / "results").exists()
+    assert cli("compare", "runs/q-ptq", "--table", "c").exit_code == 2
+    assert cli(*q, "--fresh").exit_code == 0
+    redone = json.loads((workdir / "runs/q-ptq/summary.json").read_text())
+    assert redone["inputs"]["given.pt"] != made["inputs"]["given.pt"]
+    assert redone["fp32_top1"] == json.loads((workdir / "runs/other7/summary.json").read_text())["top1"]
+    assert cli("report", "runs/q-ptq").exit_code == 0
+    # the config's own training run, retrained (train --fresh of other bytes) under its later stage
+    assert cli("quantize", path).exit_code == 0
+    _retrained(workdir, path, "runs/exp/model.pt", 8)
+    res = cli("quantize", path)
+    assert res.exit_code == 2 and "'runs/exp-ptq' was made from 'runs/exp/model.pt' as it was before" in res.stderr
+    given.unlink()  # a finished run whose input is gone stands: it was made from what was there
+    assert cli("report", "runs/q-ptq").exit_code == 0
+
+
+def test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused(workdir, tiny, monkeypatch):
+    import rescomp.runner as runner
+    from rescomp.errors import ConfigError
+    from rescomp.config import validate
+    from rescomp.rundir import record_inputs
+
+    tiny = _quick(tiny)
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 2, "finetune_epochs": 1, "score_batches": 1}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    real, calls = runner.train_and_eval, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second step's fine-tuning
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "train_and_eval", interrupted)
+        assert cli("prune", path).exit_code == 130
+    folder = workdir / "runs/exp-prune-paper-taylor-custom"
+    assert (folder / "step01/row.json").is_file() and not (folder / "summary.json").exists()
+    saved = (workdir / "runs/exp/model.pt").read_bytes()
+    _retrained(workdir, path, "runs/exp/model.pt", 9)
+    res = cli("prune", path)
+    assert res.exit_code == 2 and "as it was before that file was re-made; re-run with --fresh to start it again" \
+        in " ".join(res.stderr.split()), res.output
+    (workdir / "runs/exp/model.pt").unlink()
+    res, dry = cli("prune", path), cli("prune", path, "--dry-run")
+    assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr
+    assert "was started from 'runs/exp/model.pt', which is gone, so it cannot resume" in " ".join(res.stderr.split())
+    assert (folder / "step01/row.json").is_file()  # refused, not emptied
+    (workdir / "runs/exp/model.pt").write_bytes(saved)
+    assert cli("prune", path).exit_code == 0  # resumed from the network it was started from
+    (workdir / "runs/exp/model.pt").unlink()  # finished, its input gone: it stands (not retrained under it)
+    assert "already complete" in cli("prune", path).output and not (workdir / "runs/exp/model.pt").exists()
+    # a resumed start checks again once its input is there (a file re-made while the claim was made)
+    cfg = validate(tiny, "exp").rooted(workdir)
+    with pytest.raises(ConfigError, match="re-run with --fresh to start it again"):
+        other = workdir / "runs/other9/model.pt"
+        record_inputs(folder, cfg, [other])  # recorded under another path: nothing to compare
+        (workdir / "runs/exp/model.pt").write_bytes(other.read_bytes())
+        record_inputs(folder, cfg, [workdir / "runs/exp/model.pt"])
+
+
+def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
+    tiny = _quick(tiny)
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    (workdir / "teacher.pt").write_bytes((workdir / "runs/exp/model.pt").read_bytes())
+    student = ("train", path, "--set", "name=student", "--set", "train.distill.teacher=teacher.pt")
+    assert cli(*student).exit_code == 0
+    _retrained(workdir, path, "teacher.pt", 3)
+    res = cli(*student)
+    assert res.exit_code == 2 and "'runs/student' was made from 'teacher.pt' as it was before" in res.stderr
+
+
+def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
+    tiny = _quick(tiny)
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    tiny["quantize"] = {"calibration_images": 16}
+    tiny["pipeline"] = ["prune", "quantize"]
+    path = write_config(workdir, tiny)
+    res = cli("run", path, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        "0. train      -> runs/exp: new run",
+        "1. prune      -> runs/exp-prune-paper-taylor-custom: new run",
+        "2. quantize   -> runs/exp-prune-paper-taylor-custom-ptq: judged when stage 1 (prune) is complete"]
+    assert not (workdir / "runs").exists()
+    assert cli("run", path).exit_code == 0
+    res = cli("run", path, "--dry-run")
+    assert res.exit_code == 0 and res.stdout.count("complete: nothing to run") == 3, res.output
+    # a later stage's folder of other settings: refused by the dry run in the chain's words
+    changed = ("run", path, "--set", "quantize.calibration_images=32")
+    res, real = cli(*changed, "--dry-run"), cli(*changed)
+    error = lambda r: [line for line in r.stderr.splitlines() if line.startswith("error:")]  # noqa: E731 (the chain logs too)
+    assert res.exit_code == real.exit_code == 2 and error(res) == error(real) != [], (res.output, real.output)
+    assert "quantize.calibration_images (16 -> 32)" in res.stderr
+    assert "2. quantize   -> runs/exp-prune-paper-taylor-custom-ptq: refused (below)" in res.stdout
+    assert cli("run", path, "--dry-run", "--nproc", "0").exit_code == 2
+    res = cli(*changed, "--dry-run", "--fresh")
+    assert res.exit_code == 0 and res.stdout.count("--fresh deletes it") == 2, res.output  # not the training run
+    trained = (workdir / "runs/exp/model.pt").stat().st_mtime_ns
+    assert cli(*changed, "--fresh").exit_code == 0
+    assert (workdir / "runs/exp/model.pt").stat().st_mtime_ns == trained
+    assert "calibration_images: 32" in (workdir / "runs/exp-prune-paper-taylor-custom-ptq/config.yaml").read_text()

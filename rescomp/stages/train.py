@@ -83,7 +83,7 @@ TRAIN = STAGES.register("train")(Stage(
     output=lambda cfg, run_dir, summary: run_dir / "model.pt",
     refuses=lambda t: "train starts a chain from the config's model; it takes no network from an earlier stage "
                       "(put it first)",
-    first_only=True))
+    first_only=True, inputs=lambda cfg: [cfg.at(cfg.train.distill.teacher)] if cfg.train.distill else []))
 
 
 def run_train(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
