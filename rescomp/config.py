@@ -266,12 +266,13 @@ class StopAtConfig(Strict):
 
 
 # Martineau, Table 1 and Figure 3: each share is reached from the trained network in its own run,
-# "fast" in two reduction iterations, "slow" in ten gradual ones ("average", five iterations with
-# two steps of levelling, has no numbers in the paper and is not a preset).
-# Both get the same fine-tuning, 10 x finetune_epochs per run (unless finetune_budget says otherwise),
-# so they differ only in how the share is reached: a fast run's last step gets what its first left.
-PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 2, "budget_steps": 10},
-                 "slow": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 10, "budget_steps": 10}}
+# "fast" in two reduction iterations at epochs 4 and 7 (3 epochs apart), "slow" in ten gradual ones, one
+# an epoch ("average", five iterations with two steps of levelling, has no numbers in the paper and is
+# not a preset). The gap between reductions is gap_steps x finetune_epochs. Both get the same
+# fine-tuning, 10 x finetune_epochs per run (unless finetune_budget says otherwise; the paper states no
+# total), so they differ only in how the share is reached: the last step gets what the ones before left.
+PRUNE_PRESETS = {"fast": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 2, "budget_steps": 10, "gap_steps": 3},
+                 "slow": {"targets": [0.1, 0.3, 0.5, 0.75], "iterations": 10, "budget_steps": 10, "gap_steps": 1}}
 
 
 class PruneConfig(Strict):
@@ -310,9 +311,9 @@ class PruneConfig(Strict):
         if self.share_per_step is None and not (self.targets or self.schedule != "custom"):
             raise ValueError("prune.share_per_step is needed unless prune.targets (or a schedule) gives the shares")
         most = max(len(t) for _, t in self.plan())
-        if self.budget() is not None and self.budget() < self.finetune_epochs * (most - 1):
+        if self.budget() is not None and self.budget() < self.gap() * (most - 1):
             raise ValueError(f"prune.finetune_budget={self.budget()} is less than the {most - 1} steps before "
-                             f"the last already take ({self.finetune_epochs} epochs each); raise it or lower "
+                             f"the last already take ({self.gap()} epochs each); raise it or lower "
                              f"prune.finetune_epochs")
         return self
 
@@ -336,11 +337,15 @@ class PruneConfig(Strict):
         steps = PRUNE_PRESETS.get(self.schedule, {}).get("budget_steps")
         return self.finetune_budget or (steps * self.finetune_epochs if steps else None)
 
+    def gap(self) -> int:
+        """Fine-tuning epochs between two steps: finetune_epochs, times the schedule's gap_steps (fast: 3)."""
+        return self.finetune_epochs * PRUNE_PRESETS.get(self.schedule, {}).get("gap_steps", 1)
+
     def epochs_at(self, step: int, steps: int) -> int:
         """Fine-tuning epochs after step `step` (1-based) of a run of `steps` steps."""
         if self.budget() is None or step < steps:
-            return self.finetune_epochs
-        return self.budget() - self.finetune_epochs * (steps - 1)
+            return self.gap()
+        return self.budget() - self.gap() * (steps - 1)
 
 
 class ReportConfig(Strict):

@@ -391,6 +391,10 @@ M = [
   "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
  ("chain-dry-run-nproc", "rescomp/cli.py", "        return _dry_run(cfgs, \"run\", nproc, fresh)", "        return _dry_run(cfgs, \"run\", None, fresh)",
   "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
+ ("fast-gap-one-epoch", "rescomp/config.py", "\"budget_steps\": 10, \"gap_steps\": 3}", "\"budget_steps\": 10, \"gap_steps\": 1}",
+  "tests/test_prune.py::test_schedules"),
+ ("gap-outside-budget", "rescomp/config.py", "        if self.budget() is not None and self.budget() < self.gap() * (most - 1):", "        if self.budget() is not None and self.budget() < self.finetune_epochs * (most - 1):",
+  "tests/test_prune.py::test_schedules"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -12,7 +12,9 @@
 - channels that meet an addition pruned under the paper policy, excluded layers touched;
 - Table 1's targets chained into one run, the fine-tuning budget ignored, costs counted at our input
   size or with our head where the paper used 224 px / 1000 classes (a_run_per_target_...);
-- the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs.
+- the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs;
+- the fast schedule's two reductions one fine-tuning epoch apart instead of Figure 3's three (epochs 4
+  and 7), or the gap not counted against the budget (test_schedules).
 """
 
 import copy
@@ -252,9 +254,13 @@ def test_schedules():
     assert list(slow) == [0.1, 0.3, 0.5, 0.75] and slow[0.3] == [round(0.03 * i, 6) for i in range(1, 11)]
     assert PruneConfig(targets=[0.1, 0.2], share_per_step=0.05).plan() == [(None, [0.05, 0.1, 0.15, 0.2])]
     budget = PruneConfig(schedule="fast", finetune_epochs=2, finetune_budget=10)
-    assert [budget.epochs_at(s, 2) for s in (1, 2)] == [2, 8]  # the last step gets what is left
+    assert [budget.epochs_at(s, 2) for s in (1, 2)] == [6, 4]  # the last step gets what is left
+    # fast reduces at epochs 4 and 7 (Figure 3): 3 fine-tuning epochs apart, then the rest of the budget
     fast, slow = PruneConfig(schedule="fast", finetune_epochs=2), PruneConfig(schedule="slow", finetune_epochs=2)
-    assert [fast.epochs_at(s, 2) for s in (1, 2)] == [2, 18] and sum(slow.epochs_at(s, 10) for s in range(1, 11)) == 20
+    assert [fast.epochs_at(s, 2) for s in (1, 2)] == [6, 14] and [slow.epochs_at(s, 10) for s in range(1, 11)] == [2] * 10
+    assert [PruneConfig(schedule="fast").epochs_at(s, 2) for s in (1, 2)] == [3, 7]
+    with pytest.raises(ValueError, match="finetune_budget"):
+        PruneConfig(schedule="fast", finetune_epochs=2, finetune_budget=5)  # 1 step x 3 x 2 > 5
     assert PruneConfig().epochs_at(6, 6) == 1  # a gradual run has no budget unless given one
     with pytest.raises(ValueError, match="finetune_budget"):
         PruneConfig(schedule="slow", finetune_epochs=2, finetune_budget=10)  # 9 steps x 2 > 10
