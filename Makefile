@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo gpu-prep test-gpu-env bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
 	table-combined table-deep-compression table-int8 report-int8 report-separable report-layer-drop report-taylor report-combined \
-	report-deep-compression clean
+	report-deep-compression rerender clean
 
 # Paper tables run a profile of their configs: paper (the paper's recipe), fast (one GPU, minutes),
 # cpu (a 2-core CPU, minutes; the default here, where no GPU is lent).
@@ -225,6 +225,20 @@ table-deep-compression: install
 report-deep-compression: install
 	$(BIN)/rescomp report $(foreach m,$(DC_MODELS),$(wildcard $(RUNS)/dc-$(m)$(PSUF) $(RUNS)/dc-$(m)$(PSUF)-mprune-*)) \
 	  --table table-deep-compression $(if $(filter cpu,$(PROFILE)),--notes configs/table-deep-compression/notes.md)
+
+# Every committed table rendered again from its own table.json, with the notes and baseline its report
+# target gives it: after a change to the renderer or to a table's notes, without the runs (the rows and
+# their provenance are the ones collected). table-combined is compare's, from its runs.
+rerender: install
+	$(BIN)/rescomp report results/demo
+	$(BIN)/rescomp report results/table-separable --baseline Full --notes configs/table-separable/notes.md
+	$(BIN)/rescomp report results/table-separable-resnet56 --baseline "ResNet-56 Full" --notes configs/table-separable/notes.md
+	$(BIN)/rescomp report results/table-int8 --notes configs/table-separable/notes-int8.md
+	$(BIN)/rescomp report results/table-layer-drop --notes configs/table-layer-drop/notes.md
+	$(BIN)/rescomp report results/table-taylor --notes configs/table-taylor/notes.md
+	$(BIN)/rescomp report results/table-taylor-alexnet-schedules --notes configs/table-taylor/notes-alexnet-schedules.md
+	$(BIN)/rescomp report results/table-taylor-resnet56 --notes configs/table-taylor/notes-resnet56.md
+	$(BIN)/rescomp report results/table-deep-compression --notes configs/table-deep-compression/notes.md
 
 clean:
 	rm -rf $(VENV) .venv-gpu runs .pytest_cache

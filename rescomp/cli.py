@@ -456,22 +456,33 @@ def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an
 
 @app.command()
 @user_errors
-def report(targets: List[str] = typer.Argument(..., help="run folders, folders of runs, or a table name"),
+def report(targets: List[str] = typer.Argument(..., help="run folders, folders of runs, or a table name; or one "
+                                                          "results/<table> folder, to render it again from its table.json"),
            table: Optional[str] = typer.Option(None, help="name of results/<table>/ (default: the runs' table)"),
            runs: Path = typer.Option(Path("runs"), help="where table names are looked up: a folder, or a config file (its out_dir)"),
            out_dir: Path = typer.Option(Path("results"), "--out", help="results root"),
            baseline: Optional[str] = typer.Option(None, help="row whose size_bytes the compression column divides by"),
            notes: Optional[Path] = typer.Option(None, help="a Markdown file: what the table's rows can and cannot show")) -> None:
-    """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot."""
+    """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot; or render a committed
+    table again from its table.json (the same rows and provenance, the current renderer and notes)."""
     from rescomp.errors import ConfigError
     from rescomp.config import check_writable, load_config, read_text
-    from rescomp.report import expand, find_runs, load_rows, write_table
+    from rescomp.report import expand, find_runs, load_rows, rendered_table, write_table
 
     check_writable(out_dir, "--out")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     notes_text = None if notes is None else read_text(notes, "--notes",
                                                       "pass a Markdown file such as configs/table-taylor/notes.md")
+    tables = [t for t in targets if Path(t).name == "table.json" or (Path(t) / "table.json").is_file()]
+    if tables:
+        if len(targets) > 1:
+            raise ConfigError(f"'{tables[0]}' is a rendered table: render it again alone, or collect its runs "
+                              f"(runs/...) with the others")
+        name, rows, summaries = rendered_table(Path(tables[0]))
+        path = write_table(table or name, rows, out_dir, baseline=baseline, summaries=summaries, notes=notes_text)
+        out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
+        return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)

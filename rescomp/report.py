@@ -23,7 +23,7 @@ COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
-MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "int8 by", "int8_layers": "int8 layers", "share": "pruned %", "removed": "filters removed", "removed_coupled_channels": "coupled channels removed",
+MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "method", "int8_layers": "int8 layers", "share": "pruned %", "removed": "filters removed in step", "removed_coupled_channels": "coupled channels removed in step",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
@@ -32,7 +32,7 @@ MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": 
 MD_SCALE = {"share": 100, "macs": 1e-6, "macs_paper_input": 1e-6, "size_bytes": 1e-3, "act_peak_bytes_b1": 1e-3,
             "weights_kept": 100, **{f"dc_{k}_bytes": 1e-3 for k in ("dense", "sparse", "shared", "huffman")}}
 # The runtimes a latency can come from (rescomp.measure.RUNTIME_COLUMN): latency_ms_<column>_b<N>
-RUNTIME_HEADERS = {"cpu": "CPU ms", "ort": "ONNX Runtime ms", "ind": "Inductor ms"}
+RUNTIME_HEADERS = {"cpu": "PyTorch ms", "ort": "ONNX Runtime ms", "ind": "Inductor ms"}
 LATENCY = tuple(f"latency_ms_{c}_b" for c in RUNTIME_HEADERS)
 # The spread behind each latency (CSV and JSON columns; in Markdown folded into the latency cell).
 SPREAD = ("latency_iqr_ms", "latency_runs", "speedup_within_noise")
@@ -147,10 +147,26 @@ def flatten(row: dict[str, Any]) -> dict[str, Any]:
         if k in paper:
             out[f"{k} (paper)"] = paper[k]
             out[f"Δ {k}"] = None if row.get(k) is None else row[k] - paper[k]
-    out["arch"] = row["arch"]["arch"] if isinstance(row.get("arch"), dict) else row.get("arch")
+    out["arch"] = arch_label(row)
     if row.get("stage") in ("ptq", "qat"):
         out["method"] = row["stage"]
     return out
+
+
+# What a stage adds to a network's spec (its surgery), as opposed to the config's model arguments.
+SURGERY_KEYS = ("shapes", "deleted", "masked", "shared", "binarized")
+
+
+def arch_label(row: dict[str, Any]) -> Optional[str]:
+    """The network a row is, as its config's model says: the architecture and the arguments given to it
+    ('resnet56 (shortcut B)', 'resnet56_bottleneck (width 8, gates)'), from the row's spec, or the spec a
+    later stage started from; a row that keeps only the name gives the name."""
+    spec = row.get("arch") if isinstance(row.get("arch"), dict) else row.get("start_arch")
+    if not isinstance(spec, dict):
+        return row.get("arch")
+    args = [k if isinstance(v, (bool, dict, list)) else f"{k} {v}" for k, v in spec.items()
+            if k not in ("arch", "num_classes", "pretrained", *SURGERY_KEYS) and v not in (None, False)]
+    return spec.get("arch") + (f" ({', '.join(args)})" if args else "")
 
 
 def column_order(flat: list[dict[str, Any]]) -> list[str]:
@@ -168,7 +184,7 @@ def header(key: str) -> str:
     if key.startswith("fastest_runtime_b"):
         return f"fastest b{key.rsplit('b', 1)[1]}"
     if key.startswith("fp32_fastest_runtime_b"):
-        return f"speed-up over fp32 in, b{key.rsplit('b', 1)[1]}"
+        return f"fp32 compared on, b{key.rsplit('b', 1)[1]}"
     if key.startswith("speedup_cpu_b"):
         return f"speed-up b{key.rsplit('b', 1)[1]}"
     if key.startswith(("forward_ms_b", "backward_ms_b")):
@@ -180,10 +196,13 @@ def header(key: str) -> str:
 
 
 def _cell(key: str, f: dict[str, Any]) -> str:
-    """A Markdown cell: latencies with ± half their interquartile range, speed-ups within it marked."""
+    """A Markdown cell: latencies with ± half their interquartile range (and the mark of the run that timed
+    them, where a table's were timed in several), speed-ups within it marked."""
     text = _fmt(key, f.get(key))
     if key.startswith(LATENCY) and f.get(key.replace("latency_ms", "latency_iqr_ms")) is not None:
         text += f" ±{f[key.replace('latency_ms', 'latency_iqr_ms')] / 2:,.2f}"
+    if key.startswith(TIMINGS) and f.get(key) is not None and f.get(TIMED):
+        text += f" [{f[TIMED]}]"
     if key.startswith("speedup_cpu_b") and f.get(key.replace("speedup", "speedup_within_noise")):
         text += " (noise)"
     for folded, into in FOLDED.items():
@@ -207,6 +226,70 @@ def _fmt(key: str, v: Any) -> str:
 
 
 SHARED = ("arch", "dataset", "profile")  # shown once above the table when every row has the same value
+# Columns timed on the machine (not counted): a table whose rows were timed in several runs marks each cell
+# with its run (timing_marks), since a CPU's speed drifts between runs; speed-ups, timed side by side, are not.
+TIMINGS = LATENCY + ("forward_ms_b", "backward_ms_b")
+TIMED = "_timed"  # a flat row's timing mark (not a column)
+
+
+def _timing(row: dict[str, Any]) -> Optional[tuple[str, str]]:
+    """The run a row's latencies were timed in, as far as a row says: (device with its threads, commit);
+    None for a row without any."""
+    if not any(k.startswith(TIMINGS) and v is not None for k, v in row.items()):
+        return None
+    return str(row.get("device")), str(row.get("commit"))
+
+
+def timing_marks(rows: list[dict[str, Any]]) -> list[str]:
+    """Each row's mark (a, b, ...) of the run its latencies were timed in, '' for all where they were timed
+    in one (or none): a run is a device (threads included) at a commit."""
+    runs = list(dict.fromkeys(t for t in map(_timing, rows) if t is not None))
+    if len(runs) < 2:
+        return [""] * len(rows)
+    return ["" if _timing(r) is None else _letter(runs.index(_timing(r))) for r in rows]
+
+
+def _letter(i: int) -> str:
+    return "abcdefghijklmnopqrstuvwxyz"[i % 26] * (i // 26 + 1)
+
+
+def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """What the table's counted and timed columns mean, a sentence for each kind it has."""
+    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
+    said = []
+    if has("macs"):
+        said.append("MACs are multiply-accumulates of one batch-1 forward pass as fvcore counts them: convolutions "
+                    "and linear layers, plus one per element for BatchNorm and pooling")
+    if has("size_bytes"):
+        said.append("size is the network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's "
+                    "initializers or a PT2E program's tensors, without the graph; kB = 1000 bytes)")
+    if has("compression"):
+        said.append("compression is size / the baseline row's size")
+    if has(*LATENCY):
+        said.append("PyTorch (eager), ONNX Runtime and Inductor ms are CPU latencies: the median forward time at "
+                    "that batch size with threads pinned, ± half its interquartile range where measured")
+    if has("forward_ms_b", "backward_ms_b"):
+        said.append("forward and backward ms are the mean passes of a training step at that batch size")
+    if has("act_peak"):
+        said.append("act. peak is the most activation memory live at once in a batch-1 forward pass")
+    if has("speedup_"):
+        said.append("a speed-up is over the network a row came from (an int8 row's fp32 model, a pruned or "
+                    "shortened row's unpruned network), the two timed interleaved in one process, marked (noise) "
+                    "where the two latencies' ranges as shown (median ± half the interquartile range) overlap")
+    lines = [_wrap("; ".join(said) + ".")] if said else []
+    runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
+    if runs:
+        lines += ["", _wrap(f"The latencies were timed in {len(runs)} runs, marked [a] to [{runs[-1][0]}] in their "
+                            "cells: a CPU's speed drifts between runs (and with what else runs on it), so compare "
+                            "latencies only within one mark; a speed-up compares two networks timed side by side.")]
+        lines += [f"- [{m}] {device}, commit {commit}" for m, (device, commit) in runs]
+    return lines + [""]
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False))
 
 
 def _group(key: str) -> int:
@@ -249,7 +332,7 @@ def paper_table(flat: list[dict[str, Any]]) -> list[str]:
     lines = []
     for f in flat:
         for k in f:
-            if k.endswith(" (paper)"):
+            if k.endswith(" (paper)") and f.get(k.removesuffix(" (paper)")) is not None:  # ours measured
                 base = k.removesuffix(" (paper)")
                 lines.append(f"| {_fmt('row', f.get('row'))} | {header(base)} | {_fmt(base, f.get(base))} | "
                              f"{_fmt(k, f[k])} | {_fmt('Δ ' + base, f.get('Δ ' + base))} |")
@@ -264,36 +347,28 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
     flat = [flatten(r) for r in rows]
     ours = [k for k in column_order(flat) if k not in PROVENANCE and k not in FOLDED and not k.startswith(SPREAD)
             and not k.endswith(" (paper)") and not k.startswith("Δ ")]
-    common = [k for k in SHARED if k in ours and len({str(f.get(k)) for f in flat}) == 1]
+    common = [k for k in SHARED if k in ours and len({str(f.get(k)) for f in flat}) == 1 and flat[0].get(k) is not None]
     lines = [f"# {table}", ""]
     if common:
         lines += ["All rows: " + ", ".join(f"{k} **{flat[0][k]}**" for k in common), ""]
-    sections: dict[str, list[dict[str, Any]]] = {}
+    marks = timing_marks(rows)
+    for f, mark in zip(flat, marks):
+        f[TIMED] = mark
+    by_stage: dict[str, list[dict[str, Any]]] = {}
     for r, f in zip(rows, flat):
-        sections.setdefault(STAGES.get(r.get("stage", "train"), "Other rows"), []).append(f)
-    for title, group in sections.items():
-        if len(sections) > 1:
+        by_stage.setdefault(STAGES.get(r.get("stage", "train"), "Other rows"), []).append(f)
+    for title, group in by_stage.items():
+        if len(by_stage) > 1:
             lines += [f"## {title}", ""]
         keys = [k for k in ours if k not in common and any(f.get(k) is not None for f in group)]
         for part in split_columns(keys):
             lines += _table(part, group)
-    lines += ["MACs are multiply-accumulates of one 1-image forward pass as fvcore counts them; size is the",
-              "network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's initializers or a",
-              "PT2E program's tensors, without the graph; kB = 1000 bytes); compression is size / the baseline",
-              "row's size; CPU latency is",
-              "the median forward time at batch 1 / 64 with threads pinned, ± half its interquartile range",
-              "where measured; act. peak is the most activation memory live at once in a batch-1 forward pass;",
-              "a speed-up is over the network a row came from (an int8 row's fp32 model, a pruned or shortened",
-              "row's unpruned network), the two timed interleaved in one process, marked (noise) where their",
-              "interquartile ranges overlap.", ""]
+    lines += footnote([k for k in ours if any(f.get(k) is not None for f in flat)], marks, rows)
     lines += paper_table(flat)
     if notes:
         lines += ["## What these rows can and cannot show", "", notes.strip(), ""]
-    titles = [sec["title"] for s in summaries or [] for sec in s.get("sections", [])]
-    for s in summaries or []:
-        for sec in s.get("sections", []):
-            title = sec["title"] if titles.count(sec["title"]) == 1 else f"{sec['title']} — {s.get('name')}"
-            lines += [f"## {title}", "", sec["markdown"], ""]
+    for sec in sections(summaries or []):
+        lines += [f"## {sec['title']}", "", sec["markdown"], ""]
     lines += ["## Provenance", ""]
     seen = set()
     for r in rows:
@@ -366,6 +441,9 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
     line = "; ".join(p for p in parts if p)
     if latency and one("device"):
         line += "\nlatency on " + "; ".join(one("device"))
+        runs = len({m for m in timing_marks(rows) if m})
+        if runs:
+            line += f"; timed in {runs} runs (marked in table.md): compare latencies within one"
     return line
 
 
@@ -469,6 +547,47 @@ def plot_gates_png(stats: dict[str, Any], title: str, subtitle: str) -> bytes:
     return _png(fig)
 
 
+def sections(summaries: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The runs' own sections of the table (title, Markdown), a title that several runs give suffixed with
+    the run's name. A re-rendered table's come from its table.json as one pseudo-summary (rendered_table)."""
+    titles = [sec["title"] for s in summaries for sec in s.get("sections", [])]
+    return [{"title": sec["title"] if titles.count(sec["title"]) == 1 else f"{sec['title']} — {s.get('name')}",
+             "markdown": sec["markdown"]} for s in summaries for sec in s.get("sections", [])]
+
+
+def gates_plots(summaries: list[dict[str, Any]], table: str) -> list[dict[str, Any]]:
+    """The learned-gates plots of the runs (one per trained network they start from): statistics, title, caption."""
+    unique = {json.dumps(s["full_stats"], sort_keys=True): s for s in summaries if s.get("full_stats")}
+    return [{"full_stats": s["full_stats"], "title": f"{table}: learned gates w of the full network ({s.get('arch')})",
+             "caption": caption([{**s, "stage": "train", "epochs": s.get("full_epochs")}])} for s in unique.values()]
+
+
+# The headings a table.md gives its own parts; any other is a run's section (a table.json made before
+# sections were kept in it has them only in its table.md).
+OWN_HEADINGS = {*STAGES.values(), "Other rows", "Against the paper", "What these rows can and cannot show", "Provenance"}
+
+
+def rendered_table(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A committed table to render again (`rescomp report results/<table>`, after a change to the renderer or
+    to its notes): its name, its rows, and its runs' sections and gates plots as one pseudo-summary. The runs
+    are not needed; their rows and provenance are in table.json as they were collected."""
+    path = path / "table.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+        name, rows = data["table"], data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"'{path}' is not a table.json that `rescomp report` wrote ({type(e).__name__}); pass a "
+                          f"results/<table> folder") from None
+    if "sections" in data:
+        extra = {"sections": data["sections"], "gates": data.get("gates", [])}
+    else:  # written before table.json kept them: from its table.md, and its gates plots are left as they are
+        md = path.with_name("table.md")
+        blocks = md.read_text().split("\n## ")[1:] if md.is_file() else []
+        extra = {"sections": [{"title": b.split("\n", 1)[0], "markdown": b.split("\n", 1)[1].strip()}
+                              for b in blocks if b.split("\n", 1)[0] not in OWN_HEADINGS], "gates": None}
+    return name, rows, [{"rendered": True, **extra}]
+
+
 def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results"),
                 baseline: str | None = None, summaries: list[dict[str, Any]] | None = None,
                 notes: str | None = None) -> Path:
@@ -476,10 +595,17 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
     rows = aggregate_seeds(rows)
     if baseline:
         rows = add_compression(rows, baseline)
+    summaries = summaries or []
+    rendered = [s for s in summaries if s.get("rendered")]  # from a table.json: its sections as they were titled
+    secs = [sec for s in rendered for sec in s["sections"]] + sections([s for s in summaries if not s.get("rendered")])
+    gates = gates_plots(summaries, table)
+    keep_gates = any(s["gates"] is None for s in rendered)  # a table.json without them: its plots stay
+    gates += [g for s in rendered for g in s["gates"] or []]
     files = {
-        "table.md": markdown(table, rows, summaries, notes).encode(),
+        "table.md": markdown(table, rows, [{"sections": secs}], notes).encode(),
         "table.csv": to_csv(rows).encode(),
-        "table.json": json.dumps({"table": table, "rows": rows}, indent=2).encode(),
+        "table.json": json.dumps({"table": table, "rows": rows, "sections": secs,
+                                  **({} if keep_gates else {"gates": gates})}, indent=2).encode(),
         "accuracy_vs_cost.png": plot_curves(rows, COST_PANELS, f"{table}: top-1 against MACs and CPU latency",
                                             latency=True),
     }
@@ -492,16 +618,13 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
             files[name] = plot_curves([r for r in rows if "series" in r], [(x, label, scale, invert)],
                                       f"{table}: top-1 against {label.split(' (')[0]}")
-    unique = {json.dumps(s["full_stats"], sort_keys=True): s for s in summaries or [] if s.get("full_stats")}
-    for i, s in enumerate(unique.values()):  # runs that start from one trained network share one plot
-        files[f"gates{i or ''}.png"] = plot_gates_png(
-            s["full_stats"], f"{table}: learned gates w of the full network ({s.get('arch')})",
-            caption([{**s, "stage": "train", "epochs": s.get("full_epochs")}]))
+    for i, g in enumerate(gates):  # runs that start from one trained network share one plot
+        files[f"gates{i or ''}.png"] = plot_gates_png(g["full_stats"], g["title"], g["caption"])
     files = {name: blob for name, blob in files.items() if blob is not None}
     final = out_root / table
     for name, blob in files.items():
         atomic_write_bytes(final / name, lambda f, b=blob: f.write(b))
-    for old in [*final.glob("accuracy_vs_*.png"), *final.glob("gates*.png")]:
+    for old in [*final.glob("accuracy_vs_*.png"), *([] if keep_gates else final.glob("gates*.png"))]:
         if old.name not in files:  # a plot of an earlier report that these rows no longer make
             old.unlink()
     return final

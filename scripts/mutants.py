@@ -395,6 +395,22 @@ M = [
   "tests/test_prune.py::test_schedules"),
  ("gap-outside-budget", "rescomp/config.py", "        if self.budget() is not None and self.budget() < self.gap() * (most - 1):", "        if self.budget() is not None and self.budget() < self.finetune_epochs * (most - 1):",
   "tests/test_prune.py::test_schedules"),
+ ("timing-runs-unmarked", "rescomp/report.py", "    if len(runs) < 2:\n        return [\"\"] * len(rows)", "    if True:\n        return [\"\"] * len(rows)",
+  "tests/test_report.py::test_latencies_timed_in_several_runs_are_marked_by_run"),
+ ("speedup-marked-as-timed", "rescomp/report.py", "TIMINGS = LATENCY + (\"forward_ms_b\", \"backward_ms_b\")", "TIMINGS = LATENCY + (\"forward_ms_b\", \"backward_ms_b\", \"speedup_cpu_b\")",
+  "tests/test_report.py::test_latencies_timed_in_several_runs_are_marked_by_run"),
+ ("footnote-describes-absent-columns", "rescomp/report.py", "    if has(\"compression\"):", "    if True:",
+  "tests/test_report.py::test_the_footnote_speaks_only_of_the_columns_there"),
+ ("arch-name-only", "rescomp/report.py", "    return spec.get(\"arch\") + (f\" ({', '.join(args)})\" if args else \"\")", "    return spec.get(\"arch\")",
+  "tests/test_report.py::test_the_arch_column_names_the_models_arguments"),
+ ("paper-line-without-ours", "rescomp/report.py", "            if k.endswith(\" (paper)\") and f.get(k.removesuffix(\" (paper)\")) is not None:", "            if k.endswith(\" (paper)\"):",
+  "tests/test_report.py::test_the_arch_column_names_the_models_arguments"),
+ ("rerender-loses-sections", "rescomp/report.py", "        extra = {\"sections\": data[\"sections\"], \"gates\": data.get(\"gates\", [])}", "        extra = {\"sections\": [], \"gates\": data.get(\"gates\", [])}",
+  "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
+ ("rerender-loses-gates", "rescomp/report.py", "    gates += [g for s in rendered for g in s[\"gates\"] or []]", "    pass",
+  "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
+ ("legacy-gates-deleted", "rescomp/report.py", "    keep_gates = any(s[\"gates\"] is None for s in rendered)", "    keep_gates = False",
+  "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -138,7 +138,7 @@ def test_each_table_fits_a_screen_and_its_columns_belong_to_its_rows():
     fp32 = md[md.index("## Trained networks"):md.index("## int8 networks")]
     assert "ptq" not in fp32 and "pruned %" not in fp32 and "speed-up" not in fp32
     int8_part = md[md.index("## int8 networks"):md.index("## Pruned networks")]
-    assert "| int8 by |" in int8_part and "| ResNet-20 int8 | ptq |" in int8_part and "| epochs |" not in int8_part
+    assert "| method |" in int8_part and "| ResNet-20 int8 | ptq |" in int8_part and "| epochs |" not in int8_part
     assert "| ResNet-20 int8 | top-1 % | 88.00 | 90.00 | -2.00 |" in md
     assert "| fp32 top-1 % | top-1 drop |" in int8_part
 
@@ -212,9 +212,9 @@ def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
     row = {**ROW, "latency_ms_ort_b1": 0.5, "latency_iqr_ms_ort_b1": 0.2, "latency_iqr_ms_cpu_b1": 0.4,
            "fastest_runtime_b1": "onnxruntime"}
     md = markdown("t", [row])
-    speed = next(t for t in _tables(md) if "CPU ms b1" in t[0])
+    speed = next(t for t in _tables(md) if "PyTorch ms b1" in t[0])
     cells = dict(zip(speed[0], speed[1]))
-    assert cells["CPU ms b1"] == "1.50 ±0.20" and cells["ONNX Runtime ms b1"] == "0.50 ±0.10"
+    assert cells["PyTorch ms b1"] == "1.50 ±0.20" and cells["ONNX Runtime ms b1"] == "0.50 ±0.10"
     assert cells["fastest b1"] == "onnxruntime"
     assert "latency_ms_ort_b1" in to_csv([row]).splitlines()[0]
 
@@ -242,3 +242,92 @@ def test_an_int8_rows_layer_count_reads_k_of_n_and_both_stay_in_the_csv():
     assert not any("weight_layers" in h for t in _tables(markdown("t", [row])) for h in t[0])
     csv_row = next(csv.DictReader(io.StringIO(to_csv([row]))))
     assert (csv_row["int8_layers"], csv_row["weight_layers"]) == ("7", "8")
+
+
+# Committed tables say what they hold (the results audit). Wrong versions these tests catch:
+#  - latencies timed in different runs (another thread count, another session's machine) in one column
+#    with nothing to tell them apart -> test_latencies_timed_in_several_runs_are_marked_by_run
+#  - a footnote describing columns the table does not have (compression, speed-ups), or a latency
+#    footnote missing where it has them -> test_the_footnote_speaks_only_of_the_columns_there
+#  - the arch column dropping the model's arguments (resnet56 option A and B alike)
+#       -> test_the_arch_column_names_the_models_arguments
+#  - a comparison with the paper printed where ours was not measured -> same test
+#  - a committed table rendered again from its table.json losing a run's section, a gates plot, or a row's
+#    provenance; a table.json that is not one ending in a traceback
+#       -> test_a_committed_table_renders_again_from_its_json_alone
+def test_latencies_timed_in_several_runs_are_marked_by_run():
+    from rescomp.report import caption
+
+    a = {**ROW, "row": "fp32", "device": "cpu:x (1 threads)", "commit": "111"}
+    b = {**ROW, "row": "int8", "stage": "ptq", "device": "cpu:x (2 threads)", "commit": "222", "speedup_cpu_b1": 1.2}
+    c = {**b, "row": "int8 again"}
+    md = markdown("t", [a, b, c])
+    cells = {t[1][0]: dict(zip(t[0], t[1])) for t in _tables(md) if "PyTorch ms b1" in t[0]}
+    assert cells["fp32"]["PyTorch ms b1"] == "1.50 [a]" and cells["int8"]["PyTorch ms b1"] == "1.50 [b]"
+    assert cells["int8"]["speed-up b1"] == "1.20"  # timed side by side: no mark
+    assert "timed in 2 runs, marked [a] to [b]" in " ".join(md.split())
+    assert "- [a] cpu:x (1 threads), commit 111" in md and "- [b] cpu:x (2 threads), commit 222" in md
+    assert "timed in 2 runs" in caption([a, b, c], latency=True)
+    one = markdown("t", [b, c])
+    assert "[a]" not in one and "timed in 2 runs" not in " ".join(one.split())
+    assert "[a]" not in markdown("t", [a, {**ROW, "row": "no latency", "latency_ms_cpu_b1": None,
+                                          "latency_ms_cpu_b64": None, "commit": "999"}])
+
+
+def test_the_footnote_speaks_only_of_the_columns_there():
+    md = markdown("t", [{**ROW, "latency_ms_cpu_b1": None, "latency_ms_cpu_b64": None}])
+    assert "MACs are multiply-accumulates" in md and "plus one per element for BatchNorm" in " ".join(md.split())
+    assert "latencies" not in md and "compression is" not in md and "speed-up is" not in md
+    md = " ".join(markdown("t", [{**ROW, "stage": "ptq", "speedup_cpu_b1": 1.2, "compression": 0.3}]).split())
+    assert "ms are CPU latencies" in md and "compression is size" in md and "(median ± half the interquartile range) overlap" in md
+
+
+def test_the_arch_column_names_the_models_arguments():
+    from rescomp.report import arch_label
+
+    assert arch_label({"arch": {"arch": "resnet56", "num_classes": 10, "shortcut": "B"}}) == "resnet56 (shortcut B)"
+    assert arch_label({"arch": "resnet56_bottleneck", "start_arch": {
+        "arch": "resnet56_bottleneck", "num_classes": 10, "width": 8, "gates": {"init": [-1, 1]}, "deleted": [3]}}) \
+        == "resnet56_bottleneck (width 8, gates)"  # a later stage's row: the spec it started from, not its surgery
+    assert arch_label({"arch": {"arch": "resnet20", "num_classes": 10, "pretrained": None}}) == "resnet20"
+    assert arch_label({"arch": "alexnet"}) == "alexnet"
+    md = markdown("t", [{**ROW, "paper": {"top1": 91.25, "compression": 0.26}}])
+    assert "| ResNet-20 | top-1 % |" in md and "| compression |" not in md  # ours not measured: no comparison
+
+
+def test_a_committed_table_renders_again_from_its_json_alone(tmp_path):
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    layer_drop = {**ROW, "name": "ld", "stage": "layerdrop", "rows": [{"row": "k=1: 56 layers", "top1": 80.0, "step": 0}],
+                  "sections": [{"title": "Cost of the smallest lossless network", "markdown": "| a |\n|---|\n| 1 |"}],
+                  "full_stats": {"gates": {"u1": 0.5, "u2": -0.7}, "output_norm": {"u1": 1.0, "u2": 2.0}}}
+    from rescomp.report import expand
+
+    summaries = [ROW, layer_drop]
+    out = write_table("t", expand(summaries), tmp_path / "results", summaries=summaries, notes="Notes.")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "gates.png" in before and "## Cost of the smallest lossless network" in before["table.md"].decode()
+    cli = lambda *a: CliRunner().invoke(app, ["report", *map(str, a)])  # noqa: E731
+    res = cli(out, "--out", tmp_path / "results", "--notes", _notes(tmp_path))
+    assert res.exit_code == 0, res.output
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after["table.md"] == before["table.md"] and after["table.json"] == before["table.json"]
+    assert after["table.csv"] == before["table.csv"] and "gates.png" in after
+    # a table.json from before sections were kept in it: its table.md's sections and its gates plot stay
+    data = json.loads(after["table.json"])
+    (out / "table.json").write_text(json.dumps({"table": data["table"], "rows": data["rows"]}))
+    assert cli(out / "table.json", "--out", tmp_path / "results", "--notes", _notes(tmp_path)).exit_code == 0
+    assert (out / "table.md").read_bytes() == before["table.md"] and (out / "gates.png").is_file()
+    assert json.loads((out / "table.json").read_text())["sections"] == data["sections"]
+    (out / "table.json").write_text("[1, 2]")
+    res = cli(out)
+    assert res.exit_code == 2 and "is not a table.json that `rescomp report` wrote" in res.stderr
+    res = cli(out, tmp_path / "runs")
+    assert res.exit_code == 2 and "render it again alone" in res.stderr
+
+
+def _notes(tmp_path):
+    (tmp_path / "notes.md").write_text("Notes.")
+    return tmp_path / "notes.md"
