@@ -177,7 +177,7 @@ report-layer-drop: install
 # slow = 10, equal fine-tuning); ResNet-56 with every criterion; and a structural counterfactual
 # (uniform vs global allocation on untrained networks, structure.md). The cpu profile trains from
 # scratch at 32x32 (AlexNet 64x64) and runs three of the six networks.
-TAYLOR_MODELS := $(if $(filter cpu,$(PROFILE)),resnet18 squeezenet1_0 alexnet,vgg16 alexnet resnet18 squeezenet1_0 densenet121 resnet50)
+TAYLOR_MODELS := $(if $(filter cpu,$(PROFILE)),resnet18 squeezenet1_1 alexnet,vgg16 alexnet resnet18 squeezenet1_1 densenet121 resnet50)
 table-taylor: install
 	$(BIN)/python scripts/taylor_structure.py
 	{ for m in $(TAYLOR_MODELS) resnet56; do echo "rescomp train configs/table-taylor/$$m.yaml $(PFLAG)"; done; echo "---"; \

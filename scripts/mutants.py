@@ -411,6 +411,8 @@ M = [
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
  ("legacy-gates-deleted", "rescomp/report.py", "    keep_gates = any(s[\"gates\"] is None for s in rendered)", "    keep_gates = False",
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
+ ("fan-out-pruned-in-paper-policy", "rescomp/compress/prune.py", "        if policy == \"paper\" and (coupled or len(readers) > 1):", "        if policy == \"paper\" and coupled:",
+  "tests/test_prune.py::test_paper_policy_leaves_a_conv_that_several_layers_read"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

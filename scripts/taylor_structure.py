@@ -46,7 +46,7 @@ PAPER = {
     "vgg16": ((17.31, 138.3), (10.55, 80.5)),
     "alexnet": ((0.815, 57.0), (0.500, 47.9)),
     "resnet18": ((1.83, 11.18), (1.40, 7.53)),
-    "squeezenet1_0": ((0.516, 1.24), (0.511, 1.23)),
+    "squeezenet1_1": ((0.516, 1.24), (0.511, 1.23)),
     "densenet121": ((2.91, 7.98), (2.14, 6.12)),
     "resnet50": ((4.14, 23.53), (2.86, 11.18)),
 }
@@ -114,10 +114,12 @@ def main() -> None:
     r50 = next(r for r in rows if r["arch"] == "resnet50")["stage_share_removed_paper_global"]
     lines += ["", "Share of each ResNet-50 stage's filters removed under global ranking (paper policy): "
               + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r50.items() if k.startswith("layer")) + ".", "",
-              "Where we differ from the paper's tool: it could reduce only SqueezeNet's first conv, where our",
-              "dependency graph also prunes each fire module's squeeze conv (its output meets no addition or",
-              "concatenation); the paper's VGG, SqueezeNet and DenseNet parameter counts are those of 1000-class",
-              "heads (1000-class counts in structure.json).", "",
+              "As in the paper, whose tool could reduce only SqueezeNet's first conv, the paper policy leaves a",
+              "conv whose output several layers read (each fire module's squeeze conv, read by both expand",
+              "convs), as well as those meeting an addition or a concatenation; SqueezeNet is version 1.1, whose",
+              "1000-class counts are the paper's. The paper's VGG, SqueezeNet and DenseNet parameter counts are",
+              "those of 1000-class heads (1000-class counts in structure.json); its FLOPs for SqueezeNet (0.516 G)",
+              "and AlexNet (0.815 G) match no count of ours (fvcore's multiply-adds), so compare reductions there.", "",
               f"How made: `{meta['command']}` at commit {meta['commit']}, torch {meta['torch']}, device {meta['device']}, "
               f"{meta['wall_seconds']:.0f} s."]
     out = Path(args.out)

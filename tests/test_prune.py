@@ -9,7 +9,8 @@
   step's budget (budget_counts_every_filter_...);
 - BN statistics kept (sliced) instead of reset, an unpruned BN reset, the FC not scaled or scaled
   the wrong way, the paper surgery off by default (paper_surgery_..., applies_the_paper_surgery_...);
-- channels that meet an addition pruned under the paper policy, excluded layers touched;
+- channels that meet an addition pruned under the paper policy, excluded layers touched; a conv that
+  several layers read (SqueezeNet's squeeze convs) pruned under it (paper_policy_leaves_a_conv_...);
 - Table 1's targets chained into one run, the fine-tuning budget ignored, costs counted at our input
   size or with our head where the paper used 224 px / 1000 classes (a_run_per_target_...);
 - the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs;
@@ -115,6 +116,18 @@ def test_paper_policy_never_touches_channels_that_meet_an_addition():
     assert "conv1" not in roots and sum(g.size for g in groups) == 2 * (64 + 128 + 256 + 512)
     coupled = channel_groups(model, X, [], "coupled")
     assert len(coupled) > len(groups) and any(g.coupled for g in coupled)
+
+
+def test_paper_policy_leaves_a_conv_that_several_layers_read():
+    # Martineau: "in SqueezeNet, only the first convolution layer can be reduced": a squeeze conv is read by
+    # both expand convs, and those meet a concatenation. 30 % of the first conv's 64 filters in SqueezeNet 1.1
+    # with a 1000-class head: 1,235,496 -> 1,234,660 parameters, the paper's 1.24 M -> 1.23 M.
+    model = build_model({"arch": "squeezenet1_1", "num_classes": 1000})
+    groups = channel_groups(model, torch.randn(1, 3, 64, 64), [], "paper")
+    assert [(g.root, g.size) for g in groups] == [("features.0", 64)]
+    assert count_params(model) == 1_235_496
+    assert count_params(model) - 19 * (3 * 3 * 3 + 1) - 19 * 16 == 1_234_660  # 19 filters and their readers' inputs
+    assert len(channel_groups(model, torch.randn(1, 3, 64, 64), [], "coupled")) > 1
 
 
 def test_coupled_policy_keeps_residual_shapes_consistent():

@@ -106,7 +106,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], 
     ignored = [m for m, n in names.items() if n in excluded]
     groups = []
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
-        members, concat = [], False
+        members, concat, readers = [], False, set()
         for item in g.items:
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
@@ -114,11 +114,16 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], 
                 concat = True
             if isinstance(module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler):
                 members.append((names[module], list(idxs), list(item.root_idxs)))
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(dep.handler):
+                readers.add(module)
         root = names[g[0].dep.target.module]
         coupled = concat or len({m[0] for m in members}) > 1
         if any(m[0] in excluded for m in members) or members[0][0] != root:
             continue
-        if policy == "paper" and coupled:
+        # The paper's policy also leaves a conv whose output several layers read (a SqueezeNet squeeze conv,
+        # read by both expand convs): Martineau's "reused" layer, whose readers would all have to change.
+        # It is why "in SqueezeNet, only the first convolution layer can be reduced" (Table 2).
+        if policy == "paper" and (coupled or len(readers) > 1):
             continue
         groups.append(Group(root, len(g[0].idxs), members, coupled))
     return groups
