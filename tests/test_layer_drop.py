@@ -341,6 +341,8 @@ def test_the_loop_stops_at_the_first_drop_and_the_table_follows_it(workdir, tiny
     assert [r["top1"] for r in trace["rows"]] == [50.0, 60.0, 40.0, 70.0]
     assert trace["smallest_lossless"] == {"layers": 17, "top1": 60.0}  # 11 layers at 70 % came after the drop
     assert "**17 layers**" in trace["sections"][0]["markdown"]
+    assert ("training steps were timed (the paper: 100)" in trace["sections"][0]["markdown"]) == \
+        (validate(traced, "t").layer_drop.timing.runs < 100)  # fewer steps than the paper's: said where compared
 
 
 @pytest.fixture(scope="module")

@@ -229,6 +229,9 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
                for k, v in relative.items()]
     else:
         md += ["| cost | % of the full network |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in relative.items()]
+    if ld.timing.runs < 100:
+        md += ["", f"Only {ld.timing.runs} training steps were timed (the paper: 100), so the forward and backward "
+                   f"percentages carry the machine's noise: read them to within tens of percent."]
     md += ["", f"Training budget (the epochs column): the full network {full_epochs} epochs, then n = {ld.retrain_epochs} "
                f"after each step of k = {ld.k} units, from the initial learning rate: the network after step s was "
                f"trained {full_epochs} + s x {ld.retrain_epochs} epochs in all."]
