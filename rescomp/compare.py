@@ -46,6 +46,10 @@ def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str]]
     return r[f"latency_ms_{column}_b1"], RUNTIMES[column]
 
 
+TIMING_KEYS = ("latency_", "speedup_", "fastest_runtime_", "fp32_latency_", "fp32_fastest_", "reference_",
+               "forward_ms_", "backward_ms_")
+
+
 def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per network the runs made, with its chain, costs and provenance."""
     out = []
@@ -64,8 +68,11 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 # a network stored in its own format (Deep Compression, binarized) is as big as that file
                 "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("stored_bytes", r.get("size_bytes")),
                 "latency_ms_b1": latency, "latency_runtime": runtime,
-                **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "device", "profile", "dataset",
+                **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "torch", "device", "profile", "dataset",
                                          "command", "wall_seconds")},
+                # every timing the run made (other batch sizes, runtimes, the interleaved reference and
+                # speed-ups), so that what its notes say of speed can be read from the JSON
+                **{k: v for k, v in r.items() if k.startswith(TIMING_KEYS)},
             })
     if not out:
         raise ConfigError("these runs hold no networks to compare")

@@ -413,6 +413,8 @@ M = [
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
  ("fan-out-pruned-in-paper-policy", "rescomp/compress/prune.py", "        if policy == \"paper\" and (coupled or len(readers) > 1):", "        if policy == \"paper\" and coupled:",
   "tests/test_prune.py::test_paper_policy_leaves_a_conv_that_several_layers_read"),
+ ("compare-drops-timings", "rescomp/compare.py", "                **{k: v for k, v in r.items() if k.startswith(TIMING_KEYS)},\n", "",
+  "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -8,6 +8,8 @@
 #     baseline not the one asked for -> test_compare_end_to_end_from_a_chain
 #  4. a separable network's points named as if it were the plain one -> test_a_separable_network_names_its_structure_first
 #  5. --profile ignored (another profile's runs mixed in) -> test_compare_end_to_end_from_a_chain
+#  6. a point keeping only its batch-1 latency, so the speed-ups and references its notes cite are in no
+#     committed file (the results audit) -> test_compare_end_to_end_from_a_chain
 
 import json
 
@@ -71,7 +73,9 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     base = next(p for p in pts if p["baseline"])
     assert base["run"] == "exp" and base["top1_delta"] == 0 and base["macs_ratio"] == 1
     assert pts[1]["macs_ratio"] < 1 and pts[1]["step"] == 1 and pts[2]["latency_runtime"] == "eager"
-    assert all(p["commit"] and p["config_hash"] for p in pts)
+    assert all(p["commit"] and p["config_hash"] and p["torch"] for p in pts)
+    # every timing a run made comes with its point: the int8 speed-up and its fp32 reference (the notes cite them)
+    assert pts[2]["speedup_cpu_b1"] > 0 and pts[2]["fp32_latency_ms_cpu_b1"] > 0 and pts[0]["latency_ms_cpu_b1"] > 0
     assert any(p.get("pareto_macs") for p in pts) and (workdir / "results/cmp/pareto.png").stat().st_size > 1000
     md = (workdir / "results/cmp/compare.md").read_text()
     assert "| 3 | prune → int8 |" in md and "◆" in md
