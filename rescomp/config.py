@@ -118,7 +118,7 @@ class ScheduleConfig(Strict):
 class EarlyStoppingConfig(Strict):
     patience: Optional[int] = Field(None, ge=1, description="epochs without val-loss improvement")
     min_delta: float = Field(0.0, ge=0)  # smallest val-loss decrease that counts
-    restore_best: bool = True  # end with the weights of the best validation epoch
+    restore_best: bool = True  # on an early stop, end with the best validation epoch's weights (as tf.keras 2's EarlyStopping(restore_best_weights=True); a run that reaches train.epochs keeps its last)
 
 
 class DistillConfig(Strict):

@@ -174,7 +174,7 @@ def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
 def _from_imagefolder(path: Path) -> Splits:
     """Read <root>/{train,test}/<class>/<image> (any prefix before train/ and test/ is allowed)."""
     per_split: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
-    size = None
+    size, names = None, {"train": [], "test": []}
     for name, blob in _imagefolder_entries(path):
         parts = name.split("/")
         if len(parts) < 3 or parts[-3] not in per_split:
@@ -182,6 +182,10 @@ def _from_imagefolder(path: Path) -> Splits:
         img = _decode(blob, size)
         size = size or (img.shape[1], img.shape[0])
         per_split[parts[-3]].append((parts[-2], img))
+        names[parts[-3]].append(tuple(parts))
+    for split, items in per_split.items():  # a folder's order, whatever order an archive holds its members in:
+        order = sorted(range(len(items)), key=names[split].__getitem__)  # one seed, the same subsets and splits
+        per_split[split] = [items[i] for i in order]
     if not per_split["train"] or not per_split["test"]:
         raise DataError(
             f"'{path}' holds no images in the ImageFolder layout train/<class>/<image> and "
@@ -290,8 +294,19 @@ def resolve_source(cfg: DataConfig) -> tuple[str, Path, list[str]]:
 
 
 def _cache_path(cfg: DataConfig, kind: str, path: Path) -> Path:
-    st = path.stat()
-    key = f"{cfg.dataset}|{kind}|{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    """The decoded copy's cache file, keyed by what its content depends on: an archive's size and time, or
+    every image file's in a folder (editing or adding one changes neither the folder's size nor its time)."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                st = f.stat()
+                h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        stamp = h.hexdigest()
+    else:
+        st = path.stat()
+        stamp = f"{st.st_size}|{int(st.st_mtime)}"
+    key = f"{cfg.dataset}|{kind}|{path.resolve()}|{stamp}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root(cfg) / f"{cfg.dataset}-{kind}-{digest}.pt"
 

@@ -213,8 +213,15 @@ def _start_from_section(section: str) -> Callable[[ExperimentConfig, RunContext]
 
 
 def retrain_config(cfg: ExperimentConfig, epochs: int, lr: Optional[float] = None) -> ExperimentConfig:
-    """The training config for a fine-tuning stage: `epochs`, the schedule's shape, lr if given."""
-    train = {"epochs": epochs, "eval_test_every": 0}
+    """The training config for a fine-tuning stage: `epochs`, the schedule's shape, lr if given. The shape
+    is the training schedule's on a time axis scaled to the fine-tune: a warm-up of 2 of 30 epochs lasts
+    2/30 of it, and milestones move with it, so that a 1-epoch fine-tune is neither all warm-up (ending at
+    half its lr, undecayed) nor past no milestone."""
+    s = cfg.train.schedule
+    scale = epochs / cfg.train.epochs if cfg.train.epochs else 1.0
+    schedule = s.model_copy(update={"warmup_epochs": s.warmup_epochs * scale, "step_size": s.step_size * scale or s.step_size,
+                                    "milestones": [m * scale for m in s.milestones]})
+    train = {"epochs": epochs, "eval_test_every": 0, "schedule": schedule}
     if lr is not None:
         train["optimizer"] = cfg.train.optimizer.model_copy(update={"lr": lr})
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})

@@ -37,7 +37,8 @@ def param_groups(model: nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (name.endswith(".gate") and not cfg.gate_weight_decay) or (cfg.no_decay_bn_bias and p.ndim <= 1)
+        gate = name.endswith(".gate")  # a 0-d parameter: gate_weight_decay decides it, not no_decay_bn_bias
+        skip = not cfg.gate_weight_decay if gate else cfg.no_decay_bn_bias and p.ndim <= 1
         (no_decay if skip else decay).append(p)
     if not no_decay or cfg.weight_decay == 0:
         return [{"params": decay + no_decay, "weight_decay": cfg.weight_decay}]

@@ -77,11 +77,11 @@ def test_validation_split_is_seeded_and_disjoint():
     assert not torch.equal(prepare(cfg, seed=1).val_x, s.val_x)
 
 
-def _write_imagefolder_tar(path, classes=("cat", "dog"), per_class=3):
+def _write_imagefolder_tar(path, classes=("cat", "dog"), per_class=3, reverse=False):
     with tarfile.open(path, "w:gz") as tar:
         for split in ("train", "test"):
-            for ci, c in enumerate(classes):
-                for i in range(per_class):
+            for ci, c in (reversed if reverse else list)(list(enumerate(classes))):
+                for i in (reversed if reverse else list)(range(per_class)):
                     im = Image.fromarray(np.full((32, 32, 3), 20 * ci + i, dtype=np.uint8))
                     buf = io.BytesIO()
                     im.save(buf, format="PNG")
@@ -106,6 +106,37 @@ def test_imagefolder_archive_is_decoded_once_and_cached(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     again = load_splits(cfg)
     assert torch.equal(again.train_x, s.train_x)
+
+
+# Wrong versions (the data audit): an archive read in member order, so that one seed draws other subsets,
+# validation splits and batches from it than from the same images in a folder; a folder's decoded copy
+# cached under the folder's own size and time, so that an image edited or added inside it is never seen.
+def test_an_archive_and_a_folder_of_the_same_images_give_the_same_data(tmp_path):
+    classes = tuple(f"c{i}" for i in range(10))
+    _write_imagefolder_tar(tmp_path / "sorted.tar.gz", classes=classes, per_class=2)
+    _write_imagefolder_tar(tmp_path / "reversed.tar.gz", classes=classes, per_class=2, reverse=True)
+    with tarfile.open(tmp_path / "sorted.tar.gz") as tar:
+        tar.extractall(tmp_path / "folder", filter="data")
+    loaded = [load_splits(DataConfig(dataset="cifar10", path=str(tmp_path / p), cache_dir=str(tmp_path / "cache")))
+              for p in ("sorted.tar.gz", "reversed.tar.gz", "folder/copy")]
+    for other in loaded[1:]:
+        assert torch.equal(other.train_x, loaded[0].train_x) and torch.equal(other.train_y, loaded[0].train_y)
+        assert torch.equal(other.test_x, loaded[0].test_x)
+
+
+def test_a_folders_cache_sees_an_image_edited_or_added_inside_it(tmp_path):
+    classes = tuple(f"c{i}" for i in range(10))
+    _write_imagefolder_tar(tmp_path / "a.tar.gz", classes=classes, per_class=2)
+    with tarfile.open(tmp_path / "a.tar.gz") as tar:
+        tar.extractall(tmp_path / "folder", filter="data")
+    cfg = DataConfig(dataset="cifar10", path=str(tmp_path / "folder/copy"), cache_dir=str(tmp_path / "cache"))
+    before = load_splits(cfg)
+    image = tmp_path / "folder/copy/train/c0/0000.png"
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(image)
+    edited = load_splits(cfg)
+    assert int(edited.train_x[0, 0, 0, 0]) == 200 != int(before.train_x[0, 0, 0, 0])
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(tmp_path / "folder/copy/train/c0/0009.png")
+    assert len(load_splits(cfg).train_y) == len(before.train_y) + 1
 
 
 def _fake_cifar100(root):

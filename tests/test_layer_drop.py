@@ -98,6 +98,9 @@ def test_gates_skip_weight_decay_unless_asked():
     decay, no_decay = param_groups(model, OptimizerConfig(weight_decay=1e-4))
     assert len(no_decay["params"]) == 3 and all(p.ndim == 0 for p in no_decay["params"])
     assert len(param_groups(model, OptimizerConfig(weight_decay=1e-4, gate_weight_decay=True))) == 1
+    # with no_decay_bn_bias too, the gates (0-d) still decay when asked: BatchNorm and biases do not
+    decay, no_decay = param_groups(model, OptimizerConfig(weight_decay=1e-4, gate_weight_decay=True, no_decay_bn_bias=True))
+    assert sum(p.ndim == 0 for p in decay["params"]) == 3 and all(p.ndim == 1 for p in no_decay["params"])
 
 
 def test_criteria_rank_and_the_drop_is_rebuilt_from_its_spec():

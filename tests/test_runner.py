@@ -213,3 +213,27 @@ def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, ti
 
         given = json.loads(next(f for f in folders if f.name.endswith(PRUNE)).joinpath("summary.json").read_text())
         assert given["prunable_filters"] < check(load_config(path))[1]
+
+
+# A fine-tune's schedule (rescomp.runner.retrain_config, the data audit). Wrong version: the training
+# schedule's warm-up and milestones kept in epochs, so that a 1-epoch fine-tune after a 2-epoch warm-up is
+# all warm-up (it ends at half its lr, never decayed) and a multistep one passes no milestone.
+def test_a_fine_tune_runs_the_training_schedule_scaled_to_its_length(tiny):
+    from rescomp.config import validate
+    from rescomp.runner import retrain_config
+    from rescomp.train import lr_lambda
+
+    tiny["train"].update(epochs=30, schedule={"name": "cosine", "warmup_epochs": 2})
+    ft = retrain_config(validate(tiny, "t"), 3, lr=0.04)
+    assert ft.train.epochs == 3 and ft.train.schedule.warmup_epochs == pytest.approx(0.2)
+    steps = 10
+    f = lr_lambda(ft.train.schedule, 3, steps)
+    lrs = [0.04 * f(i) for i in range(3 * steps)]
+    assert max(lrs) == pytest.approx(0.04, rel=0.05) and lrs[-1] < 0.001  # warms up, peaks, decays
+    one = retrain_config(validate(tiny, "t"), 1)
+    g = lr_lambda(one.train.schedule, 1, steps)
+    assert g(steps - 1) < 0.05 and max(g(i) for i in range(steps)) > 0.9  # a 1-epoch fine-tune decays too
+    tiny["train"]["schedule"] = {"name": "multistep", "milestones": [10, 20], "step_size": 5}
+    ms = retrain_config(validate(tiny, "t"), 3).train.schedule
+    assert ms.milestones == pytest.approx([1, 2]) and ms.step_size == pytest.approx(0.5)
+    assert validate(tiny, "t").train.schedule.milestones == [10, 20]  # the training config is left as it was
