@@ -7,6 +7,7 @@ filled from `state_dict`, so it loads with `weights_only=True` and survives code
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import tempfile
@@ -106,13 +107,21 @@ def load(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def digest(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes: what a run records of each file it was made from (rescomp.rundir.INPUTS),
-    so that a result is never returned, resumed or reported once that file has been re-made."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
+def network_digest(path: str | Path) -> str:
+    """The SHA-256 of the network a checkpoint holds (its arch spec and every tensor of its state_dict, names,
+    dtypes and shapes included), not of the file: what a run records of each network it was made from
+    (rescomp.rundir.MADE). The same network saved again with other metrics or config is the same input;
+    other weights under the same path are not."""
+    payload = load(path)
+    h = hashlib.sha256(json.dumps(payload.get("arch"), sort_keys=True, default=str).encode())
+    for name, value in sorted(payload.get("state_dict", {}).items()):
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(value).encode())
     return h.hexdigest()
 
 

@@ -74,8 +74,9 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
             raise ConfigError(f"{d}/summary.json is unreadable ({e}); re-run that experiment") from None
     if not rows:
         raise ConfigError("no finished runs (summary.json) found to report")
+    digests: dict[Path, str] = {}
     for d, s in zip(run_dirs, rows):
-        if why := stale_input(s.get("inputs") or {}, Path):  # paths as the project writes them: from its folder
+        if why := stale_input(s.get("inputs") or {}, Path(d), digests=digests):  # paths relative to the run folder
             command = s.get("command") or "its command"
             raise ConfigError(f"'{d}' {why}, so its numbers are of the old network; redo it with `{command}"
                               f"{'' if '--fresh' in command.split() else ' --fresh'}`, or leave it out of the table")

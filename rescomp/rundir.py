@@ -9,10 +9,11 @@ and removed when a run fails before writing anything it could resume from, so ba
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -54,42 +55,68 @@ def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] 
 
 def resumable(run_dir: Path) -> bool:
     """Whether a run folder holds anything a run could resume from or report: any file but its config, its
-    inputs' digests and its lock."""
-    return any(p.is_file() and p.name not in ("config.yaml", INPUTS, runlock.LOCK_NAME) for p in run_dir.rglob("*"))
+    record of what it is made from and its lock."""
+    return any(p.is_file() and p.name not in ("config.yaml", MADE, runlock.LOCK_NAME) for p in run_dir.rglob("*"))
 
 
-# The files a run is made from (the network it starts from, a distillation teacher), as config paths, with
-# their digests: recorded when the run starts, in its folder and its summary. A file re-made since (the same
-# path, other bytes: a checkpoint retrained with --fresh) makes the run's result stale, so the run is
-# neither returned as complete nor resumed, and `rescomp report` refuses its rows.
-INPUTS = "inputs.json"
+# What a run is made from, recorded in its folder when it starts: the networks it starts from (and a
+# distillation teacher), each by the digest of the network it holds (checkpoint.network_digest) under its
+# path relative to the run folder, and the version of its stage's rules. A network re-made since under
+# the same path (a checkpoint retrained with --fresh), or rules changed since, make the run's result
+# stale: it is neither returned as complete nor resumed, and `rescomp report` refuses its rows (the
+# summary keeps the same `inputs`).
+MADE = "made.json"
+# A stage's rules: the version a run of its section is made under, and what the last change changed.
+# A folder without a record was made under version 1.
+RULES = {"prune": (2, "the fast schedule's two steps 3 x finetune_epochs apart (Martineau's epochs 4 and 7; "
+                      "they were 1), and the paper policy leaving a conv that several layers read")}
 
 
-def stale_input(recorded: dict[str, str], at: Callable[[str], Path], finished: bool = True) -> Optional[str]:
-    """Why a run made from the `recorded` inputs may not be returned or resumed: the first input whose
-    file now holds other bytes, or, for a run that is not `finished`, one that is gone (it cannot resume
-    from it); None where none is. A finished run whose input is gone stands: it was made from what was there."""
+def rules(section: Optional[str]) -> int:
+    return RULES.get(section or "train", (1, ""))[0]
+
+
+def _at(run_dir: Path, p: str) -> Path:
+    return Path(os.path.normpath(run_dir / p))
+
+
+def stale_input(recorded: dict[str, str], run_dir: Path, finished: bool = True,
+                digests: Optional[dict[Path, str]] = None) -> Optional[str]:
+    """Why a run in run_dir made from the `recorded` networks may not be returned or resumed: the first whose
+    file now holds another network, or, for a run that is not `finished`, one that is gone (it cannot resume
+    from it); None where none is. A finished run whose input is gone stands: it was made from what was
+    there. `digests` caches the networks' digests by path (a report reads one network for many runs)."""
+    digests = {} if digests is None else digests
     for p, digest in recorded.items():
-        path = at(p)
+        path = _at(run_dir, p)
         if path.is_file():
-            if checkpoint.digest(path) != digest:
+            if path not in digests:
+                digests[path] = checkpoint.network_digest(path)
+            if digests[path] != digest:
                 return f"was made from '{path}' as it was before that file was re-made"
         elif not finished:
             return f"was started from '{path}', which is gone, so it cannot resume"
     return None
 
 
-def record_inputs(run_dir: Path, cfg: ExperimentConfig, paths: list[Path]) -> dict[str, str]:
-    """The digests of the files the run in run_dir is made from, recorded there on its first start; on a
-    resumed start they must be the ones recorded (a file re-made while the run was stopped is refused)."""
-    now = {cfg.written(p): checkpoint.digest(p) for p in paths}
-    rec = run_dir / INPUTS
-    if rec.is_file():
-        before = json.loads(rec.read_text())
-        if why := stale_input({p: d for p, d in before.items() if p in now}, cfg.at, finished=False):
+def made_from(run_dir: Path) -> dict[str, Any]:
+    """The folder's record of what its run is made from ({} for a folder made before runs kept one)."""
+    rec = run_dir / MADE
+    return json.loads(rec.read_text()) if rec.is_file() else {}
+
+
+def record_made(run_dir: Path, paths: list[Path], section: Optional[str]) -> dict[str, str]:
+    """Record in run_dir the networks its run starts from (and its stage's rules) when it starts anew; on a
+    resumed start, check them against the record (a network re-made while the run was stopped is refused).
+    Returns the inputs, by path relative to run_dir, with their digests."""
+    now = {os.path.relpath(Path(p).resolve(), run_dir.resolve()): checkpoint.network_digest(p) for p in paths}
+    before = made_from(run_dir)
+    if before and resumable(run_dir):
+        recorded = {p: d for p, d in before.get("inputs", {}).items() if p in now}
+        if why := stale_input(recorded, run_dir, finished=False):
             raise ConfigError(f"'{run_dir}' {why}; re-run with --fresh to start it again")
-    elif now:
-        checkpoint.atomic_write_text(rec, json.dumps(now, indent=2))
+    else:
+        checkpoint.atomic_write_text(run_dir / MADE, json.dumps({"inputs": now, "rules": rules(section)}, indent=2))
     return now
 
 
@@ -121,9 +148,12 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
         keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
     changed = other_settings(run_dir, cfg, section)
     if not changed:
+        made = made_from(run_dir)
+        if made.get("rules", 1) != rules(section):
+            return (f"'{run_dir}' was made under rescomp's earlier {section} rules (since then: "
+                    f"{RULES.get(section, (1, 'a change'))[1]}); re-run with --fresh to redo it under the current ones, or {keep} to keep both")
         finished = (run_dir / "summary.json").is_file()
-        recorded = run_dir / INPUTS
-        why = stale_input(json.loads(recorded.read_text()), cfg.at, finished) if recorded.is_file() else None
+        why = stale_input(made.get("inputs", {}), run_dir, finished)
         return why and f"'{run_dir}' {why}; re-run with --fresh to " + (
             f"redo it from the file as it is now, or {keep} to keep both" if finished else "start it again")
     if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help

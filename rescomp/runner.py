@@ -39,7 +39,7 @@ from rescomp.errors import ConfigError
 from rescomp.models import check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
-from rescomp.rundir import claim, record_inputs, writing
+from rescomp.rundir import claim, record_made, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
@@ -68,7 +68,7 @@ class Stage:
     # checkpoint, where one is given (without one, the config's training run is made first).
     check_input: Optional[Callable[[ExperimentConfig], None]] = None
     # Files besides the network it starts from whose bytes decide its result (train's distillation teacher):
-    # recorded with that network's (rescomp.rundir.INPUTS), so a result made from an older copy is not reused.
+    # recorded with that network's (rescomp.rundir.MADE), so a result made from an older copy is not reused.
     inputs: Callable[[ExperimentConfig], list[Path]] = lambda cfg: []
 
     def check_source(self, cfg: ExperimentConfig) -> None:
@@ -167,7 +167,8 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     ctx.run_dir = out
     run = StageRun(cfg, ctx, splits, out, model, payload, source, checked, t_start)
     with writing(out, cfg):
-        inputs = distributed.on_main(lambda: record_inputs(out, cfg, ([source] if source is not None else []) + st.inputs(cfg)))
+        inputs = distributed.on_main(lambda: record_made(out, ([source] if source is not None else []) + st.inputs(cfg),
+                                                         st.section))
         fields = st.body(run)
         summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
                    "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.arithmetic,

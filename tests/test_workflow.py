@@ -36,8 +36,12 @@
 # 13. a result made from a file that has been re-made since (the same path, other bytes: a model.pt
 #     retrained with --fresh, a teacher replaced) returned as complete, resumed, or reported; a finished
 #     run whose input is gone refused (it stands), an unfinished one resumed without it
+#     ... or refused where the network is the same (saved again with other metrics), or looked up from the
+#     shell's folder instead of the run's (report run elsewhere passed stale rows), or a folder with
+#     nothing to resume refused instead of taken over; a run made under a stage's earlier rules returned
 #       -> test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported,
-#          test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused, test_a_re_made_teacher_...
+#          test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused, test_a_re_made_teacher_...,
+#          test_a_folder_with_nothing_to_resume_is_taken_over_..., test_a_run_made_under_earlier_rules_...
 # 14. `rescomp run --dry-run` passing a chain folder the chain would refuse, or --nproc 0; `rescomp run`
 #     advising --fresh, which it did not have
 #       -> test_a_chain_dry_run_judges_each_folder_as_the_chain_would
@@ -700,8 +704,13 @@ def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(
     q = ("quantize", path, "--set", "name=q", "--set", "quantize.checkpoint=given.pt")
     assert cli(*q).exit_code == 0
     made = json.loads((workdir / "runs/q-ptq/summary.json").read_text())
-    assert list(made["inputs"]) == ["given.pt"]
+    assert list(made["inputs"]) == ["../../given.pt"]  # relative to the run folder, wherever report runs
     given.write_bytes(given.read_bytes())  # re-written with the same bytes: the same network, reused
+    assert "already complete" in cli(*q).output
+    import torch  # the same network saved again with other metrics and config: still the same input
+
+    payload = torch.load(given, weights_only=True)
+    torch.save({**payload, "metrics": {"test_top1": 1.0}, "config": {"name": "renamed"}}, given)
     assert "already complete" in cli(*q).output
     _retrained(workdir, path, "given.pt", 7)
     res, dry = cli(*q), cli(*q, "--dry-run")
@@ -711,10 +720,15 @@ def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(
     rep = cli("report", "runs/q-ptq")
     assert rep.exit_code == 2 and "its numbers are of the old network; redo it with `" in rep.stderr
     assert "--fresh`" in rep.stderr and not (workdir / "results").exists()
+    (workdir / "sub").mkdir()
+    with pytest.MonkeyPatch.context() as m:  # from another folder too
+        m.chdir(workdir / "sub")
+        rep = cli("report", "../runs/q-ptq", "--out", "../results")
+    assert rep.exit_code == 2 and "'../given.pt' as it was before" in rep.stderr, rep.output
     assert cli("compare", "runs/q-ptq", "--table", "c").exit_code == 2
     assert cli(*q, "--fresh").exit_code == 0
     redone = json.loads((workdir / "runs/q-ptq/summary.json").read_text())
-    assert redone["inputs"]["given.pt"] != made["inputs"]["given.pt"]
+    assert redone["inputs"]["../../given.pt"] != made["inputs"]["../../given.pt"]
     assert redone["fp32_top1"] == json.loads((workdir / "runs/other7/summary.json").read_text())["top1"]
     assert cli("report", "runs/q-ptq").exit_code == 0
     # the config's own training run, retrained (train --fresh of other bytes) under its later stage
@@ -729,8 +743,7 @@ def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(
 def test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused(workdir, tiny, monkeypatch):
     import rescomp.runner as runner
     from rescomp.errors import ConfigError
-    from rescomp.config import validate
-    from rescomp.rundir import record_inputs
+    from rescomp.rundir import record_made
 
     tiny = _quick(tiny)
     tiny["prune"] = {"share_per_step": 0.1, "steps": 2, "finetune_epochs": 1, "score_batches": 1}
@@ -764,12 +777,50 @@ def test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused(workdir, tiny, 
     (workdir / "runs/exp/model.pt").unlink()  # finished, its input gone: it stands (not retrained under it)
     assert "already complete" in cli("prune", path).output and not (workdir / "runs/exp/model.pt").exists()
     # a resumed start checks again once its input is there (a file re-made while the claim was made)
-    cfg = validate(tiny, "exp").rooted(workdir)
     with pytest.raises(ConfigError, match="re-run with --fresh to start it again"):
         other = workdir / "runs/other9/model.pt"
-        record_inputs(folder, cfg, [other])  # recorded under another path: nothing to compare
+        record_made(folder, [other], "prune")  # recorded under another path: nothing to compare
         (workdir / "runs/exp/model.pt").write_bytes(other.read_bytes())
-        record_inputs(folder, cfg, [workdir / "runs/exp/model.pt"])
+        record_made(folder, [workdir / "runs/exp/model.pt"], "prune")
+
+
+def test_a_folder_with_nothing_to_resume_is_taken_over_whatever_it_was_made_from(workdir, tiny):
+    # what a run killed (SIGKILL, out of memory) before its first checkpoint leaves: its config and record
+    tiny = _quick(tiny)
+    tiny["quantize"] = {"calibration_images": 16}
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    assert cli("quantize", path).exit_code == 0
+    folder = workdir / "runs/exp-ptq"
+    for f in folder.iterdir():
+        if f.name not in ("config.yaml", "made.json"):
+            f.unlink()
+    _retrained(workdir, path, "runs/exp/model.pt", 4)
+    dry, res = cli("quantize", path, "--dry-run"), cli("quantize", path)
+    assert dry.exit_code == res.exit_code == 0, res.output
+    assert json.loads((folder / "made.json").read_text())["inputs"]["../exp/model.pt"] == \
+        json.loads((folder / "summary.json").read_text())["inputs"]["../exp/model.pt"]
+
+
+def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny):
+    from rescomp.rundir import RULES
+
+    tiny = _quick(tiny)
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    path = write_config(workdir, tiny)
+    assert cli("prune", path).exit_code == 0
+    folder = workdir / "runs/exp-prune-paper-taylor-custom"
+    assert json.loads((folder / "made.json").read_text())["rules"] == RULES["prune"][0] == 2
+    assert "already complete" in cli("prune", path).output
+    (folder / "made.json").unlink()  # a folder made before runs kept a record: the rules of version 1
+    res, dry = cli("prune", path), cli("prune", path, "--dry-run")
+    assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr, (res.output, dry.output)
+    assert "was made under rescomp's earlier prune rules (since then: the fast schedule's" in " ".join(res.stderr.split())
+    assert cli("prune", path, "--fresh").exit_code == 0
+    assert (folder / "made.json").is_file() and "already complete" in cli("prune", path).output
+    assert cli("train", path).exit_code == 0  # a stage whose rules never changed reads an old folder as it is
+    (workdir / "runs/exp/made.json").unlink(missing_ok=True)
+    assert "already complete" in cli("train", path).output
 
 
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
