@@ -112,7 +112,8 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
         if i:
             scfg = stage_config(cfg, step, name, source) if source else scfg.model_copy(update={"name": name})
         suffix = step.stage.suffix(scfg)
-        if i == 0 and step.stage.start is None and not getattr(scfg, step.stage.section).checkpoint:
+        first_done = i == 0 and (run_folder(scfg, suffix) / "summary.json").is_file() and not fresh
+        if i == 0 and step.stage.start is None and not getattr(scfg, step.stage.section).checkpoint and not first_done:
             trained, state = folder_state(scfg, refused)  # its input is the config's training run, made first
             lines.append(f"0. {'train':<10} -> {trained}: {state}")
         if i and source is None and not fresh:

@@ -290,7 +290,9 @@ def run_pipeline(config: Path = typer.Argument(..., help="experiment YAML with a
     cfgs = _configs(config, set_, profile, seed)
     if dry_run:
         return _dry_run(cfgs, "run", nproc, fresh)
-    _spread(nproc, _argv("run", config, set_, profile, seed, fresh), cfgs, lambda: _checks(cfgs, "run", fresh))
+    checks = lambda: _checks(cfgs, "run", fresh)  # noqa: E731 (every folder the chain can judge before it starts)
+    _spread(nproc, _argv("run", config, set_, profile, seed, fresh), cfgs, checks)
+    checks()
     for cfg in cfgs:
         def done(i, step, run_dir, s):
             top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
@@ -480,7 +482,10 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
             raise ConfigError(f"'{tables[0]}' is a rendered table: render it again alone, or collect its runs "
                               f"(runs/...) with the others")
         name, rows, summaries = rendered_table(Path(tables[0]))
-        path = write_table(table or name, rows, out_dir, baseline=baseline, summaries=summaries, notes=notes_text)
+        folder = Path(tables[0]) if Path(tables[0]).is_dir() else Path(tables[0]).parent
+        where = folder.parent if out_dir == Path("results") else out_dir  # in place, unless --out says where
+        check_writable(where, "--out")
+        path = write_table(table or name, rows, where, baseline=baseline, summaries=summaries, notes=notes_text)
         out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
         return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
@@ -583,22 +588,28 @@ def _command_fault(args: list[str]) -> Optional[str]:
 @app.command()
 @user_errors
 def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a config file (its out_dir)")) -> None:
-    """List the runs under ROOT with their state: complete, running, interrupted (resumable) or empty."""
+    """List the runs under ROOT with their state: complete, running, interrupted (resumable) or empty; a
+    complete run made from a network re-made since, or under its stage's earlier rules, is stale."""
     from rescomp import runlock
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
+    from rescomp.rundir import RULES, made_from, stale_input
 
     if root.suffix in (".yaml", ".yml"):
         root = load_config(root).runs_dir
     if not root.is_dir():
         raise ConfigError(f"'{root}' is not a folder of runs; pass a config's out_dir (default: runs) or the config file")
-    rows = []
+    rows, digests = [], {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         summary = d / "summary.json"
         s = json.loads(summary.read_text()) if summary.is_file() else {}
         who = runlock.holder(d)
         state = ("running: " + who if who else "complete" if s else
                  "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
+        if state == "complete" and s.get("stage") in RULES and made_from(d).get("rules", 1) != RULES[s["stage"]][0]:
+            state = f"stale: made under earlier {s['stage']} rules"
+        elif state == "complete" and stale_input(s.get("inputs") or {}, d, digests=digests):
+            state = "stale: its input was re-made since"
         top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
         rows.append([d.name, s.get("stage", "-"), state, "-" if top1 is None else f"{top1:.2f}",
                      str(s.get("seed", "-")), str(s.get("table") or "-"), s.get("commit", "-")])

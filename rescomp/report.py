@@ -165,8 +165,9 @@ def arch_label(row: dict[str, Any]) -> Optional[str]:
     spec = row.get("arch") if isinstance(row.get("arch"), dict) else row.get("start_arch")
     if not isinstance(spec, dict):
         return row.get("arch")
-    args = [k if isinstance(v, (bool, dict, list)) else f"{k} {v}" for k, v in spec.items()
-            if k not in ("arch", "num_classes", "pretrained", *SURGERY_KEYS) and v not in (None, False)]
+    args = [k if v is True else f"{k}({', '.join(f'{a}={b}' for a, b in v.items())})" if isinstance(v, dict)
+            else f"{k} {v}" for k, v in spec.items()
+            if k not in ("arch", "num_classes", "pretrained", *SURGERY_KEYS) and v is not None and v is not False]
     return spec.get("arch") + (f" ({', '.join(args)})" if args else "")
 
 
@@ -260,7 +261,7 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     said = []
     if has("macs"):
         said.append("MACs are multiply-accumulates of one batch-1 forward pass as fvcore counts them: convolutions "
-                    "and linear layers, plus one per element for BatchNorm and pooling")
+                    "and linear layers, plus one per element for BatchNorm and average pooling (max pooling counts none)")
     if has("size_bytes"):
         said.append("size is the network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's "
                     "initializers or a PT2E program's tensors, without the graph; kB = 1000 bytes)")
@@ -280,9 +281,11 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     lines = [_wrap("; ".join(said) + ".")] if said else []
     runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
     if runs:
-        lines += ["", _wrap(f"The latencies were timed in {len(runs)} runs, marked [a] to [{runs[-1][0]}] in their "
-                            "cells: a CPU's speed drifts between runs (and with what else runs on it), so compare "
-                            "latencies only within one mark; a speed-up compares two networks timed side by side.")]
+        lines += ["", _wrap(f"The latencies are marked [a] to [{runs[-1][0]}] by the device (threads included) and "
+                            "commit they were timed with: latencies of two marks come from different sessions and do "
+                            "not compare. Those of one mark were still timed in separate processes, minutes apart, "
+                            "so they differ by the machine's drift too; only a speed-up compares two networks timed "
+                            "side by side.")]
         lines += [f"- [{m}] {device}, commit {commit}" for m, (device, commit) in runs]
     return lines + [""]
 
@@ -444,7 +447,7 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
         line += "\nlatency on " + "; ".join(one("device"))
         runs = len({m for m in timing_marks(rows) if m})
         if runs:
-            line += f"; timed in {runs} runs (marked in table.md): compare latencies within one"
+            line += f"; timed in {runs} sessions (marked in table.md): latencies of two do not compare"
     return line
 
 
@@ -580,7 +583,7 @@ def rendered_table(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str
         raise ConfigError(f"'{path}' is not a table.json that `rescomp report` wrote ({type(e).__name__}); pass a "
                           f"results/<table> folder") from None
     if "sections" in data:
-        extra = {"sections": data["sections"], "gates": data.get("gates", [])}
+        extra = {"sections": data["sections"], "gates": data.get("gates")}  # absent: the plots stay as they are
     else:  # written before table.json kept them: from its table.md, and its gates plots are left as they are
         md = path.with_name("table.md")
         blocks = md.read_text().split("\n## ")[1:] if md.is_file() else []

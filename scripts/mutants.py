@@ -431,6 +431,14 @@ M = [
   "tests/test_workflow.py::test_a_folder_with_nothing_to_resume_is_taken_over_whatever_it_was_made_from"),
  ("earlier-rules-reused", "rescomp/rundir.py", "        if made.get(\"rules\", 1) != rules(section):", "        if False:",
   "tests/test_workflow.py::test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused"),
+ ("chain-folders-judged-late", "rescomp/cli.py", "    _spread(nproc, _argv(\"run\", config, set_, profile, seed, fresh), cfgs, checks)\n    checks()\n", "    _spread(nproc, _argv(\"run\", config, set_, profile, seed, fresh), cfgs, checks)\n",
+  "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
+ ("chain-dry-run-train-line-always", "rescomp/chain.py", "getattr(scfg, step.stage.section).checkpoint and not first_done:", "getattr(scfg, step.stage.section).checkpoint:",
+  "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
+ ("rerender-twice-drops-gates", "rescomp/report.py", "\"gates\": data.get(\"gates\")}  # absent", "\"gates\": data.get(\"gates\", [])}  # absent",
+  "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
+ ("rerender-into-the-shell-folder", "rescomp/cli.py", "        where = folder.parent if out_dir == Path(\"results\") else out_dir", "        where = out_dir",
+  "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -128,6 +128,10 @@ def test_paper_policy_leaves_a_conv_that_several_layers_read():
     assert count_params(model) == 1_235_496
     assert count_params(model) - 19 * (3 * 3 * 3 + 1) - 19 * 16 == 1_234_660  # 19 filters and their readers' inputs
     assert len(channel_groups(model, torch.randn(1, 3, 64, 64), [], "coupled")) > 1
+    # the same rule leaves ResNet-50's stem, read by the first block's conv1 and its projection shortcut
+    r50 = build_model({"arch": "resnet50", "num_classes": 10})
+    roots = {g.root for g in channel_groups(r50, torch.randn(1, 3, 64, 64), [], "paper")}
+    assert "conv1" not in roots and "layer1.0.conv1" in roots and "layer1.0.conv2" in roots
 
 
 def test_coupled_policy_keeps_residual_shapes_consistent():

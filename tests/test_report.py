@@ -265,11 +265,11 @@ def test_latencies_timed_in_several_runs_are_marked_by_run():
     cells = {t[1][0]: dict(zip(t[0], t[1])) for t in _tables(md) if "PyTorch ms b1" in t[0]}
     assert cells["fp32"]["PyTorch ms b1"] == "1.50 [a]" and cells["int8"]["PyTorch ms b1"] == "1.50 [b]"
     assert cells["int8"]["speed-up b1"] == "1.20"  # timed side by side: no mark
-    assert "timed in 2 runs, marked [a] to [b]" in " ".join(md.split())
+    assert "marked [a] to [b] by the device (threads included) and commit" in " ".join(md.split())
     assert "- [a] cpu:x (1 threads), commit 111" in md and "- [b] cpu:x (2 threads), commit 222" in md
-    assert "timed in 2 runs" in caption([a, b, c], latency=True)
+    assert "timed in 2 sessions" in caption([a, b, c], latency=True)
     one = markdown("t", [b, c])
-    assert "[a]" not in one and "timed in 2 runs" not in " ".join(one.split())
+    assert "[a]" not in one and "marked [a]" not in " ".join(one.split())
     assert "[a]" not in markdown("t", [a, {**ROW, "row": "no latency", "latency_ms_cpu_b1": None,
                                           "latency_ms_cpu_b64": None, "commit": "999"}])
 
@@ -288,7 +288,9 @@ def test_the_arch_column_names_the_models_arguments():
     assert arch_label({"arch": {"arch": "resnet56", "num_classes": 10, "shortcut": "B"}}) == "resnet56 (shortcut B)"
     assert arch_label({"arch": "resnet56_bottleneck", "start_arch": {
         "arch": "resnet56_bottleneck", "num_classes": 10, "width": 8, "gates": {"init": [-1, 1]}, "deleted": [3]}}) \
-        == "resnet56_bottleneck (width 8, gates)"  # a later stage's row: the spec it started from, not its surgery
+        == "resnet56_bottleneck (width 8, gates(init=[-1, 1]))"  # a later stage's row: the spec it started from, not its surgery
+    assert arch_label({"arch": {"arch": "resnet56", "separable": {"mode": "depthwise"}, "depth": 0}}) \
+        == "resnet56 (separable(mode=depthwise), depth 0)"  # Spatial and Depthwise told apart; a 0 is an argument
     assert arch_label({"arch": {"arch": "resnet20", "num_classes": 10, "pretrained": None}}) == "resnet20"
     assert arch_label({"arch": "alexnet"}) == "alexnet"
     md = markdown("t", [{**ROW, "paper": {"top1": 91.25, "compression": 0.26}}])
@@ -321,6 +323,14 @@ def test_a_committed_table_renders_again_from_its_json_alone(tmp_path):
     assert cli(out / "table.json", "--out", tmp_path / "results", "--notes", _notes(tmp_path)).exit_code == 0
     assert (out / "table.md").read_bytes() == before["table.md"] and (out / "gates.png").is_file()
     assert json.loads((out / "table.json").read_text())["sections"] == data["sections"]
+    assert cli(out, "--out", tmp_path / "results", "--notes", _notes(tmp_path)).exit_code == 0  # and again
+    assert (out / "gates.png").is_file() and (out / "table.md").read_bytes() == before["table.md"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.MonkeyPatch.context() as m:  # from another folder, without --out: in place
+        m.chdir(elsewhere)
+        assert cli(out, "--notes", _notes(tmp_path)).exit_code == 0
+    assert not (elsewhere / "results").exists() and (out / "table.md").read_bytes() == before["table.md"]
     (out / "table.json").write_text("[1, 2]")
     res = cli(out)
     assert res.exit_code == 2 and "is not a table.json that `rescomp report` wrote" in res.stderr

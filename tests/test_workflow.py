@@ -717,6 +717,7 @@ def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(
     assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr, (res.output, dry.output)
     assert ("'runs/q-ptq' was made from 'given.pt' as it was before that file was re-made; re-run with --fresh to "
             "redo it from the file as it is now, or --set name=<new name> to keep both") in " ".join(res.stderr.split())
+    assert "stale: its input was re-made since" in cli("runs").stdout
     rep = cli("report", "runs/q-ptq")
     assert rep.exit_code == 2 and "its numbers are of the old network; redo it with `" in rep.stderr
     assert "--fresh`" in rep.stderr and not (workdir / "results").exists()
@@ -813,6 +814,7 @@ def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny
     assert json.loads((folder / "made.json").read_text())["rules"] == RULES["prune"][0] == 2
     assert "already complete" in cli("prune", path).output
     (folder / "made.json").unlink()  # a folder made before runs kept a record: the rules of version 1
+    assert "stale: made under earlier prune rules" in cli("runs").stdout
     res, dry = cli("prune", path), cli("prune", path, "--dry-run")
     assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr, (res.output, dry.output)
     assert "was made under rescomp's earlier prune rules (since then: the fast schedule's" in " ".join(res.stderr.split())
@@ -850,7 +852,8 @@ def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
     assert not (workdir / "runs").exists()
     assert cli("run", path).exit_code == 0
     res = cli("run", path, "--dry-run")
-    assert res.exit_code == 0 and res.stdout.count("complete: nothing to run") == 3, res.output
+    assert res.exit_code == 0 and res.stdout.count("complete: nothing to run") == 2, res.output
+    assert "0. train" not in res.stdout  # the first stage is complete: the training run it starts from is not needed
     # a later stage's folder of other settings: refused by the dry run in the chain's words
     changed = ("run", path, "--set", "quantize.calibration_images=32")
     res, real = cli(*changed, "--dry-run"), cli(*changed)
@@ -861,6 +864,13 @@ def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
     assert cli("run", path, "--dry-run", "--nproc", "0").exit_code == 2
     res = cli(*changed, "--dry-run", "--fresh")
     assert res.exit_code == 0 and res.stdout.count("--fresh deletes it") == 2, res.output  # not the training run
+    # a later folder the chain would refuse stops it before its first stage runs, not after
+    (workdir / "runs/exp-prune-paper-taylor-custom-ptq/config.yaml").unlink()  # no longer a run folder
+    first = (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").stat().st_mtime_ns
+    res, dry = cli(*changed, "--fresh"), cli(*changed, "--fresh", "--dry-run")
+    assert res.exit_code == dry.exit_code == 2 and error(res) == error(dry) != [], res.output
+    assert (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").stat().st_mtime_ns == first
+    (workdir / "runs/exp-prune-paper-taylor-custom-ptq").rename(workdir / "elsewhere")
     trained = (workdir / "runs/exp/model.pt").stat().st_mtime_ns
     assert cli(*changed, "--fresh").exit_code == 0
     assert (workdir / "runs/exp/model.pt").stat().st_mtime_ns == trained

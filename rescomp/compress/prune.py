@@ -122,7 +122,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], 
             continue
         # The paper's policy also leaves a conv whose output several layers read (a SqueezeNet squeeze conv,
         # read by both expand convs): Martineau's "reused" layer, whose readers would all have to change.
-        # It is why "in SqueezeNet, only the first convolution layer can be reduced" (Table 2).
+        # It is why "in SqueezeNet, only the first convolution layer can be reduced" (Table 2). It also
+        # leaves a stem that a first block's conv and its projection shortcut both read (ResNet-50,
+        # ResNet50V2, the bottleneck ResNet-56): 64 and 16 filters, not in any committed table's policy rows.
         if policy == "paper" and (coupled or len(readers) > 1):
             continue
         groups.append(Group(root, len(g[0].idxs), members, coupled))
