@@ -115,7 +115,7 @@ def record_made(run_dir: Path, paths: list[Path], section: Optional[str]) -> dic
         recorded = {p: d for p, d in before.get("inputs", {}).items() if p in now}
         if why := stale_input(recorded, run_dir, finished=False):
             raise ConfigError(f"'{run_dir}' {why}; re-run with --fresh to start it again")
-    else:
+    elif now or rules(section) > 1:  # else nothing to record: no input, the first rules (as a folder without one)
         checkpoint.atomic_write_text(run_dir / MADE, json.dumps({"inputs": now, "rules": rules(section)}, indent=2))
     return now
 
