@@ -874,4 +874,5 @@ def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
     trained = (workdir / "runs/exp/model.pt").stat().st_mtime_ns
     assert cli(*changed, "--fresh").exit_code == 0
     assert (workdir / "runs/exp/model.pt").stat().st_mtime_ns == trained
+    assert (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").stat().st_mtime_ns != first  # redone
     assert "calibration_images: 32" in (workdir / "runs/exp-prune-paper-taylor-custom-ptq/config.yaml").read_text()
