@@ -439,6 +439,10 @@ M = [
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
  ("rerender-into-the-shell-folder", "rescomp/cli.py", "        where = folder.parent if out_dir == Path(\"results\") else out_dir", "        where = out_dir",
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
+ ("notes-changed-table-not-rendered", "configs/table-separable/notes-int8.md", "**The question (issue 11).**", "**The question.**",
+  "tests/test_results.py::test_a_committed_table_is_what_its_json_and_notes_render"),
+ ("table-left-out-of-rerender", "Makefile", "\t$(BIN)/rescomp report results/demo\n", "",
+  "tests/test_results.py::test_every_committed_table_is_rendered_again_by_make_rerender"),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0
