@@ -485,7 +485,9 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
         folder = Path(tables[0]) if Path(tables[0]).is_dir() else Path(tables[0]).parent
         where = folder.parent if out_dir == Path("results") else out_dir  # in place, unless --out says where
         check_writable(where, "--out")
-        path = write_table(table or name, rows, where, baseline=baseline, summaries=summaries, notes=notes_text)
+        # in place: the folder given, whatever the table.json calls it (a renamed copy stays a copy)
+        path = write_table(table or (folder.name if out_dir == Path("results") else name), rows, where,
+                           baseline=baseline, summaries=summaries, notes=notes_text)
         out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
         return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
@@ -593,7 +595,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
     from rescomp import runlock
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
-    from rescomp.rundir import RULES, made_from, stale_input
+    from rescomp.rundir import earlier_rules, stale_input
 
     if root.suffix in (".yaml", ".yml"):
         root = load_config(root).runs_dir
@@ -606,10 +608,13 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
         who = runlock.holder(d)
         state = ("running: " + who if who else "complete" if s else
                  "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
-        if state == "complete" and s.get("stage") in RULES and made_from(d).get("rules", 1) != RULES[s["stage"]][0]:
-            state = f"stale: made under earlier {s['stage']} rules"
-        elif state == "complete" and stale_input(s.get("inputs") or {}, d, digests=digests):
-            state = "stale: its input was re-made since"
+        try:
+            if not who and state != "empty" and earlier_rules(d):
+                state = "stale: made under its stage's earlier rules"
+            elif state == "complete" and stale_input(s.get("inputs") or {}, d, digests=digests):
+                state = "stale: its input was re-made since"
+        except RescompError as e:  # an unreadable input or config: this run cannot be checked, the others can
+            state = f"stale: cannot be checked ({str(e).split(';')[0]})"
         top1 = s.get("top1", (s.get("rows") or [{}])[-1].get("top1"))
         rows.append([d.name, s.get("stage", "-"), state, "-" if top1 is None else f"{top1:.2f}",
                      str(s.get("seed", "-")), str(s.get("table") or "-"), s.get("commit", "-")])

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
-from rescomp.rundir import stale_input
+from rescomp.rundir import earlier_rules, stale_input
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers", "weight_layers", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
            "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
@@ -76,10 +76,12 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
         raise ConfigError("no finished runs (summary.json) found to report")
     digests: dict[Path, str] = {}
     for d, s in zip(run_dirs, rows):
+        command = s.get("command") or "its command"
+        redo = f"redo it with `{command}{'' if '--fresh' in command.split() else ' --fresh'}`, or leave it out of the table"
+        if changed := earlier_rules(Path(d)):
+            raise ConfigError(f"'{d}' was made under rescomp's earlier rules of its stage (since then: {changed}); {redo}")
         if why := stale_input(s.get("inputs") or {}, Path(d), digests=digests):  # paths relative to the run folder
-            command = s.get("command") or "its command"
-            raise ConfigError(f"'{d}' {why}, so its numbers are of the old network; redo it with `{command}"
-                              f"{'' if '--fresh' in command.split() else ' --fresh'}`, or leave it out of the table")
+            raise ConfigError(f"'{d}' {why}, so its numbers are of the old network; {redo}")
     return rows
 
 
@@ -261,7 +263,7 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     said = []
     if has("macs"):
         said.append("MACs are multiply-accumulates of one batch-1 forward pass as fvcore counts them: convolutions "
-                    "and linear layers, plus one per element for BatchNorm and average pooling (max pooling counts none)")
+                    "and linear layers, plus one per element for BatchNorm and adaptive average pooling (other pooling counts none)")
     if has("size_bytes"):
         said.append("size is the network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's "
                     "initializers or a PT2E program's tensors, without the graph; kB = 1000 bytes)")

@@ -66,18 +66,48 @@ def resumable(run_dir: Path) -> bool:
 # stale: it is neither returned as complete nor resumed, and `rescomp report` refuses its rows (the
 # summary keeps the same `inputs`).
 MADE = "made.json"
-# A stage's rules: the version a run of its section is made under, and what the last change changed.
-# A folder without a record was made under version 1.
-RULES = {"prune": (2, "the fast schedule's two steps 3 x finetune_epochs apart (Martineau's epochs 4 and 7; "
-                      "they were 1), and the paper policy leaving a conv that several layers read")}
+# A stage's rules: the version a run of its section is made under, and what changed since version 1,
+# for a given config (a change that changes only some configs' results bumps only theirs). A folder
+# without a record was made under version 1.
+FINE_TUNE_SCALED = ("a fine-tune's warm-up, milestones and step size scaled to its length (a 1-epoch fine-tune "
+                    "after a 2-epoch warm-up was all warm-up)")
+PRUNE_RULES = ("the fast schedule's two steps 3 x finetune_epochs apart (Martineau's epochs 4 and 7; they were "
+               "1), the paper policy leaving a conv that several layers read, and " + FINE_TUNE_SCALED)
+FINE_TUNING = ("layer_drop", "magnitude_prune", "weight_share", "binarize")
+# summary "stage" names whose section is named otherwise
+STAGE_SECTIONS = {"layerdrop": "layer_drop"}
 
 
-def rules(section: Optional[str]) -> int:
-    return RULES.get(section or "train", (1, ""))[0]
+def rules(cfg: ExperimentConfig, section: Optional[str]) -> tuple[int, str]:
+    """The version of the rules a run of `section` is made under with cfg, and what changed since version 1."""
+    s = cfg.train.schedule
+    if section == "prune":
+        return 2, PRUNE_RULES
+    if section in FINE_TUNING and (s.warmup_epochs > 0 or s.name in ("step", "multistep")):
+        return 2, FINE_TUNE_SCALED
+    return 1, ""
+
+
+def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section: Optional[str] = None) -> Optional[str]:
+    """What has changed since the rules the run in run_dir was made under, if they are not the current ones
+    for its config (its saved one unless cfg is given); None where they are."""
+    made = made_from(run_dir)
+    if section is None:
+        summary = run_dir / "summary.json"
+        stage = json.loads(summary.read_text()).get("stage") if summary.is_file() else None
+        section = made.get("section") or STAGE_SECTIONS.get(stage, stage)
+    if cfg is None:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            return None
+        cfg = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    version, changed = rules(cfg, section)
+    return changed if made.get("rules", 1) != version else None
 
 
 def _at(run_dir: Path, p: str) -> Path:
-    return Path(os.path.normpath(run_dir / p))
+    """A recorded input's path (relative to the resolved run folder), as a path from this process's folder."""
+    return Path(os.path.relpath(os.path.normpath(run_dir.resolve() / p)))
 
 
 def stale_input(recorded: dict[str, str], run_dir: Path, finished: bool = True,
@@ -105,7 +135,7 @@ def made_from(run_dir: Path) -> dict[str, Any]:
     return json.loads(rec.read_text()) if rec.is_file() else {}
 
 
-def record_made(run_dir: Path, paths: list[Path], section: Optional[str]) -> dict[str, str]:
+def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section: Optional[str]) -> dict[str, str]:
     """Record in run_dir the networks its run starts from (and its stage's rules) when it starts anew; on a
     resumed start, check them against the record (a network re-made while the run was stopped is refused).
     Returns the inputs, by path relative to run_dir, with their digests."""
@@ -115,8 +145,9 @@ def record_made(run_dir: Path, paths: list[Path], section: Optional[str]) -> dic
         recorded = {p: d for p, d in before.get("inputs", {}).items() if p in now}
         if why := stale_input(recorded, run_dir, finished=False):
             raise ConfigError(f"'{run_dir}' {why}; re-run with --fresh to start it again")
-    elif now or rules(section) > 1:  # else nothing to record: no input, the first rules (as a folder without one)
-        checkpoint.atomic_write_text(run_dir / MADE, json.dumps({"inputs": now, "rules": rules(section)}, indent=2))
+    elif now or rules(cfg, section)[0] > 1:  # else nothing to record: no input, the first rules (as a folder without one)
+        checkpoint.atomic_write_text(run_dir / MADE, json.dumps(
+            {"inputs": now, "rules": rules(cfg, section)[0], "section": section}, indent=2))
     return now
 
 
@@ -148,12 +179,11 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
         keep += f" --set {section}.checkpoint={run_folder(cfg) / 'model.pt'}"
     changed = other_settings(run_dir, cfg, section)
     if not changed:
-        made = made_from(run_dir)
-        if made.get("rules", 1) != rules(section):
-            return (f"'{run_dir}' was made under rescomp's earlier {section} rules (since then: "
-                    f"{RULES.get(section, (1, 'a change'))[1]}); re-run with --fresh to redo it under the current ones, or {keep} to keep both")
+        if changed_rules := earlier_rules(run_dir, cfg, section):
+            return (f"'{run_dir}' was made under rescomp's earlier {section} rules (since then: {changed_rules}); "
+                    f"re-run with --fresh to redo it under the current ones, or {keep} to keep both")
         finished = (run_dir / "summary.json").is_file()
-        why = stale_input(made.get("inputs", {}), run_dir, finished)
+        why = stale_input(made_from(run_dir).get("inputs", {}), run_dir, finished)
         return why and f"'{run_dir}' {why}; re-run with --fresh to " + (
             f"redo it from the file as it is now, or {keep} to keep both" if finished else "start it again")
     if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help

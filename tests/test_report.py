@@ -331,6 +331,13 @@ def test_a_committed_table_renders_again_from_its_json_alone(tmp_path):
         m.chdir(elsewhere)
         assert cli(out, "--notes", _notes(tmp_path)).exit_code == 0
     assert not (elsewhere / "results").exists() and (out / "table.md").read_bytes() == before["table.md"]
+    import shutil  # a renamed copy renders in place, as itself, and leaves the table it was copied from alone
+
+    copy = tmp_path / "copies" / "old-t"
+    shutil.copytree(out, copy)
+    stamp = (out / "table.md").stat().st_mtime_ns
+    assert cli(copy, "--notes", _notes(tmp_path)).exit_code == 0
+    assert (copy / "table.md").read_text().startswith("# old-t") and (out / "table.md").stat().st_mtime_ns == stamp
     (out / "table.json").write_text("[1, 2]")
     res = cli(out)
     assert res.exit_code == 2 and "is not a table.json that `rescomp report` wrote" in res.stderr

@@ -743,6 +743,7 @@ def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(
 
 def test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused(workdir, tiny, monkeypatch):
     import rescomp.runner as runner
+    from rescomp.config import validate
     from rescomp.errors import ConfigError
     from rescomp.rundir import record_made
 
@@ -778,11 +779,30 @@ def test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused(workdir, tiny, 
     (workdir / "runs/exp/model.pt").unlink()  # finished, its input gone: it stands (not retrained under it)
     assert "already complete" in cli("prune", path).output and not (workdir / "runs/exp/model.pt").exists()
     # a resumed start checks again once its input is there (a file re-made while the claim was made)
+    cfg = validate(tiny, "exp")
     with pytest.raises(ConfigError, match="re-run with --fresh to start it again"):
         other = workdir / "runs/other9/model.pt"
-        record_made(folder, [other], "prune")  # recorded under another path: nothing to compare
+        record_made(folder, [other], cfg, "prune")  # recorded under another path: nothing to compare
         (workdir / "runs/exp/model.pt").write_bytes(other.read_bytes())
-        record_made(folder, [workdir / "runs/exp/model.pt"], "prune")
+        record_made(folder, [workdir / "runs/exp/model.pt"], cfg, "prune")
+
+
+def test_a_re_made_input_is_found_under_a_symlinked_runs_folder_and_runs_lists_what_it_cannot_read(workdir, tiny):
+    tiny = _quick(tiny)
+    tiny["quantize"] = {"calibration_images": 16}
+    (workdir / "store/deep").mkdir(parents=True)
+    (workdir / "runs").symlink_to(workdir / "store/deep")
+    path = write_config(workdir, tiny)
+    assert cli("train", path).exit_code == 0
+    (workdir / "given.pt").write_bytes((workdir / "runs/exp/model.pt").read_bytes())
+    q = ("quantize", path, "--set", "name=q", "--set", "quantize.checkpoint=given.pt")
+    assert cli(*q).exit_code == 0
+    _retrained(workdir, path, "given.pt", 7)
+    res = cli(*q)
+    assert res.exit_code == 2 and "was made from 'given.pt' as it was before" in res.stderr, res.output
+    (workdir / "given.pt").write_bytes(b"not a checkpoint")  # unreadable: that run is flagged, the rest listed
+    listing = cli("runs")
+    assert listing.exit_code == 0 and "stale: cannot be checked" in listing.stdout and "other7" in listing.stdout
 
 
 def test_a_folder_with_nothing_to_resume_is_taken_over_whatever_it_was_made_from(workdir, tiny):
@@ -804,17 +824,17 @@ def test_a_folder_with_nothing_to_resume_is_taken_over_whatever_it_was_made_from
 
 
 def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny):
-    from rescomp.rundir import RULES
-
     tiny = _quick(tiny)
     tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
     path = write_config(workdir, tiny)
     assert cli("prune", path).exit_code == 0
     folder = workdir / "runs/exp-prune-paper-taylor-custom"
-    assert json.loads((folder / "made.json").read_text())["rules"] == RULES["prune"][0] == 2
+    assert json.loads((folder / "made.json").read_text())["rules"] == 2
     assert "already complete" in cli("prune", path).output
     (folder / "made.json").unlink()  # a folder made before runs kept a record: the rules of version 1
-    assert "stale: made under earlier prune rules" in cli("runs").stdout
+    assert "stale: made under its stage's earlier rules" in cli("runs").stdout
+    rep = cli("report", "runs/exp-prune-paper-taylor-custom")
+    assert rep.exit_code == 2 and "made under rescomp's earlier rules of its stage" in rep.stderr, rep.output
     res, dry = cli("prune", path), cli("prune", path, "--dry-run")
     assert res.exit_code == dry.exit_code == 2 and res.stderr == dry.stderr, (res.output, dry.output)
     assert "was made under rescomp's earlier prune rules (since then: the fast schedule's" in " ".join(res.stderr.split())
@@ -823,6 +843,15 @@ def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny
     assert cli("train", path).exit_code == 0  # a stage whose rules never changed reads an old folder as it is
     (workdir / "runs/exp/made.json").unlink(missing_ok=True)
     assert "already complete" in cli("train", path).output
+    # a fine-tuning stage's rules changed only where its schedule is scaled (a warm-up, milestones, a step)
+    tiny["magnitude_prune"] = {"share_per_step": 0.3, "steps": 1, "finetune_epochs": 1}
+    for name, schedule in (("cos", {"name": "cosine"}), ("warm", {"name": "cosine", "warmup_epochs": 1})):
+        mp = write_config(workdir, {**tiny, "name": name, "train": {**tiny["train"], "schedule": schedule}}, f"{name}.yaml")
+        assert cli("magnitude-prune", mp).exit_code == 0
+        folder = next((workdir / "runs").glob(f"{name}-mprune-*"))
+        (folder / "made.json").unlink()  # as made before the record
+        res = cli("magnitude-prune", mp)
+        assert (res.exit_code, "already complete" in res.output) == ((0, True) if name == "cos" else (2, False)), res.output
 
 
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
