@@ -694,6 +694,16 @@ def _retrained(workdir, path, into: str, seed: int) -> None:
     (workdir / into).write_bytes((workdir / f"runs/other{seed}/model.pt").read_bytes())
 
 
+def _made_then_re_made(workdir, path, into: str, command: tuple, seed: int):
+    """Train, copy the network to `into`, run `command` (made from it), re-make `into` with another network
+    (runs/other<seed>) and run `command` again: what that second run says."""
+    assert cli("train", path).exit_code == 0
+    (workdir / into).write_bytes((workdir / "runs/exp/model.pt").read_bytes())
+    assert cli(*command).exit_code == 0
+    _retrained(workdir, path, into, seed)
+    return cli(*command)
+
+
 def test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported(workdir, tiny):
     tiny = _quick(tiny)
     tiny["quantize"] = {"calibration_images": 16}
@@ -793,12 +803,8 @@ def test_a_re_made_input_is_found_under_a_symlinked_runs_folder_and_runs_lists_w
     (workdir / "store/deep").mkdir(parents=True)
     (workdir / "runs").symlink_to(workdir / "store/deep")
     path = write_config(workdir, tiny)
-    assert cli("train", path).exit_code == 0
-    (workdir / "given.pt").write_bytes((workdir / "runs/exp/model.pt").read_bytes())
     q = ("quantize", path, "--set", "name=q", "--set", "quantize.checkpoint=given.pt")
-    assert cli(*q).exit_code == 0
-    _retrained(workdir, path, "given.pt", 7)
-    res = cli(*q)
+    res = _made_then_re_made(workdir, path, "given.pt", q, 7)
     assert res.exit_code == 2 and "was made from 'given.pt' as it was before" in res.stderr, res.output
     (workdir / "given.pt").write_bytes(b"not a checkpoint")  # unreadable: that run is flagged, the rest listed
     listing = cli("runs")
@@ -857,12 +863,8 @@ def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
     tiny = _quick(tiny)
     path = write_config(workdir, tiny)
-    assert cli("train", path).exit_code == 0
-    (workdir / "teacher.pt").write_bytes((workdir / "runs/exp/model.pt").read_bytes())
     student = ("train", path, "--set", "name=student", "--set", "train.distill.teacher=teacher.pt")
-    assert cli(*student).exit_code == 0
-    _retrained(workdir, path, "teacher.pt", 3)
-    res = cli(*student)
+    res = _made_then_re_made(workdir, path, "teacher.pt", student, 3)
     assert res.exit_code == 2 and "'runs/student' was made from 'teacher.pt' as it was before" in res.stderr
 
 
