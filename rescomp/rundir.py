@@ -123,10 +123,14 @@ def stale_input(recorded: dict[str, str], run_dir: Path, finished: bool = True,
             if path not in digests:
                 digests[path] = checkpoint.network_digest(path)
             if digests[path] != digest:
-                return f"was made from '{path}' as it was before that file was re-made"
+                return _re_made(path)
         elif not finished:
             return f"was started from '{path}', which is gone, so it cannot resume"
     return None
+
+
+def _re_made(path: Path) -> str:
+    return f"was made from '{path}' as it was before that file was re-made"
 
 
 def made_from(run_dir: Path) -> dict[str, Any]:
@@ -141,13 +145,14 @@ def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section
     Returns the inputs, by path relative to run_dir, with their digests."""
     now = {os.path.relpath(Path(p).resolve(), run_dir.resolve()): checkpoint.network_digest(p) for p in paths}
     before = made_from(run_dir)
-    if before and resumable(run_dir):
-        recorded = {p: d for p, d in before.get("inputs", {}).items() if p in now}
-        if why := stale_input(recorded, run_dir, finished=False):
-            raise ConfigError(f"'{run_dir}' {why}; re-run with --fresh to start it again")
-    elif now or rules(cfg, section)[0] > 1:  # else nothing to record: no input, the first rules (as a folder without one)
-        checkpoint.atomic_write_text(run_dir / MADE, json.dumps(
-            {"inputs": now, "rules": rules(cfg, section)[0], "section": section}, indent=2))
+    version = rules(cfg, section)[0]
+    if before and resumable(run_dir):  # the networks are digested above: compare, do not read them again
+        for p, digest in before.get("inputs", {}).items():
+            if now.get(p, digest) != digest:
+                raise ConfigError(f"'{run_dir}' {_re_made(_at(run_dir, p))}; re-run with --fresh to start it again")
+    elif now or version > 1:  # else nothing to record: no input, the first rules (as a folder without one)
+        checkpoint.atomic_write_text(run_dir / MADE, json.dumps({"inputs": now, "rules": version, "section": section},
+                                                                indent=2))
     return now
 
 

@@ -381,7 +381,7 @@ M = [
   "tests/test_workflow.py::test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused"),
  ("finished-gone-refused", "rescomp/rundir.py", "        elif not finished:\n", "        else:\n",
   "tests/test_workflow.py::test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused"),
- ("resume-not-rechecked", "rescomp/rundir.py", "        if why := stale_input(recorded, run_dir, finished=False):", "        if why := None:",
+ ("resume-not-rechecked", "rescomp/rundir.py", "            if now.get(p, digest) != digest:", "            if False:",
   "tests/test_workflow.py::test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused"),
  ("chain-dry-run-unjudged", "rescomp/chain.py", "            folder, state = folder_state(scfg, refused, suffix, step.stage.section, fresh)", "            folder, state = run_folder(scfg, suffix), \"new run\"",
   "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
