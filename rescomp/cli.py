@@ -481,13 +481,13 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
         if len(targets) > 1:
             raise ConfigError(f"'{tables[0]}' is a rendered table: render it again alone, or collect its runs "
                               f"(runs/...) with the others")
-        name, rows, summaries = rendered_table(Path(tables[0]))
+        name, rows, kept = rendered_table(Path(tables[0]))
         folder = Path(tables[0]) if Path(tables[0]).is_dir() else Path(tables[0]).parent
         where = folder.parent if out_dir == Path("results") else out_dir  # in place, unless --out says where
         check_writable(where, "--out")
         # in place: the folder given, whatever the table.json calls it (a renamed copy stays a copy)
         path = write_table(table or (folder.name if out_dir == Path("results") else name), rows, where,
-                           baseline=baseline, summaries=summaries, notes=notes_text)
+                           baseline=baseline, notes=notes_text, kept=kept)
         out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
         return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))

@@ -348,8 +348,10 @@ def paper_table(flat: list[dict[str, Any]]) -> list[str]:
             *lines, ""]
 
 
-def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, Any]] | None = None,
+def markdown(table: str, rows: list[dict[str, Any]], run_sections: list[dict[str, str]] | None = None,
              notes: str | None = None) -> str:
+    """table.md: the rows' tables by stage, the footnote, the paper's numbers, the notes, then the runs' own
+    sections (title, Markdown: `run_sections`) and the provenance."""
     flat = [flatten(r) for r in rows]
     ours = [k for k in column_order(flat) if k not in PROVENANCE and k not in FOLDED and not k.startswith(SPREAD)
             and not k.endswith(" (paper)") and not k.startswith("Δ ")]
@@ -373,7 +375,7 @@ def markdown(table: str, rows: list[dict[str, Any]], summaries: list[dict[str, A
     lines += paper_table(flat)
     if notes:
         lines += ["## What these rows can and cannot show", "", notes.strip(), ""]
-    for sec in sections(summaries or []):
+    for sec in run_sections or []:
         lines += [f"## {sec['title']}", "", sec["markdown"], ""]
     lines += ["## Provenance", ""]
     seen = set()
@@ -555,7 +557,7 @@ def plot_gates_png(stats: dict[str, Any], title: str, subtitle: str) -> bytes:
 
 def sections(summaries: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The runs' own sections of the table (title, Markdown), a title that several runs give suffixed with
-    the run's name. A re-rendered table's come from its table.json as one pseudo-summary (rendered_table)."""
+    the run's name."""
     titles = [sec["title"] for s in summaries for sec in s.get("sections", [])]
     return [{"title": sec["title"] if titles.count(sec["title"]) == 1 else f"{sec['title']} — {s.get('name')}",
              "markdown": sec["markdown"]} for s in summaries for sec in s.get("sections", [])]
@@ -573,10 +575,11 @@ def gates_plots(summaries: list[dict[str, Any]], table: str) -> list[dict[str, A
 OWN_HEADINGS = {*STAGES.values(), "Other rows", "Against the paper", "What these rows can and cannot show", "Provenance"}
 
 
-def rendered_table(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def rendered_table(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """A committed table to render again (`rescomp report results/<table>`, after a change to the renderer or
-    to its notes): its name, its rows, and its runs' sections and gates plots as one pseudo-summary. The runs
-    are not needed; their rows and provenance are in table.json as they were collected."""
+    to its notes): its name, its rows, and what it keeps of its runs besides (write_table's `kept`): their
+    sections as they were titled, and their gates plots (None: the plots in its folder stay as they are).
+    The runs are not needed; their rows and provenance are in table.json as they were collected."""
     path = path / "table.json" if path.is_dir() else path
     try:
         data = json.loads(path.read_text())
@@ -591,24 +594,23 @@ def rendered_table(path: Path) -> tuple[str, list[dict[str, Any]], list[dict[str
         blocks = md.read_text().split("\n## ")[1:] if md.is_file() else []
         extra = {"sections": [{"title": b.split("\n", 1)[0], "markdown": b.split("\n", 1)[1].strip()}
                               for b in blocks if b.split("\n", 1)[0] not in OWN_HEADINGS], "gates": None}
-    return name, rows, [{"rendered": True, **extra}]
+    return name, rows, extra
 
 
 def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("results"),
                 baseline: str | None = None, summaries: list[dict[str, Any]] | None = None,
-                notes: str | None = None) -> Path:
-    """Render every file in memory first, then write each atomically: a failure leaves the old table."""
+                notes: str | None = None, kept: dict[str, Any] | None = None) -> Path:
+    """Render every file in memory first, then write each atomically: a failure leaves the old table. The
+    runs' sections and gates plots come from their `summaries`, or, rendering a table again, as `kept`
+    (rendered_table)."""
     rows = aggregate_seeds(rows)
     if baseline:
         rows = add_compression(rows, baseline)
-    summaries = summaries or []
-    rendered = [s for s in summaries if s.get("rendered")]  # from a table.json: its sections as they were titled
-    secs = [sec for s in rendered for sec in s["sections"]] + sections([s for s in summaries if not s.get("rendered")])
-    gates = gates_plots(summaries, table)
-    keep_gates = any(s["gates"] is None for s in rendered)  # a table.json without them: its plots stay
-    gates += [g for s in rendered for g in s["gates"] or []]
+    secs = (kept["sections"] if kept else []) + sections(summaries or [])
+    keep_gates = kept is not None and kept["gates"] is None  # a table.json without them: its plots stay
+    gates = gates_plots(summaries or [], table) + ((kept or {}).get("gates") or [])
     files = {
-        "table.md": markdown(table, rows, [{"sections": secs}], notes).encode(),
+        "table.md": markdown(table, rows, secs, notes).encode(),
         "table.csv": to_csv(rows).encode(),
         "table.json": json.dumps({"table": table, "rows": rows, "sections": secs,
                                   **({} if keep_gates else {"gates": gates})}, indent=2).encode(),
