@@ -152,12 +152,16 @@ def _decode(blob: bytes, size: Optional[tuple[int, int]]) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def _folder_images(path: Path) -> list[Path]:
+    """Every image file under a folder, in order."""
+    return [f for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
 def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
     """(relative path, bytes) of every image file in a folder or tar archive."""
     if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                yield f.relative_to(path).as_posix(), f.read_bytes()
+        for f in _folder_images(path):
+            yield f.relative_to(path).as_posix(), f.read_bytes()
         return
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -173,19 +177,17 @@ def _imagefolder_entries(path: Path) -> Iterator[tuple[str, bytes]]:
 
 def _from_imagefolder(path: Path) -> Splits:
     """Read <root>/{train,test}/<class>/<image> (any prefix before train/ and test/ is allowed)."""
-    per_split: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
-    size, names = None, {"train": [], "test": []}
+    found: dict[str, list[tuple[tuple[str, ...], str, np.ndarray]]] = {"train": [], "test": []}
+    size = None
     for name, blob in _imagefolder_entries(path):
         parts = name.split("/")
-        if len(parts) < 3 or parts[-3] not in per_split:
+        if len(parts) < 3 or parts[-3] not in found:
             continue
         img = _decode(blob, size)
         size = size or (img.shape[1], img.shape[0])
-        per_split[parts[-3]].append((parts[-2], img))
-        names[parts[-3]].append(tuple(parts))
-    for split, items in per_split.items():  # a folder's order, whatever order an archive holds its members in:
-        order = sorted(range(len(items)), key=names[split].__getitem__)  # one seed, the same subsets and splits
-        per_split[split] = [items[i] for i in order]
+        found[parts[-3]].append((tuple(parts), parts[-2], img))
+    # a folder's order, whatever order an archive holds its members in: one seed, the same subsets and splits
+    per_split = {split: [(c, im) for _, c, im in sorted(items, key=lambda t: t[0])] for split, items in found.items()}
     if not per_split["train"] or not per_split["test"]:
         raise DataError(
             f"'{path}' holds no images in the ImageFolder layout train/<class>/<image> and "
@@ -298,10 +300,9 @@ def _cache_path(cfg: DataConfig, kind: str, path: Path) -> Path:
     every image file's in a folder (editing or adding one changes neither the folder's size nor its time)."""
     if path.is_dir():
         h = hashlib.sha256()
-        for f in sorted(path.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                st = f.stat()
-                h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for f in _folder_images(path):
+            st = f.stat()
+            h.update(f"{f.relative_to(path).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         stamp = h.hexdigest()
     else:
         st = path.stat()
