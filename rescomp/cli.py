@@ -182,7 +182,7 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Terminated:
             err.print("[yellow]terminated[/]: run the same command again to resume from the last checkpoint")
-            raise typer.Exit(128 + signal.SIGTERM) from None
+            raise typer.Exit(Terminated.exit_code) from None
         except RescompError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] stays text
             raise typer.Exit(e.exit_code) from None

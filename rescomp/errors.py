@@ -39,3 +39,5 @@ class Terminated(BaseException):
     """SIGTERM (`kill`, `timeout`, a scheduler ending a job), raised by the CLI's handler where the run is,
     so that it ends as after Ctrl-C: a run folder with nothing to resume removed, its lock released,
     `rescomp jobs`' children ended. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""
+
+    exit_code = 128 + 15  # as a shell reports a process that SIGTERM (15) ended

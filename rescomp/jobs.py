@@ -171,7 +171,7 @@ def run(phases: list[list[Job]], where: list[str], logs: Path, say: Callable[[st
             job.proc.wait()
         say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: run the same command again; finished "
             f"runs are kept and interrupted ones resume")
-        return 143 if isinstance(e, Terminated) else 130
+        return Terminated.exit_code if isinstance(e, Terminated) else 130
     if failed is not None:
         if failed.number < total:
             say(f"stopped after the first failure (line {failed.line}); the jobs after it did not start")
