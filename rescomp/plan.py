@@ -76,7 +76,8 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
 
         return "\n".join(chain(cfg, refused, fresh))
     resolve_device(cfg.device)
-    stage(command.replace("-", "_")).check_source(cfg)
+    st = stage(command.replace("-", "_"))
+    st.check_source(cfg)
     if command == "train":
         return "\n".join(_train_lines(cfg, refused, fresh))
     if command == "quantize":
@@ -143,9 +144,6 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
             lines.append("        baselines: the structures the loop reaches, each trained anew")
         return "\n".join(lines)
     if command in ("magnitude-prune", "weight-share", "binarize"):
-        from rescomp.runner import stage
-
-        st = stage(command.replace("-", "_"))
         st.check(cfg)
         section = getattr(cfg, st.section)
         lines = [] if section.checkpoint else _train_lines(cfg, refused)
