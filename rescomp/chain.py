@@ -29,7 +29,7 @@ from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, deep_merge, validate
 from rescomp.errors import ConfigError
 from rescomp.rundir import run_folder
-from rescomp.runner import Stage, Traits, execute, stage
+from rescomp.runner import Stage, execute, stage, traits_of
 
 
 @dataclass
@@ -48,13 +48,6 @@ def steps(cfg: ExperimentConfig) -> list[Step]:
         name, overrides = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
         out.append(Step(name, stage(name), overrides or {}))
     return out
-
-
-def _traits(spec: dict[str, Any]) -> Traits:
-    """What a stored network is, as far as stages care: gated residual units, masked (sparse) or
-    weight-shared layers."""
-    return frozenset(t for t, key in (("gated", "gates"), ("sparse", "masked"), ("coded", "shared"), ("coded", "binarized"))
-                     if spec.get(key))
 
 
 def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,
@@ -78,11 +71,11 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
     chain = steps(cfg)
     first = chain[0]
     if first.stage.first_only:
-        traits = _traits(stage_config(cfg, first).model.spec(cfg.data.num_classes))
+        traits = traits_of({"arch": stage_config(cfg, first).model.spec(cfg.data.num_classes)})
     else:  # a chain that starts later starts from that stage's checkpoint, or from the config's trained network
         own = getattr(stage_config(cfg, first), first.stage.section).checkpoint
-        traits = _traits(checkpoint.load(cfg.at(own))["arch"]) if own and cfg.at(own).is_file() else \
-            _traits(cfg.model.spec(cfg.data.num_classes))
+        traits = traits_of(checkpoint.load(cfg.at(own))) if own and cfg.at(own).is_file() else \
+            traits_of({"arch": cfg.model.spec(cfg.data.num_classes)})
     out = []
     for i, step in enumerate(chain):
         why = step.stage.refuses(traits) if i or not step.stage.first_only else None

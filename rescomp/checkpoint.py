@@ -22,6 +22,7 @@ from rescomp.errors import CheckpointError
 
 FORMAT = "rescomp-checkpoint"
 VERSION = 1
+INT8 = "rescomp-int8"  # the `kind` of an int8 network's checkpoint (int8.pt: rescomp.compress.quantize)
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -135,9 +136,24 @@ def rebuild(spec: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Mod
     return model
 
 
+def copy_network(model: nn.Module) -> nn.Module:
+    """A deep copy of `model`, also of one whose layers compute their weight in a forward pre-hook (a masked
+    or weight-shared network): the weight such a hook last computed is a tensor with a graph, which
+    deepcopy refuses, so the copy gets it detached; the copy's own hook computes it again from the copied
+    weights at its next forward."""
+    import copy
+
+    computed = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None}
+    return copy.deepcopy(model, computed)
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network from the checkpoint's arch spec and load its weights."""
     payload = load(path)
+    if payload.get("kind") == INT8:
+        raise CheckpointError(f"'{path}' is an int8 network, and this takes an fp32 one: pass the model.pt it was "
+                              f"quantized from")
     try:
         model = rebuild(payload["arch"], payload["state_dict"])
     except RuntimeError as e:

@@ -380,7 +380,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     else:
         payload, cfg = None, load_config(target, set_)
     device = resolve_device(cfg.device) if cfg else None  # a device that is not there is an error, never the CPU
-    if payload is not None and payload.get("kind") == "rescomp-int8":
+    if payload is not None and payload.get("kind") == checkpoint.INT8:
         from rescomp.compress.quantize import backend, layer_counts, load_int8
         from rescomp.measure import measure_int8
 

@@ -21,7 +21,6 @@ saying what to install.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import os
@@ -140,7 +139,7 @@ def _outputs(session: Any, batch: torch.Tensor, like: torch.Tensor) -> torch.Ten
 def export_onnx(model: nn.Module, image_size: int, path: Path, opset: int = OPSET, seed: int = 0) -> dict[str, Any]:
     """Write `model` as ONNX to `path` (batch dimension dynamic) after checking it against PyTorch;
     returns what was checked. Raises ExportError, and leaves no file, where the two disagree."""
-    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
+    model = checkpoint.copy_network(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     x = torch.randn(CHECK_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
 
     def check(session: Any) -> dict[str, Any]:

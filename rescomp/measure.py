@@ -6,7 +6,6 @@ number MACs, as it is (DESIGN.md, habit 6).
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import statistics
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rescomp import checkpoint
 from rescomp.config import MeasureConfig
 from rescomp.distributed import main_only
 
@@ -73,7 +73,7 @@ def count_bn_stats(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, image_size: int, channels: int = 3) -> int:
     """Multiply-accumulates of one forward pass at batch 1, as fvcore counts them."""
-    model = copy.deepcopy(model).cpu().eval()
+    model = checkpoint.copy_network(model).cpu().eval()
     x = torch.zeros(1, channels, image_size, image_size)
     logging.getLogger("fvcore").setLevel(logging.ERROR)  # it warns about every op it does not count
     with torch.no_grad(), warnings.catch_warnings():
@@ -127,7 +127,7 @@ def cpu_latency_stats(models: dict[str, tuple[nn.Module, bool]], image_size: int
     x = torch.randn(batch, 3, image_size, image_size)
     runs = {}
     for name, (model, nhwc) in models.items():
-        m = copy.deepcopy(model).cpu().eval()
+        m = checkpoint.copy_network(model).cpu().eval()
         xi = x
         if nhwc:
             m, xi = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -180,7 +180,7 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
     if not torch.cuda.is_available():
         return None
     dev = torch.device("cuda", torch.cuda.current_device())
-    model = copy.deepcopy(model).to(dev).eval().to(memory_format=torch.channels_last)
+    model = checkpoint.copy_network(model).to(dev).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, image_size, image_size, device=dev).contiguous(memory_format=torch.channels_last)
     with cudnn_autotuned(), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         for _ in range(10):
@@ -203,9 +203,9 @@ def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.d
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    models = {"": copy.deepcopy(model).to(device).train()}
+    models = {"": checkpoint.copy_network(model).to(device).train()}
     if reference is not None:
-        models["reference_"] = copy.deepcopy(reference).to(device).train()
+        models["reference_"] = checkpoint.copy_network(reference).to(device).train()
     fwd = dict.fromkeys(models, 0.0)
     bwd = dict.fromkeys(models, 0.0)
     for i in range(warmup + runs):
@@ -254,7 +254,7 @@ def activation_bytes(model: nn.Module, image_size: int, batch: int = 1) -> Optio
     """
     import torch.fx as fx
 
-    model = copy.deepcopy(model).cpu().eval()
+    model = checkpoint.copy_network(model).cpu().eval()
     try:
         gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     except Exception:
@@ -329,7 +329,7 @@ class InductorForward(nn.Module):
 
     def __init__(self, model: nn.Module, as_is: bool = False) -> None:
         super().__init__()
-        self.net = model if as_is else copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
+        self.net = model if as_is else checkpoint.copy_network(model).cpu().eval().to(memory_format=torch.contiguous_format)
         self.compiled = torch.compile(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

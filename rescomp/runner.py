@@ -35,7 +35,7 @@ from rescomp import checkpoint, distributed
 from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, make_context, seed_everything
 from rescomp.data import make_loaders, prepare
-from rescomp.errors import ConfigError
+from rescomp.errors import CheckpointError, ConfigError
 from rescomp.models import check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
@@ -43,6 +43,16 @@ from rescomp.rundir import claim, record_made, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
+
+
+def traits_of(payload: dict[str, Any]) -> Traits:
+    """What a stored network is, as far as stages care: gated residual units, masked (sparse) or weight-shared
+    or binarized ('coded') layers, from its arch spec; int8, from its checkpoint's kind. A bare spec is
+    `{"arch": spec}`."""
+    spec = payload.get("arch") or {}
+    found = {t for t, key in (("gated", "gates"), ("sparse", "masked"), ("coded", "shared"), ("coded", "binarized"))
+             if spec.get(key)}
+    return frozenset(found | ({"int8"} if payload.get("kind") == checkpoint.INT8 else set()))
 Start = tuple[torch.nn.Module, dict[str, Any], Path]  # (model, its checkpoint payload, where it came from)
 
 
@@ -72,11 +82,16 @@ class Stage:
     inputs: Callable[[ExperimentConfig], list[Path]] = lambda cfg: []
 
     def check_source(self, cfg: ExperimentConfig) -> None:
+        """The network it is given (its section's checkpoint) is there and one it can take, as a chain judges
+        the network an earlier stage hands it: missing, corrupt, not rescomp's, or int8 for a stage that
+        takes fp32 is one line, before any work."""
         if self.check_input is not None:
-            return self.check_input(cfg)
+            self.check_input(cfg)
         path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
         if path:
-            checkpoint.load(cfg.at(path))  # missing, corrupt or not rescomp's: one line, before any work
+            why = self.refuses(traits_of(checkpoint.load(cfg.at(path))))
+            if why:
+                raise CheckpointError(f"{self.section}.checkpoint '{path}': {why}")
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")
@@ -94,10 +109,11 @@ def fp32_only(name: str, retrains: bool = False) -> Callable[[Traits], Optional[
     zeros of magnitude_prune (they would grow back)."""
     def refuses(t: Traits) -> Optional[str]:
         if "int8" in t:
-            return f"{name} takes an fp32 network, and an earlier stage made it int8; put quantize last"
+            return (f"{name} takes an fp32 network, and this one is int8; start from the fp32 model.pt it was "
+                    f"quantized from (quantize comes last in a chain)")
         if "coded" in t:
-            return (f"{name} cannot follow weight_share or binarize: their codes are how the network is stored, "
-                    f"so they end a chain")
+            return (f"{name} cannot take a network made by weight_share or binarize: their codes are how the "
+                    f"network is stored, so they end a chain")
         if retrains and "sparse" in t:
             return (f"{name} retrains every weight without a mask, so magnitude_prune's zeros would grow back; "
                     f"put {name} before magnitude_prune")

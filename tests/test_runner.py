@@ -17,6 +17,12 @@
 #       -> test_a_step_draws_the_same_whatever_ran_before_it
 #  9. a step's row written before its fine-tuning ends (a step interrupted in fine-tuning counted as done)
 #       -> same test
+# A network given to one stage's own command (its section's checkpoint), judged as a chain judges it:
+# 10. an int8.pt of any backend given where an fp32 network is taken (a stage's checkpoint, a chain's first
+#     stage, a distillation teacher) failing with a traceback (KeyError 'state_dict') or "weights do not
+#     fit", or running on -> test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line
+# 11. a stage's own command taking a network its chain would refuse (prune or quantize of a weight-shared
+#     one, whose codes are how it is stored) -> test_a_stage_command_refuses_what_its_chain_refuses
 
 import json
 
@@ -158,8 +164,8 @@ def test_a_step_draws_the_same_whatever_ran_before_it(workdir, tiny):
     ([{"train": {}, "prune": {}}], "write one stage per entry"),
     (["quantize"], "no trained model at"),
     (["train", "magnitude_prune", "prune"], "magnitude_prune's zeros would grow back"),
-    (["train", "weight_share", "quantize"], "quantize cannot follow weight_share or binarize"),
-    (["train", "binarize", "weight_share"], "weight_share cannot follow weight_share or binarize"),
+    (["train", "weight_share", "quantize"], "quantize cannot take a network made by weight_share or binarize"),
+    (["train", "binarize", "weight_share"], "weight_share cannot take a network made by weight_share or binarize"),
     (["train", "magnitude_prune", "binarize"], "binarize retrains every weight without a mask"),  # a chain that starts later needs its input to exist already
 ])
 def test_a_chain_that_cannot_work_is_refused_before_anything_runs(workdir, tiny, pipeline, message):
@@ -194,13 +200,13 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("first", STAGES.names())
 @pytest.mark.parametrize("second", STAGES.names())
 def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, tiny, trained, first, second):
-    from rescomp.chain import _traits
+    from rescomp.runner import traits_of
 
     a, b = STAGES.get(first), STAGES.get(second)
     entry = first if a.first_only else {first: {"checkpoint": str(trained)}}
     path = write_config(workdir, _chain(tiny, [entry, second]))
     res = cli("run", path)
-    traits = a.gives(_traits({"gates": {"init": [-1, 1]}}))
+    traits = a.gives(traits_of({"arch": {"gates": {"init": [-1, 1]}}}))
     if b.first_only or b.refuses(traits):
         assert res.exit_code == 2 and "stage 2" in res.stderr and not (workdir / "runs").exists()
         return
@@ -213,6 +219,54 @@ def test_every_stage_composes_with_every_stage_that_takes_its_output(workdir, ti
 
         given = json.loads(next(f for f in folders if f.name.endswith(PRUNE)).joinpath("summary.json").read_text())
         assert given["prunable_filters"] < check(load_config(path))[1]
+
+
+@pytest.fixture(scope="module")
+def int8_networks(trained):
+    """The trained tiny network quantized by each backend's family: FX (a state_dict), PT2E (a program's
+    bytes), ONNX Runtime (a graph's bytes)."""
+    config = trained.parent.parent.parent / "exp.yaml"
+    out = {}
+    for backend in ("x86", "pt2e", "onnxruntime"):
+        res = cli("quantize", config, "--set", f"quantize.backend={backend}", "--set", "quantize.calibration_images=16",
+                  "--set", "measure.latency=false")
+        assert res.exit_code == 0, res.output
+        out[backend] = next(trained.parent.parent.glob(f"exp-ptq{'' if backend == 'x86' else '-' + backend}/int8.pt"))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["x86", "pt2e", "onnxruntime"])
+def test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line(workdir, tiny, int8_networks, backend):
+    int8 = int8_networks[backend]
+    path = write_config(workdir, _chain(tiny, None))  # gated, as layer_drop's own check needs
+    sections = [s for s in STAGES.names() if not STAGES.get(s).first_only]
+    assert set(sections) == {"prune", "layer_drop", "magnitude_prune", "weight_share", "binarize", "quantize"}
+    for section in sections:
+        res = cli(section.replace("_", "-"), path, "--set", f"{section}.checkpoint={int8}")
+        assert res.exit_code == 2 and "Traceback" not in res.output, (section, res.output)
+        assert f"error: {section}.checkpoint '{int8}': " in res.stderr and " int8" in res.stderr, (section, res.stderr)
+        assert "model.pt it was" in res.stderr, res.stderr  # says what to give instead
+    res = cli("run", write_config(workdir, _chain(tiny, [{"prune": {"checkpoint": str(int8)}}, "quantize"]), "c.yaml"))
+    assert res.exit_code == 2 and "pipeline stage 1 (prune): prune takes an fp32 network, and this one is int8" in res.stderr
+    tiny["train"]["distill"] = {"teacher": str(int8)}
+    res = cli("train", write_config(workdir, tiny, "d.yaml"))
+    assert res.exit_code == 2 and f"train.distill.teacher: '{int8}' is an int8 network" in res.stderr, res.output
+    assert not (workdir / "runs").exists()  # nothing started
+
+
+def test_a_stage_command_refuses_what_its_chain_refuses(workdir, tiny, trained):
+    config = trained.parent.parent.parent / "exp.yaml"
+    res = cli("weight-share", config, "--set", "name=coded")
+    assert res.exit_code == 0, res.output
+    coded = next(trained.parent.parent.glob("coded-*/step01/model.pt"))
+    path = write_config(workdir, _chain(tiny, None))
+    for section in ("prune", "quantize"):
+        res = cli(section, path, "--set", f"{section}.checkpoint={coded}")
+        assert res.exit_code == 2 and f"{section} cannot take a network made by weight_share or binarize" in res.stderr, \
+            res.output
+    assert not (workdir / "runs").exists()
+    res = cli("measure", coded, "--set", "measure.latency=false")  # the network itself is fine
+    assert res.exit_code == 0, res.output
 
 
 # A fine-tune's schedule (rescomp.runner.retrain_config, the data audit). Wrong version: the training

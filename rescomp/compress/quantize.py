@@ -47,7 +47,7 @@ from rescomp.config import QuantizeConfig
 from rescomp.errors import CheckpointError, ConfigError
 from rescomp.registry import Registry
 
-QUANT_FORMAT = "rescomp-int8"
+QUANT_FORMAT = checkpoint.INT8
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,7 @@ def _gates_needed(t) -> Optional[str]:
     if why:
         return why
     return None if "gated" in t else ("layer_drop needs gated residual units: add `gates: {init: [-1, 1]}` under "
-                                      "model: (the network the chain starts from has none)")
+                                      "model: (the network it starts from has none)")
 
 
 LAYER_DROP = STAGES.register("layer_drop")(Stage("layer_drop", "layer_drop", suffix=suffix, check=check, body=body,

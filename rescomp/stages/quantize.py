@@ -131,7 +131,8 @@ def _qat(model, cfg: ExperimentConfig, splits, ctx: RunContext, b) -> tuple[Any,
 QUANTIZE = STAGES.register("quantize")(Stage(
     "quantize", "quantize", suffix=suffix, check=lambda cfg: None, body=body, start=start, context=context,
     check_input=check_input, output=lambda cfg, run_dir, summary: run_dir / "int8.pt",
-    refuses=lambda t: "a chain quantizes once: the network is int8 already" if "int8" in t else fp32_only("quantize")(t),
+    refuses=lambda t: ("the network is int8 already: quantize the fp32 model.pt it was made from (a chain quantizes "
+                       "once)") if "int8" in t else fp32_only("quantize")(t),
     gives=lambda t: t | {"int8"}))
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, seed_everything
+from rescomp.errors import CheckpointError
 from rescomp.measure import measure
 from rescomp.models import build_model
 from rescomp.runner import STAGES, Stage, StageRun, execute, model_spec
@@ -26,7 +27,10 @@ def check(cfg: ExperimentConfig) -> Optional[torch.nn.Module]:
     model_spec(cfg)
     if cfg.train.distill is None:
         return None
-    return checkpoint.load_model(cfg.at(cfg.train.distill.teacher))[0]  # a missing or corrupt teacher fails here
+    try:  # a missing, corrupt or int8 teacher fails here
+        return checkpoint.load_model(cfg.at(cfg.train.distill.teacher))[0]
+    except CheckpointError as e:
+        raise CheckpointError(f"train.distill.teacher: {e}") from None
 
 
 def start(cfg: ExperimentConfig, ctx: RunContext):
