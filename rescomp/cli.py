@@ -392,9 +392,17 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
                **measure_int8(model, size, cfg.measure if cfg else None)}
         _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
         return
+    stored = None
     if payload is not None:
+        from rescomp.compress.codec import stored_form
+
         model, payload = checkpoint.load_model(target)
         arch = payload["arch"]["arch"]
+        ws = cfg.weight_share if cfg else None
+        stored = stored_form(checkpoint.copy_network(model).cpu().eval(), payload["arch"],
+                             *((ws.gap_bits_conv, ws.gap_bits_fc) if ws else ()))
+        if stored is not None:  # measured as its stage measures it: the network its own file decodes to
+            model, stored = stored
     else:
         model = build_model(model_spec(cfg))
         arch = cfg.model.arch
@@ -402,7 +410,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     mc = cfg.measure if cfg else None
     if mc is not None and device is not None and device.type == "cpu":
         mc = mc.model_copy(update={"gpu_throughput": False})  # asked for the CPU: no GPU figure either
-    row = {"arch": arch, **measure_model(model, image_size, mc)}
+    row = {"arch": arch, **measure_model(model, image_size, mc), **(stored or {})}
     _show(row, f"{arch} at {image_size}x{image_size}", as_json)
 
 

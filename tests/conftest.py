@@ -95,3 +95,20 @@ def quantized(workdir: Path, tiny: dict, **quantize) -> dict:
         assert res.exit_code == 0, res.output
     backend = quantize.get("backend", "x86")
     return json.loads((workdir / f"runs/exp-ptq{'' if backend == 'x86' else '-' + backend}/summary.json").read_text())
+
+
+def measured_as_its_row(model_file: Path, row: dict) -> dict:
+    """`rescomp measure` of a stage's saved network, checked against the row the stage recorded for it:
+    the same costs and, for a network in rescomp's own format, the same stored bytes."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    res = CliRunner().invoke(app, ["measure", str(model_file), "--json", "--set", "measure.latency=false"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    for key in ("params", "params_with_bn_stats", "macs", "size_bytes", "stored_bytes"):
+        assert got.get(key) == row.get(key), (key, got.get(key), row.get(key))
+    return got

@@ -8,6 +8,8 @@
 #     when the slides' freeze is asked for -> test_patterns_learn_through_a_straight_gradient_unless_frozen
 #  4. storage miscounted (more than 1 bit per binarized weight) or a file that decodes to other outputs
 #       -> test_storage_is_one_bit_per_weight_and_a_scale_per_filter, test_a_chain_binarizes_and_its_file_decodes_exactly
+#  5. `rescomp measure` of the binarized model.pt sizing it as its dense tensors, not as its file
+#       -> test_a_chain_binarizes_and_its_file_decodes_exactly
 import json
 
 import numpy as np
@@ -20,7 +22,7 @@ from rescomp.cli import app
 from rescomp.compress import binarize as bz
 from rescomp.compress import codec
 
-from conftest import write_config
+from conftest import measured_as_its_row, write_config
 
 GOOGLENET_FILTER = [[-0.0219, 0.0408, -0.0547], [-0.0855, 0.0478, -0.0510], [-0.0105, 0.0924, -0.0126]]
 
@@ -91,6 +93,7 @@ def test_a_chain_binarizes_and_its_file_decodes_exactly(workdir, tiny):
     last = s["rows"][-1]
     assert last["bin_bytes"] == (out / "binarized.rcbn").stat().st_size and last["bin_compression"] > 3
     assert last["binarized_layers"] == 7 and last["int8_layers"] >= 1 and "SEP-Net-BQ" in last["row"]
+    measured_as_its_row(out / "step01/model.pt", last)  # `rescomp measure` of it: its row's costs and bytes
     model, payload = checkpoint.load_model(out / "step01/model.pt")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -18,6 +18,9 @@
 #       -> test_streams_round_trip_bit_for_bit_against_a_bit_list
 # 10. Han et al.'s rule (one quality parameter times each layer's std) ranked by raw |w| instead of
 #     |w| / std, or by the std of the wrong layer -> test_magnitude_masks_by_hand
+# 11. `rescomp measure` of a step's masked or weight-shared model.pt crashing (deepcopy of its pre-hook
+#     weight), or counting its centroids as its parameters and its codes as its bytes, where the stage's row
+#     measures the network its file decodes to -> test_each_stage_is_a_command_of_its_own
 import io
 import json
 
@@ -32,7 +35,7 @@ from rescomp.compress import codec
 from rescomp.compress import deep_compression as dc
 from rescomp.models import build_model
 
-from conftest import write_config
+from conftest import measured_as_its_row, write_config
 
 SPEC = {"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}
 
@@ -248,5 +251,8 @@ def test_each_stage_is_a_command_of_its_own(workdir, tiny):
     share = json.loads((workdir / "runs/exp-share-3b2b/summary.json").read_text())
     assert share["rows"][-1]["weights_kept"] == pytest.approx(0.5, abs=0.01)  # it took the pruned network
     assert share["rows"][-1]["row"] == "cifar_resnet weight-shared (50% pruned, std)"
+    # `rescomp measure` of a step's network (masked, weight-shared) gives its row's costs and stored bytes
+    assert measured_as_its_row(workdir / "runs/exp-share-3b2b/step01/model.pt", share["rows"][-1])["stored_as"] == "huffman"
+    measured_as_its_row(workdir / "runs/exp-mprune-std-50/step01/model.pt", mp["rows"][-1])
     res = CliRunner().invoke(app, ["binarize", str(cfg), "--set", "binarize.finetune_epochs=-1"])
     assert res.exit_code == 2 and "finetune_epochs" in res.output

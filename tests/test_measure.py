@@ -70,7 +70,7 @@ def fake_clock(monkeypatch):
 
     clock = [0.0]
     monkeypatch.setattr(m, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(m.copy, "deepcopy", lambda model: model)  # keep the scripted counters
+    monkeypatch.setattr(m.checkpoint, "copy_network", lambda model: model)  # keep the scripted counters
     return clock
 
 

@@ -414,3 +414,21 @@ def network(blob: bytes, spec: dict[str, Any]) -> Any:
     model = build_model({k: v for k, v in spec.items() if k not in ("masked", "shared", "binarized")})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
     return model.eval()
+
+
+def stored_form(model: Any, spec: dict[str, Any], gap_bits_conv: int = 8, gap_bits_fc: int = 5) -> Any:
+    """How rescomp stores a masked, weight-shared or binarized network, as its stages do: (the plain network
+    its file decodes to, {"stored_bytes": the smallest file's bytes, "stored_as": that format}); None for a
+    network stored as its tensors. Its costs are the plain network's (the same outputs)."""
+    if spec.get("binarized"):
+        from rescomp.compress import binarize as bz
+
+        blob = encode_binary(*bz.stored(model))
+        return network(blob, spec), {"stored_bytes": len(blob), "stored_as": "binarized"}
+    if spec.get("masked") or spec.get("shared"):
+        from rescomp.compress import deep_compression as dc
+
+        files = dc.encodings(model, gap_bits_conv, gap_bits_fc)
+        best = min(files, key=lambda k: len(files[k]))
+        return network(files["dense"], spec), {"stored_bytes": len(files[best]), "stored_as": best}
+    return None
