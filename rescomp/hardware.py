@@ -21,7 +21,7 @@ import platform
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -119,14 +119,15 @@ def isa_summary() -> str:
     return f"{isa}; oneDNN capped at {cap}" if cap else isa
 
 
-def device_name(device: Union[torch.device, str]) -> str:
-    """One line naming the hardware: the GPU, or the CPU with its cores, instruction sets and threads."""
+def device_name(device: Union[torch.device, str], threads: Optional[int] = None) -> str:
+    """One line naming the hardware: the GPU, or the CPU with its cores, instruction sets and threads (those
+    torch runs with now, or `threads`: those a measurement was pinned to)."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     cores, usable = os.cpu_count(), usable_cores()
     cores = f"{cores} cores" + (f" ({usable} usable)" if usable != cores else "")
-    return f"cpu:{cpu_name()}, {cores}, {isa_summary()} ({torch.get_num_threads()} threads)"
+    return f"cpu:{cpu_name()}, {cores}, {isa_summary()} ({threads or torch.get_num_threads()} threads)"
 
 
 def device_record(device: Union[torch.device, str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from rescomp import checkpoint
 from rescomp.config import MeasureConfig
 from rescomp.distributed import main_only
+from rescomp.hardware import device_name
 
 _timing_depth = 0  # this process holds the machine's timing lock while > 0
 
@@ -367,7 +368,7 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
             for key, st in stats.items():
                 name, _, runtime = key.partition("@")
                 col = RUNTIME_COLUMN[runtime or "eager"]
-                rows.setdefault(name, {"cpu_threads": n}).update({
+                rows.setdefault(name, {"cpu_threads": n, "latency_device": device_name("cpu", n)}).update({
                     f"latency_ms_{col}_b{b}": st["median"], f"latency_iqr_ms_{col}_b{b}": st["q3"] - st["q1"],
                     f"latency_runs_{col}_b{b}": st["n"]})
             for name in models:

@@ -237,11 +237,12 @@ TIMED = "_timed"  # a flat row's timing mark (not a column)
 
 
 def _timing(row: dict[str, Any]) -> Optional[tuple[str, str]]:
-    """The run a row's latencies were timed in, as far as a row says: (device with its threads, commit);
-    None for a row without any."""
+    """The run a row's latencies were timed in, as far as a row says: (the CPU with the threads they were
+    pinned to, commit); None for a row without any. A row measured before `latency_device` was recorded
+    names its run's device, whose threads were the latencies' in every committed table."""
     if not any(k.startswith(TIMINGS) and v is not None for k, v in row.items()):
         return None
-    return str(row.get("device")), str(row.get("commit"))
+    return str(row.get("latency_device") or row.get("device")), str(row.get("commit"))
 
 
 def timing_marks(rows: list[dict[str, Any]]) -> list[str]:
@@ -447,8 +448,9 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
     seeds = sorted({str(r.get("seed")) for r in rows if r.get("seed") is not None})
     parts = [data, ", ".join(budget) or None, (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(seeds)}") if seeds else None]
     line = "; ".join(p for p in parts if p)
-    if latency and one("device"):
-        line += "\nlatency on " + "; ".join(one("device"))
+    timed = sorted({t[0] for t in map(_timing, rows) if t is not None})
+    if latency and timed:
+        line += "\nlatency on " + "; ".join(timed)
         runs = len({m for m in timing_marks(rows) if m})
         if runs:
             line += f"; timed in {runs} sessions (marked in table.md): latencies of two do not compare"

@@ -31,8 +31,13 @@ def test_resnet56_macs_match_he_et_al():
 def test_size_and_latency_are_measured():
     net = tiny_net()
     assert 4 * count_params(net) < state_dict_bytes(net) < 4 * count_params(net) + 4096
-    row = measure(net, 8, MeasureConfig(batch_sizes=[1, 2], warmup=1, repeats=3, threads=1))
-    assert row["cpu_threads"] == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as training runs (train.threads), while latency is pinned to measure.threads
+    try:
+        row = measure(net, 8, MeasureConfig(batch_sizes=[1, 2], warmup=1, repeats=3, threads=1))
+    finally:
+        torch.set_num_threads(before)
+    assert row["cpu_threads"] == 1 and row["latency_device"].startswith("cpu:") and row["latency_device"].endswith("(1 threads)")
     assert 0 < row["latency_ms_cpu_b1"] < 1000 and 0 < row["latency_ms_cpu_b2"] < 1000
     assert "gpu_images_per_s_b256" not in row or row["gpu_images_per_s_b256"] > 0
 

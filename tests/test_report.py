@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import re
 
 import pytest
 
@@ -272,6 +273,16 @@ def test_latencies_timed_in_several_runs_are_marked_by_run():
     assert "[a]" not in one and "marked [a]" not in " ".join(one.split())
     assert "[a]" not in markdown("t", [a, {**ROW, "row": "no latency", "latency_ms_cpu_b1": None,
                                           "latency_ms_cpu_b64": None, "commit": "999"}])
+    # the threads a row's latencies were pinned to (latency_device), not those it trained with, name its run
+    d = {**a, "row": "trained on 1, timed on 2", "latency_device": "cpu:x (2 threads)", "commit": "222"}
+    g = {**a, "row": "trained on a GPU", "device": "cuda:H100", "latency_device": "cpu:x (1 threads)"}
+    md = markdown("t", [a, b, d, g])
+    marked = {line.split(" | ")[0][2:]: re.search(r"\[[a-z]\]", line)[0] for line in md.splitlines()
+              if line.startswith("| ") and re.search(r"\[[a-z]\] \|", line)}
+    assert marked == {"fp32": "[a]", "int8": "[b]", "trained on 1, timed on 2": "[b]", "trained on a GPU": "[a]"}
+    assert [line for line in md.splitlines() if line.startswith("- [")] == [
+        "- [a] cpu:x (1 threads), commit 111", "- [b] cpu:x (2 threads), commit 222"]  # the GPU timed none of them
+    assert "latency on cpu:x (1 threads); cpu:x (2 threads); timed in 2 sessions" in caption([a, d, g], True)
 
 
 def test_the_footnote_speaks_only_of_the_columns_there():
