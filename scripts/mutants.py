@@ -40,6 +40,8 @@ M = [
   "tests/test_report.py::test_latencies_timed_in_several_runs_are_marked_by_run"),
  ("latency-device-unrecorded", "rescomp/measure.py", "{\"cpu_threads\": n, \"latency_device\": device_name(\"cpu\", n)}", "{\"cpu_threads\": n}",
   "tests/test_measure.py::test_size_and_latency_are_measured"),
+ ("qat-reloaded-as-ptq", "rescomp/compress/quantize.py", "    prepared = prepare(build_model(spec), cfg, image_size)", "    prepared = prepare(build_model(spec), cfg.model_copy(update={\"method\": \"ptq\"}), image_size)",
+  "tests/test_quantize.py::test_an_fx_qat_network_reloads_with_identical_outputs"),
  ("int8-trait-unseen", "rescomp/runner.py", "({\"int8\"} if payload.get(\"kind\") == checkpoint.INT8 else set())", "set()",
   "tests/test_runner.py::test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line"),
  ("load-model-takes-int8", "rescomp/checkpoint.py", "    if payload.get(\"kind\") == INT8:\n", "    if False:\n",

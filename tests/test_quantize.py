@@ -20,6 +20,8 @@
 #       test_a_layer_left_fp32_is_not_counted_as_int8_by_any_backend, test_an_int8_network_with_no_int8_layer_is_refused,
 #       test_quantize_run_measures_int8_beside_fp32 (which `rescomp measure int8.pt` reports too)
 # - a QAT run that only calibrates (no fine-tuning), or its row not saying QAT -> test_qat_fine_tunes_then_converts
+# - an FX QAT int8.pt rebuilt as a PTQ graph, so that a pre-activation network's (ResNet50V2's) cannot be
+#   reloaded, measured or exported -> test_an_fx_qat_network_reloads_with_identical_outputs
 # - an int8.pt whose state_dict lost its module versions (LeNet-5's quantized Linear cannot reload)
 #       -> test_every_backend_saves_what_reloads_with_identical_outputs[x86-lenet5]
 # - int8 far from fp32; a reload that recalibrates or differs -> test_int8_agrees_with_fp32_and_reloads_identically
@@ -195,6 +197,25 @@ def test_qat_fine_tunes_then_converts(workdir, tiny):
     assert s["row"].startswith(f"{cfg.run_name} int8 FX x86 QAT (")
     again, _ = load_int8(run_dir / "int8.pt")
     assert again(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_an_fx_qat_network_reloads_with_identical_outputs(tmp_path):
+    # ResNet50V2 (pre-activation): QAT quantizes its residual sums and standalone BatchNorms, which PTQ
+    # keeps in fp32, so its int8.pt reloads only into a skeleton made the way it was made (QAT)
+    from rescomp.compress.quantize import backend
+    from rescomp.models import build_model
+
+    torch.manual_seed(0)
+    spec, cfg = {"arch": "resnet50v2", "num_classes": 10}, QuantizeConfig(backend="x86", method="qat")
+    b = backend("x86")
+    prepared = b.prepare_qat(build_model(spec), cfg, 32)
+    prepared(torch.randn(4, 3, 32, 32))  # a training step's forward: the fake-quant ranges
+    q, _ = b.convert_qat(prepared, 32)
+    save_int8(tmp_path / "int8.pt", q, spec, cfg, 32, {})
+    again, _ = load_int8(tmp_path / "int8.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again(x), q(x))
 
 
 def test_quantize_bad_input(workdir, tiny):

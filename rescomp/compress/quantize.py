@@ -308,7 +308,7 @@ def skeleton(spec: dict[str, Any], cfg: QuantizeConfig, image_size: int) -> nn.M
     """The int8 module structure of a spec, with meaningless values: load a state_dict into it."""
     from rescomp.models import build_model
 
-    prepared = prepare(build_model(spec), cfg.model_copy(update={"method": "ptq"}), image_size)
+    prepared = prepare(build_model(spec), cfg, image_size)  # as it was made: QAT quantizes other ops than PTQ
     calibrate(prepared, [torch.zeros(1, 3, image_size, image_size)])  # observers need one pass to convert
     return convert(prepared, image_size)
 
