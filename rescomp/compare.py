@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 from rescomp.checkpoint import atomic_write_bytes
+from rescomp.config import MagnitudePruneConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
 
@@ -24,7 +25,8 @@ RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # la
 COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1 (ms)", 1)]
 STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-layerdrop-[a-z0-9_]+-k\d+-n\d+"), "layer-drop"),
-                (re.compile(r"-mprune-(layer|global)-\d+"), "magnitude-prune"),
+                (re.compile(rf"-mprune-({'|'.join(get_args(MagnitudePruneConfig.model_fields['scope'].annotation))})-\d+"),
+                 "magnitude-prune"),
                 (re.compile(r"-share-\d+b\d+b"), "weight-share"),
                 (re.compile(r"-binarize(-bq)?(-frozen)?"), "binarize"),
                 (re.compile(r"-(ptq|qat)(-(pt2e|onnxruntime|fbgemm|qnnpack))?$"), "int8")]

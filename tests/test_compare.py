@@ -45,6 +45,20 @@ def test_chains_are_read_from_folder_names(folder, chain):
     assert chain_of(folder) == chain
 
 
+@pytest.mark.parametrize("scope", ["layer", "global", "std"])
+def test_every_magnitude_prune_scope_is_read_from_its_folder_name(tiny, scope):
+    # the folder names the stage itself makes (table-deep-compression's configs use scope std)
+    from rescomp.config import validate
+    from rescomp.runner import stage
+
+    tiny["magnitude_prune"] = {"scope": scope}
+    tiny["weight_share"] = {"conv_bits": 4, "fc_bits": 3}
+    cfg = validate(tiny, "t")
+    pruned = f"exp-{stage('magnitude_prune').suffix(cfg)}"
+    assert chain_of(pruned) == "magnitude-prune"
+    assert chain_of(f"{pruned}-{stage('weight_share').suffix(cfg)}") == "magnitude-prune → weight-share"
+
+
 def test_a_separable_network_names_its_structure_first():
     spec = {"arch": "resnet56", "separable": {"mode": "depthwise", "include": ["layer*"]}}
     assert chain_of("exp-depthwise-ptq-onnxruntime", spec) == "depthwise separable → int8"

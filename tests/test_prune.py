@@ -15,7 +15,9 @@
   size or with our head where the paper used 224 px / 1000 classes (a_run_per_target_...);
 - the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs;
 - the fast schedule's two reductions one fine-tuning epoch apart instead of Figure 3's three (epochs 4
-  and 7), or the gap not counted against the budget (test_schedules).
+  and 7), or the gap not counted against the budget (test_schedules);
+- a row recording the scoring batches asked for where fewer training images made fewer
+  (prune_end_to_end_and_report).
 """
 
 import copy
@@ -293,9 +295,11 @@ def _prune_cfg(tiny, **pc):
 
 
 def test_prune_end_to_end_and_report(workdir, tiny):
-    cfg = validate(_prune_cfg(tiny), "t")
+    cfg = validate(_prune_cfg(tiny, score_batches=10), "t")
     out, s = run_prune(cfg)
     assert [r["share"] for r in s["rows"]] == [0.0, 0.1, 0.2]
+    # 10 batches asked, but 64 training images make 4 of 16: the row says what was scored
+    assert (s["rows"][1]["scoring_batches"], s["rows"][1]["scoring_images"]) == (4, 64)
     assert s["rows"][0]["params"] > s["rows"][1]["params"] > s["rows"][2]["params"]
     assert s["rows"][1]["removed"] == round(0.1 * s["prunable_filters"]) and s["rows"][1]["scoring_seconds"] > 0
     again_dir, again = run_prune(cfg)

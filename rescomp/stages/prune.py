@@ -109,7 +109,7 @@ def body(run: StageRun) -> dict[str, Any]:
             epochs += step_epochs
 
             def remove(model=model, spec=spec, step=step, cut=share - previous):
-                ctx.log(f"step {step}: scoring filters ({pc.criterion}, {pc.score_batches} batches), removing "
+                ctx.log(f"step {step}: scoring filters ({pc.criterion}, {len(scoring)} batches of training images), removing "
                         f"{100 * cut:.1f}% of the prunable filters")
                 t0 = time.perf_counter()
                 model, spec, info = prune(ctx.layout(model.to(ctx.device)), spec, share=cut,
@@ -123,7 +123,7 @@ def body(run: StageRun) -> dict[str, Any]:
                 return row(m, share, step, {
                     "target": target, "removed": info["removed"], "removed_coupled_channels": info["removed_coupled_channels"],
                     "finetune_epochs_total": epochs, "scoring_seconds": info["scoring_seconds"],
-                    "scoring_batches": pc.score_batches, "bn_reset": len(info["bn_reset"]), "fc_scaled": info["fc_scaled"],
+                    "scoring_batches": len(scoring), "scoring_images": len(scoring.y), "bn_reset": len(info["bn_reset"]), "fc_scaled": info["fc_scaled"],
                     "per_layer": info["per_layer"]})
 
             model, spec, r = run.step(step, remove, pruned_row, epochs=step_epochs, lr=lr, base=base)
