@@ -73,6 +73,9 @@ FINE_TUNE_SCALED = ("a fine-tune's warm-up, milestones and step size scaled to i
                     "after a 2-epoch warm-up was all warm-up)")
 PRUNE_RULES = ("the fast schedule's two steps 3 x finetune_epochs apart (Martineau's epochs 4 and 7; they were "
                "1), the paper policy leaving a conv that several layers read, and " + FINE_TUNE_SCALED)
+GATED_SCORES = ("a gated unit's last conv scored after its BatchNorm, as every other conv is (it was scored at "
+                "the conv's output)")
+ACTIVATION_CRITERIA = ("taylor", "mean_activation")  # scored on activations (rescomp.compress.prune.activation_modules)
 FINE_TUNING = ("layer_drop", "magnitude_prune", "weight_share", "binarize")
 # summary "stage" names whose section is named otherwise
 STAGE_SECTIONS = {"layerdrop": "layer_drop"}
@@ -82,6 +85,8 @@ def rules(cfg: ExperimentConfig, section: Optional[str]) -> tuple[int, str]:
     """The version of the rules a run of `section` is made under with cfg, and what changed since version 1."""
     s = cfg.train.schedule
     if section == "prune":
+        if cfg.model.model_dump().get("gates") and cfg.prune.criterion in ACTIVATION_CRITERIA:
+            return 3, PRUNE_RULES + ", and " + GATED_SCORES
         return 2, PRUNE_RULES
     if section in FINE_TUNING and (s.warmup_epochs > 0 or s.name in ("step", "multistep")):
         return 2, FINE_TUNE_SCALED

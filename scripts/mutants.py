@@ -46,6 +46,8 @@ M = [
   "tests/test_compare.py::test_every_magnitude_prune_scope_is_read_from_its_folder_name"),
  ("scoring-batches-as-asked", "rescomp/stages/prune.py", "\"scoring_batches\": len(scoring),", "\"scoring_batches\": pc.score_batches,",
   "tests/test_prune.py::test_prune_end_to_end_and_report"),
+ ("gated-conv-scored-at-its-output", "rescomp/compress/prune.py", "            nxt = nxt.inner if isinstance(nxt, Gated) else nxt\n", "",
+  "tests/test_prune.py::test_a_gated_units_last_conv_is_scored_after_its_batchnorm_as_the_ungated_ones"),
  ("int8-trait-unseen", "rescomp/runner.py", "({\"int8\"} if payload.get(\"kind\") == checkpoint.INT8 else set())", "set()",
   "tests/test_runner.py::test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line"),
  ("load-model-takes-int8", "rescomp/checkpoint.py", "    if payload.get(\"kind\") == INT8:\n", "    if False:\n",

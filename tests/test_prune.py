@@ -17,7 +17,9 @@
 - the fast schedule's two reductions one fine-tuning epoch apart instead of Figure 3's three (epochs 4
   and 7), or the gap not counted against the budget (test_schedules);
 - a row recording the scoring batches asked for where fewer training images made fewer
-  (prune_end_to_end_and_report).
+  (prune_end_to_end_and_report);
+- a gated unit's last conv (layer-drop's gate wraps its BN) scored at the conv's output, not after its BN
+  as every other conv is (a_gated_units_last_conv_is_scored_after_its_batchnorm_...).
 """
 
 import copy
@@ -59,6 +61,35 @@ def test_taylor_score_of_a_hand_built_case():
     raw = (torch.tensor([0.5, 1.0]) * g).abs()  # mean over positions of a * dL/da
     scores = taylor(model, [(x, y)], 0)["0"]
     assert torch.allclose(scores, raw / raw.norm(), atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "mean_activation"])
+def test_a_gated_units_last_conv_is_scored_after_its_batchnorm_as_the_ungated_ones(criterion):
+    """Layer-drop's gate wraps a unit's last BN (x + w * bn2(conv2(.))): with w = 1 the gated network computes
+    what the plain one does, so every conv must score the same. The wrong version scored conv2 of a gated
+    unit at the conv's output, since the module after it is the gate, not a BN."""
+    from rescomp.compress.prune import CRITERIA
+    from rescomp.models import build_model
+
+    torch.manual_seed(0)
+    spec = {"arch": "cifar_resnet", "depth": 14, "width": 4, "num_classes": 10}
+    plain, gated = build_model(spec).eval(), build_model({**spec, "gates": {"init": [1.0, 1.0]}}).eval()
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm2d):  # statistics that differ from a fresh BN's
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.3)
+    weights = plain.state_dict()
+    gated.load_state_dict({k: v if k.endswith(".gate") else weights[k.replace(".bn2.inner.", ".bn2.")]
+                           for k, v in gated.state_dict().items()})  # the gates stay 1
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)))]
+    with torch.no_grad():
+        assert torch.allclose(plain(batches[0][0]), gated(batches[0][0]), atol=1e-6)
+    a, b = (CRITERIA.get(criterion)(m, batches, 0) for m in (plain, gated))
+    assert set(a) == set(b) and "layer3.1.conv2" in a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
 
 
 def test_taylor_takes_the_absolute_value_per_example_before_the_batch_mean():

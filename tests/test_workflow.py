@@ -860,6 +860,17 @@ def test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused(workdir, tiny
         assert (res.exit_code, "already complete" in res.output) == ((0, True) if name == "cos" else (2, False)), res.output
 
 
+def test_pruning_a_gated_network_on_activations_is_under_the_rules_that_score_its_gated_bns(tiny):
+    from rescomp.config import validate
+    from rescomp.rundir import rules
+
+    tiny["model"] = {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}}
+    for criterion, version in (("taylor", 3), ("mean_activation", 3), ("l1", 2), ("random", 2)):
+        assert rules(validate({**tiny, "prune": {"criterion": criterion}}, "t"), "prune")[0] == version, criterion
+    tiny["model"].pop("gates")
+    assert rules(validate({**tiny, "prune": {"criterion": "taylor"}}, "t"), "prune")[0] == 2
+
+
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
     tiny = _quick(tiny)
     path = write_config(workdir, tiny)

@@ -138,12 +138,16 @@ CRITERIA: Registry[Callable[..., dict[str, torch.Tensor]]] = Registry("pruning c
 
 
 def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """For each conv, the module whose output is its channels' activation: the BN right after it, else itself."""
+    """For each conv, the module whose output is its channels' activation: the BN right after it (also where
+    layer-drop's gate wraps that BN: a gated unit's last BN), else itself."""
+    from rescomp.compress.layer_drop import Gated
+
     mods = list(model.named_modules())
     out = {}
     for i, (name, m) in enumerate(mods):
         if isinstance(m, nn.Conv2d):
             nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+            nxt = nxt.inner if isinstance(nxt, Gated) else nxt
             out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels else m
     return out
 
