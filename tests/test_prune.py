@@ -19,7 +19,9 @@
 - a row recording the scoring batches asked for where fewer training images made fewer
   (prune_end_to_end_and_report);
 - a gated unit's last conv (layer-drop's gate wraps its BN) scored at the conv's output, not after its BN
-  as every other conv is (a_gated_units_last_conv_is_scored_after_its_batchnorm_...).
+  as every other conv is (a_gated_units_last_conv_is_scored_after_its_batchnorm_...);
+- a network no policy prunes correctly (coupled with option-A shortcuts, grouped or depthwise convs) pruned
+  into one that cannot run, a traceback (a_network_no_policy_prunes_correctly_is_refused_...).
 """
 
 import copy
@@ -192,8 +194,8 @@ def test_every_registry_model_prunes_runs_and_shrinks(arch):
         try:
             pruned, new_spec, _ = prune(model, spec, share=0.2, criterion="l1", policy=policy, exclude=[], batches=[],
                                         seed=0, image_size=size)
-        except Exception as e:  # a policy may leave nothing prunable; that must be the clear error
-            assert "leaves nothing prunable" in str(e), e
+        except Exception as e:  # a policy may leave nothing prunable, or refuse: that must be the clear error
+            assert "leaves nothing prunable" in str(e) or (policy == "coupled" and "option A" in str(e)), e
             continue
         assert pruned.eval()(torch.randn(1, 3, size, size)).shape == (1, 10)
         assert count_params(pruned) < count_params(model)
@@ -323,6 +325,23 @@ def _prune_cfg(tiny, **pc):
     tiny["prune"] = {"share_per_step": 0.1, "steps": 2, "finetune_epochs": 1, "score_batches": 2, **pc}
     tiny["report"] = {"table": "pr"}
     return tiny
+
+
+@pytest.mark.parametrize("model, policy, message", [
+    ({"arch": "cifar_resnet", "depth": 8, "width": 4}, "coupled", "cannot prune a network with zero-padding (option A)"),
+    ({"arch": "cifar_resnet", "depth": 8, "width": 4, "shortcut": "B", "separable": {"mode": "depthwise"}}, "coupled",
+     "grouped or depthwise convs (conv1.0 and"),
+    ({"arch": "cifar_resnet", "depth": 8, "width": 4, "shortcut": "B", "separable": {"mode": "depthwise"}}, "paper",
+     "grouped or depthwise convs"),
+])
+def test_a_network_no_policy_prunes_correctly_is_refused_before_any_work(workdir, tiny, model, policy, message):
+    # option A's zero padding read as a channel-for-channel map (a pruned network whose classifier does not
+    # fit), a depthwise stem offered as a group of the image's colours
+    tiny["model"] = model
+    tiny["prune"] = {"policy": policy}
+    res = CliRunner().invoke(app, ["prune", str(write_config(workdir, tiny))])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    assert not (workdir / "runs").exists()
 
 
 def test_prune_end_to_end_and_report(workdir, tiny):

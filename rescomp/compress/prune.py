@@ -95,7 +95,26 @@ class Group:
         return c.clamp(min=1)
 
 
+def refuse_unprunable(model: nn.Module, policy: str) -> None:
+    """ConfigError for a network whose filters neither policy can remove correctly: a grouped or depthwise
+    conv ties its output channels to its input channels group by group (a depthwise stem's are the image's
+    colours), and torch-pruning reads an option-A shortcut's zero padding as a channel-for-channel map,
+    so the coupled policy would tie the padded channels to the wrong ones."""
+    from rescomp.models.cifar_resnet import PadShortcut
+
+    grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    if grouped:
+        raise ConfigError(f"prune cannot remove filters of a network with grouped or depthwise convs ({grouped[0]}"
+                          f"{f' and {len(grouped) - 1} more' if len(grouped) > 1 else ''}): their channels are tied "
+                          f"to their inputs' group by group; prune the network without separable convs (separable: "
+                          f"spatial prunes)")
+    if policy == "coupled" and any(isinstance(m, PadShortcut) for m in model.modules()):
+        raise ConfigError("prune.policy=coupled cannot prune a network with zero-padding (option A) shortcuts: the "
+                          "padded channels would be tied to the wrong ones; use model.shortcut=B, or prune.policy=paper")
+
+
 def channel_groups(model: nn.Module, example: torch.Tensor, exclude: list[str], policy: str) -> list[Group]:
+    refuse_unprunable(model, policy)
     tp = _tp()
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     names = {m: n for n, m in model.named_modules()}
