@@ -264,7 +264,11 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     said = []
     if has("macs"):
         said.append("MACs are multiply-accumulates of one batch-1 forward pass as fvcore counts them: convolutions "
-                    "and linear layers, plus one per element for BatchNorm and adaptive average pooling (other pooling counts none)")
+                    "and linear layers, plus two per element for BatchNorm (normalisation, then scale and shift) and "
+                    "one for adaptive average pooling (other pooling counts none)")
+    if has("macs", "params") and any(r.get("stage") in ("ptq", "qat") for r in rows):
+        said.append("an int8 row's params and MACs are those of the fp32 network it quantizes (the same layers, "
+                    "their multiply-accumulates in int8)")
     if has("size_bytes"):
         said.append("size is the network's tensors as torch.save writes them (its state_dict; an int8 ONNX graph's "
                     "initializers or a PT2E program's tensors, without the graph; kB = 1000 bytes)")
@@ -283,6 +287,11 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
                     "where the two latencies' ranges as shown (median ± half the interquartile range) overlap")
     lines = [_wrap("; ".join(said) + ".")] if said else []
     runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
+    timed_in = {r.get("name") for r in rows if _timing(r) is not None}
+    if not runs and len(timed_in) > 1:
+        lines += ["", _wrap("The latencies were timed on one device at one commit, but in separate processes (one "
+                            "per run), minutes apart, so they differ by the machine's drift too; only a speed-up "
+                            "compares two networks timed side by side.")]
     if runs:
         lines += ["", _wrap(f"The latencies are marked [a] to [{runs[-1][0]}] by the device (threads included) and "
                             "commit they were timed with: latencies of two marks come from different sessions and do "

@@ -16,6 +16,11 @@ def test_counts_by_hand():
     net = tiny_net()
     assert count_params(net) == 3 * 4 * 9 + 256 * 10 + 10
     assert count_macs(net, 8) == 3 * 4 * 9 * 64 + 256 * 10  # one multiply-add = one MAC
+    # what the footnote says fvcore adds: two per element for BatchNorm, one for adaptive average pooling,
+    # none for max pooling
+    assert count_macs(nn.Sequential(nn.BatchNorm2d(3)), 8) == 2 * 3 * 64
+    assert count_macs(nn.Sequential(nn.AdaptiveAvgPool2d(1)), 8) == 3 * 64
+    assert count_macs(nn.Sequential(nn.MaxPool2d(2)), 8) == 0
     act = activation_bytes(net, 8)
     # at the conv, its input (3*64 floats) and output (4*64) are live; flatten is a view of that
     # output (no new memory); at the linear, 256 + 10 floats.

@@ -287,10 +287,15 @@ def test_latencies_timed_in_several_runs_are_marked_by_run():
 
 def test_the_footnote_speaks_only_of_the_columns_there():
     md = markdown("t", [{**ROW, "latency_ms_cpu_b1": None, "latency_ms_cpu_b64": None}])
-    assert "MACs are multiply-accumulates" in md and "plus one per element for BatchNorm" in " ".join(md.split())
+    assert "MACs are multiply-accumulates" in md and "plus two per element for BatchNorm" in " ".join(md.split())
     assert "latencies" not in md and "compression is" not in md and "speed-up is" not in md
+    assert "int8 row's params and MACs" not in " ".join(md.split())
     md = " ".join(markdown("t", [{**ROW, "stage": "ptq", "speedup_cpu_b1": 1.2, "compression": 0.3}]).split())
     assert "ms are CPU latencies" in md and "compression is size" in md and "(median ± half the interquartile range) overlap" in md
+    assert "an int8 row's params and MACs are those of the fp32 network it quantizes" in md
+    assert "separate processes" not in md  # one run's rows
+    two = " ".join(markdown("t", [ROW, {**ROW, "name": "other", "row": "other"}]).split())
+    assert "[a]" not in two and "timed on one device at one commit, but in separate processes" in two
 
 
 def test_the_arch_column_names_the_models_arguments():
