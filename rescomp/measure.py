@@ -324,14 +324,17 @@ RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort", "inductor": "ind"}  # la
 
 
 class InductorForward(nn.Module):
-    """A network compiled by Inductor with weight freezing on first use (copies share it); `model` is
+    """A network compiled by Inductor with weight freezing on first use, once per batch size (copies share
+    it); `model` is
     copied to the CPU for inference, unless `as_is` (a program torch.export captured, which has no
     train or eval mode to set)."""
 
     def __init__(self, model: nn.Module, as_is: bool = False) -> None:
         super().__init__()
         self.net = model if as_is else checkpoint.copy_network(model).cpu().eval().to(memory_format=torch.contiguous_format)
-        self.compiled = torch.compile(self.net)
+        # static shapes: a graph per batch size, each timed as compiled for it (torch's default would
+        # recompile the second batch size seen as a dynamic-shape graph and time that)
+        self.compiled = torch.compile(self.net, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor

@@ -23,6 +23,8 @@
 #     source_fn_stack; that capture itself is caught only there, by
 #     test_pt2e_int8_tracks_fp32_and_reloads_identically) -> test_a_network_with_nothing_to_quantize_is_refused;
 #     the non-strict capture, where torch 2.14 still quantizes -> test_the_capture_records_the_source_of_each_conv_the_quantizer_looks_for
+# 11. a second batch size timed on the dynamic-shape graph torch.compile makes by default when a compiled
+#     function sees a new size -> test_inductor_runs_the_fp32_network_it_compiles
 
 import json
 from pathlib import Path
@@ -198,10 +200,18 @@ def test_auto_activation_width_keeps_int8_sums_exact(monkeypatch):
 def test_inductor_runs_the_fp32_network_it_compiles():
     from rescomp.measure import InductorForward
 
+    from torch._dynamo.utils import counters
+
     model = build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}).eval()
-    x = torch.randn(2, 3, 32, 32)
+    f = InductorForward(model)
+    before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
-        assert torch.allclose(InductorForward(model)(x), model(x), atol=1e-4)
+        for batch in (2, 3, 4):
+            x = torch.randn(batch, 3, 32, 32)
+            assert torch.allclose(f(x), model(x), atol=1e-4)
+    # each batch size timed as compiled for it: a static graph each, where torch's default compiles the
+    # second size seen as a dynamic-shape graph that serves the third too
+    assert counters["stats"]["unique_graphs"] - before == 3
 
 
 def test_a_quantize_run_with_pt2e_end_to_end(workdir, tiny):
