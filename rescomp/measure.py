@@ -197,10 +197,19 @@ def gpu_images_per_s(model: nn.Module, image_size: int, batch: int = 256, iters:
 @main_only
 @timed_alone
 def step_times_ms(model: nn.Module, image_size: int, batch: int, device: torch.device, *, runs: int = 100,
-                  warmup: int = 10, reference: Optional[nn.Module] = None) -> dict[str, float]:
-    """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs).
-    With a `reference` network, a step of each is timed in turn, so that both see the same machine,
-    and its times come back as reference_forward_ms_b<B> / reference_backward_ms_b<B>."""
+                  warmup: int = 10, reference: Optional[nn.Module] = None,
+                  threads: Optional[int] = None) -> dict[str, float]:
+    """Mean forward and backward time of a training step on `device` (the paper's Table 2: 100 runs), in
+    fp32 and the default layout; on the CPU with `threads` pinned (measure.threads, as the latencies beside
+    them: one thread count names a row's timings). With a `reference` network, a step of each is timed in
+    turn, so that both see the same machine, and its times come back as reference_forward_ms_b<B> /
+    reference_backward_ms_b<B>."""
+    with pinned_threads(threads if device.type == "cpu" else None):
+        return _step_times(model, image_size, batch, device, runs, warmup, reference)
+
+
+def _step_times(model: nn.Module, image_size: int, batch: int, device: torch.device, runs: int, warmup: int,
+                reference: Optional[nn.Module]) -> dict[str, float]:
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     y = torch.randint(0, 2, (batch,), device=device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)

@@ -278,7 +278,8 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
         said.append("PyTorch (eager), ONNX Runtime and Inductor ms are CPU latencies: the median forward time at "
                     "that batch size with threads pinned, ± half its interquartile range where measured")
     if has("forward_ms_b", "backward_ms_b"):
-        said.append("forward and backward ms are the mean passes of a training step at that batch size")
+        said.append("forward and backward ms are the mean passes of an fp32 training step at that batch size "
+                    "(on a CPU, with the latencies' threads)")
     if has("act_peak"):
         said.append("act. peak is the most activation memory live at once in a batch-1 forward pass")
     if has("speedup_"):

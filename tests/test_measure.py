@@ -144,11 +144,18 @@ def test_a_network_is_timed_interleaved_with_its_reference(fake_clock, monkeypat
             self.tick, self.head = _Scripted(name, [ms], fake_clock, log), nn.Linear(3, 2)
 
         def forward(self, x):
+            threads.add(torch.get_num_threads())
             return self.head(self.tick(x).mean(dim=(2, 3)))
 
     log.clear()
-    t = m.step_times_ms(Step("small", 2.0), 4, 2, torch.device("cpu"), runs=3, warmup=1, reference=Step("big", 6.0))
-    assert log == ["small", "big"] * 4
+    threads, before = set(), torch.get_num_threads()
+    torch.set_num_threads(2)  # training's threads; the steps are timed with measure.threads, as the latencies
+    try:
+        t = m.step_times_ms(Step("small", 2.0), 4, 2, torch.device("cpu"), runs=3, warmup=1, reference=Step("big", 6.0),
+                            threads=1)
+    finally:
+        torch.set_num_threads(before)
+    assert log == ["small", "big"] * 4 and threads == {1}
     assert t["forward_ms_b2"] == pytest.approx(2.0) and t["reference_forward_ms_b2"] == pytest.approx(6.0)
     assert set(t) == {"forward_ms_b2", "backward_ms_b2", "reference_forward_ms_b2", "reference_backward_ms_b2"}
 

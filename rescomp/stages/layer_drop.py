@@ -106,7 +106,7 @@ def _costs(model, spec, cfg: ExperimentConfig, ctx: RunContext, timing: bool, fu
         ctx.log(f"timing {t.warmup} + {t.runs} training steps at batch {t.batch_size} on {ctx.device.type} "
                 f"({row['layers']} layers" + (", interleaved with the full network)" if full is not None else ")"))
         row.update(step_times_ms(model, cfg.data.image_size, t.batch_size, ctx.device, runs=t.runs, warmup=t.warmup,
-                                 reference=full))
+                                 reference=full, threads=m.threads))
     return row
 
 
