@@ -249,7 +249,10 @@ def _storages(obj: Any) -> dict[int, int]:
     """{storage address: bytes} of the tensors in obj; a view shares its base's storage."""
     out: dict[int, int] = {}
     for t in _tensors(obj):
-        ptr = t.untyped_storage().data_ptr() if not t.is_quantized else id(t)
+        try:
+            ptr = t.untyped_storage().data_ptr()  # a quantized view's too (torch 2.14)
+        except (RuntimeError, NotImplementedError):  # a tensor whose storage torch does not expose
+            ptr = id(t)
         out[ptr] = max(out.get(ptr, 0), t.numel() * t.element_size())
     return out
 

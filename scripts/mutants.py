@@ -60,6 +60,8 @@ M = [
   "tests/test_quantize_pt2e.py::test_inductor_runs_the_fp32_network_it_compiles"),
  ("step-times-unpinned", "rescomp/measure.py", "    with pinned_threads(threads if device.type == \"cpu\" else None):\n        return _step_times(", "    if True:\n        return _step_times(",
   "tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference"),
+ ("quantized-view-counted", "rescomp/measure.py", "            ptr = t.untyped_storage().data_ptr()  # a quantized", "            ptr = t.untyped_storage().data_ptr() if not t.is_quantized else id(t)  # a quantized",
+  "tests/test_measure.py::test_a_view_of_a_quantized_activation_adds_no_memory"),
  ("int8-trait-unseen", "rescomp/runner.py", "({\"int8\"} if payload.get(\"kind\") == checkpoint.INT8 else set())", "set()",
   "tests/test_runner.py::test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line"),
  ("load-model-takes-int8", "rescomp/checkpoint.py", "    if payload.get(\"kind\") == INT8:\n", "    if False:\n",

@@ -27,6 +27,22 @@ def test_counts_by_hand():
     assert act == {"act_peak_bytes": (3 * 64 + 4 * 64) * 4, "act_max_tensor_bytes": 256 * 4}
 
 
+def test_a_view_of_a_quantized_activation_adds_no_memory():
+    # By hand (3 x 32 x 32): the input (12,288 B fp32) lives until it is quantized (q, 3,072 B); v is a
+    # view of q; a and b are dequantized copies (12,288 B each). At b, q (v shares it), a and b are live:
+    # 27,648 B; then a's sum (4 B) while a and b still live: 27,652 B, the peak. Counting the view as new
+    # memory gives 30,720 B at b.
+    class M(nn.Module):
+        def forward(self, x):
+            q = torch.quantize_per_tensor(x, 0.1, 128, torch.quint8)
+            v = q.reshape(1, -1)
+            a = q.dequantize()
+            b = v.dequantize()
+            return a.sum() + b.sum() + q.int_repr().sum()
+
+    assert activation_bytes(M(), 32) == {"act_peak_bytes": 27_652, "act_max_tensor_bytes": 12_288}
+
+
 def test_resnet56_macs_match_he_et_al():
     # He et al. quote ~125 M multiply-adds for the convolutions; fvcore also counts BN and the fc.
     macs = count_macs(build_model({"arch": "resnet56", "num_classes": 10}), 32)
