@@ -94,10 +94,23 @@ def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# Timings and their ratios, on a ratio scale: seeds' values meet in their geometric mean (speed-ups of 2x and
+# 0.5x are 1x, not 1.25x); a spread (interquartile range) in its largest, a "within the noise" flag where any
+# seed's is
+GEOMETRIC = ("latency_ms_", "reference_latency_ms_", "fp32_latency_ms_", "speedup_cpu_", "speedup_ort_", "speedup_ind_",
+             "forward_ms_b", "backward_ms_b", "reference_forward_ms_b", "reference_backward_ms_b", "gpu_images_per_s")
+
+
 def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of one experiment under several seeds (same label, same stage, different seeds) become one
-    row: the mean of every number, `seeds` (how many) and `top1_std` (their sample standard deviation);
-    the seeds and config hashes are listed. A row with one seed is left as it is."""
+    row: the mean of every number (the geometric mean of timings and speed-ups, the largest timing spread),
+    `seeds` (how many) and `top1_std` (their sample standard deviation); the seeds and config hashes are
+    listed, a speed-up is within the noise where any seed's was, and the fastest runtime is named again from
+    the merged latencies. A row with one seed is left as it is."""
+    import math
+
+    from rescomp.measure import RUNTIME_COLUMN
+
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r.get("row"), r.get("stage"), r.get("series")), []).append(r)
@@ -109,8 +122,21 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         merged = dict(group[0])
         for k in group[0]:
             vals = [r.get(k) for r in group]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and len(set(vals)) > 1:
-                merged[k] = sum(vals) / len(vals)
+            if k.startswith("speedup_within_noise"):
+                merged[k] = any(vals)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and len(set(vals)) > 1:
+                if k.startswith(GEOMETRIC) and all(v > 0 for v in vals):
+                    merged[k] = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                elif "_iqr_" in k:
+                    merged[k] = max(vals)
+                else:
+                    merged[k] = sum(vals) / len(vals)
+        for k in [k for k in merged if k.startswith(("fastest_runtime_b", "fp32_fastest_runtime_b"))]:
+            prefix, b = ("fp32_" if k.startswith("fp32_") else ""), k.rsplit("_b", 1)[1]
+            timed = {rt: merged[f"{prefix}latency_ms_{col}_b{b}"] for rt, col in RUNTIME_COLUMN.items()
+                     if isinstance(merged.get(f"{prefix}latency_ms_{col}_b{b}"), (int, float))}
+            if timed:
+                merged[k] = min(timed, key=timed.get)
         tops = [r["top1"] for r in group]
         mean = sum(tops) / len(tops)
         merged.update(seeds=len(group), top1_std=(sum((t - mean) ** 2 for t in tops) / (len(tops) - 1)) ** 0.5,

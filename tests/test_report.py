@@ -194,7 +194,9 @@ def test_a_plot_these_rows_do_not_make_is_removed(tmp_path):
 
 
 # Wrong versions: the population standard deviation instead of the sample's; rows of different
-# experiments (other label or stage) averaged together; a one-seed row given a spread.
+# experiments (other label or stage) averaged together; a one-seed row given a spread; speed-ups and
+# latencies of separate processes averaged arithmetically (2x and 0.5x make 1.25x), the first seed's
+# noise flag and fastest runtime kept.
 def test_seeds_of_one_row_become_its_mean_and_sample_sd():
     from rescomp.report import aggregate_seeds
 
@@ -207,6 +209,15 @@ def test_seeds_of_one_row_become_its_mean_and_sample_sd():
     assert row["top1"] == pytest.approx(82.0) and row["top1_std"] == pytest.approx(2.0) and row["seeds"] == 3
     assert row["params"] == 100 and row["seed"] == "0, 1, 2"
     assert out[1] == other and out[2] == int8 and "top1_std" not in other
+    # timings and speed-ups, taken in separate processes, meet on their ratio scale: the geometric mean;
+    # a speed-up within the noise in any seed is; the fastest runtime is read again from the merged times
+    timed = [{**int8, "seed": s, "speedup_cpu_b1": x, "speedup_within_noise_cpu_b1": n, "latency_ms_cpu_b1": c,
+              "latency_ms_ort_b1": o, "latency_iqr_ms_cpu_b1": q, "fastest_runtime_b1": f}
+             for s, x, n, c, o, q, f in ((0, 2.0, False, 1.0, 2.0, 0.1, "eager"), (1, 0.5, True, 4.0, 1.5, 0.3, "onnxruntime"))]
+    row = aggregate_seeds(timed)[0]
+    assert row["speedup_cpu_b1"] == pytest.approx(1.0) and row["speedup_within_noise_cpu_b1"] is True
+    assert row["latency_ms_cpu_b1"] == pytest.approx(2.0) and row["latency_ms_ort_b1"] == pytest.approx(3 ** 0.5)
+    assert row["fastest_runtime_b1"] == "onnxruntime" and row["latency_iqr_ms_cpu_b1"] == 0.3
 
 
 def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
