@@ -390,7 +390,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
         size = payload["image_size"]
         row = {"arch": payload["arch"]["arch"], "dtype": "int8", **layer_counts(backend(payload["quantize"]["backend"]), model),
                **measure_int8(model, size, cfg.measure if cfg else None)}
-        _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)
+        _show(row, f"{row['arch']} int8 at {size}x{size}", as_json)  # int8 runs on the CPU
         return
     stored = None
     if payload is not None:
@@ -411,10 +411,16 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
     if mc is not None and device is not None and device.type == "cpu":
         mc = mc.model_copy(update={"gpu_throughput": False})  # asked for the CPU: no GPU figure either
     row = {"arch": arch, **measure_model(model, image_size, mc), **(stored or {})}
-    _show(row, f"{arch} at {image_size}x{image_size}", as_json)
+    _show(row, f"{arch} at {image_size}x{image_size}", as_json, device)
 
 
-def _show(row: dict, title: str, as_json: bool) -> None:
+def _show(row: dict, title: str, as_json: bool, device=None) -> None:
+    """A measured row with how it was made (commit, torch, the device; in JSON every detail of the
+    hardware), as a table or as JSON."""
+    from rescomp.provenance import stamp
+
+    made = stamp(device if device is not None else "cpu")
+    row = {**row, **{k: v for k, v in made.items() if as_json or k != "hardware"}}
     if as_json:
         out.print_json(json.dumps(row))
         return

@@ -111,4 +111,5 @@ def measured_as_its_row(model_file: Path, row: dict) -> dict:
     got = json.loads(res.stdout)
     for key in ("params", "params_with_bn_stats", "macs", "size_bytes", "stored_bytes"):
         assert got.get(key) == row.get(key), (key, got.get(key), row.get(key))
+    assert {"commit", "torch", "device"} <= set(got) and got["hardware"]["cpu"]["isa"] is not None  # how it was made
     return got
