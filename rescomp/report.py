@@ -24,7 +24,7 @@ COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers
            "seed", "config_hash", "commit", "torch", "device"]
 # Markdown headers with units; CSV and JSON keep the raw names and units.
 MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "method", "int8_layers": "int8 layers", "share": "pruned %", "removed": "filters removed in step", "removed_coupled_channels": "coupled channels removed in step",
-              "finetune_epochs_total": "fine-tune epochs", "paper_input": "counted at px", "paper_head": "counted with classes",
+              "finetune_epochs_total": "fine-tune epochs", "paper_input": "paper's input px", "paper_head": "paper's classes",
               "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
               "dc_dense_bytes": "dense kB", "dc_sparse_bytes": "sparse kB", "dc_shared_bytes": "shared kB",
@@ -289,7 +289,8 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
     said = []
     if has("macs"):
-        said.append("MACs are multiply-accumulates of one batch-1 forward pass as fvcore counts them: convolutions "
+        said.append("MACs are multiply-accumulates of one batch-1 forward pass at the input size the network ran at "
+                    "(the paper's, where a column says so), as fvcore counts them: convolutions "
                     "and linear layers, plus two per element for BatchNorm (normalisation, then scale and shift) and "
                     "one for adaptive average pooling (other pooling counts none)")
     if has("macs", "params") and any(r.get("stage") in ("ptq", "qat") for r in rows):
