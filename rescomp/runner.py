@@ -47,11 +47,13 @@ Traits = frozenset[str]  # what a network is, as far as later stages care: 'gate
 
 def traits_of(payload: dict[str, Any]) -> Traits:
     """What a stored network is, as far as stages care: gated residual units, masked (sparse) or weight-shared
-    or binarized ('coded') layers, from its arch spec; int8, from its checkpoint's kind. A bare spec is
-    `{"arch": spec}`."""
+    or binarized ('coded') layers, from its arch spec; int8, from its checkpoint's kind; what its checkpoint
+    says besides (`traits`: magnitude_prune's network, sparse with its masks baked into zeros). A bare spec
+    is `{"arch": spec}`."""
     spec = payload.get("arch") or {}
     found = {t for t, key in (("gated", "gates"), ("sparse", "masked"), ("coded", "shared"), ("coded", "binarized"))
              if spec.get(key)}
+    found |= set(payload.get("traits") or [])
     return frozenset(found | ({"int8"} if payload.get("kind") == checkpoint.INT8 else set()))
 Start = tuple[torch.nn.Module, dict[str, Any], Path]  # (model, its checkpoint payload, where it came from)
 

@@ -22,7 +22,8 @@
 #     stage, a distillation teacher) failing with a traceback (KeyError 'state_dict') or "weights do not
 #     fit", or running on -> test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line
 # 11. a stage's own command taking a network its chain would refuse (prune or quantize of a weight-shared
-#     one, whose codes are how it is stored) -> test_a_stage_command_refuses_what_its_chain_refuses
+#     one, whose codes are how it is stored; prune, binarize or layer_drop of a magnitude-pruned one, whose
+#     zeros would grow back) -> test_a_stage_command_refuses_what_its_chain_refuses
 
 import json
 
@@ -267,6 +268,17 @@ def test_a_stage_command_refuses_what_its_chain_refuses(workdir, tiny, trained):
     assert not (workdir / "runs").exists()
     res = cli("measure", coded, "--set", "measure.latency=false")  # the network itself is fine
     assert res.exit_code == 0, res.output
+    # magnitude_prune's network keeps its zeros without masks: what retrains every weight would regrow them
+    res = cli("magnitude-prune", config, "--set", "name=sparse")
+    assert res.exit_code == 0, res.output
+    sparse = next(trained.parent.parent.glob("sparse-mprune-*/model.pt"))
+    for section in ("prune", "binarize", "layer_drop"):
+        res = cli(section.replace("_", "-"), path, "--set", f"{section}.checkpoint={sparse}")
+        assert res.exit_code == 2 and "magnitude_prune's zeros would grow back" in res.stderr, (section, res.output)
+    for section in ("weight_share", "quantize"):  # they keep the zeros: what it is made for
+        res = cli(section.replace("_", "-"), path, "--set", f"{section}.checkpoint={sparse}", "--dry-run")
+        assert res.exit_code == 0, (section, res.output)
+    assert not (workdir / "runs").exists()
 
 
 # A fine-tune's schedule (rescomp.runner.retrain_config, the data audit). Wrong version: the training

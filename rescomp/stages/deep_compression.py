@@ -85,7 +85,10 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
     # resumed run) holds its weight as orig x mask, a tensor with a graph, which deepcopy refuses
     baked = dc.bake(checkpoint.rebuild(spec, {k: v.detach().cpu() for k, v in model.state_dict().items()}))
     plain_spec = {k: v for k, v in spec.items() if k != "masked"}
+    # its zeros are no longer held by masks, so it says it is sparse: a stage that retrains every weight
+    # refuses it (rescomp.runner.traits_of), as a chain refuses that stage after this one
     checkpoint.save(run.out / "model.pt", {"arch": plain_spec, "state_dict": baked.state_dict(), "config": cfg.to_dict(),
+                                           "traits": ["sparse"],
                                            "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} magnitude-pruned {100 * r['share']:g}% ({mc.scope})"
