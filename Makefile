@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo gpu-prep test-gpu-env bench bench-ddp bench-int8 bench-layout baselines table-separable table-layer-drop table-taylor \
+.PHONY: install test demo gpu-prep test-gpu-env bench bench-ddp bench-int8 bench-inductor-shapes bench-layout baselines table-separable table-layer-drop table-taylor \
 	table-combined table-deep-compression table-int8 report-int8 report-separable report-layer-drop report-taylor report-combined \
 	report-deep-compression rerender clean
 
@@ -112,6 +112,10 @@ bench-ddp: install
 # int8 vs fp32 CPU latency of ResNet-56 and ResNet50V2, both timed in one process.
 bench-int8: install
 	$(BIN)/python scripts/bench_int8.py
+
+# Inductor at batch 64 after batch 1: torch.compile's default (dynamic) against a static graph per batch size
+bench-inductor-shapes: install
+	$(BIN)/python scripts/bench_inductor_shapes.py
 
 # Kastanos 2020, Tables 1-2 (ResNet50V2 full/spatial/depthwise, fp32 and int8), and the same on ResNet-56.
 # Each network is quantized by every int8 backend (torch.ao FX x86, ONNX Runtime, PT2E), calibrated

@@ -155,7 +155,7 @@ class TrainConfig(Strict):
 class MeasureConfig(Strict):
     latency: bool = True  # time the forward pass on the CPU
     batch_sizes: list[int] = [1, 64]  # batch sizes timed (latency_ms_cpu_b<N>)
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads pinned for latency; default all cores")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads pinned for latency (and layer-drop's training-step times); default the process's (a run's training threads)")
     channels_last: bool = True  # time the fp32 model in NHWC, the faster layout on CPUs with oneDNN
     warmup: int = Field(3, ge=0)  # untimed forward passes before timing
     repeats: int = Field(10, ge=1)  # timed forward passes at least; the median is reported

@@ -120,13 +120,16 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out += group
             continue
         merged = dict(group[0])
-        for k in group[0]:
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        for k in dict.fromkeys(k for r in group for k in r):
             vals = [r.get(k) for r in group]
             if k.startswith("speedup_within_noise"):
                 merged[k] = any(vals)
-            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals) and len(set(vals)) > 1:
-                if k.startswith(GEOMETRIC) and all(v > 0 for v in vals):
-                    merged[k] = math.exp(sum(math.log(v) for v in vals) / len(vals))
+            elif any(number(v) for v in vals) and not all(number(v) for v in vals):
+                merged[k] = None  # measured in some seeds only: no merged figure
+            elif all(number(v) for v in vals) and len(set(vals)) > 1:
+                if k.startswith(GEOMETRIC):
+                    merged[k] = math.exp(sum(math.log(v) for v in vals) / len(vals)) if all(v > 0 for v in vals) else None
                 elif "_iqr_" in k:
                     merged[k] = max(vals)
                 else:
@@ -305,8 +308,8 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
         said.append("PyTorch (eager), ONNX Runtime and Inductor ms are CPU latencies: the median forward time at "
                     "that batch size with threads pinned, ± half its interquartile range where measured")
     if has("forward_ms_b", "backward_ms_b"):
-        said.append("forward and backward ms are the mean passes of an fp32 training step at that batch size "
-                    "(on a CPU, with the latencies' threads)")
+        said.append("forward and backward ms are the mean passes of a training step at that batch size, without "
+                    "autocast (on a CPU, with the latencies' threads)")
     if has("act_peak"):
         said.append("act. peak is the most activation memory live at once in a batch-1 forward pass")
     if has("speedup_"):

@@ -218,6 +218,9 @@ def test_seeds_of_one_row_become_its_mean_and_sample_sd():
     assert row["speedup_cpu_b1"] == pytest.approx(1.0) and row["speedup_within_noise_cpu_b1"] is True
     assert row["latency_ms_cpu_b1"] == pytest.approx(2.0) and row["latency_ms_ort_b1"] == pytest.approx(3 ** 0.5)
     assert row["fastest_runtime_b1"] == "onnxruntime" and row["latency_iqr_ms_cpu_b1"] == 0.3
+    timed[1].pop("latency_ms_ort_b1")  # ONNX Runtime timed in one seed only: no merged figure, not the fastest
+    row = aggregate_seeds(timed)[0]
+    assert row["latency_ms_ort_b1"] is None and row["fastest_runtime_b1"] == "eager"
 
 
 def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
