@@ -43,6 +43,7 @@ from rescomp.rundir import claim, record_made, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
+Start = tuple[torch.nn.Module, dict[str, Any], Path]  # (model, its checkpoint payload, where it came from)
 
 
 def traits_of(payload: dict[str, Any]) -> Traits:
@@ -55,7 +56,6 @@ def traits_of(payload: dict[str, Any]) -> Traits:
              if spec.get(key)}
     found |= set(payload.get("traits") or [])
     return frozenset(found | ({"int8"} if payload.get("kind") == checkpoint.INT8 else set()))
-Start = tuple[torch.nn.Module, dict[str, Any], Path]  # (model, its checkpoint payload, where it came from)
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class Stage:
     chain_check: Callable[[ExperimentConfig], None] = lambda cfg: None  # what else a chain needs: one network out
     # Its input, where it must exist already: checked by a run (and --dry-run) before the data is decoded
     # and its folder claimed, not by a chain's plan, whose earlier stages make it. Default: the section's
-    # checkpoint, where one is given (without one, the config's training run is made first).
-    check_input: Optional[Callable[[ExperimentConfig], None]] = None
+    # checkpoint, where one is given (without one, the config's training run is made first). It returns
+    # the payload of the section's checkpoint if it read it, so that check_source does not read it again.
+    check_input: Optional[Callable[[ExperimentConfig], Optional[dict[str, Any]]]] = None
     # Files besides the network it starts from whose bytes decide its result (train's distillation teacher):
     # recorded with that network's (rescomp.rundir.MADE), so a result made from an older copy is not reused.
     inputs: Callable[[ExperimentConfig], list[Path]] = lambda cfg: []
@@ -87,11 +88,10 @@ class Stage:
         """The network it is given (its section's checkpoint) is there and one it can take, as a chain judges
         the network an earlier stage hands it: missing, corrupt, not rescomp's, or int8 for a stage that
         takes fp32 is one line, before any work."""
-        if self.check_input is not None:
-            self.check_input(cfg)
+        read = self.check_input(cfg) if self.check_input is not None else None
         path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
         if path:
-            why = self.refuses(traits_of(checkpoint.load(cfg.at(path))))
+            why = self.refuses(traits_of(read if read is not None else checkpoint.load(cfg.at(path))))
             if why:
                 raise CheckpointError(f"{self.section}.checkpoint '{path}': {why}")
 

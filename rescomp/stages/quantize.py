@@ -34,15 +34,18 @@ def input_path(cfg: ExperimentConfig) -> Path:
     return cfg.at(cfg.quantize.checkpoint) if cfg.quantize.checkpoint else run_folder(cfg) / "model.pt"
 
 
-def check_input(cfg: ExperimentConfig) -> None:
-    """A trained model to quantize: int8 trains nothing first."""
+def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
+    """A trained model to quantize: int8 trains nothing first. Returns quantize.checkpoint's payload where
+    one is given (Stage.check_source judges it without reading it again)."""
     path = input_path(cfg)
     if not path.is_file():
         raise ConfigError(f"no trained model at '{path}'; run `rescomp train` on this config first, or set "
                           f"quantize.checkpoint to a trained model.pt")
-    if not checkpoint.load(path).get("metrics"):
+    payload = checkpoint.load(path)
+    if not payload.get("metrics"):
         raise ConfigError(f"'{path}' holds no evaluation metrics, so it is not a trained model; quantize the "
                           f"model.pt that `rescomp train` writes at the end of a run")
+    return payload if cfg.quantize.checkpoint else None
 
 
 def context(cfg: ExperimentConfig, console: Optional[Console]) -> RunContext:
