@@ -399,8 +399,7 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
         model, payload = checkpoint.load_model(target)
         arch = payload["arch"]["arch"]
         ws = cfg.weight_share if cfg else None
-        stored = stored_form(checkpoint.copy_network(model).cpu().eval(), payload["arch"],
-                             *((ws.gap_bits_conv, ws.gap_bits_fc) if ws else ()))
+        stored = stored_form(model, payload["arch"], *((ws.gap_bits_conv, ws.gap_bits_fc) if ws else ()))
         if stored is not None:  # measured as its stage measures it: the network its own file decodes to
             model, stored = stored
     else:

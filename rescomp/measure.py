@@ -337,9 +337,8 @@ RUNTIME_COLUMN = {"eager": "cpu", "onnxruntime": "ort", "inductor": "ind"}  # la
 
 class InductorForward(nn.Module):
     """A network compiled by Inductor with weight freezing on first use, once per batch size (copies share
-    it); `model` is
-    copied to the CPU for inference, unless `as_is` (a program torch.export captured, which has no
-    train or eval mode to set)."""
+    it); `model` is copied to the CPU for inference, unless `as_is` (a program torch.export captured, which
+    has no train or eval mode to set)."""
 
     def __init__(self, model: nn.Module, as_is: bool = False) -> None:
         super().__init__()
@@ -368,6 +367,7 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
         return {name: {} for name in models}
     rows: dict[str, dict[str, Any]] = {}
     with pinned_threads(cfg.threads) as n:
+        timed_on = {"cpu_threads": n, "latency_device": device_name("cpu", n)}
         timed = dict(models)
         if "onnxruntime" in cfg.runtimes:
             timed.update({f"{name}@onnxruntime": (_ort_forward(m, image_size, n), False)
@@ -383,7 +383,7 @@ def _latency_row(models: dict[str, tuple[nn.Module, bool]], image_size: int, cfg
             for key, st in stats.items():
                 name, _, runtime = key.partition("@")
                 col = RUNTIME_COLUMN[runtime or "eager"]
-                rows.setdefault(name, {"cpu_threads": n, "latency_device": device_name("cpu", n)}).update({
+                rows.setdefault(name, dict(timed_on)).update({
                     f"latency_ms_{col}_b{b}": st["median"], f"latency_iqr_ms_{col}_b{b}": st["q3"] - st["q1"],
                     f"latency_runs_{col}_b{b}": st["n"]})
             for name in models:

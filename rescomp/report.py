@@ -111,6 +111,7 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     from rescomp.measure import RUNTIME_COLUMN
 
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r.get("row"), r.get("stage"), r.get("series")), []).append(r)
@@ -120,7 +121,6 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out += group
             continue
         merged = dict(group[0])
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         for k in dict.fromkeys(k for r in group for k in r):
             vals = [r.get(k) for r in group]
             if k.startswith("speedup_within_noise"):

@@ -81,9 +81,7 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
             run, m, s, step, ws.gap_bits_conv, ws.gap_bits_fc, {"share": share}), epochs=mc.finetune_epochs, lr=lr)
         rows.append(r)
         run.ctx.log(f"step {step}: {100 * r['weights_kept']:.1f}% of the weights kept, top-1 {r['top1']:.2f}%")
-    # rebuilt from its spec and weights, not deep-copied: a masked network loaded from a finished step (a
-    # resumed run) holds its weight as orig x mask, a tensor with a graph, which deepcopy refuses
-    baked = dc.bake(checkpoint.rebuild(spec, {k: v.detach().cpu() for k, v in model.state_dict().items()}))
+    baked = dc.bake(checkpoint.copy_network(model).cpu())  # a masked network's weight has a graph: copy_network
     plain_spec = {k: v for k, v in spec.items() if k != "masked"}
     # its zeros are no longer held by masks, so it says it is sparse: a stage that retrains every weight
     # refuses it (rescomp.runner.traits_of), as a chain refuses that stage after this one
