@@ -353,8 +353,10 @@ def layer_drop(config: Path = typer.Argument(..., help="experiment YAML with a g
     for cfg in cfgs:
         run_dir, s = run_layer_drop(cfg, fresh=fresh, console=err)
         rel, smallest = s["relative_smallest_lossless"], s["smallest_lossless"]
+        judged = (f", chosen on validation top-1 {smallest['val_top1']:.2f}% (full {s['rows'][0]['val_top1']:.2f}%)"
+                  if s.get("stop_on") == "val" else "")
         out.print(f"smallest lossless: {smallest['layers']} layers, top-1 {smallest['top1']:.2f}% "
-                  f"(full {s['start_top1']:.2f}%); MACs {rel['macs']:.1f}%, params {rel['params']:.1f}% of full "
+                  f"(full {s['start_top1']:.2f}%){judged}; MACs {rel['macs']:.1f}%, params {rel['params']:.1f}% of full "
                   f"-> {run_dir}/summary.json")
 
 

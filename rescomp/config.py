@@ -254,6 +254,10 @@ class LayerDropConfig(Strict):
     retrain_epochs: int = Field(60, ge=0, description="n: epochs of retraining after each deletion")
     max_units: Optional[int] = Field(None, ge=1, description="stop after deleting this many (default: all)")
     tolerance: float = Field(0.0, ge=0, description="stop once top-1 < the full network's - tolerance")
+    # the split whose top-1 the stop rule and the smallest lossless network are judged on: test, as the
+    # paper's Algorithm 1 (which flatters the chosen network's test top-1), or val: data.val_fraction of the
+    # training images, held out (seeded) and never trained on, so the chosen network's test top-1 is unbiased
+    stop_on: Literal["test", "val"] = "test"
     keep_going: bool = False  # delete on past the first loss, to trace the whole accuracy-depth curve
     score_images: int = Field(1000, ge=1, description="training images for data-based criteria")
     timing: TimingConfig = TimingConfig()
@@ -424,7 +428,8 @@ LATER_SECTIONS = ("out_dir", "measure", "report", "log", "quantize", "layer_drop
 # Keys added after runs were made, with the value that does what those runs did: at that value a key is
 # left out of the identity, so an older run's hash (in its checkpoints and rows) still matches.
 # train.sync_bn: false is one process's BatchNorm, which every earlier run used.
-ADDED_LATER = (("train", "sync_bn", False),)
+# layer_drop.stop_on: test is the rule every earlier layer-drop run used.
+ADDED_LATER = (("train", "sync_bn", False), ("layer_drop", "stop_on", "test"))
 
 
 class LogConfig(Strict):

@@ -56,7 +56,8 @@ class Splits:
 
     def stamp(self) -> dict[str, Any]:
         """What a summary records of its data: where it came from and how many images trained and tested."""
-        return {"data_source": self.source, "train_images": len(self.train_y), "test_images": len(self.test_y)}
+        return {"data_source": self.source, "train_images": len(self.train_y), "test_images": len(self.test_y),
+                **({"val_images": len(self.val_y)} if self.val_y is not None else {})}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from rescomp.errors import ConfigError
 from rescomp.rundir import earlier_rules, stale_input
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers", "weight_layers", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
-           "layers", "units_deleted", "seeds", "top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
+           "layers", "units_deleted", "seeds", "top1", "top1_std", "val_top1", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
            "macs_paper_input", "params_paper_head", "size_bytes", "compression", "weights_kept", "weights_compression",
            "dc_dense_bytes", "dc_sparse_bytes", "dc_shared_bytes", "dc_huffman_bytes", "dc_compression", "latency_ms_cpu_b1",
            "latency_ms_cpu_b64", "act_peak_bytes_b1", "gpu_images_per_s_b256", "train_seconds", "wall_seconds",
@@ -25,7 +25,7 @@ COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers
 # Markdown headers with units; CSV and JSON keep the raw names and units.
 MD_HEADERS = {"top1_std": "top-1 sd", "fp32_top1": "fp32 top-1 %", "top1_drop": "top-1 drop", "top1_drop_se": "drop SE", "agreement": "same class %", "method": "method", "int8_layers": "int8 layers", "share": "pruned %", "removed": "filters removed in step", "removed_coupled_channels": "coupled channels removed in step",
               "finetune_epochs_total": "fine-tune epochs", "paper_input": "paper's input px", "paper_head": "paper's classes",
-              "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
+              "macs_paper_input": "MACs (M) at paper's input", "params_paper_head": "params with paper's head", "top1": "top-1 %", "val_top1": "val top-1 %", "params": "params", "params_with_bn_stats": "params + BN stats", "macs": "MACs (M)", "size_bytes": "size (kB)",
               "act_peak_bytes_b1": "act. peak kB", "weights_kept": "weights kept %", "weights_compression": "weights ×",
               "dc_dense_bytes": "dense kB", "dc_sparse_bytes": "sparse kB", "dc_shared_bytes": "shared kB",
               "dc_huffman_bytes": "Huffman kB", "dc_compression": "storage ×", "gpu_images_per_s_b256": "GPU img/s", "train_seconds": "train s"}
@@ -48,7 +48,7 @@ STAGES = {"train": "Trained networks", "ptq": "int8 networks", "qat": "int8 netw
 MAX_COLUMNS = 11
 CONTEXT = ("arch", "dataset", "profile", "epochs", "method", "int8_layers", "share", "removed", "removed_coupled_channels",
            "finetune_epochs_total", "layers", "units_deleted", "seeds")
-ACCURACY = ("top1", "top1_std", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement")
+ACCURACY = ("top1", "top1_std", "val_top1", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement")
 
 
 def find_runs(target: str, runs_root: Path) -> list[Path]:
@@ -291,6 +291,10 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     """What the table's counted and timed columns mean, a sentence for each kind it has."""
     has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
     said = []
+    if has("val_top1"):
+        said.append("top-1 is on the test set, val top-1 on the run's validation split (data.val_fraction of the "
+                    "training images, held out from its training; where a layer-drop run has stop_on: val, the split "
+                    "its stop rule judged on)")
     if has("macs"):
         said.append("MACs are multiply-accumulates of one batch-1 forward pass at the input size the network ran at "
                     "(the paper's, where a column says so), as fvcore counts them: convolutions "

@@ -499,6 +499,14 @@ M = [
   "tests/test_workflow.py::test_a_re_made_input_is_found_under_a_symlinked_runs_folder_and_runs_lists_what_it_cannot_read"),
  ("runs-dies-on-unreadable-input", "rescomp/cli.py", "        except RescompError as e:  # an unreadable input", "        except ZeroDivisionError as e:  # an unreadable input",
   "tests/test_workflow.py::test_a_re_made_input_is_found_under_a_symlinked_runs_folder_and_runs_lists_what_it_cannot_read"),
+ ('ld-stop-on-val-loop-reads-test', 'rescomp/stages/layer_drop.py', '        if row[key] < rows[0][key] - ld.tolerance and not ld.keep_going:', '        if row["top1"] < rows[0]["top1"] - ld.tolerance and not ld.keep_going:', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-stop-on-val-answer-reads-test', 'rescomp/stages/layer_drop.py', '    smallest = smallest_lossless(method_rows, ld.tolerance, key)', '    smallest = smallest_lossless(method_rows, ld.tolerance)', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-stop-on-val-output-reads-test', 'rescomp/stages/layer_drop.py', '    best = smallest_lossless(rows, cfg.layer_drop.tolerance, judged(summary.get("stop_on", "test")))', '    best = smallest_lossless(rows, cfg.layer_drop.tolerance)', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-val-metrics-on-test', 'rescomp/stages/layer_drop.py', 'evaluate(m, loaders["val"], ctx).items()', 'evaluate(m, loaders["test"], ctx).items()', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-stop-on-val-without-split', 'rescomp/stages/layer_drop.py', '    if ld.stop_on == "val" and cfg.data.val_fraction <= 0:', '    if False:', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-stop-on-val-other-split-taken', 'rescomp/stages/layer_drop.py', '    if theirs != ours:', '    if False:', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('ld-stop-on-hash-changed', 'rescomp/config.py', 'ADDED_LATER = (("train", "sync_bn", False), ("layer_drop", "stop_on", "test"))', 'ADDED_LATER = (("train", "sync_bn", False),)', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('report-val-footnote-dropped', 'rescomp/report.py', '    if has("val_top1"):', '    if False:', 'tests/test_results.py'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

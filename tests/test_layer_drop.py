@@ -16,6 +16,10 @@
 #  8. the table's smallest lossless network is the smallest of all rows above the floor, not the last
 #     before the first drop -> test_stop_rule_is_the_last_network_before_the_first_drop,
 #     test_the_loop_stops_at_the_first_drop_and_the_table_follows_it
+#  8b. stop_on: val ignored by the loop's stop rule or by the answer (the chosen network and the model.pt
+#     handed on), its metrics taken on another split, asked for without a split, or a given network
+#     accepted that was trained on the split's images (another seed or fraction)
+#       -> test_stop_on_val_judges_deletions_on_held_out_training_images
 #  9. retraining at another learning rate than train.optimizer.lr (lr/100 as for single weights, or the
 #     decayed end of the schedule) -> test_retraining_restarts_from_the_initial_learning_rate
 # 10. `_costs` moves the network to the CPU in place (on a GPU the next step then scores a CPU network
@@ -249,9 +253,12 @@ def test_stop_rule_is_the_last_network_before_the_first_drop():
     from rescomp.stages.layer_drop import smallest_lossless
 
     rows = [{"layers": n, "top1": t} for n, t in ((56, 90.0), (50, 90.2), (44, 89.1), (38, 90.05))]
-    assert smallest_lossless(rows, floor=90.0)["layers"] == 50
-    assert smallest_lossless(rows, floor=89.0)["layers"] == 38  # with a tolerance of 1 point, no drop
-    assert smallest_lossless(rows[:1] + [{"layers": 50, "top1": 80.0}], floor=90.0)["layers"] == 56
+    assert smallest_lossless(rows, tolerance=0.0)["layers"] == 50
+    assert smallest_lossless(rows, tolerance=1.0)["layers"] == 38  # with a tolerance of 1 point, no drop
+    assert smallest_lossless(rows[:1] + [{"layers": 50, "top1": 80.0}], tolerance=0.0)["layers"] == 56
+    # judged on another key (the validation split's top-1), the test top-1 no longer decides
+    val = [{**r, "val_top1": v} for r, v in zip(rows, (80.0, 80.5, 81.0, 79.0))]
+    assert smallest_lossless(val, tolerance=0.0, key="val_top1")["layers"] == 44
 
 
 def test_gates_start_uniform_in_the_configured_range():
@@ -346,6 +353,62 @@ def test_the_loop_stops_at_the_first_drop_and_the_table_follows_it(workdir, tiny
     assert "**17 layers**" in trace["sections"][0]["markdown"]
     assert ("training steps were timed (the paper: 100)" in trace["sections"][0]["markdown"]) == \
         (validate(traced, "t").layer_drop.timing.runs < 100)  # fewer steps than the paper's: said where compared
+
+
+def test_stop_on_val_judges_deletions_on_held_out_training_images(workdir, tiny, monkeypatch):
+    """stop_on: val. Scripted test top-1: full 50 %, then 60 / 40 / 70 % after steps 1-3 (as above);
+    validation top-1: full 50 %, then 55 / 52 / 45 %. Judged on validation the loop goes on past step 2's
+    test drop and stops after step 3, answering step 2's network (test 40 %); judged on test it would
+    have stopped at step 2 and answered step 1's. The validation split is 16 of the 64 training images,
+    and no image of it is trained on. Wrong versions: the stop rule or the answer still read test
+    top-1; the validation metrics taken on the test or training images; stop_on val with no split."""
+    import rescomp.runner as runner
+    import rescomp.stages.layer_drop as layer_drop
+
+    real = runner.train_and_eval
+    script = {"step01": 60.0, "step02": 40.0, "step03": 70.0}
+    val_script = iter([50.0, 55.0, 52.0, 45.0])
+    seen = []
+
+    def scripted(*args, **kwargs):
+        seen.append(len(args[4]["train"].y))
+        return {**real(*args, **kwargs), "top1": script[args[5].name]}
+
+    def evaluate(model, loader, ctx, **kw):
+        if len(loader.y) == 16:  # the validation split: a quarter of the 64 training images
+            return {"top1": next(val_script), "loss": 1.0, "n": 16}
+        assert len(loader.y) == 32  # else the test set
+        return {"top1": 50.0, "loss": 1.0, "n": 32}
+
+    monkeypatch.setattr(runner, "train_and_eval", scripted)
+    monkeypatch.setattr(layer_drop, "evaluate", evaluate)
+    off = {"scratch": False, "distill": False}
+    raw = {**_layer_drop_cfg(tiny, keep_going=False, baselines=off, stop_on="val"), "name": "val"}
+    raw["data"] = {**raw["data"], "val_fraction": 0.25}
+    out, s = run_layer_drop(validate(raw, "t"))
+    assert seen == [48, 48, 48]  # 64 - 16 held out, in every retraining
+    assert [r["top1"] for r in s["rows"]] == [50.0, 60.0, 40.0, 70.0]
+    assert [r["val_top1"] for r in s["rows"]] == [50.0, 55.0, 52.0, 45.0]
+    assert s["smallest_lossless"] == {"layers": 14, "top1": 40.0, "val_top1": 52.0} and s["val_images"] == 16
+    assert layer_drop.LAYER_DROP.output(validate(raw, "t"), out, s).parent.name == "step02"
+    md = s["sections"][0]["markdown"]
+    assert "validation top-1 (on 16 held-out training images) >= the full network's (50.00%)" in md
+    assert "**14 layers**" in md and "validation top-1 52.00%, test top-1 40.00%" in md
+    # runs made before stop_on existed (the paper's test rule) keep their hash; val is another run
+    assert "stop_on" not in validate(_layer_drop_cfg(tiny), "t").identity("layer_drop")["layer_drop"]
+    assert validate(raw, "t").identity("layer_drop")["layer_drop"]["stop_on"] == "val"
+    path = write_config(workdir, {**_layer_drop_cfg(tiny, stop_on="val"), "name": "noval"})
+    res = CliRunner().invoke(app, ["layer-drop", str(path)])
+    assert res.exit_code == 2 and "layer_drop.stop_on=val needs a validation split" in res.stderr, res.output
+    assert not (workdir / "runs" / "noval").exists()
+    # a given network trained under another seed held out other images: they may be ones it learned
+    other = {**raw, "seed": 1, "name": "other",
+             "layer_drop": {**raw["layer_drop"], "checkpoint": str(out.parent / "val" / "model.pt")}}
+    res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, other))])
+    assert res.exit_code == 2, res.output
+    assert "was not trained with this run's validation split held out (dataset, seed, data.val_fraction: " \
+           "synthetic, 0, 0.25; this run: synthetic, 1, 0.25)" in res.stderr
+    assert not any(p.name.startswith("other") for p in (workdir / "runs").iterdir())
 
 
 @pytest.fixture(scope="module")

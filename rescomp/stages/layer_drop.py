@@ -3,7 +3,7 @@
 Algorithm 1 of the paper: train the gated network; then repeat {rank units by |w| (or another
 criterion); delete the k lowest; retrain n epochs starting again from the initial learning rate;
 evaluate} until the configured number of units is gone or top-1 falls below the full network's
-(minus a tolerance). Every step writes runs/<name>-layerdrop/stepNN/ (checkpoints while it retrains,
+(minus a tolerance): the test top-1, as the paper, or (`stop_on: val`) a held-out validation split's. Every step writes runs/<name>-layerdrop/stepNN/ (checkpoints while it retrains,
 then model.pt and row.json), so an interrupted loop resumes where it stopped, across invocations.
 The baselines are the paper's Figure 3 comparison (section 4.2.2): regular ResNets of the same family
 with 6, 5, ..., 1 units per stage (56 ... 11 layers), trained from scratch and by distillation from the
@@ -45,8 +45,33 @@ def check(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(f"layer_drop.max_units={ld.max_units}, but {spec['arch']} has only {deletable} deletable units")
     if ld.k > deletable:
         raise ConfigError(f"layer_drop.k={ld.k}, but {spec['arch']} has only {deletable} deletable units")
+    if ld.stop_on == "val" and cfg.data.val_fraction <= 0:
+        raise ConfigError("layer_drop.stop_on=val needs a validation split to judge deletions on: set "
+                          "data.val_fraction (e.g. 0.1, the share of the training images held out), or stop_on: test")
     baseline_family(cfg, spec)
     return spec
+
+
+def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
+    """With stop_on: val, a given network (layer_drop.checkpoint) must have been trained with this run's
+    validation split held out, or the split would judge it on images it learned: the split is drawn from
+    the seed and data.val_fraction, so its recorded config must have the same dataset, seed and fraction.
+    Returns the payload it read (Stage.check_source judges it without reading it again)."""
+    ld = cfg.layer_drop
+    if ld.stop_on != "val" or not ld.checkpoint:
+        return None
+    payload = checkpoint.load(cfg.at(ld.checkpoint))
+    made = payload.get("config") or {}
+    data = made.get("data") or {}
+    theirs = (data.get("dataset"), made.get("seed"), data.get("val_fraction"))
+    ours = (cfg.data.dataset, cfg.seed, cfg.data.val_fraction)
+    if theirs != ours:
+        raise ConfigError(
+            f"layer_drop.stop_on=val: '{ld.checkpoint}' was not trained with this run's validation split held out "
+            f"(dataset, seed, data.val_fraction: {', '.join(map(str, theirs))}; this run: {', '.join(map(str, ours))}), "
+            f"so it may have learned the images that would judge it; give a network trained under this config's "
+            f"data and seed, or use stop_on: test")
+    return payload
 
 
 def baseline_family(cfg: ExperimentConfig, spec: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -86,6 +111,11 @@ def regular_baselines(spec: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return family
 
 
+def judged(stop_on: str) -> str:
+    """The row key the stop rule reads: test top-1 (the paper's), or the validation split's."""
+    return {"test": "top1", "val": "val_top1"}[stop_on]
+
+
 def method_epochs(full_epochs: int, units_deleted: int, k: int, n: int) -> int:
     """Epochs a layer-drop network with `units_deleted` units gone was trained in all: the full network's,
     then n after each of the ceil(units_deleted / k) deletion steps that took it there."""
@@ -121,12 +151,19 @@ def body(run: StageRun) -> dict[str, Any]:
     scoring = sample_loader(run.splits, cfg.data, ld.score_images, cfg.seed, ctx.device)
     batches = lambda: (x for x, _ in scoring)  # noqa: E731
 
+    def val(m) -> dict[str, float]:  # a row's validation metrics, where the stop rule is judged on them
+        if ld.stop_on != "val":
+            return {}
+        return {f"val_{k}": v for k, v in evaluate(m, loaders["val"], ctx).items() if k in ("top1", "loss")}
+
+    key = judged(ld.stop_on)
     full = full.to(ctx.device)
     start = evaluate(full, loaders["test"], ctx)
     stats = {"gates": gates(full), "output_norm": output_norm(full, batches(), cfg.seed)}
     rows = [{"method": "layer-drop", "step": 0, "epochs": full_epochs, "top1": start["top1"], "loss": start["loss"],
-             **_costs(full, run.spec, cfg, ctx, timing=True)}]
-    ctx.log(f"full network: {rows[0]['layers']} layers, top-1 {start['top1']:.2f}%")
+             **val(full), **_costs(full, run.spec, cfg, ctx, timing=True)}]
+    ctx.log(f"full network: {rows[0]['layers']} layers, top-1 {start['top1']:.2f}%"
+            + (f", validation top-1 {rows[0]['val_top1']:.2f}%" if key != "top1" else ""))
 
     model, spec, deleted, step = full, run.spec, 0, 0
     limit = ld.max_units or len(stats["gates"])
@@ -138,15 +175,15 @@ def body(run: StageRun) -> dict[str, Any]:
 
         def deleted_row(m, spec, info, ev, step=step):
             return {"method": "layer-drop", "step": step, "epochs": full_epochs + step * ld.retrain_epochs,
-                    "top1": ev["top1"], "loss": ev["loss"], "deleted_now": info["deleted"],
+                    "top1": ev["top1"], "loss": ev["loss"], **val(m), "deleted_now": info["deleted"],
                     **_costs(m, spec, cfg, ctx, timing=True, full=full)}
 
         model, spec, row = run.step(step, delete, deleted_row, epochs=ld.retrain_epochs)
         rows.append(row)
         deleted = row["units_deleted"]
         ctx.log(f"step {step}: deleted {', '.join(row.get('deleted_now', []))} -> {row['layers']} layers, "
-                f"top-1 {row['top1']:.2f}%")
-        if row["top1"] < start["top1"] - ld.tolerance and not ld.keep_going:
+                f"top-1 {row['top1']:.2f}%" + (f", validation top-1 {row['val_top1']:.2f}%" if key != "top1" else ""))
+        if row[key] < rows[0][key] - ld.tolerance and not ld.keep_going:
             break
 
     rows += _baselines(cfg, ctx, loaders, full, family, full_epochs, rows[1:], run.out)
@@ -184,13 +221,14 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: di
     return rows
 
 
-def smallest_lossless(method_rows: list[dict[str, Any]], floor: float) -> dict[str, Any]:
-    """The paper's stop rule: the last network before the first deletion step whose top-1 fell below
-    `floor`. Steps traced past that drop (`keep_going`) can climb back above it, but they do not count:
-    the method would have stopped there."""
-    smallest = method_rows[0]
+def smallest_lossless(method_rows: list[dict[str, Any]], tolerance: float, key: str = "top1") -> dict[str, Any]:
+    """The paper's stop rule: the last network before the first deletion step whose `key` (test top-1, or
+    the validation split's) fell below the full network's (method_rows[0]) minus `tolerance`. Steps traced
+    past that drop (`keep_going`) can climb back above it, but they do not count: the method would have
+    stopped there."""
+    smallest, floor = method_rows[0], method_rows[0][key] - tolerance
     for r in method_rows[1:]:
-        if r["top1"] < floor:
+        if r[key] < floor:
             break
         smallest = r
     return smallest
@@ -207,8 +245,8 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
             f"{kind[r['structure']]}, {'from scratch' if r['method'] == 'scratch' else 'distilled'}"
         r["row"] = f"{r['series']}: {r['layers']} layers"
     method_rows = [r for r in rows if r["method"] == "layer-drop"]
-    full = method_rows[0]
-    smallest = smallest_lossless(method_rows, start["top1"] - ld.tolerance)
+    full, key = method_rows[0], judged(ld.stop_on)
+    smallest = smallest_lossless(method_rows, ld.tolerance, key)
     tb = ld.timing.batch_size
     relative = {
         "macs": 100 * smallest["macs"] / full["macs"],
@@ -217,10 +255,12 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
            for k in ("forward", "backward")},
         "params": 100 * smallest["params"] / full["params"],
     }
-    md = [f"Smallest network with top-1 >= the full network's ({start['top1']:.2f}%"
+    on = "top-1" if key == "top1" else f"validation top-1 (on {data['val_images']:,} held-out training images)"
+    md = [f"Smallest network with {on} >= the full network's ({full[key]:.2f}%"
           + (f" - {ld.tolerance}" if ld.tolerance else "") + f"): **{smallest['layers']} layers** "
           f"({100 * (1 - smallest['layers'] / full['layers']):.2f}% of the {full['layers']} layers removed), "
-          f"top-1 {smallest['top1']:.2f}%. Its costs relative to the full network (forward/backward: mean of "
+          + (f"validation top-1 {smallest['val_top1']:.2f}%, test " if key != "top1" else "")
+          + f"top-1 {smallest['top1']:.2f}%. Its costs relative to the full network (forward/backward: mean of "
           f"{ld.timing.runs} training steps at batch {tb} on {ctx.device.type}):", ""]
     paper = cfg.report.paper_relative  # only where the config says which paper numbers apply
     if paper:
@@ -242,7 +282,9 @@ def _summary(cfg: ExperimentConfig, ctx: RunContext, rows: list[dict[str, Any]],
     return {
         "stage": "layerdrop", "arch": cfg.model.arch, "criterion": ld.criterion, "k": ld.k, "retrain_epochs": ld.retrain_epochs,
         "full_epochs": full_epochs, "baselines": ld.baselines.model_dump(),
-        "start_top1": start["top1"], "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"]},
+        "start_top1": start["top1"], "stop_on": ld.stop_on,
+        "smallest_lossless": {"layers": smallest["layers"], "top1": smallest["top1"],
+                              **({key: smallest[key]} if key != "top1" else {})},
         "rows": rows, "full_stats": stats, "relative_smallest_lossless": relative,
         "paper_relative": dict(cfg.report.paper_relative), "sections": sections,
     }
@@ -306,8 +348,14 @@ def _notes(cfg: ExperimentConfig, rows: list[dict[str, Any]], start: dict[str, f
                f"unless trained as the paper was (200 epochs on all 50,000 CIFAR images); this run trained on "
                f"{data['train_images']:,} images. With one seed and {n:,} test images one top-1 has a standard "
                f"error of up to {se:.1f} points, the difference of two up to {se * math.sqrt(2):.1f}: differences "
-               f"under about {2 * se * math.sqrt(2):.1f} points can be noise. The "
-               f"smallest lossless network is chosen on the test set, as in the paper, which flatters it."]
+               f"under about {2 * se * math.sqrt(2):.1f} points can be noise. "
+               + ("The smallest lossless network is chosen on the test set, as in the paper, which flatters it "
+                  "(layer_drop.stop_on: val chooses on held-out training images instead)."
+                  if ld.stop_on == "test" else
+                  f"The smallest lossless network is chosen on {data['val_images']:,} training images held out from "
+                  f"every training (layer_drop.stop_on: val; the paper chose on the test set), so its test top-1 is "
+                  f"not flattered by the choice, but the validation top-1s carry their own noise of up to "
+                  f"{50 / math.sqrt(max(data['val_images'], 1)):.1f} points each.")]
     return "\n".join(md)
 
 
@@ -321,7 +369,7 @@ def _output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Pa
     """The method's result: the smallest network whose top-1 stayed within the tolerance (Algorithm 1's
     stop rule), or the network it started from if no deletion kept it."""
     rows = [r for r in summary["rows"] if r["method"] == "layer-drop"]
-    best = smallest_lossless(rows, summary["start_top1"] - cfg.layer_drop.tolerance)
+    best = smallest_lossless(rows, cfg.layer_drop.tolerance, judged(summary.get("stop_on", "test")))
     return run_dir / f"step{best['step']:02d}" / "model.pt" if best["step"] else Path(summary["source"])
 
 
@@ -334,7 +382,7 @@ def _gates_needed(t) -> Optional[str]:
 
 
 LAYER_DROP = STAGES.register("layer_drop")(Stage("layer_drop", "layer_drop", suffix=suffix, check=check, body=body,
-                                                 output=_output, refuses=_gates_needed))
+                                                 output=_output, refuses=_gates_needed, check_input=check_input))
 
 
 def run_layer_drop(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
