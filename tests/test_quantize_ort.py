@@ -97,7 +97,9 @@ def test_a_quantize_run_in_onnxruntime_end_to_end(workdir, tiny):
     assert res.exit_code == 0 and json.loads(res.stdout)["size_bytes"] == s["size_bytes"] < s["file_bytes"]
     assert cli("report", "runs/exp-ptq-onnxruntime", "--table", "q").exit_code == 0
     md = (workdir / "results/q/table.md").read_text()
-    assert "ONNX Runtime ms b1" in md and "| fp32 compared on, b1 |" in md and "| onnxruntime |" in md
+    # the fp32 runtime compared on is whichever timed faster here (a tiny network: either, on a busy machine)
+    assert "ONNX Runtime ms b1" in md and "| fp32 compared on, b1 |" in md
+    assert f"| {s['fp32_fastest_runtime_b1']} |" in md and s["fp32_fastest_runtime_b1"] in ("eager", "onnxruntime")
     assert "int8 ONNX Runtime (" in s["row"]
     res = cli("export", workdir / "exp.yaml", "--int8", "--out", workdir / "deploy/int8.onnx")
     assert res.exit_code == 0, res.output
