@@ -314,6 +314,10 @@ class PruneConfig(Strict):
     def _budget(self) -> "PruneConfig":
         if self.share_per_step is None and not (self.targets or self.schedule != "custom"):
             raise ValueError("prune.share_per_step is needed unless prune.targets (or a schedule) gives the shares")
+        if max(t[-1] for _, t in self.plan()) >= 1:  # only share_per_step x steps can get there: targets are < 1
+            raise ValueError(f"share_per_step x steps = {self.share_per_step * self.steps:g} would remove every prunable "
+                             f"filter (the shares add up, each of the starting network's prunable filters); keep it "
+                             f"under 1, with fewer steps or a smaller share")
         most = max(len(t) for _, t in self.plan())
         if self.budget() is not None and self.budget() < self.gap() * (most - 1):
             raise ValueError(f"prune.finetune_budget={self.budget()} is less than the {most - 1} steps before "

@@ -91,9 +91,20 @@ class Stage:
         read = self.check_input(cfg) if self.check_input is not None else None
         path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
         if path:
-            why = self.refuses(traits_of(read if read is not None else checkpoint.load(cfg.at(path))))
+            payload = read if read is not None else checkpoint.load(cfg.at(path))
+            why = self.refuses(traits_of(payload)) or other_classes(payload, cfg)
             if why:
                 raise CheckpointError(f"{self.section}.checkpoint '{path}': {why}")
+
+
+def other_classes(payload: dict[str, Any], cfg: ExperimentConfig) -> Optional[str]:
+    """Why a network cannot be fine-tuned, scored or evaluated on cfg's data: its classifier has another
+    number of classes (fewer fail on the first label past them; more would be scored as if it fit)."""
+    classes = (payload.get("arch") or {}).get("num_classes")
+    if classes is None or classes == cfg.data.num_classes:
+        return None
+    return (f"it classifies {classes} classes, but the data ({cfg.data.dataset}) has {cfg.data.num_classes}; give a "
+            f"network trained on this dataset, or set data: to the one it was trained on")
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")

@@ -507,6 +507,10 @@ M = [
  ('ld-stop-on-val-other-split-taken', 'rescomp/stages/layer_drop.py', '    if theirs != ours:', '    if False:', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
  ('ld-stop-on-hash-changed', 'rescomp/config.py', 'ADDED_LATER = (("train", "sync_bn", False), ("layer_drop", "stop_on", "test"))', 'ADDED_LATER = (("train", "sync_bn", False),)', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
  ('report-val-footnote-dropped', 'rescomp/report.py', '    if has("val_top1"):', '    if False:', 'tests/test_results.py::test_a_committed_table_is_what_its_json_and_notes_render'),
+ ('other-classes-taken', 'rescomp/runner.py', '    if classes is None or classes == cfg.data.num_classes:', '    if True:', 'tests/test_runner.py::test_a_network_of_another_number_of_classes_is_refused_in_one_line'),
+ ('more-classes-taken', 'rescomp/runner.py', '    if classes is None or classes == cfg.data.num_classes:', '    if classes is None or classes >= cfg.data.num_classes:', 'tests/test_runner.py::test_a_network_of_another_number_of_classes_is_refused_in_one_line'),
+ ('teacher-classes-unchecked', 'rescomp/stages/train.py', '    why = other_classes(payload, cfg)', '    why = None', 'tests/test_runner.py::test_a_network_of_another_number_of_classes_is_refused_in_one_line'),
+ ('prune-schedule-past-everything', 'rescomp/config.py', '        if max(t[-1] for _, t in self.plan()) >= 1:', '        if False:', 'tests/test_prune.py::test_prune_bad_input'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

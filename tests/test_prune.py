@@ -21,7 +21,9 @@
 - a gated unit's last conv (layer-drop's gate wraps its BN) scored at the conv's output, not after its BN
   as every other conv is (a_gated_units_last_conv_is_scored_after_its_batchnorm_...);
 - a network no policy prunes correctly (coupled with option-A shortcuts, grouped or depthwise convs) pruned
-  into one that cannot run, a traceback (a_network_no_policy_prunes_correctly_is_refused_...).
+  into one that cannot run, a traceback (a_network_no_policy_prunes_correctly_is_refused_...);
+- a schedule whose shares reach 100 % (share_per_step x steps >= 1) run until the step that finds nothing
+  left, leaving its first steps' folders behind (prune_bad_input).
 """
 
 import copy
@@ -388,6 +390,7 @@ def test_a_run_per_target_and_costs_counted_the_papers_way(workdir, tiny):
 @pytest.mark.parametrize("override, message", [
     ("prune.share_per_step=1.5", "prune.share_per_step: Input should be less than 1"),
     ("prune.share_per_step=0", "prune.share_per_step: Input should be greater than 0"),
+    ("prune.steps=10", "share_per_step x steps = 1 would remove every prunable filter"),  # 0.1 x 10: found at step 10
     ("prune.exclude=[layer9.*]", "prune.exclude: no conv layer is named like 'layer9.*'"),
     ("prune.exclude=['layer*.conv1']", "leaves nothing prunable"),
     ("prune.criterion=taylr", "unknown pruning criterion 'taylr' (did you mean 'taylor'?)"),

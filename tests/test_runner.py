@@ -24,6 +24,10 @@
 # 11. a stage's own command taking a network its chain would refuse (prune or quantize of a weight-shared
 #     one, whose codes are how it is stored; prune, binarize or layer_drop of a magnitude-pruned one, whose
 #     zeros would grow back) -> test_a_stage_command_refuses_what_its_chain_refuses
+# 12. a network of another number of classes than the data's given to a stage, a chain's first stage or
+#     as a teacher: with more, scored as if its classifier fit (exit 0, a top-1 over the wrong outputs);
+#     with fewer, a traceback at the first label past them; or only one of the two refused
+#       -> test_a_network_of_another_number_of_classes_is_refused_in_one_line
 
 import json
 
@@ -252,6 +256,30 @@ def test_an_int8_network_given_where_an_fp32_one_is_taken_is_refused_in_one_line
     tiny["train"]["distill"] = {"teacher": str(int8)}
     res = cli("train", write_config(workdir, tiny, "d.yaml"))
     assert res.exit_code == 2 and f"train.distill.teacher: '{int8}' is an int8 network" in res.stderr, res.output
+    assert not (workdir / "runs").exists()  # nothing started
+
+
+def test_a_network_of_another_number_of_classes_is_refused_in_one_line(workdir, tiny, trained):
+    import copy
+
+    sections = [s for s in STAGES.names() if not STAGES.get(s).first_only]
+    for classes in (5, 20):  # the trained network classifies 10: more, then fewer than the data's
+        cfg = _chain(copy.deepcopy(tiny), None)
+        cfg["data"]["synthetic"]["num_classes"] = classes
+        path = write_config(workdir, cfg, f"c{classes}.yaml")
+        for section in sections:
+            res = cli(section.replace("_", "-"), path, "--set", f"{section}.checkpoint={trained}")
+            assert res.exit_code == 2 and "Traceback" not in res.output, (section, res.output)
+            assert f"error: {section}.checkpoint '{trained}': it classifies 10 classes, but the data (synthetic) has " \
+                   f"{classes}; give a network trained on this dataset" in res.stderr, (section, res.stderr)
+        chain = _chain(copy.deepcopy(cfg), [{"prune": {"checkpoint": str(trained)}}, "quantize"])
+        chain["data"]["synthetic"]["num_classes"] = classes
+        res = cli("run", write_config(workdir, chain, f"r{classes}.yaml"))
+        assert res.exit_code == 2 and "it classifies 10 classes" in res.stderr, res.output
+        cfg["train"]["distill"] = {"teacher": str(trained)}
+        res = cli("train", write_config(workdir, cfg, f"t{classes}.yaml"))
+        assert res.exit_code == 2 and f"train.distill.teacher '{trained}': it classifies 10 classes" in res.stderr, \
+            res.output
     assert not (workdir / "runs").exists()  # nothing started
 
 

@@ -17,7 +17,7 @@ from rescomp.context import RunContext, seed_everything
 from rescomp.errors import CheckpointError
 from rescomp.measure import measure
 from rescomp.models import build_model
-from rescomp.runner import STAGES, Stage, StageRun, execute, model_spec
+from rescomp.runner import STAGES, Stage, StageRun, execute, model_spec, other_classes
 from rescomp.train import Trainer, evaluate
 
 
@@ -28,9 +28,13 @@ def check(cfg: ExperimentConfig) -> Optional[torch.nn.Module]:
     if cfg.train.distill is None:
         return None
     try:  # a missing, corrupt or int8 teacher fails here
-        return checkpoint.load_model(cfg.at(cfg.train.distill.teacher))[0]
+        teacher, payload = checkpoint.load_model(cfg.at(cfg.train.distill.teacher))
     except CheckpointError as e:
         raise CheckpointError(f"train.distill.teacher: {e}") from None
+    why = other_classes(payload, cfg)
+    if why:
+        raise CheckpointError(f"train.distill.teacher '{cfg.train.distill.teacher}': {why}")
+    return teacher
 
 
 def start(cfg: ExperimentConfig, ctx: RunContext):
