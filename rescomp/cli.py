@@ -610,7 +610,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
     from rescomp import runlock
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
-    from rescomp.rundir import earlier_rules, stale_input
+    from rescomp.rundir import earlier_rules, read_summary, stale_input
 
     if root.suffix in (".yaml", ".yml"):
         root = load_config(root).runs_dir
@@ -619,12 +619,17 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
     rows, digests = [], {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         summary = d / "summary.json"
-        s = json.loads(summary.read_text()) if summary.is_file() else {}
+        try:
+            s, broken = (read_summary(summary) if summary.is_file() else {}), None
+        except ConfigError as e:  # this run's summary is not one; the others are listed
+            s, broken = {}, str(e).split(";")[0]
         who = runlock.holder(d)
         state = ("running: " + who if who else "complete" if s else
                  "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
+        if broken:
+            state = f"broken: {broken}"
         try:
-            if not who and state != "empty" and earlier_rules(d):
+            if not who and state != "empty" and not broken and earlier_rules(d):
                 state = "stale: made under its stage's earlier rules"
             elif state == "complete" and stale_input(s.get("inputs") or {}, d, digests=digests):
                 state = "stale: its input was re-made since"

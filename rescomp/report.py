@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 
 from rescomp.checkpoint import atomic_write_bytes
 from rescomp.errors import ConfigError
-from rescomp.rundir import earlier_rules, stale_input
+from rescomp.rundir import earlier_rules, read_summary, stale_input
 
 COLUMNS = ["row", "arch", "dataset", "profile", "epochs", "method", "int8_layers", "weight_layers", "share", "removed", "removed_coupled_channels", "finetune_epochs_total",
            "layers", "units_deleted", "seeds", "top1", "top1_std", "val_top1", "loss", "fp32_top1", "top1_drop", "top1_drop_se", "agreement", "params", "params_with_bn_stats", "macs", "paper_input", "paper_head",
@@ -57,8 +57,7 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
     if p.is_dir():
         return sorted(s.parent for s in p.rglob("summary.json"))
     if runs_root.is_dir():
-        tagged = [s.parent for s in sorted(runs_root.rglob("summary.json"))
-                  if json.loads(s.read_text()).get("table") == target]
+        tagged = [s.parent for s in sorted(runs_root.rglob("summary.json")) if read_summary(s).get("table") == target]
         if tagged:
             return tagged
     raise ConfigError(f"'{target}' is neither a run folder nor a table that any run under '{runs_root}' reports to; "
@@ -68,10 +67,7 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
 def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     rows, run_dirs = [], list(run_dirs)
     for d in run_dirs:
-        try:
-            rows.append(json.loads((d / "summary.json").read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{d}/summary.json is unreadable ({e}); re-run that experiment") from None
+        rows.append(read_summary(d / "summary.json"))
     if not rows:
         raise ConfigError("no finished runs (summary.json) found to report")
     digests: dict[Path, str] = {}

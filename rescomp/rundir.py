@@ -93,13 +93,29 @@ def rules(cfg: ExperimentConfig, section: Optional[str]) -> tuple[int, str]:
     return 1, ""
 
 
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, or ConfigError naming it: unreadable, not UTF-8 JSON, or not a rescomp run
+    summary (an object naming its run, a number or nothing for top-1, its rows objects)."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); re-run that experiment") from None
+    number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    rows = s.get("rows") or [] if isinstance(s, dict) else None
+    if not (isinstance(s, dict) and isinstance(s.get("name"), str) and number(s.get("top1")) and isinstance(rows, list)
+            and all(isinstance(r, dict) and number(r.get("top1")) for r in rows)):
+        raise ConfigError(f"{path} is not a rescomp run summary (a JSON object with its run's name and numbers); "
+                          f"re-run that experiment, or move the file out of the runs folder")
+    return s
+
+
 def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section: Optional[str] = None) -> Optional[str]:
     """What has changed since the rules the run in run_dir was made under, if they are not the current ones
     for its config (its saved one unless cfg is given); None where they are."""
     made = made_from(run_dir)
     if section is None:
         summary = run_dir / "summary.json"
-        stage = json.loads(summary.read_text()).get("stage") if summary.is_file() else None
+        stage = read_summary(summary).get("stage") if summary.is_file() else None
         section = made.get("section") or STAGE_SECTIONS.get(stage, stage)
     if cfg is None:
         saved = run_dir / "config.yaml"
@@ -226,7 +242,7 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
         _empty(run_dir)
         return run_dir, None
     summary = run_dir / "summary.json"
-    return run_dir, (json.loads(summary.read_text()) if summary.is_file() else None)
+    return run_dir, (read_summary(summary) if summary.is_file() else None)
 
 
 def _empty(run_dir: Path) -> None:

@@ -378,3 +378,27 @@ def test_a_committed_table_renders_again_from_its_json_alone(tmp_path):
 def _notes(tmp_path):
     (tmp_path / "notes.md").write_text("Notes.")
     return tmp_path / "notes.md"
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", json.dumps({**ROW, "top1": "abc"}), json.dumps({**ROW, "rows": [3]}),
+                                     b"\xff\xfe\x00binary"], ids=["list", "empty", "text-top1", "bad-rows", "binary"])
+def test_a_summary_that_is_not_one_is_one_line_and_writes_nothing(workdir, content):
+    """A summary.json that is valid JSON of another shape, or not UTF-8: report and compare crashed
+    (AttributeError, KeyError 'name', UnicodeDecodeError) or wrote a table of dashes. Now one line naming
+    the file, exit 2, no table; `rescomp runs` lists it as broken beside the others."""
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    good, bad = workdir / "runs" / "r20", workdir / "runs" / "bad"
+    good.mkdir(parents=True), bad.mkdir()
+    (good / "summary.json").write_text(json.dumps(ROW))
+    (bad / "summary.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    for args in (["report", "runs", "--table", "t"], ["report", "demo"], ["compare", "runs", "--table", "c"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (args, res.output)
+        assert re.search(r"runs/bad/summary\.json (is unreadable|is not a rescomp run summary)", res.stderr), res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (workdir / "results").exists()
+    res = CliRunner().invoke(app, ["runs", "runs"])
+    assert res.exit_code == 0 and "broken:" in res.stdout and "r20" in res.stdout, res.output
