@@ -43,6 +43,9 @@ def _write_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # named by what the caller asked for, not by the temporary file
+        Path(tmp).unlink(missing_ok=True)
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -52,6 +55,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a set of files into folder, each atomically, after checking that every one can be: a path that
+    is a folder (or anything but a file) fails before the first is written, so the set is not left half
+    old, half new by what could be known beforehand."""
+    from rescomp.errors import ConfigError
+
+    for name in files:
+        p = Path(folder) / name
+        if p.exists() and not p.is_file() or p.is_symlink() and not p.exists():
+            raise ConfigError(f"'{p}' is in the way: it is {'a folder' if p.is_dir() else 'not a file'}, where a "
+                              f"file of this table goes; move it away, or write the table elsewhere (--out)")
+    for name, blob in files.items():
+        atomic_write_bytes(Path(folder) / name, lambda f, b=blob: f.write(b))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, get_args
 
-from rescomp.checkpoint import atomic_write_bytes
+from rescomp.checkpoint import write_files
 from rescomp.config import MagnitudePruneConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
@@ -193,9 +193,7 @@ def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional
              "compare.csv": csv_text(pts, list(dict.fromkeys(k for p in pts for k in p))).encode(),
              "compare.json": json.dumps(pts, indent=2).encode(), "pareto.png": png}
     out = out_root / table
-    for name, blob in files.items():
-        if blob is not None:
-            atomic_write_bytes(out / name, lambda f, b=blob: f.write(b))
+    write_files(out, {name: blob for name, blob in files.items() if blob is not None})
     if png is None:
         (out / "pareto.png").unlink(missing_ok=True)  # an earlier comparison's plot, which these points do not make
     return out

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from rescomp.checkpoint import atomic_write_bytes
+from rescomp.checkpoint import write_files
 from rescomp.errors import ConfigError
 from rescomp.rundir import earlier_rules, read_summary, stale_input
 
@@ -672,8 +672,7 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         files[f"gates{i or ''}.png"] = plot_gates_png(g["full_stats"], g["title"], g["caption"])
     files = {name: blob for name, blob in files.items() if blob is not None}
     final = out_root / table
-    for name, blob in files.items():
-        atomic_write_bytes(final / name, lambda f, b=blob: f.write(b))
+    write_files(final, files)
     for old in [*final.glob("accuracy_vs_*.png"), *([] if keep_gates else final.glob("gates*.png"))]:
         if old.name not in files:  # a plot of an earlier report that these rows no longer make
             old.unlink()

@@ -402,3 +402,30 @@ def test_a_summary_that_is_not_one_is_one_line_and_writes_nothing(workdir, conte
     assert not (workdir / "results").exists()
     res = CliRunner().invoke(app, ["runs", "runs"])
     assert res.exit_code == 0 and "broken:" in res.stdout and "r20" in res.stdout, res.output
+
+
+def test_a_table_file_in_the_way_leaves_the_old_table_whole(workdir):
+    """results/t/table.csv made a folder: report wrote table.md anew, then failed on the CSV naming a
+    temporary file, leaving a table half new, half old. Now every file is checked before the first is
+    written: one line naming the path, exit 2, the old table.md untouched. An export onto a folder names
+    the folder, not a temporary file."""
+    from typer.testing import CliRunner
+
+    from rescomp.cli import app
+
+    run = workdir / "runs" / "r20"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(ROW))
+    table = workdir / "results" / "t"
+    (table / "table.csv").mkdir(parents=True)
+    (table / "table.md").write_text("old")
+    res = CliRunner().invoke(app, ["report", "runs/r20", "--table", "t"])
+    assert res.exit_code == 2 and "'results/t/table.csv' is in the way: it is a folder" in res.stderr, res.output
+    assert (table / "table.md").read_text() == "old" and not (table / "table.json").exists()
+    assert not [p for p in table.iterdir() if p.name.startswith(".")]  # no temporary file left
+    from rescomp.checkpoint import atomic_write_text
+
+    (workdir / "isdir.onnx").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        atomic_write_text(workdir / "isdir.onnx", "x")
+    assert e.value.filename == str(workdir / "isdir.onnx") and not list(workdir.glob(".isdir.onnx.*"))
