@@ -727,9 +727,13 @@ def read_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
     raw = read_yaml(path)
-    bases = raw.pop("extends", None) or []
+    bases = raw.pop("extends", None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: extends must name a base config file, or a list of them (e.g. extends: "
+                          f"_base.yaml), relative to this file; it is {bases!r}")
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         if not (path.parent / base).is_file():  # named from the file that extends it, where the fix is
             raise ConfigError(f"{path}: extends '{base}', which is not a file (looked for {path.parent / base}); "
                               f"a base is named relative to the config that extends it")
@@ -746,12 +750,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
     path = Path(path)
     raw = read_with_extends(path)
     profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):
+        raise ConfigError(f"{path}: profiles must map each profile's name to its settings (e.g. profiles: {{cpu: "
+                          f"{{train: {{epochs: 4}}}}}}); it is {profiles!r}")
     raw.setdefault("name", path.stem)
     if profile is not None:
         if profile not in profiles:
             raise ConfigError(f"{path}: no profile '{profile}'{suggest(profile, list(profiles))}; "
                               f"profiles: {', '.join(profiles) or '(none)'}")
-        raw = deep_merge(raw, profiles[profile])
+        raw = deep_merge(raw, profiles[profile] or {})
         raw["name"] = f"{raw['name']}-{profile}"
         raw["profile"] = profile
     own_seed = raw.get("seed", 0)

@@ -515,6 +515,8 @@ M = [
  ('summary-binary-traceback', 'rescomp/rundir.py', '    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:\n        raise ConfigError(f"{path} is unreadable', '    except (OSError, json.JSONDecodeError) as e:\n        raise ConfigError(f"{path} is unreadable', 'tests/test_report.py::test_a_summary_that_is_not_one_is_one_line_and_writes_nothing'),
  ('table-files-unchecked', 'rescomp/checkpoint.py', '        if p.exists() and not p.is_file() or p.is_symlink() and not p.exists():', '        if False:', 'tests/test_report.py::test_a_table_file_in_the_way_leaves_the_old_table_whole'),
  ('write-error-names-temp-file', 'rescomp/checkpoint.py', '        raise type(e)(e.errno, e.strerror, str(path)) from None', '        raise', 'tests/test_report.py::test_a_table_file_in_the_way_leaves_the_old_table_whole'),
+ ('extends-shape-unchecked', 'rescomp/config.py', '    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):', '    if False:', 'tests/test_config.py::test_extends_and_profiles'),
+ ('profiles-shape-unchecked', 'rescomp/config.py', '    if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):', '    if False:', 'tests/test_config.py::test_extends_and_profiles'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -127,3 +127,15 @@ def test_extends_and_profiles(tmp_path, tiny):
     write_config(tmp_path, {"extends": "nothere.yaml"}, "orphan.yaml")  # named from the file that says it
     with pytest.raises(ConfigError, match=r"orphan.yaml: extends 'nothere.yaml', which is not a file \(looked for "):
         load_config(tmp_path / "orphan.yaml")
+    # extends and profiles of another shape: a traceback (TypeError, AttributeError), or, for extends: "",
+    # every default run silently (ResNet-20 on CIFAR-10, 200 epochs)
+    for bad in (5, [5], "", [""], {"a": 1}):
+        write_config(tmp_path, {"extends": bad, **tiny}, "bad.yaml")
+        with pytest.raises(ConfigError, match=r"bad.yaml: extends must name a base config file, or a list of them"):
+            load_config(tmp_path / "bad.yaml")
+    for bad in (5, {"x": 5}, {"x": [1]}):
+        write_config(tmp_path, {**tiny, "profiles": bad}, "bad.yaml")
+        with pytest.raises(ConfigError, match=r"bad.yaml: profiles must map each profile's name to its settings"):
+            load_config(tmp_path / "bad.yaml", profile="x")
+    write_config(tmp_path, {**tiny, "extends": None, "profiles": {"x": None}}, "empty.yaml")  # nothing to add
+    assert load_config(tmp_path / "empty.yaml", profile="x").profile == "x"
