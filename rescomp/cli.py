@@ -165,6 +165,16 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _what_was_kept(e: BaseException) -> str:
+    """What an interrupted command left to resume from: its run's checkpoints, or, stopped before its first
+    (rescomp.rundir.writing then removes the folder), nothing of that run."""
+    gone = getattr(e, "nothing_saved", None)
+    if gone is not None:
+        return (f" before {gone} saved its first checkpoint, so that folder is removed: run the same command "
+                f"again to start it anew")
+    return ": run the same command again to resume from the last checkpoint"
+
+
 def user_errors(fn: Callable) -> Callable:
     """A user mistake prints one line and exits 2 (or the error's own code); never a traceback."""
 
@@ -180,14 +190,14 @@ def user_errors(fn: Callable) -> Callable:
         before = signal.signal(signal.SIGTERM, _terminate) if main else None
         try:
             return fn(*args, **kwargs)
-        except Terminated:
-            err.print("[yellow]terminated[/]: run the same command again to resume from the last checkpoint")
+        except Terminated as e:
+            err.print(f"[yellow]terminated[/]{_what_was_kept(e)}")
             raise typer.Exit(Terminated.exit_code) from None
         except RescompError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # [x] stays text
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: run the same command again to resume from the last checkpoint")
+        except KeyboardInterrupt as e:
+            err.print(f"[yellow]interrupted[/]{_what_was_kept(e)}")
             raise typer.Exit(130) from None
         except OSError as e:  # what the checks before the work cannot see: a full disk, a path that changed since
             if not (isinstance(e, USER_OS_ERRORS) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)):
@@ -625,7 +635,8 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
             s, broken = {}, str(e).split(";")[0]
         who = runlock.holder(d)
         state = ("running: " + who if who else "complete" if s else
-                 "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
+                 "interrupted, resumable" if any(p.stat().st_size for p in d.rglob("last.pt")) or any(d.rglob("row.json"))
+                 else "empty")
         if broken:
             state = f"broken: {broken}"
         try:

@@ -267,8 +267,12 @@ def writing(run_dir: Path, cfg: ExperimentConfig) -> Iterator[Path]:
     checkpoint.atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     try:
         yield run_dir
-    except BaseException:
+    except BaseException as e:
         if distributed.is_main() and not resumable(run_dir):
             runlock.release(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
+            try:  # so that an interrupted command does not promise a resume from a checkpoint there is not
+                e.nothing_saved = run_dir  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
         raise

@@ -517,6 +517,8 @@ M = [
  ('write-error-names-temp-file', 'rescomp/checkpoint.py', '        raise type(e)(e.errno, e.strerror, str(path)) from None', '        raise', 'tests/test_report.py::test_a_table_file_in_the_way_leaves_the_old_table_whole'),
  ('extends-shape-unchecked', 'rescomp/config.py', '    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):', '    if False:', 'tests/test_config.py::test_extends_and_profiles'),
  ('profiles-shape-unchecked', 'rescomp/config.py', '    if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):', '    if False:', 'tests/test_config.py::test_extends_and_profiles'),
+ ('interrupt-promises-resume', 'rescomp/cli.py', '    if gone is not None:\n        return (f" before {gone}', '    if False:\n        return (f" before {gone}', 'tests/test_workflow.py::test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder'),
+ ('runs-empty-checkpoint-resumable', 'rescomp/cli.py', 'any(p.stat().st_size for p in d.rglob("last.pt"))', 'any(d.rglob("last.pt"))', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

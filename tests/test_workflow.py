@@ -169,6 +169,9 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(workdir, 
         res = cli("train", path)
     assert res.exit_code == code, res.output
     assert not (workdir / "runs/exp").exists()
+    if code != 1:  # stopped: it says there is nothing to resume from (it promised a resume)
+        assert "saved its first checkpoint, so that folder is removed: run the same command again to start it " \
+               "anew" in " ".join(res.stderr.split()) and "resume" not in res.stderr, res.stderr
     assert cli("train", path, "--set", "train.epochs=2").exit_code == 0
 
 
@@ -177,7 +180,8 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch
     path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 2}})
     with monkeypatch.context() as m:
         _fail_in_epoch(m, 2, error)
-        assert cli("train", path).exit_code == code
+        res = cli("train", path)
+        assert res.exit_code == code and "resume from the last checkpoint" in res.stderr, res.output
     assert list((workdir / "runs/exp/checkpoints").iterdir())
     res = cli("train", path)
     assert res.exit_code == 0 and "resum" in res.stderr.lower()
@@ -463,10 +467,12 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     with monkeypatch.context() as m:
         _fail_in_epoch(m, 2, KeyboardInterrupt())
         assert cli("train", path, "--seed", "3").exit_code == 130
+    (workdir / "runs/cut/checkpoints").mkdir(parents=True)
+    (workdir / "runs/cut/checkpoints/last.pt").write_bytes(b"")  # a checkpoint cut short: nothing to resume
     res = cli("runs")
     assert res.exit_code == 0, res.output
     states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
-    assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable"}
+    assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable", "cut": "empty"}
     assert cli("runs", workdir / "nowhere").exit_code == 2
 
 
