@@ -18,7 +18,6 @@ checkpoint (a prune or layer-drop stage at its last finished step).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,7 +27,7 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, deep_merge, validate
 from rescomp.errors import ConfigError
-from rescomp.rundir import run_folder
+from rescomp.rundir import read_summary, run_folder
 from rescomp.runner import Stage, execute, stage, traits_of
 
 
@@ -114,7 +113,7 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
         else:
             folder, state = folder_state(scfg, refused, suffix, step.stage.section, fresh)
         done = folder / "summary.json"
-        source = (Path(cfg.written(step.stage.output(scfg, folder, json.loads(done.read_text()))))
+        source = (Path(cfg.written(step.stage.network(scfg, folder, read_summary(done))))
                   if state.startswith("complete") else None)
         name, before = folder.name, step.name
         lines.append(f"{i + 1}. {step.name:<10} -> {folder}: {state}")
@@ -132,7 +131,7 @@ def run_chain(cfg: ExperimentConfig, *, fresh: bool = False, console: Optional[C
         if i:
             scfg = stage_config(cfg, step, name, source)
         run_dir, summary = execute(step.stage, scfg, fresh=fresh, console=console)
-        output = step.stage.output(scfg, run_dir, summary)
+        output = step.stage.network(scfg, run_dir, summary)
         name, source = run_dir.name, Path(cfg.written(output))
         done.append((run_dir, summary))
         if report:

@@ -45,7 +45,8 @@ def _write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as e:  # named by what the caller asked for, not by the temporary file
         Path(tmp).unlink(missing_ok=True)
-        raise type(e)(e.errno, e.strerror, str(path)) from None
+        e.filename, e.filename2 = str(path), None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

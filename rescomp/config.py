@@ -253,7 +253,7 @@ class LayerDropConfig(Strict):
     k: int = Field(2, ge=1, description="units deleted per step")
     retrain_epochs: int = Field(60, ge=0, description="n: epochs of retraining after each deletion")
     max_units: Optional[int] = Field(None, ge=1, description="stop after deleting this many (default: all)")
-    tolerance: float = Field(0.0, ge=0, description="stop once top-1 < the full network's - tolerance")
+    tolerance: float = Field(0.0, ge=0, description="stop once top-1 (on stop_on's split) < the full network's - tolerance")
     # the split whose top-1 the stop rule and the smallest lossless network are judged on: test, as the
     # paper's Algorithm 1 (which flatters the chosen network's test top-1), or val: data.val_fraction of the
     # training images, held out (seeded) and never trained on, so the chosen network's test top-1 is unbiased
@@ -314,7 +314,8 @@ class PruneConfig(Strict):
     def _budget(self) -> "PruneConfig":
         if self.share_per_step is None and not (self.targets or self.schedule != "custom"):
             raise ValueError("prune.share_per_step is needed unless prune.targets (or a schedule) gives the shares")
-        if max(t[-1] for _, t in self.plan()) >= 1:  # only share_per_step x steps can get there: targets are < 1
+        if max(t[-1] for _, t in self.plan()) >= 1 and not (self.stop_at.params or self.stop_at.macs):
+            # only share_per_step x steps gets there (targets are < 1); stop_at ends such a run on its own
             raise ValueError(f"share_per_step x steps = {self.share_per_step * self.steps:g} would remove every prunable "
                              f"filter (the shares add up, each of the starting network's prunable filters); keep it "
                              f"under 1, with fewer steps or a smaller share")

@@ -13,7 +13,8 @@ from typing import Optional
 
 from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
-from rescomp.rundir import refusal, resumable, run_folder
+from rescomp.errors import ConfigError
+from rescomp.rundir import read_summary, refusal, resumable, run_folder
 from rescomp.runner import model_spec
 
 
@@ -31,6 +32,11 @@ def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", se
     if fresh:
         return run_dir, "--fresh deletes it and starts a new run"
     if (run_dir / "summary.json").is_file():
+        try:
+            read_summary(run_dir / "summary.json")
+        except ConfigError as e:  # the run would refuse it
+            refused.append(str(e))
+            return run_dir, "refused (below)"
         return run_dir, "complete: nothing to run (--fresh redoes it)"
     history = run_dir / "metrics.jsonl"
     done = len(history.read_text().splitlines()) if history.is_file() else 0
@@ -125,7 +131,8 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
                   f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "
-                  f"epochs" + ("" if ld.keep_going else "; stops at the first step below the full network's top-1"
+                  f"epochs" + ("" if ld.keep_going else "; stops at the first step below the full network's "
+                                                              + ("top-1" if ld.stop_on == "test" else "validation top-1")
                                                               + (f" - {ld.tolerance}" if ld.tolerance else "")),
                   f"        each step timed over {ld.timing.warmup} + {ld.timing.runs} training steps at batch "
                   f"{ld.timing.batch_size}"]

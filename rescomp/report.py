@@ -289,8 +289,8 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     said = []
     if has("val_top1"):
         said.append("top-1 is on the test set, val top-1 on the run's validation split (data.val_fraction of the "
-                    "training images, held out from its training; where a layer-drop run has stop_on: val, the split "
-                    "its stop rule judged on)")
+                    "training images, held out from its training; where early stopping kept its best epoch, or a "
+                    "layer-drop run with stop_on: val stopped on it, the split also chose, and its top-1 flatters)")
     if has("macs"):
         said.append("MACs are multiply-accumulates of one batch-1 forward pass at the input size the network ran at "
                     "(the paper's, where a column says so), as fvcore counts them: convolutions "

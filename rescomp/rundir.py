@@ -99,13 +99,13 @@ def read_summary(path: Path) -> dict[str, Any]:
     try:
         s = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}); re-run that experiment") from None
+        raise ConfigError(f"{path} is unreadable ({e}); re-run that run with --fresh") from None
     number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
     rows = s.get("rows") or [] if isinstance(s, dict) else None
     if not (isinstance(s, dict) and isinstance(s.get("name"), str) and number(s.get("top1")) and isinstance(rows, list)
             and all(isinstance(r, dict) and number(r.get("top1")) for r in rows)):
         raise ConfigError(f"{path} is not a rescomp run summary (a JSON object with its run's name and numbers); "
-                          f"re-run that experiment, or move the file out of the runs folder")
+                          f"re-run that run with --fresh, or move its folder out of the runs folder")
     return s
 
 
@@ -124,6 +124,28 @@ def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section
         cfg = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
     version, changed = rules(cfg, section)
     return changed if made.get("rules", 1) != version else None
+
+
+def lineage(path: Path) -> Optional[list[Path]]:
+    """The network at `path` and every network it was made from (a distillation teacher included), followed
+    through the made.json of the run folders that made them, back to training runs; None where a network's
+    folder keeps no record to follow (a copied file, or a stage run made before runs kept one)."""
+    out: list[Path] = []
+    todo = [Path(path)]
+    while todo:
+        p = todo.pop()
+        if any(os.path.samefile(p, q) for q in out if p.exists() and q.exists()):
+            continue
+        out.append(p)
+        run = next((d for d in (p.parent, p.parent.parent) if (d / "config.yaml").is_file()), None)
+        if run is None:
+            return None
+        inputs = made_from(run).get("inputs") or {}
+        summary = run / "summary.json"
+        if not inputs and not (summary.is_file() and read_summary(summary).get("stage") == "train"):
+            return None  # a stage's network whose inputs were not recorded: where it came from is unknown
+        todo += [_at(run, q) for q in inputs]
+    return out
 
 
 def _at(run_dir: Path, p: str) -> Path:

@@ -84,6 +84,14 @@ class Stage:
     # recorded with that network's (rescomp.rundir.MADE), so a result made from an older copy is not reused.
     inputs: Callable[[ExperimentConfig], list[Path]] = lambda cfg: []
 
+    def network(self, cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Path:
+        """The network a finished run hands on (`output`), or ConfigError where its summary lacks what names it."""
+        try:
+            return self.output(cfg, run_dir, summary)
+        except (KeyError, IndexError, TypeError) as e:
+            raise ConfigError(f"{run_dir / 'summary.json'} is not a complete {self.name} summary (nothing names its "
+                              f"network: {e}); re-run that stage with --fresh") from None
+
     def check_source(self, cfg: ExperimentConfig) -> None:
         """The network it is given (its section's checkpoint) is there and one it can take, as a chain judges
         the network an earlier stage hands it: missing, corrupt, not rescomp's, or int8 for a stage that

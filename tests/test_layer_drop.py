@@ -409,6 +409,27 @@ def test_stop_on_val_judges_deletions_on_held_out_training_images(workdir, tiny,
     assert "was not trained with this run's validation split held out (dataset, seed, data.val_fraction: " \
            "synthetic, 0, 0.25; this run: synthetic, 1, 0.25)" in res.stderr
     assert not any(p.name.startswith("other") for p in (workdir / "runs").iterdir())
+    # ... or one made from such a network: trained on every training image, then pruned under the split
+    plain = {**raw, "name": "plain", "data": {**raw["data"], "val_fraction": 0.0}}
+    assert CliRunner().invoke(app, ["train", str(write_config(workdir, plain, "plain.yaml"))]).exit_code == 0
+    res = CliRunner().invoke(app, ["prune", str(write_config(workdir, {**raw, "name": "pruned"}, "pruned.yaml")),
+                                   "--set", "prune.checkpoint=runs/plain/model.pt", "--set", "prune.steps=1",
+                                   "--set", "prune.finetune_epochs=1", "--set", "prune.score_batches=1"])
+    assert res.exit_code == 0, res.output
+    pruned = next((workdir / "runs").glob("pruned-prune-*/step01/model.pt"))
+    assert checkpoint.load(pruned)["config"]["data"]["val_fraction"] == 0.25  # its own record says held out
+    for given, why in ((pruned, "'runs/plain/model.pt', which it was made from, was not trained with this run's "
+                                "validation split held out (dataset, seed, data.val_fraction: synthetic, 0, 0.0;"),
+                       (workdir / "copied.pt", "cannot trace how")):
+        if not given.exists():
+            given.write_bytes(pruned.read_bytes())  # a copy keeps no record of what it was made from
+        ok = {**raw, "name": "late", "layer_drop": {**raw["layer_drop"], "checkpoint": str(given)}}
+        res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, ok, "late.yaml"))])
+        assert res.exit_code == 2 and why in " ".join(res.stderr.split()), res.output
+    assert not any(p.name.startswith("late") for p in (workdir / "runs").iterdir())
+    ok = {**raw, "name": "late", "layer_drop": {**raw["layer_drop"], "checkpoint": "runs/val/model.pt"}}
+    res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, ok, "late.yaml")), "--dry-run"])
+    assert res.exit_code == 0, res.output  # trained under this very split: taken
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@
 #       -> test_a_network_of_another_number_of_classes_is_refused_in_one_line
 
 import json
+import re
 
 import pytest
 import yaml
@@ -281,6 +282,22 @@ def test_a_network_of_another_number_of_classes_is_refused_in_one_line(workdir, 
         assert res.exit_code == 2 and f"train.distill.teacher '{trained}': it classifies 10 classes" in res.stderr, \
             res.output
     assert not (workdir / "runs").exists()  # nothing started
+
+
+def test_a_chain_with_a_broken_summary_is_refused_in_one_line(workdir, tiny):
+    """A finished stage whose summary.json names no network (a JSON object without its rows): the chain
+    crashed (KeyError 'rows', or TypeError for a list) in its plan, --dry-run included. Now one line
+    naming the file and --fresh, exit 2."""
+    path = write_config(workdir, _chain(tiny, ["train", "prune", "quantize"]))
+    assert cli("run", path).exit_code == 0
+    prune = next((workdir / "runs").glob("exp-prune-*"))
+    for content in ({"name": prune.name, "stage": "prune"}, [1]):
+        (prune / "summary.json").write_text(json.dumps(content))
+        for args in ((), ("--dry-run",)):
+            res = cli("run", path, *args)
+            assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+            assert re.search(r"summary\.json (is not a complete prune summary|is not a rescomp run summary).*--fresh",
+                             " ".join(res.stderr.split())), res.stderr
 
 
 def test_a_stage_command_refuses_what_its_chain_refuses(workdir, tiny, trained):

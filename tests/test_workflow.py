@@ -472,7 +472,8 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     res = cli("runs")
     assert res.exit_code == 0, res.output
     states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
-    assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable", "cut": "empty"}
+    assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable",
+                      "cut": "broken: an empty checkpoint (checkpoints/last.pt); re-run it with --fresh"}
     assert cli("runs", workdir / "nowhere").exit_code == 2
 
 

@@ -15,7 +15,6 @@ Every row states the bytes of every storage stage (dense, sparse, shared, Huffma
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +26,7 @@ from rescomp.compress import deep_compression as dc
 from rescomp.config import ExperimentConfig
 from rescomp.measure import measure
 from rescomp.runner import STAGES, Stage, StageRun, fp32_only, model_spec
+from rescomp.rundir import read_summary
 from rescomp.train import evaluate
 
 
@@ -134,7 +134,7 @@ def _pruned_by(source: Optional[Path]) -> tuple[str, Optional[str]]:
     summary = source.parent / "summary.json" if source is not None else None
     if summary is None or not summary.is_file():
         return "", None
-    s = json.loads(summary.read_text())
+    s = read_summary(summary)
     if s.get("stage") != "magnitude_prune" or not s.get("rows"):
         return "", None
     return f" ({100 * s['rows'][-1]['share']:g}% pruned, {s.get('scope', '?')})", s.get("scope", "?")

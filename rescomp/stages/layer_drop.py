@@ -31,6 +31,7 @@ from rescomp.errors import ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
+from rescomp.rundir import lineage
 from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec, retrain_config, train_and_eval
 from rescomp.train import evaluate
 
@@ -53,25 +54,41 @@ def check(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
-    """With stop_on: val, a given network (layer_drop.checkpoint) must have been trained with this run's
-    validation split held out, or the split would judge it on images it learned: the split is drawn from
-    the seed and data.val_fraction, so its recorded config must have the same dataset, seed and fraction.
-    Returns the payload it read (Stage.check_source judges it without reading it again)."""
+    """With stop_on: val, a given network (layer_drop.checkpoint) and every network it was made from must
+    have been trained with this run's validation split held out, or the split would judge it on images it
+    learned: the split is drawn from the seed and data.val_fraction, so each one's recorded config must have
+    the same dataset, seed and fraction (and synthetic data the same images). Its lineage is followed through
+    the run folders that made it (rundir.lineage); one that cannot be followed is refused too. Returns the
+    given network's payload (Stage.check_source judges it without reading it again)."""
     ld = cfg.layer_drop
     if ld.stop_on != "val" or not ld.checkpoint:
         return None
-    payload = checkpoint.load(cfg.at(ld.checkpoint))
-    made = payload.get("config") or {}
-    data = made.get("data") or {}
-    theirs = (data.get("dataset"), made.get("seed"), data.get("val_fraction"))
-    ours = (cfg.data.dataset, cfg.seed, cfg.data.val_fraction)
-    if theirs != ours:
-        raise ConfigError(
-            f"layer_drop.stop_on=val: '{ld.checkpoint}' was not trained with this run's validation split held out "
-            f"(dataset, seed, data.val_fraction: {', '.join(map(str, theirs))}; this run: {', '.join(map(str, ours))}), "
-            f"so it may have learned the images that would judge it; give a network trained under this config's "
-            f"data and seed, or use stop_on: test")
+    given = cfg.at(ld.checkpoint)
+    payload = checkpoint.load(given)
+    ours = split_of(cfg.to_dict())
+    chain = lineage(given)
+    if chain is None:
+        raise ConfigError(f"layer_drop.stop_on=val: cannot trace how '{ld.checkpoint}' was made (no record of its "
+                          f"inputs beside it), so not whether it learned the validation images; give a network made "
+                          f"under this config's data and seed in this project, or use stop_on: test")
+    for p in chain:
+        theirs = split_of((payload if p == given else checkpoint.load(p)).get("config") or {})
+        if theirs != ours:
+            made = "it was" if p == given else f"'{p}', which it was made from, was"
+            raise ConfigError(
+                f"layer_drop.stop_on=val: {made} not trained with this run's validation split held out (dataset, "
+                f"seed, data.val_fraction: {', '.join(map(str, theirs[:3]))}; this run: "
+                f"{', '.join(map(str, ours[:3]))}), so it may have learned the images that would judge it; give a "
+                f"network made under this config's data and seed, or use stop_on: test")
     return payload
+
+
+def split_of(config: dict[str, Any]) -> tuple:
+    """What decides a run's validation split, from its config as a checkpoint records it: the dataset, the
+    seed, the fraction held out and, for synthetic data, its images."""
+    data = config.get("data") or {}
+    return (data.get("dataset"), config.get("seed"), data.get("val_fraction"),
+            data.get("synthetic") if data.get("dataset") == "synthetic" else None)
 
 
 def baseline_family(cfg: ExperimentConfig, spec: dict[str, Any]) -> dict[int, dict[str, Any]]:
