@@ -635,8 +635,7 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
             s, broken = {}, str(e).split(";")[0]
         who = runlock.holder(d)
         state = ("running: " + who if who else "complete" if s else
-                 "interrupted, resumable" if any(p.stat().st_size for p in d.rglob("last.pt")) or any(d.rglob("row.json"))
-                 else "empty")
+                 "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
         cut = [p for p in d.rglob("last.pt") if not p.stat().st_size]
         if broken or cut and not s and not who:  # a run there would refuse the empty checkpoint too
             state = f"broken: {broken or f'an empty checkpoint ({cut[0].relative_to(d)})'}; re-run it with --fresh"

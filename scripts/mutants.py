@@ -523,6 +523,7 @@ M = [
  ('ld-val-untraceable-taken', 'rescomp/stages/layer_drop.py', '    chain = lineage(given)\n', '    chain = lineage(given) or [given]\n', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
  ('chain-broken-summary-traceback', 'rescomp/runner.py', '        except (KeyError, IndexError, TypeError) as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', '        except ZeroDivisionError as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', 'tests/test_runner.py::test_a_chain_with_a_broken_summary_is_refused_in_one_line'),
  ('prune-stop-at-refused', 'rescomp/config.py', ' and not (self.stop_at.params or self.stop_at.macs):', ':', 'tests/test_prune.py::test_stop_at_a_share_of_the_parameters'),
+ ('ld-val-lost-ancestor-traceback', 'rescomp/stages/layer_drop.py', '        except CheckpointError as e:  # an ancestor gone or broken since', '        except ZeroDivisionError as e:  # an ancestor gone or broken since', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

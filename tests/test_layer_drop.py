@@ -430,6 +430,10 @@ def test_stop_on_val_judges_deletions_on_held_out_training_images(workdir, tiny,
     ok = {**raw, "name": "late", "layer_drop": {**raw["layer_drop"], "checkpoint": "runs/val/model.pt"}}
     res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, ok, "late.yaml")), "--dry-run"])
     assert res.exit_code == 0, res.output  # trained under this very split: taken
+    (workdir / "runs/plain/model.pt").unlink()  # an ancestor gone: nothing to judge it by
+    late = {**raw, "name": "late", "layer_drop": {**raw["layer_drop"], "checkpoint": str(pruned)}}
+    res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, late, "late.yaml"))])
+    assert res.exit_code == 2 and "cannot read 'runs/plain/model.pt', which" in " ".join(res.stderr.split()), res.output
 
 
 @pytest.fixture(scope="module")

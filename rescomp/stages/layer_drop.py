@@ -3,8 +3,9 @@
 Algorithm 1 of the paper: train the gated network; then repeat {rank units by |w| (or another
 criterion); delete the k lowest; retrain n epochs starting again from the initial learning rate;
 evaluate} until the configured number of units is gone or top-1 falls below the full network's
-(minus a tolerance): the test top-1, as the paper, or (`stop_on: val`) a held-out validation split's. Every step writes runs/<name>-layerdrop/stepNN/ (checkpoints while it retrains,
-then model.pt and row.json), so an interrupted loop resumes where it stopped, across invocations.
+(minus a tolerance): the test top-1, as the paper, or (`stop_on: val`) a held-out validation split's.
+Every step writes runs/<name>-layerdrop/stepNN/ (checkpoints while it retrains, then model.pt and
+row.json), so an interrupted loop resumes where it stopped, across invocations.
 The baselines are the paper's Figure 3 comparison (section 4.2.2): regular ResNets of the same family
 with 6, 5, ..., 1 units per stage (56 ... 11 layers), trained from scratch and by distillation from the
 full network; or (`structure: reached`) the irregular structures the loop reached, trained anew. Every
@@ -27,7 +28,7 @@ from rescomp.compress.layer_drop import CRITERIA, depth, drop, gates, output_nor
 from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, seed_everything
 from rescomp.data import sample_loader
-from rescomp.errors import ConfigError
+from rescomp.errors import CheckpointError, ConfigError
 from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
@@ -72,7 +73,11 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
                           f"inputs beside it), so not whether it learned the validation images; give a network made "
                           f"under this config's data and seed in this project, or use stop_on: test")
     for p in chain:
-        theirs = split_of((payload if p == given else checkpoint.load(p)).get("config") or {})
+        try:
+            theirs = split_of((payload if p == given else checkpoint.load(p)).get("config") or {})
+        except CheckpointError as e:  # an ancestor gone or broken since
+            raise ConfigError(f"layer_drop.stop_on=val: cannot read '{p}', which '{ld.checkpoint}' was made from, "
+                              f"to see whether it learned the validation images ({e}); use stop_on: test") from None
         if theirs != ours:
             made = "it was" if p == given else f"'{p}', which it was made from, was"
             raise ConfigError(
