@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rescomp.errors import CheckpointError
+from rescomp.errors import CheckpointError, ConfigError
 
 FORMAT = "rescomp-checkpoint"
 VERSION = 1
@@ -62,8 +62,6 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
     """Write a set of files into folder, each atomically, after checking that every one can be: a path that
     is a folder (or anything but a file) fails before the first is written, so the set is not left half
     old, half new by what could be known beforehand."""
-    from rescomp.errors import ConfigError
-
     for name in files:
         p = Path(folder) / name
         if p.exists() and not p.is_file() or p.is_symlink() and not p.exists():

@@ -101,7 +101,7 @@ def read_summary(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); re-run that run with --fresh") from None
     number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
-    rows = s.get("rows") or [] if isinstance(s, dict) else None
+    rows = (s.get("rows") or []) if isinstance(s, dict) else None
     if not (isinstance(s, dict) and isinstance(s.get("name"), str) and number(s.get("top1")) and isinstance(rows, list)
             and all(isinstance(r, dict) and number(r.get("top1")) for r in rows)):
         raise ConfigError(f"{path} is not a rescomp run summary (a JSON object with its run's name and numbers); "
