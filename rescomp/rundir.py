@@ -67,8 +67,9 @@ def resumable(run_dir: Path) -> bool:
 # summary keeps the same `inputs`).
 MADE = "made.json"
 # A stage's rules: the version a run of its section is made under, and what changed since version 1,
-# for a given config (a change that changes only some configs' results bumps only theirs). A folder
-# without a record was made under version 1.
+# for a given config (a change that changes only some configs' results bumps only theirs) and, for prune,
+# the network scored (recorded as `gated`; a folder made before that record is judged by the networks it
+# keeps). A folder without a record was made under version 1.
 FINE_TUNE_SCALED = ("a fine-tune's warm-up, milestones and step size scaled to its length (a 1-epoch fine-tune "
                     "after a 2-epoch warm-up was all warm-up)")
 PRUNE_RULES = ("the fast schedule's two steps 3 x finetune_epochs apart (Martineau's epochs 4 and 7; they were "
@@ -81,11 +82,14 @@ FINE_TUNING = ("layer_drop", "magnitude_prune", "weight_share", "binarize")
 STAGE_SECTIONS = {"layerdrop": "layer_drop"}
 
 
-def rules(cfg: ExperimentConfig, section: Optional[str]) -> tuple[int, str]:
-    """The version of the rules a run of `section` is made under with cfg, and what changed since version 1."""
+def rules(cfg: ExperimentConfig, section: Optional[str], gated: Optional[bool] = None) -> tuple[int, str]:
+    """The version of the rules a run of `section` is made under with cfg, and what changed since version 1.
+    A prune run's rules depend on the network it scores: whether it is `gated` (layer-drop's gates; where not
+    given, as the config's model would be: a given checkpoint may be gated under a config without gates)."""
     s = cfg.train.schedule
     if section == "prune":
-        if cfg.model.model_dump().get("gates") and cfg.prune.criterion in ACTIVATION_CRITERIA:
+        gated = bool(cfg.model.model_dump().get("gates")) if gated is None else gated
+        if gated and cfg.prune.criterion in ACTIVATION_CRITERIA:
             return 3, PRUNE_RULES + ", and " + GATED_SCORES
         return 2, PRUNE_RULES
     if section in FINE_TUNING and (s.warmup_epochs > 0 or s.name in ("step", "multistep")):
@@ -122,8 +126,22 @@ def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section
         if not saved.is_file():
             return None
         cfg = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
-    version, changed = rules(cfg, section)
+    gated = made.get("gated")
+    if gated is None and section == "prune" and cfg.prune.criterion in ACTIVATION_CRITERIA:
+        gated = _kept_gated(run_dir)  # a folder made before runs recorded it
+    version, changed = rules(cfg, section, gated)
     return changed if made.get("rules", 1) != version else None
+
+
+def _kept_gated(run_dir: Path) -> Optional[bool]:
+    """Whether the networks a prune run folder keeps are gated (pruning keeps a network's gates in its spec);
+    None where it keeps none that can be read."""
+    for p in sorted(run_dir.rglob("*.pt")):
+        try:
+            return bool(checkpoint.load(p).get("arch", {}).get("gates"))
+        except checkpoint.CheckpointError:
+            continue
+    return None
 
 
 def lineage(path: Path) -> Optional[list[Path]]:
@@ -182,20 +200,23 @@ def made_from(run_dir: Path) -> dict[str, Any]:
     return json.loads(rec.read_text()) if rec.is_file() else {}
 
 
-def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section: Optional[str]) -> dict[str, str]:
-    """Record in run_dir the networks its run starts from (and its stage's rules) when it starts anew; on a
-    resumed start, check them against the record (a network re-made while the run was stopped is refused).
-    Returns the inputs, by path relative to run_dir, with their digests."""
+def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section: Optional[str],
+                spec: Optional[dict[str, Any]] = None) -> dict[str, str]:
+    """Record in run_dir the networks its run starts from (and its stage's rules, for the arch `spec` of the
+    network it starts from) when it starts anew; on a resumed start, check them against the record (a
+    network re-made while the run was stopped is refused). Returns the inputs, by path relative to run_dir,
+    with their digests."""
     now = {os.path.relpath(Path(p).resolve(), run_dir.resolve()): checkpoint.network_digest(p) for p in paths}
     before = made_from(run_dir)
-    version = rules(cfg, section)[0]
+    gated = None if spec is None or section != "prune" else bool(spec.get("gates"))
+    version = rules(cfg, section, gated)[0]
     if before and resumable(run_dir):  # the networks are digested above: compare, do not read them again
         for p, digest in before.get("inputs", {}).items():
             if now.get(p, digest) != digest:
                 raise ConfigError(f"'{run_dir}' {_re_made(_at(run_dir, p))}; re-run with --fresh to start it again")
     elif now or version > 1:  # else nothing to record: no input, the first rules (as a folder without one)
-        checkpoint.atomic_write_text(run_dir / MADE, json.dumps({"inputs": now, "rules": version, "section": section},
-                                                                indent=2))
+        record = {"inputs": now, "rules": version, "section": section, **({} if gated is None else {"gated": gated})}
+        checkpoint.atomic_write_text(run_dir / MADE, json.dumps(record, indent=2))
     return now
 
 

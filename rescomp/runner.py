@@ -205,7 +205,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     run = StageRun(cfg, ctx, splits, out, model, payload, source, checked, t_start)
     with writing(out, cfg):
         inputs = distributed.on_main(lambda: record_made(out, ([source] if source is not None else []) + st.inputs(cfg),
-                                                         cfg, st.section))
+                                                         cfg, st.section, payload.get("arch")))
         fields = st.body(run)
         summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
                    "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.arithmetic,

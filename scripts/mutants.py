@@ -524,6 +524,9 @@ M = [
  ('chain-broken-summary-traceback', 'rescomp/runner.py', '        except (KeyError, IndexError, TypeError) as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', '        except ZeroDivisionError as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', 'tests/test_runner.py::test_a_chain_with_a_broken_summary_is_refused_in_one_line'),
  ('prune-stop-at-refused', 'rescomp/config.py', ' and not (self.stop_at.params or self.stop_at.macs):', ':', 'tests/test_prune.py::test_stop_at_a_share_of_the_parameters'),
  ('ld-val-lost-ancestor-traceback', 'rescomp/stages/layer_drop.py', '        except CheckpointError as e:  # an ancestor gone or broken since', '        except ZeroDivisionError as e:  # an ancestor gone or broken since', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
+ ('prune-rules-by-config', 'rescomp/runner.py', '                                                         cfg, st.section, payload.get("arch")))', '                                                         cfg, st.section))', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
+ ('prune-rules-gated-ignored', 'rescomp/rundir.py', '        gated = bool(cfg.model.model_dump().get("gates")) if gated is None else gated', '        gated = bool(cfg.model.model_dump().get("gates"))', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
+ ('prune-rules-old-folder-by-config', 'rescomp/rundir.py', '        gated = _kept_gated(run_dir)  # a folder made before runs recorded it', '        pass', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -41,7 +41,10 @@
 #     nothing to resume refused instead of taken over; a run made under a stage's earlier rules returned
 #       -> test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported,
 #          test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused, test_a_re_made_teacher_...,
-#          test_a_folder_with_nothing_to_resume_is_taken_over_..., test_a_run_made_under_earlier_rules_...
+#          test_a_folder_with_nothing_to_resume_is_taken_over_..., test_a_run_made_under_earlier_rules_...;
+#     prune's rules decided by the config's model.gates instead of the network scored (a gated checkpoint
+#     given to a config without gates), or an old folder judged by its config instead of the networks it
+#     keeps -> test_prune_rules_follow_the_network_scored_not_the_config
 # 14. `rescomp run --dry-run` passing a chain folder the chain would refuse, or --nproc 0; `rescomp run`
 #     advising --fresh, which it did not have
 #       -> test_a_chain_dry_run_judges_each_folder_as_the_chain_would
@@ -876,6 +879,34 @@ def test_pruning_a_gated_network_on_activations_is_under_the_rules_that_score_it
         assert rules(validate({**tiny, "prune": {"criterion": criterion}}, "t"), "prune")[0] == version, criterion
     tiny["model"].pop("gates")
     assert rules(validate({**tiny, "prune": {"criterion": "taylor"}}, "t"), "prune")[0] == 2
+
+
+def test_prune_rules_follow_the_network_scored_not_the_config(workdir, tiny):
+    # A gated network given to a config without gates is scored at its gated BatchNorms (rules 3); a plain
+    # network given to a config with gates is not (rules 2). A folder made before runs recorded which is
+    # judged by the networks it keeps: an old gated run is not reused, an old plain one is.
+    tiny = _quick(tiny)
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    tiny["model"]["depth"] = 14  # two units a stage: the second of each is gated
+    plain = write_config(workdir, {**tiny, "name": "plain"}, "plain.yaml")
+    gated = write_config(workdir, {**tiny, "name": "gated", "model": {**tiny["model"], "gates": True}}, "gated.yaml")
+    assert cli("train", plain).exit_code == 0 and cli("train", gated).exit_code == 0
+    for given, config, version in (("gated", plain, 3), ("plain", gated, 2)):
+        res = cli("prune", config, "--set", f"prune.checkpoint=runs/{given}/model.pt")
+        assert res.exit_code == 0, res.output
+        folder = next(d for d in (workdir / "runs").glob("*-prune-*") if (d / "made.json").is_file()
+                      and json.loads((d / "made.json").read_text()).get("inputs", {}).get(f"../{given}/model.pt"))
+        made = json.loads((folder / "made.json").read_text())
+        assert (made["rules"], made["gated"]) == (version, given == "gated"), made
+        made.pop("gated")
+        made["rules"] = 2  # as made before the scoring fix, which recorded rules 2 whatever it scored
+        (folder / "made.json").write_text(json.dumps(made))
+        again = cli("prune", config, "--set", f"prune.checkpoint=runs/{given}/model.pt")
+        if given == "gated":
+            assert again.exit_code == 2 and "a gated unit's last conv scored after its BatchNorm" in " ".join(
+                again.stderr.split()), again.output
+        else:
+            assert again.exit_code == 0 and "already complete" in again.output, again.output
 
 
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
