@@ -232,7 +232,7 @@ report-deep-compression: install
 
 # Every committed table rendered again from its own table.json, with the notes and baseline its report
 # target gives it: after a change to the renderer or to a table's notes, without the runs (the rows and
-# their provenance are the ones collected). table-combined is compare's, from its runs.
+# their provenance are the ones collected); table-combined from its compare.json.
 rerender: install
 	$(BIN)/rescomp report results/demo
 	$(BIN)/rescomp report results/table-separable --baseline Full --notes configs/table-separable/notes.md
@@ -243,6 +243,7 @@ rerender: install
 	$(BIN)/rescomp report results/table-taylor-alexnet-schedules --notes configs/table-taylor/notes-alexnet-schedules.md
 	$(BIN)/rescomp report results/table-taylor-resnet56 --notes configs/table-taylor/notes-resnet56.md
 	$(BIN)/rescomp report results/table-deep-compression --notes configs/table-deep-compression/notes.md
+	$(BIN)/rescomp compare results/table-combined --table table-combined --notes configs/table-combined/notes.md
 
 clean:
 	rm -rf $(VENV) .venv-gpu runs .pytest_cache

@@ -6,7 +6,9 @@ baseline, an int8 network. A point is named by its chain, read from its run fold
 every stage extends (rescomp.runner): `exp-prune-paper-taylor-custom-ptq` is "prune → int8". Costs are
 params, MACs, bytes (tensors as torch.save writes them) and the batch-1 CPU latency on the fastest
 runtime that timed that network (named beside it). A point is on the Pareto front of a cost when no
-other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate.
+other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate. An
+int8 network is left out of the MACs front: it keeps its fp32 network's MACs (each an int8 one), so the
+pair would tie on cost and the front would go to whichever top-1 the noise put higher.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
 
 RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
-COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1 (ms)", 1)]
+COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1, fastest runtime (ms)", 1)]
 STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-layerdrop-[a-z0-9_]+-k\d+-n\d+"), "layer-drop"),
                 (re.compile(rf"-mprune-({'|'.join(get_args(MagnitudePruneConfig.model_fields['scope'].annotation))})-\d+"),
@@ -81,10 +83,18 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+INT8 = ("ptq", "qat")
+OFF_FRONT = {"macs": INT8}  # the stages whose points a cost's front leaves out (module docstring)
+
+
 def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
     """Indices of the points no other point beats: none with a lower or equal cost has a higher top-1
-    (of points with equal cost and top-1, the first)."""
-    ranked = sorted((i for i, p in enumerate(pts) if p.get(cost) is not None), key=lambda i: (pts[i][cost], -pts[i]["top1"]))
+    (of points with equal cost and top-1, the first). Points without a finite cost or top-1, or of a stage
+    the cost's front leaves out (OFF_FRONT), are on no front."""
+    from rescomp.report import finite
+
+    ranked = sorted((i for i, p in enumerate(pts) if finite(p.get(cost)) and finite(p.get("top1"))
+                     and p.get("stage") not in OFF_FRONT.get(cost, ())), key=lambda i: (pts[i][cost], -pts[i]["top1"]))
     front, best = set(), float("-inf")
     for i in ranked:
         if pts[i]["top1"] > best:
@@ -122,7 +132,8 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
              f"Baseline: **{b['network']}** (run {b['run']}), top-1 {b['top1']:.2f} %. Δ top-1 is in points; "
              f"MACs and size are also given as a share of the baseline's (/ base); size is the tensors as torch.save writes them, or, for a network stored in its own format (Deep Compression, binarized), that file, whose "
              f"container is leaner (a ResNet-56's dense file is 2.2-2.5 % under torch.save's bytes of the same tensors). An int8 network's params and MACs are its fp32 network's (the same layers, "
-             f"their multiply-accumulates in int8). ◆ marks the Pareto front of a cost: no "
+             f"their multiply-accumulates in int8), so it is on no MACs front: it would tie with its fp32 network on cost "
+             f"and win or lose by noise. ◆ marks the Pareto front of a cost: no "
              f"cheaper network is more accurate. Latency: batch 1, on the fastest runtime that timed the network.", "",
              "| # | chain | network | top-1 % | Δ top-1 | params | MACs (M) | MACs / base | size (kB) | size / base | latency ms (runtime) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -152,9 +163,9 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
 def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
     """Top-1 against MACs, bytes and latency: every point numbered as in the table and coloured by
     chain, the Pareto front of each cost drawn through its points."""
-    from rescomp.report import _png, _pyplot, _style, _title, caption
+    from rescomp.report import _png, _pyplot, _style, _title, caption, finite
 
-    panels = [c for c in COSTS if any(p.get(c[0]) is not None for p in pts)]
+    panels = [c for c in COSTS if any(finite(p.get(c[0])) for p in pts)]
     if not panels:
         return None
     plt = _pyplot()
@@ -163,10 +174,11 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
     handles = {}
     for ax, (cost, label, scale) in zip(axes[0], panels):
         for n, p in enumerate(pts, 1):
-            if p.get(cost) is None:
+            if not (finite(p.get(cost)) and finite(p.get("top1"))):
                 continue
-            (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6,
-                           **_style(chains.index(p["chain"])))
+            style = _style(chains.index(p["chain"]))  # int8 hollow: its fp32 network's point shows beneath it
+            (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6, **style,
+                           **({"markerfacecolor": "none"} if p.get("stage") in INT8 else {}))
             handles.setdefault(p["chain"], h)
             ax.annotate(str(n), (p[cost] * scale, p["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = sorted((p[cost] * scale, p["top1"]) for p in pts if p.get(f"pareto_{cost}"))
@@ -178,9 +190,28 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
-               frameon=False, title="chain (numbers: rows of compare.md)", title_fontsize=8)
+               frameon=False, title="chain (numbers: rows of compare.md;\nhollow: int8, on no MACs front)",
+               title_fontsize=8)
     _title(fig, f"{table}: top-1 against cost, Pareto front ringed and joined in black", caption(pts, latency=True))
     return _png(fig)
+
+
+DERIVED = ("top1_delta", "macs_ratio", "size_bytes_ratio", "baseline")  # what `against` adds, with pareto_*
+
+
+def rendered(folder: Path) -> tuple[list[dict[str, Any]], str]:
+    """A committed comparison's points as `points` made them, and its baseline run, from its compare.json:
+    to render it again after a change to the renderer or to its notes, without the runs."""
+    path = folder / "compare.json"
+    try:
+        pts = json.loads(path.read_text())
+        base = [p["run"] for p in pts if p.get("baseline")]
+        if len(base) != 1 or not all(isinstance(p.get("top1"), (int, float)) for p in pts):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"'{path}' is not a compare.json that `rescomp compare` wrote ({type(e).__name__}); "
+                          f"pass run folders, or a results/<table> folder that holds one") from None
+    return [{k: v for k, v in p.items() if k not in DERIVED and not k.startswith("pareto_")} for p in pts], base[0]
 
 
 def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional[str] = None) -> Path:

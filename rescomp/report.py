@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -97,20 +99,26 @@ GEOMETRIC = ("latency_ms_", "reference_latency_ms_", "fp32_latency_ms_", "speedu
              "forward_ms_b", "backward_ms_b", "reference_forward_ms_b", "reference_backward_ms_b", "gpu_images_per_s")
 
 
+def experiment(row: dict[str, Any]) -> str:
+    """The run a row comes from, without its seed: a config's other seeds run as <name>-seed<n> (and their
+    later stages as <name>-seed<n>-<stage>), so the seeds of one experiment share this."""
+    return re.sub(r"-seed\d+(?=-|$)", "", str(row.get("name")))
+
+
 def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of one experiment under several seeds (same label, same stage, different seeds) become one
-    row: the mean of every number (the geometric mean of timings and speed-ups, the largest timing spread),
-    `seeds` (how many) and `top1_std` (their sample standard deviation); the seeds and config hashes are
-    listed, a speed-up is within the noise where any seed's was, and the fastest runtime is named again from
-    the merged latencies. A row with one seed is left as it is."""
-    import math
+    """Rows of one experiment under several seeds (same label, same stage, same run but for its seed,
+    different seeds) become one row: the mean of every number (the geometric mean of timings and speed-ups,
+    the largest timing spread), `seeds` (how many) and `top1_std` (their sample standard deviation); the
+    seeds and config hashes are listed, a speed-up is within the noise where any seed's was, and the fastest
+    runtime is named again from the merged latencies. A row with one seed is left as it is. Rows of two
+    runs that share a label are never merged."""
 
     from rescomp.measure import RUNTIME_COLUMN
 
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r.get("row"), r.get("stage"), r.get("series")), []).append(r)
+        groups.setdefault((r.get("row"), r.get("stage"), r.get("series"), experiment(r)), []).append(r)
     out = []
     for group in groups.values():
         if len({r.get("seed") for r in group}) < 2:
@@ -488,6 +496,9 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
     seeds = sorted({str(r.get("seed")) for r in rows if r.get("seed") is not None})
     parts = [data, ", ".join(budget) or None, (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(seeds)}") if seeds else None]
     line = "; ".join(p for p in parts if p)
+    targets = lambda r: [t for t in r.get("plan") or [] if isinstance(t, dict) and t.get("target") is not None]  # noqa: E731
+    if any(len(targets(r)) > 1 for r in rows):
+        line += "\neach target share is pruned on its own from the network the run starts from: a curve joins separate prunes"
     timed = sorted({t[0] for t in map(_timing, rows) if t is not None})
     if latency and timed:
         line += "\nlatency on " + "; ".join(timed)
@@ -502,19 +513,37 @@ def _title(fig, title: str, subtitle: str) -> None:
 
 
 def _curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The rows of each curve: a series per architecture where the rows' architectures differ (never one
-    line through several networks), else a series; a row outside any series is its own point."""
+    """The rows of each curve: a series of one run (its seeds merged), named by the series, prefixed by the
+    architecture where the rows' architectures differ and followed by the run where several runs give the
+    series (never one line through several runs' networks); a row outside any series is its own point."""
     arch = lambda r: r["arch"].get("arch") if isinstance(r.get("arch"), dict) else r.get("arch")  # noqa: E731
     several = len({str(arch(r)) for r in rows}) > 1
-    curves: dict[str, list[dict[str, Any]]] = {}
+    keyed: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         name = (f"{arch(r)}: {r['series']}" if several else str(r["series"])) if r.get("series") else str(r.get("row"))
-        curves.setdefault(name, []).append(r)
-    return curves
+        keyed.setdefault((name, experiment(r)), []).append(r)
+    shared = [name for name, _ in keyed]
+    return {(name if shared.count(name) == 1 else f"{name} ({run})"): curve for (name, run), curve in keyed.items()}
 
 
 def _style(i: int) -> dict[str, Any]:
-    return {"color": f"C{i % 10}", "marker": "osD^vP*Xph"[(i // 10) % 10]}
+    """The i-th curve's colour and marker: 20 colours, then the next marker."""
+    return {"color": PALETTE[i % len(PALETTE)], "marker": "osD^vP*Xph"[(i // len(PALETTE)) % 10]}
+
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"]
+
+
+def finite(v: Any) -> bool:
+    """A number that can be plotted or ranked: not None, a bool, NaN or infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _noisy(row: dict[str, Any], key: str) -> bool:
+    """A latency whose interquartile range over its repeats exceeds the latency itself: no place on an axis."""
+    iqr = row.get(key.replace("latency_ms", "latency_iqr_ms")) if key.startswith("latency_ms_") else None
+    return finite(iqr) and iqr > row[key]
 
 
 def plot_curves(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
@@ -530,7 +559,8 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
     """Top-1 against each panel's x column (key, axis label, scale, inverted), one curve (or point) per
     _curves entry (or per given `curves`), its name in one legend beside the axes: no labels on the points
     to collide, and a legend entry only for a curve with a point. None where no panel has a point."""
-    panels = [p for p in panels if any(r.get(p[0]) is not None and r.get("top1") is not None for r in rows)]
+    shown = lambda r, key: finite(r.get(key)) and finite(r.get("top1")) and not _noisy(r, key)  # noqa: E731
+    panels = [p for p in panels if any(shown(r, p[0]) for r in rows)]
     if not panels:
         return None
     plt = _pyplot()
@@ -538,15 +568,22 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
     handles = {}
     for i, (name, curve) in enumerate((curves if curves is not None else _curves(rows)).items()):
         for ax, (key, _, scale, _) in zip(axes[0], panels):
-            # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path, and a
-            # latency that does not fall at every step must show as such, not be reordered away
-            pts = [(r[key] * scale, r["top1"]) for r in curve if r.get(key) is not None and r.get("top1") is not None]
+            # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path. Latencies
+            # are points, not joined: one that does not fall at every step would read as a trend
+            pts = [(r[key] * scale, r["top1"]) for r in curve if shown(r, key)]
             if pts:
-                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if len(pts) > 1 else "none",
+                joined = len(pts) > 1 and not key.startswith("latency_ms_")
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if joined else "none",
                                   markersize=5, **_style(i))
                 handles.setdefault(name, line)
-    for ax, (_, label, _, invert) in zip(axes[0], panels):
-        ax.set_xlabel(label)
+    accurate = [r for r in rows if finite(r.get("top1"))]
+    for ax, (key, label, _, invert) in zip(axes[0], panels):
+        on = sum(shown(r, key) for r in accurate)
+        noisy = sum(finite(r.get(key)) and _noisy(r, key) for r in accurate)
+        if on < len(accurate):  # a panel that leaves rows out says how many, and why
+            why = [f"{on} of {len(accurate)} rows"] + ([f"{noisy} left out: spread > latency"] if noisy else [])
+            label += "\n" + "; ".join(why)
+        ax.set_xlabel(label + (" (decreasing →)" if invert else ""))
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
         if log_x:
@@ -570,10 +607,14 @@ def storage_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return curves
 
 
-COST_PANELS = [("macs", "MACs (M)", 1e-6, False), ("latency_ms_cpu_b1", "CPU latency, batch 1 (ms)", 1, False)]
+# MACs, then batch-1 latency on each runtime that timed a row (its own panel: one runtime's milliseconds
+# are not another's, and each row is timed on the runtimes it runs on)
+COST_PANELS = [("macs", "MACs (M)", 1e-6, False)] + [
+    (f"latency_ms_{column}_b1", f"{runtime} latency, batch 1 (ms)", 1, False)
+    for column, runtime in (("cpu", "PyTorch eager CPU"), ("ort", "ONNX Runtime CPU"), ("ind", "Inductor CPU"))]
 SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further along)
     "accuracy_vs_layers.png": ("layers", "layers", 1, True),
-    "accuracy_vs_share.png": ("share", "share of prunable filters removed (%)", 100, False),
+    "accuracy_vs_share.png": ("share", "target share of prunable filters (%)", 100, False),
     "accuracy_vs_macs.png": ("macs", "MACs (M)", 1e-6, True),
 }
 

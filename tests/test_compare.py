@@ -10,6 +10,10 @@
 #  5. --profile ignored (another profile's runs mixed in) -> test_compare_end_to_end_from_a_chain
 #  6. a point keeping only its batch-1 latency, so the speed-ups and references its notes cite are in no
 #     committed file (the results audit) -> test_compare_end_to_end_from_a_chain
+#  7. an int8 network on the MACs front (it ties its fp32 network on cost; noise picks), or a NaN cost on a
+#     front or hiding points there (the plots audit) -> test_pareto_front_counted_by_hand
+#  8. a committed comparison rendered again with another baseline, or with the fronts of the file kept
+#     rather than computed again -> test_compare_end_to_end_from_a_chain
 
 import json
 
@@ -30,6 +34,13 @@ def test_pareto_front_counted_by_hand():
     pts = [{"top1": t, "macs": c} for c, t in [(1, 50), (2, 40), (3, 60), (4, 60), (5, 70), (None, 99)]]
     assert pareto(pts, "macs") == {0, 2, 4}  # (2, 40) and (4, 60) are beaten by cheaper points; no cost, no point
     assert pareto([{"top1": 50, "macs": 1}, {"top1": 55, "macs": 1}], "macs") == {1}  # equal cost: the better one
+    # an int8 network has its fp32 network's MACs: on no MACs front (noise would pick between the twins),
+    # but on the bytes front; a cost that is not a number is on no front and hides no point
+    twins = [{"top1": 50.0, "macs": 10, "size_bytes": 40, "stage": "prune"},
+             {"top1": 50.1, "macs": 10, "size_bytes": 10, "stage": "ptq"},
+             {"top1": 60.0, "macs": float("nan"), "size_bytes": float("nan"), "stage": "prune"},
+             {"top1": 55.0, "macs": 20, "size_bytes": 80, "stage": "train"}]
+    assert pareto(twins, "macs") == {0, 3} and pareto(twins, "size_bytes") == {1, 3}
 
 
 @pytest.mark.parametrize("folder, chain", [
@@ -101,3 +112,20 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
         res = cli("compare", "runs", "--table", "cmp", "--baseline", given)
         assert res.exit_code == 0, res.output
         assert next(p for p in json.loads((workdir / "results/cmp/compare.json").read_text()) if p["baseline"])["run"] == "other"
+    # a committed comparison renders again from its compare.json alone, as it was made: its baseline (here
+    # one of two trained networks), its fronts computed again, not read from the file
+    res = cli("compare", "results/cmp", "--table", "cmp", "--out", "again")
+    assert res.exit_code == 0, res.output
+    for name in ("compare.md", "compare.json", "compare.csv"):
+        assert (workdir / "again/cmp" / name).read_text() == (workdir / "results/cmp" / name).read_text(), name
+    pts = json.loads((workdir / "results/cmp/compare.json").read_text())
+    off = next(i for i, p in enumerate(pts) if not p.get("pareto_size_bytes"))
+    pts[off]["pareto_size_bytes"] = True
+    (workdir / "results/cmp/compare.json").write_text(json.dumps(pts))
+    assert cli("compare", "results/cmp", "--table", "cmp", "--out", "again").exit_code == 0
+    assert not json.loads((workdir / "again/cmp/compare.json").read_text())[off].get("pareto_size_bytes")
+    (workdir / "broken").mkdir()
+    (workdir / "broken/compare.json").write_text('[{"run": "exp"}]')
+    res = cli("compare", "broken", "--table", "cmp", "--out", "again")
+    assert res.exit_code == 2 and "is not a compare.json that `rescomp compare` wrote" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1

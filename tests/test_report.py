@@ -185,6 +185,50 @@ def test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_w
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
+# Wrong versions (the plots audit): one latency panel of PyTorch eager labelled "CPU latency" that drops
+# the rows timed on another runtime without a word; a latency whose spread exceeds it setting the axis;
+# latency points joined into a trend; two runs that share a series name (or a row label) drawn as one
+# line, or their rows averaged as if they were seeds of one experiment; the separate prunes of a target
+# plan drawn as a path without saying so; a NaN drawn.
+def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
+    from rescomp.report import COST_PANELS, curves_figure
+
+    rows = [*_prune_rows("alexnet", [17.0, 18.0, 19.0], [9.0, 9.5, 8.0]),
+            {**ROW, "row": "noisy", "latency_ms_cpu_b1": 7.0, "latency_iqr_ms_cpu_b1": 20.0},
+            {**ROW, "row": "int8 ONNX Runtime", "stage": "ptq", "latency_ms_cpu_b1": None, "latency_ms_ort_b1": 3.0},
+            {**ROW, "row": "nan", "macs": float("nan"), "latency_ms_cpu_b1": float("nan")}]
+    fig = curves_figure(rows, COST_PANELS, "t", latency=True)
+    macs_ax, eager_ax, ort_ax = fig.axes
+    assert macs_ax.get_xlabel() == "MACs (M)\n5 of 6 rows"
+    assert eager_ax.get_xlabel() == "PyTorch eager CPU latency, batch 1 (ms)\n3 of 6 rows; 1 left out: spread > latency"
+    assert ort_ax.get_xlabel() == "ONNX Runtime CPU latency, batch 1 (ms)\n1 of 6 rows"
+    assert sorted(x for line in eager_ax.get_lines() for x in line.get_xdata()) == [8.0, 9.0, 9.5]
+    assert [list(line.get_xdata()) for line in ort_ax.get_lines()] == [[3.0]]
+    assert all(line.get_linestyle() == "None" for ax in (eager_ax, ort_ax) for line in ax.get_lines())
+    assert any(line.get_linestyle() == "-" for line in macs_ax.get_lines())  # a path of steps is a path
+    assert "a curve joins" not in fig._suptitle.get_text()
+    plan = [{"target": 0.1, "shares": [0.05, 0.1]}, {"target": 0.3, "shares": [0.15, 0.3]}]
+    fig = curves_figure([{**r, "plan": plan} for r in rows[:3]], COST_PANELS, "t")
+    assert "each target share is pruned on its own from the network the run starts from" in fig._suptitle.get_text()
+
+
+def test_two_runs_that_share_a_label_are_never_one_row_or_one_curve():
+    from rescomp.report import _curves, aggregate_seeds
+
+    a = _prune_rows("alexnet", [17.0, 18.0], [None, None])
+    a1 = [{**r, "name": "alexnet-seed1-prune", "seed": 1, "top1": r["top1"] + 2} for r in a]  # seed 1 of that run
+    b = [{**r, "name": "alexnet-shortcut-a-prune", "top1": r["top1"] - 10} for r in a]  # another run, same labels
+    b1 = [{**r, "name": "alexnet-shortcut-a-seed1-prune", "seed": 1} for r in b]
+    rows = aggregate_seeds(a + a1 + b + b1)
+    assert [(r["row"], r["top1"], r.get("seeds")) for r in rows] == [
+        ("alexnet taylor 0%", 18.0, 2), ("alexnet taylor 5%", 19.0, 2), ("alexnet taylor 0%", 7.0, 2),
+        ("alexnet taylor 5%", 8.0, 2)]
+    curves = _curves(rows)
+    assert {k: [r["top1"] for r in v] for k, v in curves.items()} == {
+        "taylor, paper (alexnet-prune)": [18.0, 19.0], "taylor, paper (alexnet-shortcut-a-prune)": [7.0, 8.0]}
+    assert list(_curves(aggregate_seeds(a + a1))) == ["taylor, paper"]  # one run: its series' name alone
+
+
 def test_a_plot_these_rows_do_not_make_is_removed(tmp_path):
     rows = _prune_rows("alexnet", [17.0, 18.0], [9.0, 8.0])
     out = write_table("t", rows, tmp_path)
