@@ -505,6 +505,8 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
         runs = len({m for m in timing_marks(rows) if m})
         if runs:
             line += f"; timed in {runs} sessions (marked in table.md): latencies of two do not compare"
+        elif len({r.get("name") or r.get("run") for r in rows if _timing(r) is not None}) > 1:  # compare: "run"
+            line += "; each run timed in its own process, minutes apart: two runs' latencies differ by the machine's drift too"
     return line
 
 

@@ -539,6 +539,7 @@ M = [
  ('nan-cost-on-a-front', 'rescomp/compare.py', '    ranked = sorted((i for i, p in enumerate(pts) if finite(p.get(cost)) and finite(p.get("top1"))', '    ranked = sorted((i for i, p in enumerate(pts) if p.get(cost) is not None', 'tests/test_compare.py::test_pareto_front_counted_by_hand'),
  ('compare-rerender-other-baseline', 'rescomp/cli.py', '        pts = cmp.against(pts, baseline or kept)', '        pts = cmp.against(pts, baseline)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-rerender-keeps-fronts', 'rescomp/compare.py', ' if k not in DERIVED and not k.startswith("pareto_")} for p in pts]', ' if k not in DERIVED} for p in pts]', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
+ ('plot-separate-processes-unsaid', 'rescomp/report.py', '        elif len({r.get("name") or r.get("run") for r in rows if _timing(r) is not None}) > 1:', '        elif False:', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

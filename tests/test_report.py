@@ -189,7 +189,8 @@ def test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_w
 # the rows timed on another runtime without a word; a latency whose spread exceeds it setting the axis;
 # latency points joined into a trend; two runs that share a series name (or a row label) drawn as one
 # line, or their rows averaged as if they were seeds of one experiment; the separate prunes of a target
-# plan drawn as a path without saying so; a NaN drawn.
+# plan drawn as a path without saying so; a NaN drawn; latencies of separate processes set side by side
+# in a plot without the caveat its table.md gives.
 def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
     from rescomp.report import COST_PANELS, curves_figure
 
@@ -207,6 +208,9 @@ def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
     assert all(line.get_linestyle() == "None" for ax in (eager_ax, ort_ax) for line in ax.get_lines())
     assert any(line.get_linestyle() == "-" for line in macs_ax.get_lines())  # a path of steps is a path
     assert "a curve joins" not in fig._suptitle.get_text()
+    assert "each run timed in its own process, minutes apart: two runs' latencies differ by the machine's drift too" in fig._suptitle.get_text()
+    one_run = [{**r, "name": "exp"} for r in rows]
+    assert "own process" not in curves_figure(one_run, COST_PANELS, "t", latency=True)._suptitle.get_text()
     plan = [{"target": 0.1, "shares": [0.05, 0.1]}, {"target": 0.3, "shares": [0.15, 0.3]}]
     fig = curves_figure([{**r, "plan": plan} for r in rows[:3]], COST_PANELS, "t")
     assert "each target share is pruned on its own from the network the run starts from" in fig._suptitle.get_text()
