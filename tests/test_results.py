@@ -1,5 +1,6 @@
 """Committed results say where they came from without naming the machine that made them, and each
-table says what its own table.json holds, with the notes its report target gives it.
+table says what its own table.json (a comparison, its compare.json) holds, with the notes its report target
+gives it.
 
 Wrong versions these catch: a data source, checkpoint or output path written as an absolute path
 of the machine (a home folder, a checkout under /work, a temp folder) into a table or benchmark; a
@@ -39,7 +40,7 @@ def _rerender_commands() -> list[list[str]]:
 
 
 def test_every_committed_table_is_rendered_again_by_make_rerender() -> None:
-    tables = {p.parent.name for p in RESULTS.glob("*/table.json")}
+    tables = {p.parent.name for p in [*RESULTS.glob("*/table.json"), *RESULTS.glob("*/compare.json")]}
     assert tables == {cmd[1].removeprefix("results/") for cmd in _rerender_commands()}
 
 
@@ -53,6 +54,6 @@ def test_a_committed_table_is_what_its_json_and_notes_render(command, tmp_path, 
     res = CliRunner().invoke(app, [*command, "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     table = command[1].removeprefix("results/")
-    for name in ("table.md", "table.csv", "table.json"):
+    for name in [f"{command[0] if command[0] == 'compare' else 'table'}.{x}" for x in ("md", "csv", "json")]:
         assert (tmp_path / table / name).read_text() == (RESULTS / table / name).read_text(), \
             f"results/{table}/{name} is not what `make rerender` makes of it: run `make rerender` and commit"
