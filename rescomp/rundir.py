@@ -19,7 +19,7 @@ import yaml
 
 from rescomp import checkpoint, distributed, runlock
 from rescomp.config import ExperimentConfig, check_writable, dump_config, validate
-from rescomp.errors import ConfigError
+from rescomp.errors import CheckpointError, ConfigError
 from rescomp.provenance import command_line
 
 
@@ -136,11 +136,13 @@ def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section
 def _kept_gated(run_dir: Path) -> Optional[bool]:
     """Whether the networks a prune run folder keeps are gated (pruning keeps a network's gates in its spec);
     None where it keeps none that can be read."""
-    for p in sorted(run_dir.rglob("*.pt")):
+    for p in sorted(run_dir.rglob("model.pt")):  # a network with its spec (a training checkpoint may not hold one)
         try:
-            return bool(checkpoint.load(p).get("arch", {}).get("gates"))
-        except checkpoint.CheckpointError:
+            spec = checkpoint.load(p).get("arch")
+        except CheckpointError:
             continue
+        if isinstance(spec, dict):
+            return bool(spec.get("gates"))
     return None
 
 
