@@ -529,7 +529,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
 @app.command()
 @user_errors
 def compare(targets: List[str] = typer.Argument(..., help="run folders, folders of runs (e.g. runs/), or a table name; "
-                                                      "or one results/<table> folder, rendered again from its compare.json"),
+                                                      "or one results/<table> folder (or its compare.json), rendered again from that file"),
             table: str = typer.Option(..., help="name of results/<table>/"),
             baseline: Optional[str] = typer.Option(None, help="the run every point is compared with (default: the "
                                                               "one trained network among them)"),
@@ -541,8 +541,6 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
     from rescomp import compare as cmp
     from rescomp.config import check_writable, load_config, read_text
-    from rescomp.errors import ConfigError
-    from rescomp.report import find_runs, load_rows
 
     _table_name(table)
     check_writable(out_dir, "--out")
@@ -550,18 +548,7 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
                                                       "pass a Markdown file such as configs/table-combined/notes.md")
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
-    if len(targets) == 1 and (Path(targets[0]) / "compare.json").is_file():  # a committed comparison, again
-        pts, kept = cmp.rendered(Path(targets[0]))
-        pts = [p for p in pts if profile is None or (p.get("profile") or "paper") == profile]
-        pts = cmp.against(pts, baseline or kept)
-    else:
-        summaries = load_rows(d for t in targets for d in find_runs(t, runs))
-        if profile is not None:
-            summaries = [s for s in summaries if (s.get("profile") or "paper") == profile]
-            if not summaries:
-                raise ConfigError(f"none of these runs was made with profile '{profile}'; drop --profile, or run the "
-                                  f"table's configs with --profile {profile}")
-        pts = cmp.against(cmp.points(summaries), baseline)
+    pts = cmp.collect(targets, runs, baseline, profile)
     path = cmp.write(table, pts, out_dir, notes_text)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)

@@ -6,9 +6,10 @@ baseline, an int8 network. A point is named by its chain, read from its run fold
 every stage extends (rescomp.runner): `exp-prune-paper-taylor-custom-ptq` is "prune → int8". Costs are
 params, MACs, bytes (tensors as torch.save writes them) and the batch-1 CPU latency on the fastest
 runtime that timed that network (named beside it). A point is on the Pareto front of a cost when no
-other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate. An
-int8 network is left out of the MACs front: it keeps its fp32 network's MACs (each an int8 one), so the
-pair would tie on cost and the front would go to whichever top-1 the noise put higher.
+other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate. A
+network whose MACs are counted as its input network's (int8: each an int8 one; magnitude-pruned, weight-
+shared, binarized: dense MACs of zeros, shared or sign weights) is left out of the MACs front: it would tie
+with that network on cost, and the front would go to whichever top-1 the noise put higher.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 from rescomp.checkpoint import write_files
-from rescomp.config import MagnitudePruneConfig
+from rescomp.config import MagnitudePruneConfig, QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
+from rescomp.report import finite
 
 RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
 COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1, fastest runtime (ms)", 1)]
@@ -83,16 +85,15 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-INT8 = ("ptq", "qat")
-OFF_FRONT = {"macs": INT8}  # the stages whose points a cost's front leaves out (module docstring)
+INT8 = get_args(QuantizeConfig.model_fields["method"].annotation)  # an int8 network's stage: ptq, qat
+# the stages whose points a cost's front leaves out: those whose MACs are their input network's (docstring)
+OFF_FRONT = {"macs": (*INT8, "magnitude_prune", "weight_share", "binarize")}
 
 
 def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
     """Indices of the points no other point beats: none with a lower or equal cost has a higher top-1
     (of points with equal cost and top-1, the first). Points without a finite cost or top-1, or of a stage
     the cost's front leaves out (OFF_FRONT), are on no front."""
-    from rescomp.report import finite
-
     ranked = sorted((i for i, p in enumerate(pts) if finite(p.get(cost)) and finite(p.get("top1"))
                      and p.get("stage") not in OFF_FRONT.get(cost, ())), key=lambda i: (pts[i][cost], -pts[i]["top1"]))
     front, best = set(), float("-inf")
@@ -132,8 +133,9 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
              f"Baseline: **{b['network']}** (run {b['run']}), top-1 {b['top1']:.2f} %. Δ top-1 is in points; "
              f"MACs and size are also given as a share of the baseline's (/ base); size is the tensors as torch.save writes them, or, for a network stored in its own format (Deep Compression, binarized), that file, whose "
              f"container is leaner (a ResNet-56's dense file is 2.2-2.5 % under torch.save's bytes of the same tensors). An int8 network's params and MACs are its fp32 network's (the same layers, "
-             f"their multiply-accumulates in int8), so it is on no MACs front: it would tie with its fp32 network on cost "
-             f"and win or lose by noise. ◆ marks the Pareto front of a cost: no "
+             f"their multiply-accumulates in int8); so are a magnitude-pruned, weight-shared or binarized network's, "
+             f"dense. None of these is on a MACs front: each would tie with its input network on cost and win or lose "
+             f"by noise. ◆ marks the Pareto front of a cost: no "
              f"cheaper network is more accurate. Latency: batch 1, on the fastest runtime that timed the network.", "",
              "| # | chain | network | top-1 % | Δ top-1 | params | MACs (M) | MACs / base | size (kB) | size / base | latency ms (runtime) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -161,9 +163,17 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
 
 
 def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
+    from rescomp.report import _png
+
+    fig = plot_figure(table, pts)
+    return None if fig is None else _png(fig)
+
+
+def plot_figure(table: str, pts: list[dict[str, Any]]):
     """Top-1 against MACs, bytes and latency: every point numbered as in the table and coloured by
-    chain, the Pareto front of each cost drawn through its points."""
-    from rescomp.report import _png, _pyplot, _style, _title, caption, finite
+    chain (an int8 one hollow), the Pareto front of each cost drawn through its points; None where no
+    cost has a value."""
+    from rescomp.report import _pyplot, _style, _title, caption
 
     panels = [c for c in COSTS if any(finite(p.get(c[0])) for p in pts)]
     if not panels:
@@ -190,28 +200,54 @@ def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
-               frameon=False, title="chain (numbers: rows of compare.md;\nhollow: int8, on no MACs front)",
+               frameon=False, title="chain (numbers: rows of compare.md;\nhollow: int8)",
                title_fontsize=8)
     _title(fig, f"{table}: top-1 against cost, Pareto front ringed and joined in black", caption(pts, latency=True))
-    return _png(fig)
+    return fig
 
 
-DERIVED = ("top1_delta", "macs_ratio", "size_bytes_ratio", "baseline")  # what `against` adds, with pareto_*
+DERIVED = ("top1_delta", "baseline", *(f"{cost}_ratio" for cost, _, _ in COSTS[:2]))  # `against`'s, with pareto_*
 
 
-def rendered(folder: Path) -> tuple[list[dict[str, Any]], str]:
-    """A committed comparison's points as `points` made them, and its baseline run, from its compare.json:
-    to render it again after a change to the renderer or to its notes, without the runs."""
-    path = folder / "compare.json"
+def rendered(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """A committed comparison's points as `points` made them, and its baseline run, from its compare.json
+    (or the folder that holds it): to render it again after a change to the renderer or to its notes,
+    without the runs."""
+    path = path / "compare.json" if path.is_dir() else path
     try:
         pts = json.loads(path.read_text())
         base = [p["run"] for p in pts if p.get("baseline")]
-        if len(base) != 1 or not all(isinstance(p.get("top1"), (int, float)) for p in pts):
+        if len(base) != 1 or not all(finite(p.get("top1")) for p in pts):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"'{path}' is not a compare.json that `rescomp compare` wrote ({type(e).__name__}); "
                           f"pass run folders, or a results/<table> folder that holds one") from None
     return [{k: v for k, v in p.items() if k not in DERIVED and not k.startswith("pareto_")} for p in pts], base[0]
+
+
+def of_profile(items: list[dict[str, Any]], profile: Optional[str]) -> list[dict[str, Any]]:
+    """The run summaries or points made with config profile `profile` (None: all; paper: no profile), or
+    ConfigError where there are none."""
+    if profile is None:
+        return items
+    kept = [s for s in items if (s.get("profile") or "paper") == profile]
+    if not kept:
+        raise ConfigError(f"none of these runs was made with profile '{profile}'; drop --profile, or run the "
+                          f"table's configs with --profile {profile}")
+    return kept
+
+
+def collect(targets: list[str], runs: Path, baseline: Optional[str], profile: Optional[str]) -> list[dict[str, Any]]:
+    """The points of `rescomp compare TARGETS`, against their baseline: of the runs the targets name (run
+    folders, folders of runs, a table name looked up in `runs`), or of one committed comparison (a
+    results/<table> folder or its compare.json), whose baseline it keeps unless another is given."""
+    from rescomp.report import find_runs, load_rows
+
+    one = Path(targets[0])
+    if len(targets) == 1 and ((one / "compare.json").is_file() or (one.name == "compare.json" and one.is_file())):
+        pts, kept = rendered(one)
+        return against(of_profile(pts, profile), baseline or kept)
+    return against(points(of_profile(load_rows(d for t in targets for d in find_runs(t, runs)), profile)), baseline)
 
 
 def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional[str] = None) -> Path:

@@ -115,7 +115,6 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     from rescomp.measure import RUNTIME_COLUMN
 
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r.get("row"), r.get("stage"), r.get("series"), experiment(r)), []).append(r)
@@ -129,9 +128,9 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r.get(k) for r in group]
             if k.startswith("speedup_within_noise"):
                 merged[k] = any(vals)
-            elif any(number(v) for v in vals) and not all(number(v) for v in vals):
-                merged[k] = None  # measured in some seeds only: no merged figure
-            elif all(number(v) for v in vals) and len(set(vals)) > 1:
+            elif any(finite(v) for v in vals) and not all(finite(v) for v in vals):
+                merged[k] = None  # measured in some seeds only (or NaN in one, a diverged loss): no merged figure
+            elif all(finite(v) for v in vals) and len(set(vals)) > 1:
                 if k.startswith(GEOMETRIC):
                     merged[k] = math.exp(sum(math.log(v) for v in vals) / len(vals)) if all(v > 0 for v in vals) else None
                 elif "_iqr_" in k:
@@ -278,6 +277,12 @@ def _timing(row: dict[str, Any]) -> Optional[tuple[str, str]]:
     return str(row.get("latency_device") or row.get("device")), str(row.get("commit"))
 
 
+def timed_runs(rows: list[dict[str, Any]]) -> set[Any]:
+    """The runs (each its own process) that timed these rows: a table's rows name theirs, compare's points
+    their `run`."""
+    return {r.get("name") or r.get("run") for r in rows if _timing(r) is not None}
+
+
 def timing_marks(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's mark (a, b, ...) of the run its latencies were timed in, '' for all where they were timed
     in one (or none): a run is a device (threads included) at a commit."""
@@ -326,8 +331,7 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
                     "where the two latencies' ranges as shown (median ± half the interquartile range) overlap")
     lines = [_wrap("; ".join(said) + ".")] if said else []
     runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
-    timed_in = {r.get("name") for r in rows if _timing(r) is not None}
-    if not runs and len(timed_in) > 1:
+    if not runs and len(timed_runs(rows)) > 1:
         lines += ["", _wrap("The latencies were timed on one device at one commit, but in separate processes (one "
                             "per run), minutes apart, so they differ by the machine's drift too; only a speed-up "
                             "compares two networks timed side by side.")]
@@ -474,7 +478,7 @@ def _pyplot():
 
 
 def _span(values: list[Any], what: str) -> str | None:
-    vals = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    vals = sorted({v for v in values if finite(v)})
     if not vals:
         return None
     fmt = lambda v: f"{v:,g}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
@@ -502,11 +506,12 @@ def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
     timed = sorted({t[0] for t in map(_timing, rows) if t is not None})
     if latency and timed:
         line += "\nlatency on " + "; ".join(timed)
-        runs = len({m for m in timing_marks(rows) if m})
-        if runs:
-            line += f"; timed in {runs} sessions (marked in table.md): latencies of two do not compare"
-        elif len({r.get("name") or r.get("run") for r in rows if _timing(r) is not None}) > 1:  # compare: "run"
-            line += "; each run timed in its own process, minutes apart: two runs' latencies differ by the machine's drift too"
+        sessions = len({m for m in timing_marks(rows) if m})
+        if sessions:
+            line += f"; timed in {sessions} sessions (marked in table.md): latencies of two do not compare"
+        if len(timed_runs(rows)) > 1:
+            line += (", and" if sessions else ";") + (" each run timed in its own process, minutes apart: two runs' "
+                                                      "latencies differ by the machine's drift too")
     return line
 
 
@@ -529,12 +534,13 @@ def _curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _style(i: int) -> dict[str, Any]:
-    """The i-th curve's colour and marker: 20 colours, then the next marker."""
-    return {"color": PALETTE[i % len(PALETTE)], "marker": "osD^vP*Xph"[(i // len(PALETTE)) % 10]}
+    """The i-th curve's colour and marker: tab20's 20 colours (its 10 strong ones first, then their light
+    pairs, so that neighbours differ), then the next marker."""
+    import matplotlib
 
-
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"]
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = tab20[0::2] + tab20[1::2]
+    return {"color": palette[i % 20], "marker": "osD^vP*Xph"[(i // 20) % 10]}
 
 
 def finite(v: Any) -> bool:
@@ -562,7 +568,8 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
     _curves entry (or per given `curves`), its name in one legend beside the axes: no labels on the points
     to collide, and a legend entry only for a curve with a point. None where no panel has a point."""
     shown = lambda r, key: finite(r.get(key)) and finite(r.get("top1")) and not _noisy(r, key)  # noqa: E731
-    panels = [p for p in panels if any(shown(r, p[0]) for r in rows)]
+    # a panel with any value stays, even where every one is left out (its label then says why it is empty)
+    panels = [p for p in panels if any(finite(r.get(p[0])) and finite(r.get("top1")) for r in rows)]
     if not panels:
         return None
     plt = _pyplot()
@@ -578,12 +585,11 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
                 (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if joined else "none",
                                   markersize=5, **_style(i))
                 handles.setdefault(name, line)
-    accurate = [r for r in rows if finite(r.get("top1"))]
     for ax, (key, label, _, invert) in zip(axes[0], panels):
-        on = sum(shown(r, key) for r in accurate)
-        noisy = sum(finite(r.get(key)) and _noisy(r, key) for r in accurate)
-        if on < len(accurate):  # a panel that leaves rows out says how many, and why
-            why = [f"{on} of {len(accurate)} rows"] + ([f"{noisy} left out: spread > latency"] if noisy else [])
+        on = sum(shown(r, key) for r in rows)
+        noisy = sum(finite(r.get(key)) and _noisy(r, key) for r in rows)
+        if on < len(rows):  # a panel that leaves rows out says how many, and why
+            why = [f"{on} of {len(rows)} rows"] + ([f"{noisy} left out: spread > latency"] if noisy else [])
             label += "\n" + "; ".join(why)
         ax.set_xlabel(label + (" (decreasing →)" if invert else ""))
         ax.set_ylabel("top-1 %")
@@ -612,8 +618,8 @@ def storage_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 # MACs, then batch-1 latency on each runtime that timed a row (its own panel: one runtime's milliseconds
 # are not another's, and each row is timed on the runtimes it runs on)
 COST_PANELS = [("macs", "MACs (M)", 1e-6, False)] + [
-    (f"latency_ms_{column}_b1", f"{runtime} latency, batch 1 (ms)", 1, False)
-    for column, runtime in (("cpu", "PyTorch eager CPU"), ("ort", "ONNX Runtime CPU"), ("ind", "Inductor CPU"))]
+    (f"latency_ms_{column}_b1", f"{header.removesuffix(' ms')} CPU latency, batch 1 (ms)", 1, False)
+    for column, header in RUNTIME_HEADERS.items()]
 SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further along)
     "accuracy_vs_layers.png": ("layers", "layers", 1, True),
     "accuracy_vs_share.png": ("share", "target share of prunable filters (%)", 100, False),

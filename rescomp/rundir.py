@@ -130,13 +130,14 @@ def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section
     if gated is None and section == "prune" and cfg.prune.criterion in ACTIVATION_CRITERIA:
         gated = _kept_gated(run_dir)  # a folder made before runs recorded it
     version, changed = rules(cfg, section, gated)
-    return changed if made.get("rules", 1) != version else None
+    # versions are cumulative: a run recorded under a later version than its network needs has every change
+    return changed if made.get("rules", 1) < version else None
 
 
 def _kept_gated(run_dir: Path) -> Optional[bool]:
-    """Whether the networks a prune run folder keeps are gated (pruning keeps a network's gates in its spec);
-    None where it keeps none that can be read."""
-    for p in sorted(run_dir.rglob("model.pt")):  # a network with its spec (a training checkpoint may not hold one)
+    """Whether the networks a prune run folder keeps (its steps' model.pt, or the last.pt of a step it was
+    stopped in) are gated: pruning keeps a network's gates in its spec. None where none can be read."""
+    for p in sorted(run_dir.rglob("*.pt")):
         try:
             spec = checkpoint.load(p).get("arch")
         except CheckpointError:

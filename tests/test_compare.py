@@ -10,10 +10,12 @@
 #  5. --profile ignored (another profile's runs mixed in) -> test_compare_end_to_end_from_a_chain
 #  6. a point keeping only its batch-1 latency, so the speed-ups and references its notes cite are in no
 #     committed file (the results audit) -> test_compare_end_to_end_from_a_chain
-#  7. an int8 network on the MACs front (it ties its fp32 network on cost; noise picks), or a NaN cost on a
-#     front or hiding points there (the plots audit) -> test_pareto_front_counted_by_hand
-#  8. a committed comparison rendered again with another baseline, or with the fronts of the file kept
-#     rather than computed again -> test_compare_end_to_end_from_a_chain
+#  7. an int8, magnitude-pruned, weight-shared or binarized network on the MACs front (each ties its input
+#     network on cost, its MACs counted dense; noise picks), or a NaN cost on a front or hiding points there
+#     (the plots audit) -> test_pareto_front_counted_by_hand
+#  8. a committed comparison rendered again with another baseline, --profile ignored, or with the fronts of
+#     the file kept rather than computed again; an int8 point drawn filled over its fp32 twin, or a NaN point
+#     drawn -> test_compare_end_to_end_from_a_chain
 
 import json
 
@@ -41,6 +43,9 @@ def test_pareto_front_counted_by_hand():
              {"top1": 60.0, "macs": float("nan"), "size_bytes": float("nan"), "stage": "prune"},
              {"top1": 55.0, "macs": 20, "size_bytes": 80, "stage": "train"}]
     assert pareto(twins, "macs") == {0, 3} and pareto(twins, "size_bytes") == {1, 3}
+    # so for every network whose MACs are counted dense, as its input network's
+    for stage in ("qat", "magnitude_prune", "weight_share", "binarize"):
+        assert pareto([*twins, {"top1": 56.0, "macs": 20, "size_bytes": 5, "stage": stage}], "macs") == {0, 3}, stage
 
 
 @pytest.mark.parametrize("folder, chain", [
@@ -102,6 +107,14 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     # every timing a run made comes with its point: the int8 speed-up and its fp32 reference (the notes cite them)
     assert pts[2]["speedup_cpu_b1"] > 0 and pts[2]["fp32_latency_ms_cpu_b1"] > 0 and pts[0]["latency_ms_cpu_b1"] > 0
     assert any(p.get("pareto_macs") for p in pts) and (workdir / "results/cmp/pareto.png").stat().st_size > 1000
+    from rescomp.compare import plot_figure
+
+    fig = plot_figure("cmp", [*pts, {**pts[1], "size_bytes": float("nan")}])
+    macs_points = fig.axes[0].get_lines()[:4]  # one line per point, in order, then the front's
+    assert [line.get_markerfacecolor() == "none" for line in macs_points] == [False, False, True, False]  # int8 hollow
+    size_points = fig.axes[1].get_lines()[:3]
+    assert [line.get_xdata()[0] for line in size_points] == [p["size_bytes"] / 1e3 for p in pts]  # the NaN one: not drawn
+    assert fig.axes[1].get_lines()[3].get_marker() in ("None", "", None)  # the next line is the front, not a NaN point
     md = (workdir / "results/cmp/compare.md").read_text()
     assert "| 3 | prune → int8 |" in md and "◆" in md
     # a second trained network makes the baseline a choice to state
@@ -124,6 +137,9 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     (workdir / "results/cmp/compare.json").write_text(json.dumps(pts))
     assert cli("compare", "results/cmp", "--table", "cmp", "--out", "again").exit_code == 0
     assert not json.loads((workdir / "again/cmp/compare.json").read_text())[off].get("pareto_size_bytes")
+    res = cli("compare", "results/cmp/compare.json", "--table", "cmp", "--out", "again", "--profile", "cpu")
+    assert res.exit_code == 2 and "none of these runs was made with profile 'cpu'" in res.stderr, res.output
+    assert cli("compare", "results/cmp/compare.json", "--table", "cmp", "--out", "again", "--profile", "paper").exit_code == 0
     (workdir / "broken").mkdir()
     (workdir / "broken/compare.json").write_text('[{"run": "exp"}]')
     res = cli("compare", "broken", "--table", "cmp", "--out", "again")

@@ -197,23 +197,35 @@ def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
     rows = [*_prune_rows("alexnet", [17.0, 18.0, 19.0], [9.0, 9.5, 8.0]),
             {**ROW, "row": "noisy", "latency_ms_cpu_b1": 7.0, "latency_iqr_ms_cpu_b1": 20.0},
             {**ROW, "row": "int8 ONNX Runtime", "stage": "ptq", "latency_ms_cpu_b1": None, "latency_ms_ort_b1": 3.0},
-            {**ROW, "row": "nan", "macs": float("nan"), "latency_ms_cpu_b1": float("nan")}]
+            {**ROW, "row": "int8 PT2E", "stage": "ptq", "latency_ms_cpu_b1": None, "latency_ms_ind_b1": 4.0},
+            {**ROW, "row": "nan", "top1": float("nan"), "macs": 1e6}]
     fig = curves_figure(rows, COST_PANELS, "t", latency=True)
-    macs_ax, eager_ax, ort_ax = fig.axes
-    assert macs_ax.get_xlabel() == "MACs (M)\n5 of 6 rows"
-    assert eager_ax.get_xlabel() == "PyTorch eager CPU latency, batch 1 (ms)\n3 of 6 rows; 1 left out: spread > latency"
-    assert ort_ax.get_xlabel() == "ONNX Runtime CPU latency, batch 1 (ms)\n1 of 6 rows"
+    macs_ax, eager_ax, ort_ax, ind_ax = fig.axes
+    assert macs_ax.get_xlabel() == "MACs (M)\n6 of 7 rows"  # the NaN top-1 is on no panel, and counted
+    assert eager_ax.get_xlabel() == "PyTorch CPU latency, batch 1 (ms)\n3 of 7 rows; 1 left out: spread > latency"
+    assert ort_ax.get_xlabel() == "ONNX Runtime CPU latency, batch 1 (ms)\n1 of 7 rows"
+    assert ind_ax.get_xlabel() == "Inductor CPU latency, batch 1 (ms)\n1 of 7 rows"
     assert sorted(x for line in eager_ax.get_lines() for x in line.get_xdata()) == [8.0, 9.0, 9.5]
     assert [list(line.get_xdata()) for line in ort_ax.get_lines()] == [[3.0]]
     assert all(line.get_linestyle() == "None" for ax in (eager_ax, ort_ax) for line in ax.get_lines())
     assert any(line.get_linestyle() == "-" for line in macs_ax.get_lines())  # a path of steps is a path
     assert "a curve joins" not in fig._suptitle.get_text()
-    assert "each run timed in its own process, minutes apart: two runs' latencies differ by the machine's drift too" in fig._suptitle.get_text()
+    caveat = "each run timed in its own process, minutes apart: two runs' latencies differ by the machine's drift too"
+    assert caveat in fig._suptitle.get_text()
     one_run = [{**r, "name": "exp"} for r in rows]
     assert "own process" not in curves_figure(one_run, COST_PANELS, "t", latency=True)._suptitle.get_text()
+    # every latency of a runtime left out: its panel stays, empty, and says why
+    fig = curves_figure([{**r, "latency_iqr_ms_cpu_b1": 50.0} for r in rows[:4]], COST_PANELS, "t", latency=True)
+    assert fig.axes[1].get_xlabel() == "PyTorch CPU latency, batch 1 (ms)\n0 of 4 rows; 4 left out: spread > latency"
+    # runs timed in two sessions: latencies of two sessions do not compare, and those of one are separate processes too
+    other = [{**r, "device": "cpu:y"} for r in rows[3:5]]
+    text = curves_figure(rows[:3] + other, COST_PANELS, "t", latency=True)._suptitle.get_text()
+    assert "timed in 2 sessions (marked in table.md): latencies of two do not compare, and " + caveat in text
     plan = [{"target": 0.1, "shares": [0.05, 0.1]}, {"target": 0.3, "shares": [0.15, 0.3]}]
     fig = curves_figure([{**r, "plan": plan} for r in rows[:3]], COST_PANELS, "t")
     assert "each target share is pruned on its own from the network the run starts from" in fig._suptitle.get_text()
+    fig = curves_figure([{**r, "plan": plan[:1]} for r in rows[:3]], COST_PANELS, "t")  # one target: one path
+    assert "on its own" not in fig._suptitle.get_text()
 
 
 def test_two_runs_that_share_a_label_are_never_one_row_or_one_curve():

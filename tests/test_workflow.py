@@ -53,6 +53,7 @@
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -901,12 +902,25 @@ def test_prune_rules_follow_the_network_scored_not_the_config(workdir, tiny):
         made.pop("gated")
         made["rules"] = 2  # as made before the scoring fix, which recorded rules 2 whatever it scored
         (folder / "made.json").write_text(json.dumps(made))
-        again = cli("prune", config, "--set", f"prune.checkpoint=runs/{given}/model.pt")
+        again = lambda: cli("prune", config, "--set", f"prune.checkpoint=runs/{given}/model.pt")  # noqa: E731
         if given == "gated":
-            assert again.exit_code == 2 and "a gated unit's last conv scored after its BatchNorm" in " ".join(
-                again.stderr.split()), again.output
+            refused = again()
+            assert refused.exit_code == 2 and "a gated unit's last conv scored after its BatchNorm" in " ".join(
+                refused.stderr.split()), refused.output
+            # stopped in its first step: no model.pt, a step's checkpoint (its spec gated); or a broken model.pt
+            for f in folder.rglob("model.pt"):
+                f.unlink()
+            (folder / "summary.json").unlink()
+            (folder / "step01/checkpoints").mkdir(parents=True, exist_ok=True)
+            shutil.copy(workdir / "runs/gated/model.pt", folder / "step01/checkpoints/last.pt")
+            (folder / "model.pt").write_bytes(b"torn")
+            res = again()
+            assert res.exit_code == 2 and "earlier prune rules" in res.stderr, res.output
         else:
-            assert again.exit_code == 0 and "already complete" in again.output, again.output
+            assert again().exit_code == 0 and "already complete" in again().output
+            made["rules"] = 3  # as recorded, before, for any config with gates: a later version has every change
+            (folder / "made.json").write_text(json.dumps(made))
+            assert "already complete" in again().output
 
 
 def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
