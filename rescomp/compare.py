@@ -23,7 +23,7 @@ from rescomp.checkpoint import write_files
 from rescomp.config import MagnitudePruneConfig, QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
-from rescomp.report import finite
+from rescomp.report import _noisy, finite
 
 RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
 COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1, fastest runtime (ms)", 1)]
@@ -74,6 +74,7 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 # a network stored in its own format (Deep Compression, binarized) is as big as that file
                 "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("stored_bytes", r.get("size_bytes")),
                 "latency_ms_b1": latency, "latency_runtime": runtime,
+                "latency_iqr_ms_b1": r.get(f"latency_iqr_ms_{RUNTIME_COLUMN[runtime]}_b1") if runtime else None,
                 **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "torch", "device", "profile", "dataset",
                                          "command", "wall_seconds")},
                 # every timing the run made (other batch sizes, runtimes, the interleaved reference and
@@ -90,12 +91,18 @@ INT8 = get_args(QuantizeConfig.model_fields["method"].annotation)  # an int8 net
 OFF_FRONT = {"macs": (*INT8, "magnitude_prune", "weight_share", "binarize")}
 
 
+def placed(p: dict[str, Any], cost: str) -> bool:
+    """Whether a point has a place on a cost's axis: a finite cost and top-1, and not a latency whose
+    interquartile range exceeds it (as in the report's plots: such a latency says nothing)."""
+    return finite(p.get(cost)) and finite(p.get("top1")) and not _noisy(p, cost)
+
+
 def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
     """Indices of the points no other point beats: none with a lower or equal cost has a higher top-1
-    (of points with equal cost and top-1, the first). Points without a finite cost or top-1, or of a stage
-    the cost's front leaves out (OFF_FRONT), are on no front."""
-    ranked = sorted((i for i, p in enumerate(pts) if finite(p.get(cost)) and finite(p.get("top1"))
-                     and p.get("stage") not in OFF_FRONT.get(cost, ())), key=lambda i: (pts[i][cost], -pts[i]["top1"]))
+    (of points with equal cost and top-1, the first). Points without a place on the cost's axis (`placed`),
+    or of a stage the cost's front leaves out (OFF_FRONT), are on no front."""
+    ranked = sorted((i for i, p in enumerate(pts) if placed(p, cost) and p.get("stage") not in OFF_FRONT.get(cost, ())),
+                    key=lambda i: (pts[i][cost], -pts[i]["top1"]))
     front, best = set(), float("-inf")
     for i in ranked:
         if pts[i]["top1"] > best:
@@ -147,6 +154,10 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
                      f"{fmt(p['params'], ',')} | {fmt(p['macs'] and p['macs'] / 1e6, ',.2f')}{mark(p, 'macs')} | "
                      f"{fmt(p['macs_ratio'], '.2f')} | {fmt(p['size_bytes'] and p['size_bytes'] / 1e3, ',.1f')}"
                      f"{mark(p, 'size_bytes')} | {fmt(p['size_bytes_ratio'], '.2f')} | {lat} |")
+    noisy = [str(n) for n, p in enumerate(pts, 1) if finite(p.get("latency_ms_b1")) and _noisy(p, "latency_ms_b1")]
+    if noisy:
+        lines += ["", f"The latencies of rows {', '.join(noisy)} spread over more than their own value (the interquartile "
+                      f"range of their repeats): they say nothing, are on no latency front and are not drawn."]
     if plot:
         lines += ["", f"![top-1 against MACs, bytes and latency, Pareto fronts marked]({plot})"]
     if notes:
@@ -184,7 +195,7 @@ def plot_figure(table: str, pts: list[dict[str, Any]]):
     handles = {}
     for ax, (cost, label, scale) in zip(axes[0], panels):
         for n, p in enumerate(pts, 1):
-            if not (finite(p.get(cost)) and finite(p.get("top1"))):
+            if not placed(p, cost):
                 continue
             style = _style(chains.index(p["chain"]))  # int8 hollow: its fp32 network's point shows beneath it
             (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6, **style,
@@ -195,7 +206,8 @@ def plot_figure(table: str, pts: list[dict[str, Any]]):
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", alpha=0.5, linewidth=1)
         ax.plot([x for x, _ in front], [y for _, y in front], linestyle="none", marker="o", markersize=11,
                 markerfacecolor="none", markeredgecolor="black", alpha=0.6)  # ringed: a front of one point shows too
-        ax.set_xlabel(label)
+        noisy = sum(finite(p.get(cost)) and _noisy(p, cost) for p in pts)
+        ax.set_xlabel(label + (f"\n{noisy} left out: spread > latency" if noisy else ""))
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -222,7 +234,11 @@ def rendered(path: Path) -> tuple[list[dict[str, Any]], str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"'{path}' is not a compare.json that `rescomp compare` wrote ({type(e).__name__}); "
                           f"pass run folders, or a results/<table> folder that holds one") from None
-    return [{k: v for k, v in p.items() if k not in DERIVED and not k.startswith("pareto_")} for p in pts], base[0]
+    pts = [{k: v for k, v in p.items() if k not in DERIVED and not k.startswith("pareto_")} for p in pts]
+    for p in pts:  # a point made before points kept the spread of their fastest latency: from its runtime's
+        if p.get("latency_runtime") in RUNTIME_COLUMN and "latency_iqr_ms_b1" not in p:
+            p["latency_iqr_ms_b1"] = p.get(f"latency_iqr_ms_{RUNTIME_COLUMN[p['latency_runtime']]}_b1")
+    return pts, base[0]
 
 
 def of_profile(items: list[dict[str, Any]], profile: Optional[str]) -> list[dict[str, Any]]:

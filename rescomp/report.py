@@ -550,7 +550,7 @@ def finite(v: Any) -> bool:
 
 def _noisy(row: dict[str, Any], key: str) -> bool:
     """A latency whose interquartile range over its repeats exceeds the latency itself: no place on an axis."""
-    iqr = row.get(key.replace("latency_ms", "latency_iqr_ms")) if key.startswith("latency_ms_") else None
+    iqr = row.get(key.replace("latency_ms", "latency_iqr_ms")) if key.startswith("latency_ms_") else None  # and compare's
     return finite(iqr) and iqr > row[key]
 
 

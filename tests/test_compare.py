@@ -43,6 +43,9 @@ def test_pareto_front_counted_by_hand():
              {"top1": 60.0, "macs": float("nan"), "size_bytes": float("nan"), "stage": "prune"},
              {"top1": 55.0, "macs": 20, "size_bytes": 80, "stage": "train"}]
     assert pareto(twins, "macs") == {0, 3} and pareto(twins, "size_bytes") == {1, 3}
+    # a latency that spreads over more than its value is on no latency front (as in the report's plots)
+    timed = [{"top1": 50.0, "latency_ms_b1": 1.0, "latency_iqr_ms_b1": 5.0}, {"top1": 40.0, "latency_ms_b1": 2.0}]
+    assert pareto(timed, "latency_ms_b1") == {1}
     # so for every network whose MACs are counted dense, as its input network's
     for stage in ("qat", "magnitude_prune", "weight_share", "binarize"):
         assert pareto([*twins, {"top1": 56.0, "macs": 20, "size_bytes": 5, "stage": stage}], "macs") == {0, 3}, stage
@@ -103,12 +106,20 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     base = next(p for p in pts if p["baseline"])
     assert base["run"] == "exp" and base["top1_delta"] == 0 and base["macs_ratio"] == 1
     assert pts[1]["macs_ratio"] < 1 and pts[1]["step"] == 1 and pts[2]["latency_runtime"] == "eager"
+    assert all(p["latency_iqr_ms_b1"] == p["latency_iqr_ms_cpu_b1"] is not None for p in pts)  # the fastest's spread
     assert all(p["commit"] and p["config_hash"] and p["torch"] for p in pts)
     # every timing a run made comes with its point: the int8 speed-up and its fp32 reference (the notes cite them)
     assert pts[2]["speedup_cpu_b1"] > 0 and pts[2]["fp32_latency_ms_cpu_b1"] > 0 and pts[0]["latency_ms_cpu_b1"] > 0
     assert any(p.get("pareto_macs") for p in pts) and (workdir / "results/cmp/pareto.png").stat().st_size > 1000
     from rescomp.compare import plot_figure
 
+    from rescomp.compare import markdown as compare_md
+
+    noisy = [*pts, {**pts[1], "latency_iqr_ms_b1": 10 * pts[1]["latency_ms_b1"]}]
+    assert "The latencies of rows 4 spread over more than their own value" in compare_md("cmp", noisy, None)
+    assert "spread over more" not in compare_md("cmp", pts, None)
+    fig = plot_figure("cmp", noisy)
+    assert fig.axes[2].get_xlabel().endswith("\n1 left out: spread > latency") and len(fig.axes[2].get_lines()) == 3 + 2
     fig = plot_figure("cmp", [*pts, {**pts[1], "size_bytes": float("nan")}])
     macs_points = fig.axes[0].get_lines()[:4]  # one line per point, in order, then the front's
     assert [line.get_markerfacecolor() == "none" for line in macs_points] == [False, False, True, False]  # int8 hollow
@@ -134,9 +145,13 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     pts = json.loads((workdir / "results/cmp/compare.json").read_text())
     off = next(i for i, p in enumerate(pts) if not p.get("pareto_size_bytes"))
     pts[off]["pareto_size_bytes"] = True
+    for p in pts:  # as made before points kept the spread of their fastest latency
+        p.pop("latency_iqr_ms_b1")
     (workdir / "results/cmp/compare.json").write_text(json.dumps(pts))
     assert cli("compare", "results/cmp", "--table", "cmp", "--out", "again").exit_code == 0
-    assert not json.loads((workdir / "again/cmp/compare.json").read_text())[off].get("pareto_size_bytes")
+    again = json.loads((workdir / "again/cmp/compare.json").read_text())
+    assert not again[off].get("pareto_size_bytes")
+    assert [p["latency_iqr_ms_b1"] for p in again] == [p["latency_iqr_ms_cpu_b1"] for p in pts]  # from its runtime's
     res = cli("compare", "results/cmp/compare.json", "--table", "cmp", "--out", "again", "--profile", "cpu")
     assert res.exit_code == 2 and "none of these runs was made with profile 'cpu'" in res.stderr, res.output
     assert cli("compare", "results/cmp/compare.json", "--table", "cmp", "--out", "again", "--profile", "paper").exit_code == 0
