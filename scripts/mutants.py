@@ -553,6 +553,21 @@ M = [
  ('compare-noisy-latency-unsaid', 'rescomp/compare.py', '    if noisy:\n        lines += ["", f"The latencies of rows', '    if False:\n        lines += ["", f"The latencies of rows', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-fastest-iqr-unkept', 'rescomp/compare.py', '                "latency_iqr_ms_b1": r.get(f"latency_iqr_ms_{RUNTIME_COLUMN[runtime]}_b1") if runtime else None,', '', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-rerender-spread-unfilled', 'rescomp/compare.py', '        if p.get("latency_runtime") in RUNTIME_COLUMN and "latency_iqr_ms_b1" not in p:', '        if False:', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
+ ('ld-gate-bn2-first', 'rescomp/compress/layer_drop.py', '    for name in ("bn3", "bn2"):', '    for name in ("bn2", "bn3"):', 'tests/test_layer_drop.py::test_bottlenecks_gate_their_last_bn_and_depth_counts_the_main_path'),
+ ('ld-depth-counts-projections', 'rescomp/compress/layer_drop.py', 'if "shortcut" not in n and "downsample" not in n)', 'if "shortcut" not in n)', 'tests/test_layer_drop.py::test_bottlenecks_gate_their_last_bn_and_depth_counts_the_main_path'),
+ ('ld-gate-signed', 'rescomp/compress/layer_drop.py', '    return {k: abs(v) for k, v in gates(model).items()}', '    return {k: v for k, v in gates(model).items()}', 'tests/test_layer_drop.py::test_the_gate_criterion_ranks_by_magnitude_and_only_deletable_units_go'),
+ ('ld-undeletable-deleted', 'rescomp/compress/layer_drop.py', '        if name not in valid or not valid[name].deletable:', '        if name not in valid:', 'tests/test_layer_drop.py::test_the_gate_criterion_ranks_by_magnitude_and_only_deletable_units_go'),
+ ('ld-onorm-last-batch', 'rescomp/compress/layer_drop.py', '                sums[name] = sums.get(name, 0.0) + float(', '                sums[name] = 0.0 + float(', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-onorm-train-mode', 'rescomp/compress/layer_drop.py', '    model.eval()\n    try:\n        for x in batches:', '    pass\n    try:\n        for x in batches:', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-onorm-mode-kept', 'rescomp/compress/layer_drop.py', '        model.train(was)\n    return {k: v / max(count, 1)', '        pass\n    return {k: v / max(count, 1)', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-onorm-hooks-kept', 'rescomp/compress/layer_drop.py', '        for h in hooks:\n            h.remove()', '        for h in hooks:\n            pass', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-random-unseeded', 'rescomp/compress/layer_drop.py', '    rng = random.Random(seed)', '    rng = random.Random(0)', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-bngamma-signed', 'rescomp/compress/layer_drop.py', '            out[u.name] = float(inner.weight.abs().mean())', '            out[u.name] = float(inner.weight.mean())', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('ld-bngamma-reads-a-conv', 'rescomp/compress/layer_drop.py', '            if not isinstance(inner, nn.BatchNorm2d):  # a pre-activation', '            if False:  # a pre-activation', 'tests/test_layer_drop.py::test_output_norm_random_and_bn_gamma_by_hand'),
+ ('kd-summed-over-batch', 'rescomp/compress/distill.py', 'reduction="batchmean"', 'reduction="sum"', 'tests/test_layer_drop.py::test_the_distillation_closure_is_kd_loss'),
+ ('kd-closure-swapped', 'rescomp/compress/distill.py', '        return kd_loss(out, target, y, temperature, alpha)', '        return kd_loss(target, out, y, temperature, alpha)', 'tests/test_layer_drop.py::test_the_distillation_closure_is_kd_loss'),
+ ('kd-closure-constants', 'rescomp/compress/distill.py', '        return kd_loss(out, target, y, temperature, alpha)', '        return kd_loss(out, target, y, 4.0, 0.9)', 'tests/test_layer_drop.py::test_the_distillation_closure_is_kd_loss'),
+ ('kd-teacher-train-mode', 'rescomp/compress/distill.py', '    teacher.eval()\n    for p in teacher.parameters():', '    for p in teacher.parameters():', 'tests/test_layer_drop.py::test_the_distillation_closure_is_kd_loss'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

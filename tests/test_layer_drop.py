@@ -512,3 +512,93 @@ def test_the_notes_state_budgets_and_what_rows_cannot_show(traced):
         assert text in notes, text
     row11 = [line for line in notes.splitlines() if line.startswith("| 11 |")][0]
     assert row11.count("(5)") == 3  # every series at 11 layers had 5 epochs
+
+
+# Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py):
+# 16. a bottleneck unit gates bn2 instead of bn3 (w scaling an inner tensor); depth() counting projection
+#     convs of torchvision ResNets -> test_bottlenecks_gate_their_last_bn_and_depth_counts_the_main_path
+# 17. the gate criterion ranking w, not |w| (a strongly negative gate deleted first); a first or projecting
+#     unit deletable through a spec -> test_the_gate_criterion_ranks_by_magnitude_and_only_deletable_units_go
+# 18. output_norm keeping only its last batch, scoring in train mode (moving BN statistics), leaving the
+#     network in eval mode or its hooks on; the random criterion ignoring its seed; bn_gamma scoring
+#     anything but the mean |gamma| of the unit's last BN, or a conv's weights on a pre-activation network
+#       -> test_output_norm_random_and_bn_gamma_by_hand
+# 19. the distillation loss summed over the batch, the closure swapping student and teacher or ignoring
+#     its temperature and alpha, or a teacher left in train mode -> test_the_distillation_closure_is_kd_loss
+def test_bottlenecks_gate_their_last_bn_and_depth_counts_the_main_path():
+    model = build_model({"arch": "resnet56_bottleneck", "width": 4, "num_classes": 10, "gates": True})
+    assert {u.residual_out for u in residual_units(model) if u.deletable} == {"bn3"}
+    assert isinstance(model.get_submodule("layer1.1.bn3"), Gated) and not isinstance(model.get_submodule("layer1.1.bn2"), Gated)
+    assert depth(build_model({"arch": "resnet18", "num_classes": 10})) == 18
+    assert depth(build_model({"arch": "resnet50", "num_classes": 10})) == 50
+
+
+def _gated14(values: dict[str, float]):
+    model = build_model({"arch": "cifar_resnet", "depth": 14, "width": 4, "num_classes": 10, "gates": True})
+    for name, w in values.items():
+        model.get_submodule(f"{name}.bn2").gate.data.fill_(w)
+    return model
+
+
+def test_the_gate_criterion_ranks_by_magnitude_and_only_deletable_units_go():
+    model = _gated14({"layer1.1": 0.1, "layer2.1": -0.9, "layer3.1": 0.5})
+    _, spec, info = drop(model, {"arch": "cifar_resnet"}, 1, "gate", [], 0)
+    assert info["deleted"] == ["layer1.1"] and spec["deleted"] == ["layer1.1"]
+    assert drop(model, {}, 2, "gate", [], 0)[2]["deleted"] == ["layer1.1", "layer3.1"]
+    for first in ("layer1.0", "layer2.0"):
+        with pytest.raises(ConfigError, match="cannot be deleted"):
+            delete_units(copy.deepcopy(model), [first])
+
+
+def test_output_norm_random_and_bn_gamma_by_hand():
+    from rescomp.compress.layer_drop import CRITERIA
+
+    torch.manual_seed(0)
+    model = _gated14({"layer1.1": 0.5, "layer2.1": 1.0, "layer3.1": -2.0})
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(6, 3, 32, 32)
+    model.train()
+    before = [b.clone() for n, b in model.named_buffers() if n.endswith("running_mean")]
+    whole, halves = output_norm(model, [x], 0), output_norm(model, [x[:4], x[4:]], 0)
+    assert halves == pytest.approx(whole, rel=1e-5)  # every batch counts, each image once
+    assert model.training and all(torch.equal(a, b) for a, b in zip(before, [
+        b for n, b in model.named_buffers() if n.endswith("running_mean")]))  # scored in eval, mode given back
+    assert not any(m._forward_hooks for m in model.modules())
+    model.eval()
+    assert output_norm(model, [x], 0) == pytest.approx(whole, rel=1e-5)
+    # by hand: mean over images of ||w * F(x)||, F(x) the unit's last BN output
+    seen = {}
+    h = model.get_submodule("layer3.1.bn2.inner").register_forward_hook(lambda m, i, o: seen.setdefault("f", o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    assert whole["layer3.1"] == pytest.approx(float((-2.0 * seen["f"]).flatten(1).norm(dim=1).mean()), rel=1e-5)
+    rnd = CRITERIA.get("random")
+    assert rnd(model, [], 3) == rnd(model, [], 3) and rnd(model, [], 3) != rnd(model, [], 4)
+    model.get_submodule("layer1.1.bn2.inner").weight.data = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    model.get_submodule("layer2.1.bn2.inner").weight.data.fill_(0.5)
+    scores = CRITERIA.get("bn_gamma")(model, [], 0)
+    assert scores["layer1.1"] == pytest.approx(1.0) and scores["layer2.1"] == pytest.approx(0.5)
+    pre = build_model({"arch": "resnet50v2", "num_classes": 10, "gates": True})  # its units end in a conv
+    with pytest.raises(ConfigError, match="bn_gamma"):
+        CRITERIA.get("bn_gamma")(pre, [], 0)
+
+
+def test_the_distillation_closure_is_kd_loss():
+    from rescomp.compress.distill import distillation
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(2, 10), torch.randn(2, 10), torch.tensor([3, 7])
+    one = kd_loss(s[:1], t[:1], y[:1], 4.0, 1.0)
+    assert kd_loss(s[:1].repeat(2, 1), t[:1].repeat(2, 1), y[:1].repeat(2), 4.0, 1.0) == pytest.approx(float(one))
+    teacher = build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}).train()
+    x = torch.randn(2, 3, 32, 32)
+    loss_fn = distillation(teacher, 2.0, 0.3)
+    stats = teacher.bn1.running_mean.clone()
+    assert not teacher.training
+    with torch.no_grad():
+        want = kd_loss(s, teacher(x), y, 2.0, 0.3)
+    assert float(loss_fn(s, x, y)) == pytest.approx(float(want), rel=1e-6)
+    assert torch.equal(teacher.bn1.running_mean, stats)

@@ -158,8 +158,11 @@ def _bn_gamma(model: nn.Module, batches: Iterable[torch.Tensor], seed: int) -> d
     for u in residual_units(model):
         if u.deletable:
             inner = model.get_submodule(f"{u.name}.{u.residual_out}").inner
-            weight = inner.weight
-            out[u.name] = float(weight.abs().mean())
+            if not isinstance(inner, nn.BatchNorm2d):  # a pre-activation unit ends in its conv: no gamma to read
+                raise ConfigError(f"layer_drop.criterion bn_gamma reads the gamma of each unit's last BatchNorm, but "
+                                  f"unit {u.name} ends in a {type(inner).__name__} (a pre-activation network); use "
+                                  f"gate, output_norm or random")
+            out[u.name] = float(inner.weight.abs().mean())
     return out
 
 
