@@ -277,6 +277,7 @@ def test_paper_surgery_resets_pruned_batchnorm_statistics_and_scales_the_first_l
     assert torch.equal(pruned[4].running_mean, torch.zeros(3)) and torch.equal(pruned[4].running_var, torch.ones(3))
     assert torch.equal(pruned[1].running_mean, model[1].running_mean)  # the BN of an unpruned conv keeps its own
     assert torch.allclose(pruned[8].weight, model[8].weight[:, keep] * 4 / 3)
+    assert torch.equal(pruned[8].bias, model[8].bias)  # inputs before / after scales what the inputs feed, not the bias
     assert torch.equal(sliced[4].running_mean, model[4].running_mean[keep])
     assert torch.equal(sliced[8].weight, model[8].weight[:, keep])
 
@@ -415,3 +416,86 @@ def test_stop_at_a_share_of_the_parameters(workdir, tiny):
     _, s = run_prune(cfg)
     assert [r["step"] for r in s["rows"]] == [0, 1]  # one 10 % step already leaves < 95 % of the parameters
     assert s["rows"][1]["params"] <= 0.95 * s["rows"][0]["params"]
+
+
+# Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py):
+# - Taylor's |.| per position instead of after the mean over positions (eq. 8), scores of the last batch
+#   only, scoring in train mode (moving BN statistics), hooks left on the network, its mode not given back
+#     -> test_taylor_means_positions_then_takes_abs_over_every_batch_and_leaves_the_network_as_it_was
+# - mean_activation without its ReLU, l1 without |w|, no per-layer normalisation, an unseeded random
+#   control, an all-zero layer normalised to NaN -> test_the_other_criteria_by_hand
+# - uniform allocation sharing the budget by channels where a coupled channel costs several filters,
+#   flooring instead of rounding, a group emptied -> test_uniform_allocation_spends_the_budget_in_filters
+# - a step's filter count truncated, or a share of the shrunken network instead of the first one
+#   (base_prunable ignored) -> test_a_steps_count_rounds_a_share_of_the_networks_first_prunable_filters
+# - the FC bias scaled with its weights; a rebuilt BN losing its eps and momentum, a bias-free linear
+#   layer given a bias -> test_paper_surgery_... (bias) and test_resize_keeps_each_layers_own_settings
+def test_taylor_means_positions_then_takes_abs_over_every_batch_and_leaves_the_network_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    batches = [(torch.randn(2, 3, 6, 6), torch.tensor([0, 2])), (torch.randn(3, 3, 6, 6), torch.tensor([1, 1, 0]))]
+    raw, per_position = torch.zeros(4), torch.zeros(4)
+    for x, y in batches:  # by hand: a = the first conv's output (no BN follows it)
+        a = model[0](x).detach().requires_grad_()
+        torch.nn.functional.cross_entropy(model[4](model[3](model[2](model[1](a)))), y).backward()
+        raw += (a * a.grad).mean(dim=(2, 3)).abs().mean(0)
+        per_position += (a * a.grad).abs().mean(dim=(2, 3)).mean(0)
+    model.zero_grad()
+    assert not torch.allclose(raw / raw.norm(), per_position / per_position.norm(), atol=1e-3)  # the case tells them apart
+    assert torch.allclose(taylor(model, batches, 0)["0"], raw / raw.norm(), atol=1e-5)
+    assert not torch.allclose(taylor(model, batches[1:], 0)["0"], raw / raw.norm(), atol=1e-3)  # both batches count
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).train()
+    stats = net[1].running_mean.clone()
+    taylor(net, batches, 0)
+    assert net.training and torch.equal(net[1].running_mean, stats)
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_the_other_criteria_by_hand():
+    from rescomp.compress.prune import CRITERIA, l2_normalise
+
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    conv.weight.data = torch.tensor([1.0, -2.0]).view(2, 1, 1, 1)
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    scores = CRITERIA.get("mean_activation")(model, [(torch.full((1, 1, 2, 2), 0.5), torch.tensor([0]))], 0)["0"]
+    assert torch.allclose(scores, torch.tensor([1.0, 0.0]))  # ReLU(0.5) and ReLU(-1.0), normalised
+    conv = nn.Conv2d(2, 2, 1)
+    conv.weight.data = torch.tensor([[1.0, -2.0], [0.5, 0.5]]).view(2, 2, 1, 1)
+    assert torch.allclose(CRITERIA.get("l1")(nn.Sequential(conv), [], 0)["0"], torch.tensor([3.0, 1.0]) / 10 ** 0.5)
+    rnd = CRITERIA.get("random")
+    assert torch.equal(rnd(model, [], 3)["0"], rnd(model, [], 3)["0"])
+    assert not torch.equal(rnd(model, [], 3)["0"], rnd(model, [], 4)["0"])
+    assert torch.equal(l2_normalise({"a": torch.zeros(3)})["a"], torch.zeros(3))  # a dead layer: zeros, not NaN
+
+
+def test_uniform_allocation_spends_the_budget_in_filters():
+    from rescomp.compress.prune import Group
+
+    ramp = lambda n: torch.arange(n, dtype=torch.float)  # noqa: E731
+    pair = Group("a", 4, [("a", [0, 1, 2, 3], [0, 1, 2, 3]), ("a2", [0, 1, 2, 3], [0, 1, 2, 3])], True)  # 2 filters a channel
+    single = Group("b", 4, [("b", [0, 1, 2, 3], [0, 1, 2, 3])], False)
+    assert select([pair, single], [ramp(4), ramp(4)], 6, allocation="uniform") == {"a": [0, 1], "b": [0, 1]}  # 4 + 2
+    four, six = Group("c", 4, [], False), Group("d", 6, [], False)
+    assert select([four, six], [ramp(4), ramp(6)], 4, allocation="uniform") == {"c": [0, 1], "d": [0, 1]}  # 1.6, 2.4
+    assert select([four, six], [ramp(4), ramp(6)], 10, allocation="uniform") == {"c": [0, 1, 2], "d": [0, 1, 2, 3, 4]}
+
+
+def test_a_steps_count_rounds_a_share_of_the_networks_first_prunable_filters():
+    spec = {"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10}
+    model = build_model(spec)
+    kw = dict(criterion="l1", policy="paper", exclude=[], batches=[], seed=0, image_size=32)
+    prunable = prune(model, spec, share=0.01, **kw)[2]["prunable"]
+    share = 3.6 / prunable  # 3.6 filters: 4, not 3
+    assert prune(model, spec, share=share, **kw)[2]["removed"] == 4
+    assert prune(model, spec, share=share, base_prunable=2 * prunable, **kw)[2]["removed"] == 7  # 7.2
+
+
+def test_resize_keeps_each_layers_own_settings():
+    from rescomp.compress.prune import resize
+
+    net = resize(nn.Sequential(nn.BatchNorm2d(4, eps=1e-3, momentum=0.01), nn.Linear(4, 2, bias=False)),
+                 {"0": [2], "1": [3, 2]})
+    assert (net[0].num_features, net[0].eps, net[0].momentum) == (2, 1e-3, 0.01)
+    assert net[1].in_features == 3 and net[1].bias is None
