@@ -585,6 +585,13 @@ M = [
  ('pr-fc-bias-scaled', 'rescomp/compress/prune.py', '                m.weight.mul_(before[name][0] / m.in_features)', '                m.weight.mul_(before[name][0] / m.in_features)\n                m.bias.mul_(before[name][0] / m.in_features)', 'tests/test_prune.py::test_paper_surgery_resets_pruned_batchnorm_statistics_and_scales_the_first_linear_layer'),
  ('pr-resize-bn-defaults', 'rescomp/compress/prune.py', '            new = nn.BatchNorm2d(dims[0], m.eps, m.momentum, m.affine, m.track_running_stats)', '            new = nn.BatchNorm2d(dims[0])', 'tests/test_prune.py::test_resize_keeps_each_layers_own_settings'),
  ('pr-resize-linear-bias', 'rescomp/compress/prune.py', '            new = nn.Linear(dims[0], dims[1], m.bias is not None)', '            new = nn.Linear(dims[0], dims[1])', 'tests/test_prune.py::test_resize_keeps_each_layers_own_settings'),
+ ('me-bn-stats-all-buffers', 'rescomp/measure.py', '"params_with_bn_stats": count_params(model) + count_bn_stats(model),', '"params_with_bn_stats": count_params(model) + count_buffers(model),', 'tests/test_measure.py::test_bn_statistics_and_buffers_by_hand'),
+ ('me-buffers-bn-only', 'rescomp/measure.py', '        "buffers": count_buffers(model),', '        "buffers": count_bn_stats(model),', 'tests/test_measure.py::test_bn_statistics_and_buffers_by_hand'),
+ ('me-no-time-cap', 'rescomp/measure.py', '                                   and time.perf_counter() - start < max_seconds):', '                                   ):', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
+ ('me-quartiles-exclusive', 'rescomp/measure.py', 'method="inclusive"', 'method="exclusive"', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
+ ('me-noise-whole-iqrs', 'rescomp/measure.py', '+ new[f"latency_iqr_ms_{nc}_b{b}"]) / 2)', '+ new[f"latency_iqr_ms_{nc}_b{b}"]))', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
+ ('dc-filler-at-the-span', 'rescomp/compress/codec.py', '    fillers = (gap - 1) // span', '    fillers = gap // span', 'tests/test_deep_compression.py::test_the_slides_relative_index_example_bit_by_bit'),
+ ('dc-wide-symbols', 'rescomp/compress/codec.py', '    if max(layer.gap_bits, layer.index_bits) > 8:', '    if max(layer.gap_bits, layer.index_bits) > 16:', 'tests/test_deep_compression.py::test_the_slides_relative_index_example_bit_by_bit'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

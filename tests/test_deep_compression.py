@@ -61,6 +61,10 @@ def test_the_slides_relative_index_example_bit_by_bit():
     assert shared.values.tolist() == [1, 2, 0, 3]  # the filler is code 0
     assert np.array_equal(codec.decode_layer(codec.encode_layer(shared), (16,), 4, 3, 2, 4).dense(), w)
     assert codec.gaps([0], 3)[0] == [1]  # position 0 is storable
+    # a gap of exactly the span (2**3) needs no filler: it is stored as 8 (written 7); one more needs one
+    assert codec.gaps([7], 3) == ([8], [False]) and codec.gaps([8], 3) == ([8, 1], [True, False])
+    with pytest.raises(ValueError, match="above 8 bits"):  # Huffman tables hold 8-bit symbols
+        codec.encode_layer(codec.Layer((4,), 9, [1] * 4, np.zeros(4, np.float32)))
 
 
 def test_huffman_lengths_and_bits_by_hand():

@@ -228,3 +228,28 @@ def test_a_pruned_speed_up_compares_both_networks_on_one_runtime():
     new = {"latency_ms_cpu_b1": 1.0, "latency_iqr_ms_cpu_b1": 0.1, "latency_ms_ort_b1": 1.6,
            "latency_iqr_ms_ort_b1": 0.1, "fastest_runtime_b1": "eager"}
     assert _speedup(base, new, cfg, "reference", same_runtime=True)["speedup_cpu_b1"] == pytest.approx(2.0 / 1.6)
+
+
+# Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py):
+# "params + BN stats" counting every buffer (BN's batch counters too) or the means only, "buffers" only
+# BN statistics; the timing loop past max_seconds; quartiles by another method than the inclusive one
+# the tables state; a speed-up called within the noise when the gap exceeds the mean of the two IQRs.
+def test_bn_statistics_and_buffers_by_hand():
+    cfg = MeasureConfig(latency=False, gpu_throughput=False)
+    row = measure(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), 8, cfg)
+    assert (row["params"], row["params_with_bn_stats"], row["buffers"]) == (108 + 8, 108 + 8 + 8, 4 + 4 + 1)
+
+
+def test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles(fake_clock):
+    from rescomp.measure import _speedup, cpu_latency_stats
+
+    slow = _Scripted("slow", [1000.0, 5000.0], fake_clock, [])  # never within 5 %: only the clock stops it
+    st = cpu_latency_stats({"slow": (slow, False)}, 4, 1, warmup=0, repeats=4, max_spread=0.05, max_seconds=20)
+    assert st["slow"]["n"] == 8  # 1 + 5 + 1 + 5 + 1 + 5 + 1 = 19 s, then one more round: 24 s
+    ramp = _Scripted("ramp", [1.0, 2.0, 3.0, 4.0], fake_clock, [])
+    st = cpu_latency_stats({"ramp": (ramp, False)}, 4, 1, warmup=0, repeats=4, max_spread=None)
+    assert (st["ramp"]["q1"], st["ramp"]["median"], st["ramp"]["q3"]) == pytest.approx((1.75, 2.5, 3.25))
+    base = {"latency_ms_cpu_b1": 10.0, "latency_iqr_ms_cpu_b1": 2.0}
+    within = lambda q, iqr: _speedup(base, {"latency_ms_cpu_b1": q, "latency_iqr_ms_cpu_b1": iqr},  # noqa: E731
+                                     MeasureConfig(batch_sizes=[1]), "reference")["speedup_within_noise_cpu_b1"]
+    assert not within(8.0, 1.0) and within(8.0, 2.0)  # the gap of 2 ms against (2 + 1) / 2 and (2 + 2) / 2
