@@ -123,3 +123,28 @@ def test_group_convs_divide_parameters_by_their_groups():
     spec = {"arch": "resnet20", "num_classes": 10, "separable": {"mode": "group", "groups": 2, "include": ["layer*"]}}
     assert build_model(spec).layer3[1].conv2.groups == 2  # rebuilt from the spec
 
+
+
+# Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py): a
+# conv's bias dropped by every mode; a group conv losing its stride or dilation; a spatial pair with its
+# kernel, stride or padding halves swapped; a 1x1, an already grouped or a 'same'-padded conv separated;
+# several include patterns read as all-of, several exclude patterns as all-of.
+def test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split():
+    conv = nn.Conv2d(4, 6, 3, bias=True)
+    for mode, params in (("spatial", 4 * 6 * 3 + 6 * 6 * 3 + 6), ("depthwise", 4 * 9 + 4 * 6 + 6), ("group", 2 * 2 * 9 * 3 + 6)):
+        assert separate(nn.Sequential(conv), {"mode": mode})[1]["params_after"] == params, mode
+    odd = nn.Conv2d(4, 6, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1))
+    x = torch.randn(1, 4, 12, 12)
+    for mode in ("spatial", "depthwise", "group"):
+        assert separate(nn.Sequential(odd), {"mode": mode})[0](x).shape == odd(x).shape, mode
+    halves = separate(nn.Sequential(odd), {"mode": "spatial"})[0][0]
+    assert (halves[0].kernel_size, halves[1].kernel_size, halves[1].stride) == ((3, 1), (1, 5), (1, 2))
+    mixed = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 3, padding="same"),
+                          nn.Conv2d(4, 4, 3, padding=1))
+    for mode in ("spatial", "depthwise"):
+        assert separate(mixed, {"mode": mode})[1]["replaced"] == ["3"], mode
+    r20 = build_model({"arch": "resnet20", "num_classes": 10})
+    both = separate(r20, {"mode": "group", "include": ["layer1.*", "layer2.*"]})[1]["replaced"]
+    assert len(both) == 12 and {n.split(".")[0] for n in both} == {"layer1", "layer2"}
+    kept = separate(r20, {"mode": "depthwise", "exclude": ["layer1.*", "layer2.*"]})[1]["replaced"]
+    assert kept and all(not n.startswith(("layer1", "layer2")) for n in kept)
