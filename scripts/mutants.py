@@ -599,6 +599,9 @@ M = [
  ('sep-grouped-separated-again', 'rescomp/compress/separable.py', '        and m.groups == 1', '        and True', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
  ('sep-include-all-of', 'rescomp/compress/separable.py', '        and any(fnmatch.fnmatchcase(name, p) for p in cfg.include)', '        and all(fnmatch.fnmatchcase(name, p) for p in cfg.include)', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
  ('sep-exclude-all-of', 'rescomp/compress/separable.py', '        and not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)', '        and not all(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
+ ('pr-two-conv-add-uncoupled', 'rescomp/compress/prune.py', '        coupled = concat or len({m[0] for m in members}) > 1', '        coupled = concat or len({m[0] for m in members}) > 2', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
+ ('pr-twice-called-conv-pruned', 'rescomp/compress/prune.py', '    excluded |= {output_layer} | {n for n, c in counts.items() if c > 1}', '    excluded |= {output_layer} | {n for n, c in counts.items() if c > 2}', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
+ ('pr-scored-at-a-norm-of-another-width', 'rescomp/compress/prune.py', '            out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels else m', '            out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) else m', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

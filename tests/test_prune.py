@@ -499,3 +499,32 @@ def test_resize_keeps_each_layers_own_settings():
                  {"0": [2], "1": [3, 2]})
     assert (net[0].num_features, net[0].eps, net[0].momentum) == (2, 1e-3, 0.01)
     assert net[1].in_features == 3 and net[1].bias is None
+
+
+# - an addition of two convs (a projection shortcut's and its block's last) not counted as coupled, so the
+#   paper policy prunes it; a conv the network calls twice pruned; a conv scored at a BN defined after it
+#   that normalises something else (another width) -> test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored
+def test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored():
+    from rescomp.compress.prune import activation_modules
+
+    model = build_model({"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10, "shortcut": "B"})
+    roots = {g.root for g in channel_groups(model, torch.zeros(1, 3, 32, 32), [], "paper")}
+    assert roots == {"layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"}  # each conv2 meets its shortcut's add
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.shared = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def forward(self, x):
+            return self.head(self.shared(self.shared(self.stem(x))))
+
+    # the shared conv maps its channels onto themselves, tied to the stem's: neither can lose one
+    assert channel_groups(Twice(), torch.zeros(1, 3, 8, 8), [], "coupled") == []
+    dense = build_model({"arch": "densenet121", "num_classes": 10})
+    acts = activation_modules(dense)
+    assert acts["features.denseblock1.denselayer1.conv1"] is dense.get_submodule("features.denseblock1.denselayer1.norm2")
+    pre = nn.Module()  # a BN defined after a conv but normalising something else (here the conv's input)
+    pre.conv, pre.norm = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(3)
+    assert activation_modules(pre)["conv"] is pre.conv
