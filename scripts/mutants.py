@@ -602,6 +602,10 @@ M = [
  ('pr-two-conv-add-uncoupled', 'rescomp/compress/prune.py', '        coupled = concat or len({m[0] for m in members}) > 1', '        coupled = concat or len({m[0] for m in members}) > 2', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
  ('pr-twice-called-conv-pruned', 'rescomp/compress/prune.py', '    excluded |= {output_layer} | {n for n, c in counts.items() if c > 1}', '    excluded |= {output_layer} | {n for n, c in counts.items() if c > 2}', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
  ('pr-scored-at-a-norm-of-another-width', 'rescomp/compress/prune.py', '            out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels else m', '            out[name] = nxt if isinstance(nxt, nn.BatchNorm2d) else m', 'tests/test_prune.py::test_what_the_paper_policy_may_prune_and_where_a_conv_is_scored'),
+ ('me-threads-not-restored', 'rescomp/measure.py', '    finally:\n        torch.set_num_threads(old)', '    finally:\n        pass', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
+ ('me-step-in-eval-mode', 'rescomp/measure.py', '    models = {"": checkpoint.copy_network(model).to(device).train()}', '    models = {"": checkpoint.copy_network(model).to(device).eval()}', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
+ ('me-backward-with-forward', 'rescomp/measure.py', 'fwd[name] + t1 - t0, bwd[name] + t2 - t1', 'fwd[name] + t1 - t0, bwd[name] + t2 - t0', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
+ ('me-no-warmup', 'rescomp/measure.py', '        for _ in range(warmup):\n            for m, xi in runs.values():', '        for _ in range(0):\n            for m, xi in runs.values():', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

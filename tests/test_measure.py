@@ -161,18 +161,22 @@ def test_a_network_is_timed_interleaved_with_its_reference(fake_clock, monkeypat
 
         def forward(self, x):
             threads.add(torch.get_num_threads())
+            modes.add(self.training)
             return self.head(self.tick(x).mean(dim=(2, 3)))
 
     log.clear()
-    threads, before = set(), torch.get_num_threads()
+    threads, modes, before = set(), set(), torch.get_num_threads()
     torch.set_num_threads(2)  # training's threads; the steps are timed with measure.threads, as the latencies
     try:
         t = m.step_times_ms(Step("small", 2.0), 4, 2, torch.device("cpu"), runs=3, warmup=1, reference=Step("big", 6.0),
                             threads=1)
+        after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert log == ["small", "big"] * 4 and threads == {1}
+    assert log == ["small", "big"] * 4 and threads == {1} and after == 2  # training's threads given back
+    assert modes == {True}  # a training step: BatchNorm and dropout as in training
     assert t["forward_ms_b2"] == pytest.approx(2.0) and t["reference_forward_ms_b2"] == pytest.approx(6.0)
+    assert t["backward_ms_b2"] == 0.0  # the fake clock ticks in forward only: backward's time is its own
     assert set(t) == {"forward_ms_b2", "backward_ms_b2", "reference_forward_ms_b2", "reference_backward_ms_b2"}
 
 
@@ -233,7 +237,9 @@ def test_a_pruned_speed_up_compares_both_networks_on_one_runtime():
 # Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py):
 # "params + BN stats" counting every buffer (BN's batch counters too) or the means only, "buffers" only
 # BN statistics; the timing loop past max_seconds; quartiles by another method than the inclusive one
-# the tables state; a speed-up called within the noise when the gap exceeds the mean of the two IQRs.
+# the tables state; warm-up passes skipped; a speed-up called within the noise when the gap exceeds the
+# mean of the two IQRs; a training step timed in eval mode, its backward including its forward, or the
+# caller's thread count not given back (test_a_network_is_timed_interleaved_with_its_reference).
 def test_bn_statistics_and_buffers_by_hand():
     cfg = MeasureConfig(latency=False, gpu_throughput=False)
     row = measure(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), 8, cfg)
@@ -246,8 +252,10 @@ def test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles(fake
     slow = _Scripted("slow", [1000.0, 5000.0], fake_clock, [])  # never within 5 %: only the clock stops it
     st = cpu_latency_stats({"slow": (slow, False)}, 4, 1, warmup=0, repeats=4, max_spread=0.05, max_seconds=20)
     assert st["slow"]["n"] == 8  # 1 + 5 + 1 + 5 + 1 + 5 + 1 = 19 s, then one more round: 24 s
-    ramp = _Scripted("ramp", [1.0, 2.0, 3.0, 4.0], fake_clock, [])
-    st = cpu_latency_stats({"ramp": (ramp, False)}, 4, 1, warmup=0, repeats=4, max_spread=None)
+    passes = []
+    ramp = _Scripted("ramp", [1.0, 2.0, 3.0, 4.0], fake_clock, passes)
+    st = cpu_latency_stats({"ramp": (ramp, False)}, 4, 1, warmup=2, repeats=4, max_spread=None)
+    assert len(passes) == 2 + 4 and st["ramp"]["n"] == 4  # the warm-up passes run, and are not timed
     assert (st["ramp"]["q1"], st["ramp"]["median"], st["ramp"]["q3"]) == pytest.approx((1.75, 2.5, 3.25))
     base = {"latency_ms_cpu_b1": 10.0, "latency_iqr_ms_cpu_b1": 2.0}
     within = lambda q, iqr: _speedup(base, {"latency_ms_cpu_b1": q, "latency_iqr_ms_cpu_b1": iqr},  # noqa: E731
