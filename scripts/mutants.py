@@ -606,6 +606,8 @@ M = [
  ('me-step-in-eval-mode', 'rescomp/measure.py', '    models = {"": checkpoint.copy_network(model).to(device).train()}', '    models = {"": checkpoint.copy_network(model).to(device).eval()}', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
  ('me-backward-with-forward', 'rescomp/measure.py', 'fwd[name] + t1 - t0, bwd[name] + t2 - t1', 'fwd[name] + t1 - t0, bwd[name] + t2 - t0', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
  ('me-no-warmup', 'rescomp/measure.py', '        for _ in range(warmup):\n            for m, xi in runs.values():', '        for _ in range(0):\n            for m, xi in runs.values():', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
+ ('sep-groups-default', 'rescomp/compress/separable.py', '    groups: int = Field(2, ge=2,', '    groups: int = Field(4, ge=2,', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
+ ('sep-one-group-taken', 'rescomp/compress/separable.py', '    groups: int = Field(2, ge=2,', '    groups: int = Field(2, ge=1,', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

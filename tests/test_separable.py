@@ -148,3 +148,6 @@ def test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split(
     assert len(both) == 12 and {n.split(".")[0] for n in both} == {"layer1", "layer2"}
     kept = separate(r20, {"mode": "depthwise", "exclude": ["layer1.*", "layer2.*"]})[1]["replaced"]
     assert kept and all(not n.startswith(("layer1", "layer2")) for n in kept)
+    assert separate(nn.Sequential(conv), {"mode": "group"})[1]["groups"] == 2  # the slides' k = 2
+    with pytest.raises(Exception, match="greater than or equal to 2"):  # one group is the conv itself
+        separate(nn.Sequential(conv), {"mode": "group", "groups": 1})
