@@ -626,10 +626,10 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
             s, broken = (read_summary(summary) if summary.is_file() else {}), None
         except ConfigError as e:  # this run's summary is not one; the others are listed
             s, broken = {}, str(e).split(";")[0]
-        who = runlock.holder(d)
+        who, lasts = runlock.holder(d), list(d.rglob("last.pt"))
         state = ("running: " + who if who else "complete" if s else
-                 "interrupted, resumable" if any(d.rglob("last.pt")) or any(d.rglob("row.json")) else "empty")
-        cut = [p for p in d.rglob("last.pt") if not p.stat().st_size]
+                 "interrupted, resumable" if lasts or any(d.rglob("row.json")) else "empty")
+        cut = [p for p in lasts if not p.stat().st_size]
         if broken or cut and not s and not who:  # a run there would refuse the empty checkpoint too
             state = f"broken: {broken or f'an empty checkpoint ({cut[0].relative_to(d)})'}; re-run it with --fresh"
         try:

@@ -23,7 +23,7 @@ from rescomp.checkpoint import write_files
 from rescomp.config import MagnitudePruneConfig, QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
-from rescomp.report import _noisy, finite
+from rescomp.report import finite, noisy, placed
 
 RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
 COSTS = [("macs", "MACs (M)", 1e-6), ("size_bytes", "size (kB)", 1e-3), ("latency_ms_b1", "CPU latency, batch 1, fastest runtime (ms)", 1)]
@@ -45,11 +45,12 @@ def chain_of(folder: str, spec: Any = None) -> str:
     return " → ".join(start + [label for _, label in found]) or "train"
 
 
-def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str]]:
+def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str], Optional[float]]:
+    """A row's batch-1 latency on its fastest runtime, that runtime, and the latency's interquartile range."""
     if not any(f"latency_ms_{c}_b1" in r for c in RUNTIMES):
-        return None, None
+        return None, None, None
     column = fastest_column(r, 1)
-    return r[f"latency_ms_{column}_b1"], RUNTIMES[column]
+    return r[f"latency_ms_{column}_b1"], RUNTIMES[column], r.get(f"latency_iqr_ms_{column}_b1")
 
 
 TIMING_KEYS = ("latency_", "speedup_", "fastest_runtime_", "fp32_latency_", "fp32_fastest_", "reference_",
@@ -64,7 +65,7 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in s["rows"] if multi else [s]:
             if multi and r.get("step") == 0 and r.get("method", "layer-drop") == "layer-drop":
                 continue  # the network the run started from
-            latency, runtime = _fastest_latency(r)
+            latency, runtime, spread = _fastest_latency(r)
             chain = chain_of(s["name"], s["arch"] if isinstance(s.get("arch"), dict) else s.get("start_arch"))
             if multi and r.get("method", "layer-drop") != "layer-drop":
                 chain += f" ({r['method']} baseline)"
@@ -73,8 +74,7 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "network": r.get("row") or s.get("row") or s["name"], "top1": r["top1"],
                 # a network stored in its own format (Deep Compression, binarized) is as big as that file
                 "params": r.get("params"), "macs": r.get("macs"), "size_bytes": r.get("stored_bytes", r.get("size_bytes")),
-                "latency_ms_b1": latency, "latency_runtime": runtime,
-                "latency_iqr_ms_b1": r.get(f"latency_iqr_ms_{RUNTIME_COLUMN[runtime]}_b1") if runtime else None,
+                "latency_ms_b1": latency, "latency_runtime": runtime, "latency_iqr_ms_b1": spread,
                 **{k: s.get(k) for k in ("stage", "seed", "config_hash", "commit", "torch", "device", "profile", "dataset",
                                          "command", "wall_seconds")},
                 # every timing the run made (other batch sizes, runtimes, the interleaved reference and
@@ -91,16 +91,10 @@ INT8 = get_args(QuantizeConfig.model_fields["method"].annotation)  # an int8 net
 OFF_FRONT = {"macs": (*INT8, "magnitude_prune", "weight_share", "binarize")}
 
 
-def placed(p: dict[str, Any], cost: str) -> bool:
-    """Whether a point has a place on a cost's axis: a finite cost and top-1, and not a latency whose
-    interquartile range exceeds it (as in the report's plots: such a latency says nothing)."""
-    return finite(p.get(cost)) and finite(p.get("top1")) and not _noisy(p, cost)
-
-
 def pareto(pts: list[dict[str, Any]], cost: str) -> set[int]:
     """Indices of the points no other point beats: none with a lower or equal cost has a higher top-1
     (of points with equal cost and top-1, the first). Points without a place on the cost's axis (`placed`),
-    or of a stage the cost's front leaves out (OFF_FRONT), are on no front."""
+    as in the report's plots, or of a stage the cost's front leaves out (OFF_FRONT), are on no front."""
     ranked = sorted((i for i, p in enumerate(pts) if placed(p, cost) and p.get("stage") not in OFF_FRONT.get(cost, ())),
                     key=lambda i: (pts[i][cost], -pts[i]["top1"]))
     front, best = set(), float("-inf")
@@ -154,9 +148,9 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
                      f"{fmt(p['params'], ',')} | {fmt(p['macs'] and p['macs'] / 1e6, ',.2f')}{mark(p, 'macs')} | "
                      f"{fmt(p['macs_ratio'], '.2f')} | {fmt(p['size_bytes'] and p['size_bytes'] / 1e3, ',.1f')}"
                      f"{mark(p, 'size_bytes')} | {fmt(p['size_bytes_ratio'], '.2f')} | {lat} |")
-    noisy = [str(n) for n, p in enumerate(pts, 1) if finite(p.get("latency_ms_b1")) and _noisy(p, "latency_ms_b1")]
-    if noisy:
-        lines += ["", f"The latencies of rows {', '.join(noisy)} spread over more than their own value (the interquartile "
+    spread = [str(n) for n, p in enumerate(pts, 1) if noisy(p, "latency_ms_b1")]
+    if spread:
+        lines += ["", f"The latencies of rows {', '.join(spread)} spread over more than their own value (the interquartile "
                       f"range of their repeats): they say nothing, are on no latency front and are not drawn."]
     if plot:
         lines += ["", f"![top-1 against MACs, bytes and latency, Pareto fronts marked]({plot})"]
@@ -206,8 +200,8 @@ def plot_figure(table: str, pts: list[dict[str, Any]]):
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", alpha=0.5, linewidth=1)
         ax.plot([x for x, _ in front], [y for _, y in front], linestyle="none", marker="o", markersize=11,
                 markerfacecolor="none", markeredgecolor="black", alpha=0.6)  # ringed: a front of one point shows too
-        noisy = sum(finite(p.get(cost)) and _noisy(p, cost) for p in pts)
-        ax.set_xlabel(label + (f"\n{noisy} left out: spread > latency" if noisy else ""))
+        left_out = sum(noisy(p, cost) for p in pts)
+        ax.set_xlabel(label + (f"\n{left_out} left out: spread > latency" if left_out else ""))
         ax.set_ylabel("top-1 %")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -235,9 +229,9 @@ def rendered(path: Path) -> tuple[list[dict[str, Any]], str]:
         raise ConfigError(f"'{path}' is not a compare.json that `rescomp compare` wrote ({type(e).__name__}); "
                           f"pass run folders, or a results/<table> folder that holds one") from None
     pts = [{k: v for k, v in p.items() if k not in DERIVED and not k.startswith("pareto_")} for p in pts]
-    for p in pts:  # a point made before points kept the spread of their fastest latency: from its runtime's
-        if p.get("latency_runtime") in RUNTIME_COLUMN and "latency_iqr_ms_b1" not in p:
-            p["latency_iqr_ms_b1"] = p.get(f"latency_iqr_ms_{RUNTIME_COLUMN[p['latency_runtime']]}_b1")
+    for p in pts:  # a point made before points kept the spread of their fastest latency: from its timings
+        if "latency_iqr_ms_b1" not in p:
+            p["latency_iqr_ms_b1"] = _fastest_latency(p)[2]
     return pts, base[0]
 
 

@@ -548,10 +548,17 @@ def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _noisy(row: dict[str, Any], key: str) -> bool:
-    """A latency whose interquartile range over its repeats exceeds the latency itself: no place on an axis."""
-    iqr = row.get(key.replace("latency_ms", "latency_iqr_ms")) if key.startswith("latency_ms_") else None  # and compare's
-    return finite(iqr) and iqr > row[key]
+def noisy(row: dict[str, Any], key: str) -> bool:
+    """A latency whose interquartile range over its repeats exceeds the latency itself: no place on an axis
+    (report's latency_ms_<runtime>_b<B> columns and compare's latency_ms_b1 alike)."""
+    iqr = row.get(key.replace("latency_ms", "latency_iqr_ms")) if key.startswith("latency_ms_") else None
+    return finite(row.get(key)) and finite(iqr) and iqr > row[key]
+
+
+def placed(row: dict[str, Any], key: str) -> bool:
+    """Whether a row has a place on a plot's or a front's `key` axis: a finite value and top-1, and not a
+    latency that says nothing (`noisy`)."""
+    return finite(row.get(key)) and finite(row.get("top1")) and not noisy(row, key)
 
 
 def plot_curves(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
@@ -567,7 +574,6 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
     """Top-1 against each panel's x column (key, axis label, scale, inverted), one curve (or point) per
     _curves entry (or per given `curves`), its name in one legend beside the axes: no labels on the points
     to collide, and a legend entry only for a curve with a point. None where no panel has a point."""
-    shown = lambda r, key: finite(r.get(key)) and finite(r.get("top1")) and not _noisy(r, key)  # noqa: E731
     # a panel with any value stays, even where every one is left out (its label then says why it is empty)
     panels = [p for p in panels if any(finite(r.get(p[0])) and finite(r.get("top1")) for r in rows)]
     if not panels:
@@ -579,17 +585,16 @@ def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float
         for ax, (key, _, scale, _) in zip(axes[0], panels):
             # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path. Latencies
             # are points, not joined: one that does not fall at every step would read as a trend
-            pts = [(r[key] * scale, r["top1"]) for r in curve if shown(r, key)]
+            pts = [(r[key] * scale, r["top1"]) for r in curve if placed(r, key)]
             if pts:
                 joined = len(pts) > 1 and not key.startswith("latency_ms_")
                 (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if joined else "none",
                                   markersize=5, **_style(i))
                 handles.setdefault(name, line)
     for ax, (key, label, _, invert) in zip(axes[0], panels):
-        on = sum(shown(r, key) for r in rows)
-        noisy = sum(finite(r.get(key)) and _noisy(r, key) for r in rows)
+        on, left_out = sum(placed(r, key) for r in rows), sum(noisy(r, key) for r in rows)
         if on < len(rows):  # a panel that leaves rows out says how many, and why
-            why = [f"{on} of {len(rows)} rows"] + ([f"{noisy} left out: spread > latency"] if noisy else [])
+            why = [f"{on} of {len(rows)} rows"] + ([f"{left_out} left out: spread > latency"] if left_out else [])
             label += "\n" + "; ".join(why)
         ax.set_xlabel(label + (" (decreasing →)" if invert else ""))
         ax.set_ylabel("top-1 %")
