@@ -608,6 +608,10 @@ M = [
  ('me-no-warmup', 'rescomp/measure.py', '        for _ in range(warmup):\n            for m, xi in runs.values():', '        for _ in range(0):\n            for m, xi in runs.values():', 'tests/test_measure.py::test_the_timing_loop_stops_at_max_seconds_and_reads_inclusive_quartiles'),
  ('sep-groups-default', 'rescomp/compress/separable.py', '    groups: int = Field(2, ge=2,', '    groups: int = Field(4, ge=2,', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
  ('sep-one-group-taken', 'rescomp/compress/separable.py', '    groups: int = Field(2, ge=2,', '    groups: int = Field(2, ge=1,', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
+ ('empty-options-build-nothing', 'rescomp/models/__init__.py', '            if hint and isinstance(spec[key], dict) and not spec[key]:', '            if False:', 'tests/test_layer_drop.py::test_gates_start_uniform_in_the_configured_range tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
+ ('empty-options-refused-for-recorded-keys', 'rescomp/models/__init__.py', '            if hint and isinstance(spec[key], dict) and not spec[key]:', '            if isinstance(spec[key], (dict, list)) and not spec[key]:', 'tests/test_layer_drop.py::test_gates_start_uniform_in_the_configured_range'),
+ ('gates-empty-unhinted', 'rescomp/compress/layer_drop.py', '@register_transform("gates", order=20, empty=', '@register_transform("gates", order=20, empty=None and ', 'tests/test_layer_drop.py::test_gates_start_uniform_in_the_configured_range'),
+ ('separable-empty-unhinted', 'rescomp/compress/separable.py', '@register_transform("separable", order=10, empty=', '@register_transform("separable", order=10, empty=None and ', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

@@ -33,6 +33,8 @@
 # 14. notes that do not state the budgets and limits -> test_the_notes_state_budgets_and_what_rows_cannot_show
 # 15. the distillation loss without the T^2 factor, or with teacher and student swapped
 #       -> test_distillation_loss_by_hand
+# 16. `gates: {}` building a plain network without a word (an empty value changes nothing)
+#       -> test_gates_start_uniform_in_the_configured_range
 
 import copy
 import json
@@ -281,6 +283,9 @@ def test_gates_start_uniform_in_the_configured_range():
     for bad in (7, {"init": 3}, {"int": [-1, 1]}, {"init": [-1, 0, 1]}):
         with pytest.raises(ConfigError, match=r"model.gates: .* is neither true nor \{init: \[low, high\]\}"):
             build_model({**spec, "gates": bad})
+    with pytest.raises(ConfigError, match=r"model.gates: \{\} is empty .* write `gates: true`"):  # not a plain network
+        build_model({**spec, "gates": {}})
+    assert build_model({**spec, "deleted": []})  # an empty value of a key rescomp records changes nothing
 
 
 def test_regular_baselines_are_the_family_at_each_depth():

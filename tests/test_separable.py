@@ -128,7 +128,8 @@ def test_group_convs_divide_parameters_by_their_groups():
 # Wrong versions found by a mutation survey (each checked by mutating the code; scripts/mutants.py): a
 # conv's bias dropped by every mode; a group conv losing its stride or dilation; a spatial pair with its
 # kernel, stride or padding halves swapped; a 1x1, an already grouped or a 'same'-padded conv separated;
-# several include patterns read as all-of, several exclude patterns as all-of.
+# several include patterns read as all-of, several exclude patterns as all-of; `separable: {}` building
+# the network unseparated.
 def test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split():
     conv = nn.Conv2d(4, 6, 3, bias=True)
     for mode, params in (("spatial", 4 * 6 * 3 + 6 * 6 * 3 + 6), ("depthwise", 4 * 9 + 4 * 6 + 6), ("group", 2 * 2 * 9 * 3 + 6)):
@@ -151,3 +152,5 @@ def test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split(
     assert separate(nn.Sequential(conv), {"mode": "group"})[1]["groups"] == 2  # the slides' k = 2
     with pytest.raises(Exception, match="greater than or equal to 2"):  # one group is the conv itself
         separate(nn.Sequential(conv), {"mode": "group", "groups": 1})
+    with pytest.raises(ConfigError, match=r"model.separable: \{\} is empty .*`separable: \{mode: depthwise\}"):
+        build_model({"arch": "resnet20", "num_classes": 10, "separable": {}})  # not the network unseparated

@@ -99,7 +99,8 @@ def add_gates(model: nn.Module, init: tuple[float, float] = (-1.0, 1.0)) -> nn.M
     return model
 
 
-@register_transform("gates", order=20)
+@register_transform("gates", order=20, empty="write `gates: true` (each gate's w drawn from [-1, 1]) or "
+                   "`gates: {init: [low, high]}`, or leave gates out")
 def _rebuild_gates(model: nn.Module, value: bool | dict[str, Any]) -> nn.Module:
     """model.gates: true, or {init: [low, high]} (each gate's w drawn uniformly from it); false: none."""
     if value is True or value is False:

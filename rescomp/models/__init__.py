@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -133,6 +133,9 @@ class SpecTransform:
     shapes of a separable network's convs)."""
     apply: Callable[[nn.Module, Any], nn.Module]
     order: int
+    # For a key whose value is the user's options: how to write it, said when the value is an empty
+    # mapping (`gates: {}`), which would otherwise build the network without the transform, silently.
+    empty: Optional[str] = None
 
 
 TRANSFORMS: Registry[SpecTransform] = Registry("spec transform")
@@ -140,10 +143,12 @@ TRANSFORMS: Registry[SpecTransform] = Registry("spec transform")
 TECHNIQUES = "rescomp.compress"
 
 
-def register_transform(key: str, *, order: int) -> Callable:
-    """Register `fn(network, value) -> network` as what spec key `key` does to a built network."""
+def register_transform(key: str, *, order: int, empty: Optional[str] = None) -> Callable:
+    """Register `fn(network, value) -> network` as what spec key `key` does to a built network. `empty`:
+    for a key the user writes, how to write it, said when the value is `{}` (an empty value of a key
+    rescomp records, `deleted: []`, changes nothing)."""
     def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
-        TRANSFORMS.register(key)(SpecTransform(fn, order))
+        TRANSFORMS.register(key)(SpecTransform(fn, order, empty))
         return fn
 
     return add
@@ -156,12 +161,17 @@ def transform_keys() -> list[str]:
 
 
 def check_spec(spec: dict[str, Any]) -> None:
-    """Raise ConfigError for builder arguments the architecture does not take."""
+    """Raise ConfigError for builder arguments the architecture does not take, and for a transform's
+    options given as `{}`."""
     entry = get_entry(spec["arch"])
     params = inspect.signature(entry.builder).parameters
     unknown = [k for k in spec if k not in ("arch", "num_classes") and k not in params]
     if unknown:
         keys = transform_keys()
+        for key in unknown:
+            hint = TRANSFORMS.get(key).empty if key in keys else None
+            if hint and isinstance(spec[key], dict) and not spec[key]:
+                raise ConfigError(f"model.{key}: {{}} is empty and would change nothing; {hint}")
         valid = [p for p in params if p != "num_classes"] + keys
         for key in unknown:
             if key not in keys:
