@@ -612,6 +612,11 @@ M = [
  ('empty-options-refused-for-recorded-keys', 'rescomp/models/__init__.py', '            if hint and isinstance(spec[key], dict) and not spec[key]:', '            if isinstance(spec[key], (dict, list)) and not spec[key]:', 'tests/test_layer_drop.py::test_gates_start_uniform_in_the_configured_range'),
  ('gates-empty-unhinted', 'rescomp/compress/layer_drop.py', '@register_transform("gates", order=20, empty=', '@register_transform("gates", order=20, empty=None and ', 'tests/test_layer_drop.py::test_gates_start_uniform_in_the_configured_range'),
  ('separable-empty-unhinted', 'rescomp/compress/separable.py', '@register_transform("separable", order=10, empty=', '@register_transform("separable", order=10, empty=None and ', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
+ ('me-nhwc-input-ignored', 'rescomp/measure.py', 'm, xi = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)', 'm = m.to(memory_format=torch.channels_last)', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
+ ('me-reference-in-nchw', 'rescomp/measure.py', '| ({"ref": (reference, cfg.channels_last)} if reference is not None else {})', '| ({"ref": (reference, False)} if reference is not None else {})', 'tests/test_measure.py::test_a_network_is_timed_interleaved_with_its_reference'),
+ ('me-get-attr-an-activation', 'rescomp/measure.py', 'if n.op not in ("get_attr", "output"):', 'if n.op not in ("output",):', 'tests/test_measure.py::test_counts_by_hand'),
+ ('co-cut-last-code-decoded', 'rescomp/compress/codec.py', '        if at > len(tail):\n', '        if False:\n', 'tests/test_deep_compression.py::test_streams_round_trip_bit_for_bit_against_a_bit_list'),
+ ('pr-removed-counts-channels', 'rescomp/compress/prune.py', '"removed": int(sum(float(costs[r][i]) for r, idxs in chosen.items() for i in idxs))', '"removed": sum(len(v) for v in chosen.values())', 'tests/test_prune.py::test_removed_counts_the_filters_the_convs_lose'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

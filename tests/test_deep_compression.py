@@ -14,7 +14,8 @@
 #  8. a compared point sized as a dense save, not as the file it is stored in
 #       -> test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly
 #  9. the streaming bit writer losing or reordering the bits left over between fields, or a Huffman
-#     table lookup that advances by the wrong length (also past the 20-bit table, by the bit walk)
+#     table lookup that advances by the wrong length (also past the 20-bit table, by the bit walk), or
+#     a stream cut inside its last code decoded from the padding instead of refused
 #       -> test_streams_round_trip_bit_for_bit_against_a_bit_list
 # 10. Han et al.'s rule (one quality parameter times each layer's std) ranked by raw |w| instead of
 #     |w| / std, or by the std of the wrong layer -> test_magnitude_masks_by_hand
@@ -121,6 +122,15 @@ def test_streams_round_trip_bit_for_bit_against_a_bit_list(seed, monkeypatch):
     assert back.values.tolist() == skew
     with pytest.raises(ValueError, match="truncated"):
         codec.decode_layer(codec.encode_layer(layer, huffman=True)[:-40], (len(skew),), len(skew), 3, 5, 32, huffman=True)
+    # A stream cut inside its last code (the table path): codes a=0, b=10, c=11; "aaaaaaa" + "c" is 9 bits. Cut
+    # to its first byte, the last code starts at bit 7 and reads the zero padding as "10": b, not an error.
+    monkeypatch.setattr(codec, "TABLE_BITS", 16)
+    three = {0: (0b0, 1), 1: (0b10, 2), 2: (0b11, 2)}
+    w = codec.BitWriter()
+    w.write_codes(np.array([0] * 7 + [2]), three, chunk=8)
+    assert codec.BitReader(w.getvalue()).read_huffman(three, 8).tolist() == [0] * 7 + [2]
+    with pytest.raises(ValueError, match="truncated"):
+        codec.BitReader(w.getvalue()[:1]).read_huffman(three, 8)
 
 
 def test_magnitude_masks_by_hand():

@@ -26,6 +26,16 @@ def test_counts_by_hand():
     # output (no new memory); at the linear, 256 + 10 floats.
     assert act == {"act_peak_bytes": (3 * 64 + 4 * 64) * 4, "act_max_tensor_bytes": 256 * 4}
 
+    class Biased(nn.Module):  # a parameter read in forward (an FX get_attr node) is a weight, not an activation
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(1, 3, 8, 8))
+
+        def forward(self, x):
+            return x + self.bias
+
+    assert activation_bytes(Biased(), 8) == {"act_peak_bytes": 2 * 3 * 64 * 4, "act_max_tensor_bytes": 3 * 64 * 4}
+
 
 def test_a_view_of_a_quantized_activation_adds_no_memory():
     # By hand (3 x 32 x 32): the input (12,288 B fp32) lives until it is quantized (q, 3,072 B); v is a
@@ -80,9 +90,11 @@ class _Scripted(nn.Module):
     def __init__(self, name, durations, clock, log):
         super().__init__()
         self.name, self.durations, self.clock, self.log, self.i = name, durations, clock, log, 0
+        self.nhwc: list[bool] = []  # per call: was its input in channels_last (NHWC) memory?
 
     def forward(self, x):
         self.log.append(self.name)
+        self.nhwc.append(x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
         self.clock[0] += self.durations[self.i % len(self.durations)] / 1e3
         self.i += 1
         return x
@@ -153,6 +165,13 @@ def test_a_network_is_timed_interleaved_with_its_reference(fake_clock, monkeypat
     assert log == ["small", "big"] * 4
     assert row["speedup_cpu_b1"] == pytest.approx(9.0 / 4.0) and not row["speedup_within_noise_cpu_b1"]
     assert row["reference_latency_ms_cpu_b1"] == pytest.approx(9.0)
+    # measure.channels_last (true by default) times both in NHWC: the input too, not the weights alone, and
+    # the reference as the network, or the speed-up compares two layouts
+    assert small.nhwc == big.nhwc == [True] * 4
+    small.nhwc, big.nhwc = [], []
+    m.measure(small, 4, MeasureConfig(batch_sizes=[1], warmup=0, repeats=2, max_spread=None, channels_last=False),
+              reference=big)
+    assert small.nhwc == big.nhwc == [False] * 2
 
     class Step(nn.Module):  # a training step: forward on the fake clock, then a linear head to backward through
         def __init__(self, name, ms):
@@ -239,7 +258,9 @@ def test_a_pruned_speed_up_compares_both_networks_on_one_runtime():
 # BN statistics; the timing loop past max_seconds; quartiles by another method than the inclusive one
 # the tables state; warm-up passes skipped; a speed-up called within the noise when the gap exceeds the
 # mean of the two IQRs; a training step timed in eval mode, its backward including its forward, or the
-# caller's thread count not given back (test_a_network_is_timed_interleaved_with_its_reference).
+# caller's thread count not given back (test_a_network_is_timed_interleaved_with_its_reference); with
+# channels_last, the input left NCHW or the reference timed in NCHW (same test); a parameter read in forward
+# counted as an activation (test_counts_by_hand).
 def test_bn_statistics_and_buffers_by_hand():
     cfg = MeasureConfig(latency=False, gpu_throughput=False)
     row = measure(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), 8, cfg)

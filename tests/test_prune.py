@@ -428,6 +428,7 @@ def test_stop_at_a_share_of_the_parameters(workdir, tiny):
 #   flooring instead of rounding, a group emptied -> test_uniform_allocation_spends_the_budget_in_filters
 # - a step's filter count truncated, or a share of the shrunken network instead of the first one
 #   (base_prunable ignored) -> test_a_steps_count_rounds_a_share_of_the_networks_first_prunable_filters
+# - `removed` counting channels instead of filters -> test_removed_counts_the_filters_the_convs_lose
 # - the FC bias scaled with its weights; a rebuilt BN losing its eps and momentum, a bias-free linear
 #   layer given a bias -> test_paper_surgery_... (bias) and test_resize_keeps_each_layers_own_settings
 def test_taylor_means_positions_then_takes_abs_over_every_batch_and_leaves_the_network_as_it_was():
@@ -490,6 +491,21 @@ def test_a_steps_count_rounds_a_share_of_the_networks_first_prunable_filters():
     share = 3.6 / prunable  # 3.6 filters: 4, not 3
     assert prune(model, spec, share=share, **kw)[2]["removed"] == 4
     assert prune(model, spec, share=share, base_prunable=2 * prunable, **kw)[2]["removed"] == 7  # 7.2
+
+
+# Wrong version: `removed` counting channels, where a coupled channel is a filter of each conv the addition
+# joins (the step's share and the table's "filters removed" would undercount coupled pruning).
+def test_removed_counts_the_filters_the_convs_lose():
+    spec = {"arch": "cifar_resnet", "depth": 8, "width": 4, "num_classes": 10, "shortcut": "B"}
+    model = build_model(spec)
+    filters = lambda m: sum(c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d))  # noqa: E731
+    for policy in ("paper", "coupled"):
+        net, _, info = prune(model, spec, share=0.3, criterion="l1", policy=policy, exclude=[], batches=[], seed=0,
+                             image_size=32)
+        assert info["removed"] == filters(model) - filters(net), policy
+    # coupled: stage 1 joins conv1 and each unit's last conv (identity shortcuts), stages 2-3 a projection and
+    # a last conv: two filters a coupled channel, so filters removed exceed channels removed by the coupled ones
+    assert info["removed"] == info["removed_channels"] + info["removed_coupled_channels"] > info["removed_channels"]
 
 
 def test_resize_keeps_each_layers_own_settings():
