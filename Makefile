@@ -244,6 +244,8 @@ rerender: install
 	$(BIN)/rescomp report results/table-taylor-resnet56 --notes configs/table-taylor/notes-resnet56.md
 	$(BIN)/rescomp report results/table-deep-compression --notes configs/table-deep-compression/notes.md
 	$(BIN)/rescomp compare results/table-combined --table table-combined --notes configs/table-combined/notes.md
+	for f in results/bench/int8_latency-*.json; do $(BIN)/python scripts/bench_int8.py --render $$f || exit 1; done
+	$(BIN)/python scripts/taylor_structure.py --render results/table-taylor/structure.json
 
 clean:
 	rm -rf $(VENV) .venv-gpu runs .pytest_cache

@@ -452,9 +452,15 @@ def _speedup(base: dict[str, Any], new: dict[str, Any], cfg: MeasureConfig, pref
         nc = bc if same_runtime else fastest_column(new, b)
         f, q = base[f"latency_ms_{bc}_b{b}"], new[f"latency_ms_{nc}_b{b}"]
         row[f"speedup_cpu_b{b}"] = f / q
-        row[f"speedup_within_noise_cpu_b{b}"] = (
-            abs(f - q) <= (base[f"latency_iqr_ms_{bc}_b{b}"] + new[f"latency_iqr_ms_{nc}_b{b}"]) / 2)
+        row[f"speedup_within_noise_cpu_b{b}"] = within_noise(f, base[f"latency_iqr_ms_{bc}_b{b}"],
+                                                             q, new[f"latency_iqr_ms_{nc}_b{b}"])
     return row
+
+
+def within_noise(a: float, a_iqr: float, b: float, b_iqr: float) -> bool:
+    """Whether two latencies differ by no more than their spread: the ranges median ± half the
+    interquartile range overlap."""
+    return abs(a - b) <= (a_iqr + b_iqr) / 2
 
 
 @main_only

@@ -20,6 +20,7 @@ Targets (issue 11): the fastest int8 path at least 1.5x the fastest fp32 path at
 AVX2-only CPU, 3x with VNNI; where int8 is slower than fp32 at batch 1, the table says so.
 
     python scripts/bench_int8.py [--arch resnet56 --arch resnet50v2] [--threads N]
+    python scripts/bench_int8.py --render results/bench/int8_latency-avx2.json   (its .md again, timing nothing)
 Writes results/bench/int8_latency-<CPU class>.{json,md}, the class named by the int8 instruction sets
 (avx2, vnni, amx; `-onednn-<cap>` where ONEDNN_MAX_CPU_ISA holds oneDNN lower), so the figures of one
 kind of CPU never overwrite another's.
@@ -45,8 +46,9 @@ from rescomp.compress.quantize import ptq  # noqa: E402
 from rescomp.config import QuantizeConfig  # noqa: E402
 from rescomp.errors import ConfigError  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
-from rescomp.hardware import cpu_flags, has_vnni, onednn_isa_cap  # noqa: E402
-from rescomp.measure import InductorForward, OrtForward, cpu_latency_stats, pinned_threads, state_dict_bytes  # noqa: E402
+from rescomp.hardware import NO_VNNI_CAPS, cpu_flags, has_vnni, onednn_isa_cap  # noqa: E402
+from rescomp.measure import (InductorForward, OrtForward, cpu_latency_stats, pinned_threads,  # noqa: E402
+                             state_dict_bytes, within_noise)
 from rescomp.models import build_model  # noqa: E402
 
 PATHS = {  # name: (label, int8?)
@@ -108,25 +110,17 @@ def cpu_class() -> str:
     return tag + (f"-onednn-{cap.lower()}" if cap else "")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", action="append", help="registry model (repeatable; default resnet56 and resnet50v2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", default="results/bench")
-    args = p.parse_args()
-    archs = args.arch or ["resnet56", "resnet50v2"]
-    flags = cpu_flags()
-    vnni = has_vnni(onednn=True)  # the target: oneDNN's (PT2E's) kernels held below VNNI count as without
-    t0 = time.perf_counter()
-    with pinned_threads(args.threads) as n:
-        rows = [bench(a, n, args.warmup, args.repeats) for a in archs]
-        meta = {"wall_s": round(time.perf_counter() - t0, 1), **provenance.stamp("cpu"), "threads": n, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "isa": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}}
+def render(meta: dict, rows: list[dict]) -> str:
+    """The Markdown report of one run, from what its JSON keeps (`--render` re-makes it from there)."""
+    cpu = meta["hardware"]["cpu"]
+    cap = cpu.get("onednn_max_cpu_isa")
+    vnni = meta["vnni_onednn"] if "vnni_onednn" in meta else (  # files before it was kept: the CPU's flags and cap
+        (meta["isa"]["avx512_vnni"] or meta["isa"]["avx_vnni"]) and (cap or "").upper() not in NO_VNNI_CAPS)
     isa = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in meta["isa"].items())
-    lines = [f"# int8 vs fp32 CPU latency, every runtime ({cpu_class()} CPU)", "", f"- device: {meta['device']}, {n} threads pinned",
-             f"- instruction sets: {isa}" + (f"; oneDNN held to {onednn_isa_cap()} (ONEDNN_MAX_CPU_ISA)" if onednn_isa_cap() else ""), f"- commit: {meta['commit']}, torch {meta['torch']}, date {meta['date']}",
+    lines = [f"# int8 vs fp32 CPU latency, every runtime ({meta['cpu_class']} CPU)", "",
+             f"- device: {meta['device']}, {meta['threads']} threads pinned",
+             f"- instruction sets: {isa}" + (f"; oneDNN held to {cap} (ONEDNN_MAX_CPU_ISA)" if cap else ""),
+             f"- commit: {meta['commit']}, torch {meta['torch']}, date {meta['date']}",
              f"- how made: `{meta['command']}`, {meta['wall_s']:.0f} s", ""]
     for r in rows:
         lines += [f"## {r['arch']}", "", "| path | ms b1 | ms b64 | speed-up b1 | speed-up b64 | bytes |", "|---|---|---|---|---|---|"]
@@ -151,14 +145,44 @@ def main() -> None:
         lines.append(f"- {r['arch']} batch 64: {PATHS[r['fastest_int8_b64']][0]} {r['best_speedup_b64']:.2f}x over "
                      f"{PATHS[r['fastest_fp32_b64']][0]}: {'PASS' if ok else 'FAIL'}")
         if r["best_speedup_b1"] < 1:
-            lines.append(f"- {r['arch']} batch 1: **int8 is slower than fp32 here**; the fastest int8 path "
-                         f"({PATHS[r['fastest_int8_b1']][0]}) runs at {r['best_speedup_b1']:.2f}x the fastest fp32 "
-                         f"path ({PATHS[r['fastest_fp32_b1']][0]}).")
-    text = "\n".join(lines) + "\n"
+            i8, f32 = r["fastest_int8_b1"], r["fastest_fp32_b1"]
+            tie = within_noise(r[f"{i8}_ms_b1"], r[f"{i8}_iqr_ms_b1"], r[f"{f32}_ms_b1"], r[f"{f32}_iqr_ms_b1"])
+            said = ("**int8 is no faster than fp32 here** (within the noise: the two ranges, median ± half the IQR, "
+                    "overlap)" if tie else "**int8 is slower than fp32 here**")
+            lines.append(f"- {r['arch']} batch 1: {said}; the fastest int8 path ({PATHS[i8][0]}) runs at "
+                         f"{r['best_speedup_b1']:.2f}x the fastest fp32 path ({PATHS[f32][0]}).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", action="append", help="registry model (repeatable; default resnet56 and resnet50v2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--render", metavar="JSON", help="re-write the Markdown beside a committed int8_latency-*.json "
+                   "from it, timing nothing")
+    args = p.parse_args()
+    if args.render:
+        src = Path(args.render)
+        data = json.loads(src.read_text())
+        checkpoint.atomic_write_text(src.with_suffix(".md"), render(data, data["rows"]))
+        return
+    archs = args.arch or ["resnet56", "resnet50v2"]
+    flags = cpu_flags()
+    vnni = has_vnni(onednn=True)  # the target: oneDNN's (PT2E's) kernels held below VNNI count as without
+    t0 = time.perf_counter()
+    with pinned_threads(args.threads) as n:
+        rows = [bench(a, n, args.warmup, args.repeats) for a in archs]
+        meta = {"wall_s": round(time.perf_counter() - t0, 1), **provenance.stamp("cpu"), "threads": n, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "isa": {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")},
+                "cpu_class": cpu_class(), "vnni_onednn": vnni}
+    text = render(meta, rows)
     print(text)
     out = Path(args.out)
     stem = f"int8_latency-{cpu_class()}"
-    checkpoint.atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "cpu_class": cpu_class(), "rows": rows}, indent=2) + "\n")
+    checkpoint.atomic_write_text(out / f"{stem}.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     checkpoint.atomic_write_text(out / f"{stem}.md", text)
 
 

@@ -21,6 +21,7 @@ SqueezeNet and DenseNet121 match 1000-class heads, AlexNet, ResNet18 and ResNet5
 the 1000-class count is printed too. MACs are fvcore's (a multiply-add is one).
 
     python scripts/taylor_structure.py [--share 0.3] [--steps 6] [--size 224]
+    python scripts/taylor_structure.py --render results/table-taylor/structure.json   (its .md again, counting nothing)
 Writes results/table-taylor/structure.{md,json}.
 """
 
@@ -50,6 +51,10 @@ PAPER = {
     "densenet121": ((2.91, 7.98), (2.14, 6.12)),
     "resnet50": ((4.14, 23.53), (2.86, 11.18)),
 }
+# Table 2's Diff column as printed (FLOPs %, params %): two differ from its own 0 % and 30 % counts (VGG's
+# params, 138.3 -> 80.5, is -41.8 %; DenseNet's FLOPs, 2.91 -> 2.14, is -26.5 %); the table shows the print
+PAPER_DIFF = {"vgg16": (-39.1, -42.8), "alexnet": (-38.7, -16.0), "resnet18": (-23.5, -32.6),
+              "squeezenet1_1": (-0.97, -0.81), "densenet121": (-26.4, -23.3), "resnet50": (-30.9, -52.5)}
 
 
 def widest_share(before: torch.nn.Module, after: torch.nn.Module) -> dict[str, float]:
@@ -70,7 +75,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", default="results/table-taylor")
+    p.add_argument("--render", metavar="JSON", help="re-write structure.md beside a committed structure.json from it, "
+                   "counting nothing")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        checkpoint.atomic_write_text(Path(args.render).with_name("structure.md"), render(data, data["rows"]))
+        return
     t0 = time.perf_counter()
     rows = []
     for arch, ((f0, p0), (f30, p30)) in PAPER.items():
@@ -94,23 +105,41 @@ def main() -> None:
         print(arch, {k: v for k, v in row.items() if k.startswith(("params", "macs"))}, flush=True)
     meta = {**provenance.stamp("cpu"), "share": args.share, "steps": args.steps, "image_size": args.size,
             "wall_seconds": time.perf_counter() - t0}
+    out = Path(args.out)
+    checkpoint.atomic_write_text(out / "structure.md", render(meta, rows))
+    checkpoint.atomic_write_text(out / "structure.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    print(render(meta, rows))
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    """structure.md from what structure.json keeps (`--render` re-makes it from there)."""
     red = lambda a, b: f"{100 * (b / a - 1):+.1f} %"  # noqa: E731
     lines = ["# Taylor pruning, Table 2 structure: a counterfactual at 224x224", "",
-             f"Untrained torchvision networks (10-class heads), {100 * args.share:.0f} % of each policy's prunable "
-             f"filters removed: **uniform** (every prunable layer loses the same share) or **global** ({args.steps} "
+             f"Untrained torchvision networks (10-class heads), {100 * meta['share']:.0f} % of each policy's prunable "
+             f"filters removed: **uniform** (every prunable layer loses the same share) or **global** ({meta['steps']} "
              f"steps ranked across layers after per-layer L2 normalisation, l1 criterion). Not the paper's runs and "
              f"not ours (those are in table.md, counted at 224 px with the paper's head): it shows how much the "
              f"allocation alone moves the counts. Reduction = change against the unpruned network; M = 10^6.", "",
              "| model | params 0 % (M) | paper | paper's reduction | paper policy, uniform | global | coupled, uniform | "
              "global | MACs 0 % (G) | paper | paper's reduction | paper policy, uniform | global | coupled, uniform | global |",
              "|" + "---|" * 15]
+    printed = lambda v: f"{v:+.2f} %" if abs(v) < 1 else f"{v:+.1f} %"  # noqa: E731
+    misprinted = []
     for r in rows:
         p0, m0 = r["params_0"], r["macs_0"]
-        cells = [r["arch"], f"{p0 / 1e6:.2f}", str(r["paper_mparams_0"]), red(r["paper_mparams_0"], r["paper_mparams_30"])]
+        flops_diff, params_diff = PAPER_DIFF[r["arch"]]
+        for what, diff, a, b in (("params", params_diff, r["paper_mparams_0"], r["paper_mparams_30"]),
+                                 ("FLOPs", flops_diff, r["paper_gflops_0"], r["paper_gflops_30"])):
+            if abs(100 * (b / a - 1) - diff) > 0.05 + (0.005 if abs(diff) < 1 else 0):
+                misprinted.append(f"{r['arch']}'s {what} {printed(diff)} ({a} -> {b} is {red(a, b)})")
+        cells = [r["arch"], f"{p0 / 1e6:.2f}", str(r["paper_mparams_0"]), printed(params_diff)]
         cells += [red(p0, r[f"params_30_{pol}{g}"]) for pol in ("paper", "coupled") for g in ("", "_global")]
-        cells += [f"{m0 / 1e9:.3f}", str(r["paper_gflops_0"]), red(r["paper_gflops_0"], r["paper_gflops_30"])]
+        cells += [f"{m0 / 1e9:.3f}", str(r["paper_gflops_0"]), printed(flops_diff)]
         cells += [red(m0, r[f"macs_30_{pol}{g}"]) for pol in ("paper", "coupled") for g in ("", "_global")]
         lines.append("| " + " | ".join(cells) + " |")
+    if misprinted:
+        lines += ["", f"The paper's reductions are its Table 2's Diff column as printed; {len(misprinted)} of them "
+                  "differ from its own 0 % and 30 % counts: " + "; ".join(misprinted) + "."]
     r50 = next(r for r in rows if r["arch"] == "resnet50")["stage_share_removed_paper_global"]
     lines += ["", "Share of each ResNet-50 stage's filters removed under global ranking (paper policy): "
               + ", ".join(f"{k} {100 * v:.0f} %" for k, v in r50.items() if k.startswith("layer")) + ".", "",
@@ -122,10 +151,7 @@ def main() -> None:
               "and AlexNet (0.815 G) match no count of ours (fvcore's multiply-adds), so compare reductions there.", "",
               f"How made: `{meta['command']}` at commit {meta['commit']}, torch {meta['torch']}, device {meta['device']}, "
               f"{meta['wall_seconds']:.0f} s."]
-    out = Path(args.out)
-    checkpoint.atomic_write_text(out / "structure.md", "\n".join(lines) + "\n")
-    checkpoint.atomic_write_text(out / "structure.json", json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
