@@ -328,7 +328,9 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
     if has("speedup_"):
         said.append("a speed-up is over the network a row came from (an int8 row's fp32 model, a pruned or "
                     "shortened row's unpruned network), the two timed interleaved in one process, marked (noise) "
-                    "where the two latencies' ranges as shown (median ± half the interquartile range) overlap")
+                    "where their two ranges there (median ± half the interquartile range) overlap; the reference's "
+                    "latency from that process is in table.json, not in this table, and may differ from its own "
+                    "row's, timed in another process")
     lines = [_wrap("; ".join(said) + ".")] if said else []
     runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
     if not runs and len(timed_runs(rows)) > 1:

@@ -366,6 +366,8 @@ def test_the_footnote_speaks_only_of_the_columns_there():
     assert "int8 row's params and MACs" not in " ".join(md.split())
     md = " ".join(markdown("t", [{**ROW, "stage": "ptq", "speedup_cpu_b1": 1.2, "compression": 0.3}]).split())
     assert "ms are CPU latencies" in md and "compression is size" in md and "(median ± half the interquartile range) overlap" in md
+    # the (noise) flag compares with the reference timed in the same process, which the table does not show
+    assert "the reference's latency from that process is in table.json, not in this table" in md
     assert "an int8 row's params and MACs are those of the fp32 network it quantizes" in md
     assert "separate processes" not in md  # one run's rows
     two = " ".join(markdown("t", [ROW, {**ROW, "name": "other", "row": "other"}]).split())
