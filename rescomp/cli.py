@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -466,11 +467,16 @@ def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an
         cfg = load_config(target, set_, profile)
         source = run_folder(cfg, int8_suffix(cfg)) / "int8.pt" if int8 else run_folder(cfg) / "model.pt"
         if not source.is_file():
-            todo = f"rescomp quantize {target}` (quantize.backend pt2e or onnxruntime)" if int8 else f"rescomp train {target}`"
+            given = "".join(f" --set {shlex.quote(v)}" for v in set_ or []) + (f" --profile {profile}" if profile else "")
+            todo = (f"rescomp quantize {target}{given}` (quantize.backend pt2e or onnxruntime)" if int8
+                    else f"rescomp train {target}{given}`")
             raise ConfigError(f"no {'int8' if int8 else 'trained'} model at '{source}'; run `{todo} first, or pass "
                               f"{'an int8.pt' if int8 else 'a model.pt'}")
     elif target.suffix not in (".pt", ".pth"):
         raise ConfigError(f"'{target}' is neither a model.pt nor a config (.yaml); pass one of them")
+    elif set_ or profile:  # a checkpoint holds its network: a setting would be taken and then ignored
+        raise ConfigError(f"--{'set' if set_ else 'profile'} applies to a config, and '{target}' is a checkpoint, "
+                          f"exported as it is; pass the config instead, or drop the option")
     path, rec = export_checkpoint(source, out_path, opset, int8=int8)
     if rec.get("int8"):
         agreement = (f"ONNX Runtime's top-1 agrees with the {rec['backend']} int8 model's on {rec['top1_agreement']:.0%} "
@@ -523,7 +529,8 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     _table_name(name)
     path = write_table(name, rows, out_dir, baseline=baseline, summaries=summaries,
                        notes=notes_text)
-    out.print(f"{len(rows)} row(s) -> {path}/table.md")
+    written = len(json.loads((path / "table.json").read_text())["rows"])  # a row per experiment: seeds meet in one
+    out.print(f"{written} row(s) from {len(summaries)} run(s) -> {path}/table.md")
 
 
 @app.command()
@@ -593,15 +600,32 @@ def _command_fault(args: list[str]) -> Optional[str]:
         return f"'{args[0]}' is no rescomp command{suggest(args[0], list(commands))}"
     params = {o: p for p in commands[args[0]].params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
     words = iter(args[1:])
+    given: dict[str, list[str]] = {"--set": [], "--profile": [], "": []}  # option values; "": the arguments
     for word in words:
         if word == "--":  # the end of options: the rest are arguments
+            given[""] += list(words)
             break
         opt = word.split("=", 1)[0]
         if opt in params:
             if "=" not in word and not getattr(params[opt], "is_flag", False):
-                next(words, None)  # its value, which may start with '-' (--seed -1, --baseline -r20)
+                value = next(words, None)  # its value, which may start with '-' (--seed -1, --baseline -r20)
+            else:
+                value = word.split("=", 1)[1] if "=" in word else None
+            if opt in given and value is not None:
+                given[opt].append(value)
         elif opt.startswith("-") and opt != "--help":
             return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(params))}"
+        else:
+            given[""].append(word)
+    config = next((a for a in given[""] if a.endswith((".yaml", ".yml"))), None)
+    if config is not None:  # its file, keys and values, as the command would read them
+        from rescomp.config import load_config
+        from rescomp.errors import ConfigError
+
+        try:
+            load_config(config, given["--set"], given["--profile"][-1] if given["--profile"] else None)
+        except ConfigError as e:
+            return str(e)
     return None
 
 

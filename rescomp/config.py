@@ -699,6 +699,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     hint = "pass a YAML config such as configs/demo/resnet20.yaml"
     if path.is_dir() and (path / "config.yaml").is_file():
         hint = f"pass {path / 'config.yaml'}, the config this run folder keeps"
+        steps = sorted(path.glob("step*/model.pt"))
+        made = (f"the network it made is {path / 'int8.pt'}" if (path / "int8.pt").is_file() else
+                f"the networks it made are its steps' model.pt (the last: {steps[-1]})" if steps else "")
+        if made:  # a later stage's folder: its config describes the network it started from
+            hint += f" (which describes the network it started from); {made}, which `rescomp measure` takes"
     elif path.suffix in (".pt", ".onnx", ".pth"):
         hint += f"; `rescomp measure {path}` measures a saved network"
     text = read_text(path, "config file", hint)

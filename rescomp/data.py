@@ -119,7 +119,7 @@ def _download(cfg: DataConfig, root: Path, looked: list[str]) -> None:
 
 
 def _from_torchvision(cfg: DataConfig, root: Path, looked: list[str]) -> Splits:
-    if not _is_torchvision_root(root, cfg.dataset):
+    if not is_torchvision_root(root, cfg.dataset):
         if cfg.download is False:
             raise DataError(
                 f"{cfg.dataset} not found under '{root}'. Set data.download=auto (or true) to fetch it with "
@@ -184,7 +184,11 @@ def _from_imagefolder(path: Path) -> Splits:
         parts = name.split("/")
         if len(parts) < 3 or parts[-3] not in found:
             continue
-        img = _decode(blob, size)
+        try:
+            img = _decode(blob, size)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated files
+            raise DataError(f"'{path}': {name} is not a readable image ({type(e).__name__}: {str(e)[:120]}); "
+                            f"replace or delete it") from None
         size = size or (img.shape[1], img.shape[0])
         found[parts[-3]].append((tuple(parts), parts[-2], img))
     # a folder's order, whatever order an archive holds its members in: one seed, the same subsets and splits
@@ -254,7 +258,7 @@ def search_paths(cfg: DataConfig) -> list[Path]:
     return found
 
 
-def _is_torchvision_root(p: Path, dataset: str) -> bool:
+def is_torchvision_root(p: Path, dataset: str) -> bool:
     return (p / TORCHVISION_FOLDERS[dataset]).is_dir()
 
 
@@ -268,7 +272,10 @@ def resolve_source(cfg: DataConfig) -> tuple[str, Path, list[str]]:
     """('torchvision' | 'folder', path, folders searched) for a CIFAR dataset, or why there is none."""
     if cfg.path is not None:
         p = cfg.at(cfg.path)
-        if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download is True or _is_torchvision_root(p, cfg.dataset))):
+        if cfg.source == "torchvision" or (cfg.source == "auto" and (cfg.download is True or is_torchvision_root(p, cfg.dataset))):
+            if cfg.download is False and not is_torchvision_root(p, cfg.dataset):  # what loading would say, said first
+                raise DataError(f"{cfg.dataset} not found under '{p}'. Set data.download=auto (or true) to fetch it "
+                                f"with torchvision, or data.path to a folder or archive that holds it")
             return "torchvision", p, []
         if not p.exists():
             raise DataError(f"data.path '{p}' does not exist; fix the path, or remove data.path to use a local copy "
@@ -284,7 +291,7 @@ def resolve_source(cfg: DataConfig) -> tuple[str, Path, list[str]]:
         looked.append(str(p))
         if not p.exists():
             continue
-        if p.is_dir() and _is_torchvision_root(p, cfg.dataset):
+        if p.is_dir() and is_torchvision_root(p, cfg.dataset):
             return "torchvision", p, looked
         if cfg.source in ("auto", "folder") and cfg.download is not True and _is_imagefolder(p):
             return "folder", p, looked

@@ -50,10 +50,12 @@ def _data(cfg: ExperimentConfig) -> str:
     if d.dataset == "synthetic":
         where = f"synthetic, {d.synthetic.train_size} train / {d.synthetic.test_size} test images"
     else:
-        from rescomp.data import resolve_source
+        from rescomp.data import is_torchvision_root, resolve_source
 
         kind, path, _ = resolve_source(d)
-        where = f"{d.dataset} from {path}" + (" (torchvision; downloaded if missing)" if kind == "torchvision" else "")
+        fetched = kind == "torchvision" and not is_torchvision_root(path, d.dataset)
+        where = f"{d.dataset} from {path}" + (f" (torchvision{'; downloaded first' if fetched else ''})"
+                                              if kind == "torchvision" else "")
     limits = ", ".join(f"{k} {v:,}" for k, v in (("train_limit", d.train_limit), ("test_limit", d.test_limit)) if v)
     return where + (f" ({limits})" if limits else "") + f", {d.image_size}x{d.image_size} px"
 
@@ -155,7 +157,8 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         section = getattr(cfg, st.section)
         lines = [] if section.checkpoint else _train_lines(cfg, refused)
         run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
-        settings = ", ".join(f"{k} {v}" for k, v in section.model_dump().items() if k != "checkpoint")
+        shown = lambda k, v: f"{cfg.train.optimizer.lr / 10:g} (train lr / 10)" if k == "finetune_lr" and v is None else v  # noqa: E731
+        settings = ", ".join(f"{k} {shown(k, v)}" for k, v in section.model_dump().items() if k != "checkpoint")
         lines += [f"{command} {run_dir}: {state}",
                   f"        from {section.checkpoint or 'the training run above'}; {settings}"]
         return "\n".join(lines)

@@ -57,7 +57,11 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
     """Run folders named by `target`: a run folder, a folder of them, or a table name used in configs."""
     p = Path(target)
     if p.is_dir():
-        return sorted(s.parent for s in p.rglob("summary.json"))
+        found = sorted(s.parent for s in p.rglob("summary.json"))
+        if not found and (p / "config.yaml").is_file():  # a run named on its own: never left out without a word
+            raise ConfigError(f"'{p}' is a run that has not finished (it has no summary.json yet); run its command "
+                              f"again to finish it (it resumes), or leave it out")
+        return found
     if runs_root.is_dir():
         tagged = [s.parent for s in sorted(runs_root.rglob("summary.json")) if read_summary(s).get("table") == target]
         if tagged:

@@ -36,7 +36,7 @@ from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, make_context, seed_everything
 from rescomp.data import make_loaders, prepare
 from rescomp.errors import CheckpointError, ConfigError
-from rescomp.models import check_spec, get_entry, probe
+from rescomp.models import base_network, check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
 from rescomp.rundir import claim, record_made, writing
@@ -100,7 +100,7 @@ class Stage:
         path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
         if path:
             payload = read if read is not None else checkpoint.load(cfg.at(path))
-            why = self.refuses(traits_of(payload)) or other_classes(payload, cfg)
+            why = self.refuses(traits_of(payload)) or other_classes(payload, cfg) or other_network(payload, cfg)
             if why:
                 raise CheckpointError(f"{self.section}.checkpoint '{path}': {why}")
 
@@ -113,6 +113,22 @@ def other_classes(payload: dict[str, Any], cfg: ExperimentConfig) -> Optional[st
         return None
     return (f"it classifies {classes} classes, but the data ({cfg.data.dataset}) has {cfg.data.num_classes}; give a "
             f"network trained on this dataset, or set data: to the one it was trained on")
+
+
+def other_network(payload: dict[str, Any], cfg: ExperimentConfig) -> Optional[str]:
+    """Why a network is not the one cfg's model section describes: another architecture or builder argument
+    (the transforms a stage adds, gates, pruned shapes or deleted units, may differ). The run's config, its
+    hash and its rows' labels would name a network it did not work on."""
+    spec = payload.get("arch") or {}
+    if not spec.get("arch"):
+        return None
+    held, mine = base_network(spec), base_network(cfg.model.spec(cfg.data.num_classes))
+    if held == mine:
+        return None
+    changed = ", ".join(f"{k} {held.get(k)!r} (model: says {mine.get(k)!r})" for k in sorted(held.keys() | mine.keys())
+                        if held.get(k) != mine.get(k))
+    return (f"it holds another network than this config's model: {changed}; set model: to the network it holds, "
+            f"or leave the checkpoint unset to start from this config's own training run")
 
 
 STAGES: Registry[Stage] = Registry("pipeline stage")
@@ -216,6 +232,23 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
 
 
 # -- what every stage shares ------------------------------------------------------------------------
+
+def start_spec(cfg: ExperimentConfig, section: str) -> tuple[dict[str, Any], Optional[str]]:
+    """The spec of the network a stage will start from, for its checks before any work (and what --dry-run
+    says of it), and the checkpoint it was read from: its section's checkpoint's, where one is given and can
+    be read (Stage.check_source refuses one that cannot), else the config's model (None). The config's model
+    is validated either way."""
+    spec = model_spec(cfg)
+    path = getattr(cfg, section).checkpoint
+    if path:
+        try:
+            given = checkpoint.load(cfg.at(path)).get("arch")
+        except CheckpointError:
+            given = None
+        if given:
+            return given, path
+    return spec, None
+
 
 def model_spec(cfg: ExperimentConfig) -> dict[str, Any]:
     """The validated arch spec of the config's model, or ConfigError."""

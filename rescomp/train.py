@@ -277,10 +277,11 @@ class Trainer:
                 total_loss, total_correct, total_n = totals()
                 mean = total_loss / total_n
                 if not math.isfinite(mean):
+                    kept = bool(self.ckpt_dir) and (self.ckpt_dir / "last.pt").is_file()
                     raise TrainingDiverged(
-                        f"loss became {mean} in epoch {self.state.epoch + 1}, step {step + 1}; training stopped and "
-                        f"the last good checkpoint was kept. Lower train.optimizer.lr, add "
-                        f"train.schedule.warmup_epochs, or set train.grad_clip"
+                        f"loss became {mean} in epoch {self.state.epoch + 1}, step {step + 1}; training stopped"
+                        + (" and the last good checkpoint was kept" if kept else ", before its first checkpoint")
+                        + ". Lower train.optimizer.lr, add train.schedule.warmup_epochs, or set train.grad_clip"
                     )
                 if on_progress is not None:
                     on_progress(step + 1, loss=f"{mean:.3f}", acc=f"{100 * total_correct / total_n:.1f}",

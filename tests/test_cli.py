@@ -117,4 +117,5 @@ def test_real_process_prints_one_line_and_no_traceback(workdir, tiny):
 def test_diverging_run_exits_1_and_keeps_its_checkpoint(workdir, tiny):
     res = cli("train", write_config(workdir, tiny), "--set", "train.optimizer.lr=1e12")
     assert res.exit_code == 1 and "loss became nan" in res.stderr
+    assert "before its first checkpoint" in res.stderr and "checkpoint was kept" not in res.stderr  # none was made
     assert not (workdir / "runs/exp/summary.json").exists()

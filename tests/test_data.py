@@ -273,3 +273,25 @@ def test_cli_missing_data_exits_2_with_one_line(workdir, tiny, monkeypatch):
     r = CliRunner().invoke(app, ["train", str(write_config(workdir, tiny))])
     assert r.exit_code == 2 and "no cifar100 found" in r.output and "Traceback" not in r.output
     assert not (workdir / "runs").exists()
+    # a torchvision root named that does not hold the dataset, with downloads off: the dry run refuses it too
+    (workdir / "empty").mkdir()
+    tiny["data"].update(path=str(workdir / "empty"), source="torchvision")
+    for dry in ([], ["--dry-run"]):
+        r = CliRunner().invoke(app, ["train", str(write_config(workdir, tiny)), *dry])
+        assert r.exit_code == 2 and "cifar100 not found under" in r.output and "data.download=auto" in r.output, dry
+    assert not (workdir / "runs").exists()
+
+
+# Wrong version: an image file that is not one (text under a .png name, a file cut short) ending in PIL's
+# traceback instead of one line naming the file.
+def test_an_unreadable_image_in_a_folder_is_one_line_naming_it(tmp_path):
+    classes = tuple(f"c{i}" for i in range(10))
+    _write_imagefolder_tar(tmp_path / "a.tar.gz", classes=classes, per_class=2)
+    with tarfile.open(tmp_path / "a.tar.gz") as tar:
+        tar.extractall(tmp_path / "folder", filter="data")
+    bad = tmp_path / "folder/copy/train/c3/0001.png"
+    for content in (b"not an image", bad.read_bytes()[:40]):
+        bad.write_bytes(content)
+        cfg = DataConfig(dataset="cifar10", path=str(tmp_path / "folder/copy"), cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(DataError, match=r"train/c3/0001.png is not a readable image .*; replace or delete it"):
+            load_splits(cfg)

@@ -75,6 +75,10 @@ def test_a_pruned_checkpoint_exports_its_pruned_network(workdir, tiny):
     path = write_config(workdir, tiny)
     assert cli("prune", path).exit_code == 0
     pruned = next(workdir.glob("runs/exp-prune-*/step01/model.pt"))
+    for option in (["--set", "data.image_size=64"], ["--profile", "cpu"]):  # taken and ignored, it would say nothing
+        res = cli("export", pruned, *option)
+        assert res.exit_code == 2 and "applies to a config" in res.stderr and "exported as it is" in res.stderr
+    assert not pruned.with_suffix(".onnx").exists()
     res = cli("export", pruned)
     assert res.exit_code == 0, res.output
     rec = json.loads(pruned.with_suffix(".onnx.json").read_text())
@@ -138,6 +142,7 @@ def test_an_fx_int8_checkpoint_is_refused(workdir, tiny):
         assert res.exit_code == 2 and f"--opset {opset}: torch.onnx exports opsets 18 to " in res.stderr, res.output
     res = cli("export", "exp.yaml", "--int8", "--set", "quantize.backend=pt2e")
     assert res.exit_code == 2 and "no int8 model at" in res.stderr and "runs/exp-ptq-pt2e/int8.pt" in res.stderr
+    assert "run `rescomp quantize exp.yaml --set quantize.backend=pt2e`" in " ".join(res.stderr.split())  # its settings
     assert not list(workdir.glob("runs/**/*.onnx*"))
 
 

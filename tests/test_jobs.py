@@ -131,14 +131,14 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     path = write_config(workdir, tiny)
     (workdir / "jobs.txt").write_text(f"rescomp config {path} --set train.epochs=3\n"
                                       f"rescomp config {path} --set train.epochs=4\n---\n"
-                                      f"rescomp config {path} --set no.such=1\n"
+                                      f"rescomp measure nope.pt\n"  # found only when it runs
                                       f"rescomp config {path}\n")
     res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
-    assert res.exit_code == 2, res.output  # the bad key's exit code, not 1
+    assert res.exit_code == 2, res.output  # the missing file's exit code, not 1
     logs = sorted((workdir / "logs").iterdir())
     assert len(logs) >= 3 and "epochs: 3" in logs[0].read_text() and "epochs: 4" in logs[1].read_text()
-    assert logs[2].name == "03-config-exp-no.such=1.log"
-    assert "unknown key" in logs[2].read_text() and "unknown key" in res.output  # the failure's last lines are shown
+    assert logs[2].name.startswith("03-measure-nope")
+    assert "not found" in logs[2].read_text() and "not found" in res.output  # the failure's last lines are shown
     res = CliRunner().invoke(app, ["jobs", "missing.txt"])
     assert res.exit_code == 2 and "not found" in res.output
 
@@ -147,16 +147,19 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     ("rescomp trian {p}", "line 4: 'trian' is no rescomp command (did you mean 'train'?); nothing was started"),
     ("rescomp train {p} --fersh", "line 4: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
     ("rescomp report runs --tabel=t", "line 4: rescomp report has no option '--tabel' (did you mean '--table'?)"),
+    ("rescomp train {p} --set train.epoch=1", "line 4: {p}: unknown key 'train.epoch'"),  # a key, read as the run would
+    ("rescomp prune missing.yaml", "line 4: config file 'missing.yaml' not found"),
+    ("rescomp train {p} --profile=nope", "line 4: {p}: no profile 'nope'"),
 ])
 def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: Path, tiny: dict, line, message) -> None:
-    path = write_config(workdir, tiny)
+    path = write_config(workdir, {**tiny, "profiles": {"-x": {"train": {"epochs": 5}}}})
     (workdir / "jobs.txt").write_text(f"rescomp config {path} --set seed=-1 --set train.epochs=3 --profile -x\n"
                                       f"rescomp report runs --baseline -r20 --table=t -- -odd-run\n---\n"
                                       + line.format(p=path) + "\n")  # values and arguments that start with '-'
     phases = jobs.parse((workdir / "jobs.txt").read_text().split("---")[0], "jobs.txt", _command_fault)
     assert [j.args[0] for j in phases[0]] == ["config", "report"]
     res = CliRunner().invoke(app, ["jobs", "jobs.txt", "--jobs", "2", "--logs", "logs"])
-    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert res.exit_code == 2 and message.format(p=path) in " ".join(res.output.split()), res.output
     assert not (workdir / "logs").exists()  # line 1 never ran
 
 

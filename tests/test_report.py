@@ -38,6 +38,13 @@ def test_write_table_and_find_runs(tmp_path):
     assert find_runs(str(tmp_path / "runs"), tmp_path / "runs") == [run]
     with pytest.raises(ConfigError, match="neither a run folder nor a table"):
         find_runs("nope", tmp_path / "runs")
+    # a run named on its own that has not finished is refused, not left out of the table without a word
+    unfinished = tmp_path / "runs" / "r56"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("name: r56\n")
+    with pytest.raises(ConfigError, match="'.*r56' is a run that has not finished .* run its command again"):
+        find_runs(str(unfinished), tmp_path / "runs")
+    assert find_runs(str(tmp_path / "runs"), tmp_path / "runs") == [run]  # a folder of runs: its finished ones
     out = write_table("demo", [ROW], tmp_path / "results")
     assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_cost.png", "table.csv", "table.json", "table.md"]
     assert json.loads((out / "table.json").read_text())["rows"][0]["top1"] == 88.5

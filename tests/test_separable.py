@@ -152,5 +152,7 @@ def test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split(
     assert separate(nn.Sequential(conv), {"mode": "group"})[1]["groups"] == 2  # the slides' k = 2
     with pytest.raises(Exception, match="greater than or equal to 2"):  # one group is the conv itself
         separate(nn.Sequential(conv), {"mode": "group", "groups": 1})
+    with pytest.raises(ConfigError, match="groups=3 divides no matching conv's in and out channels"):  # not the patterns
+        separate(r20, {"mode": "group", "groups": 3})
     with pytest.raises(ConfigError, match=r"model.separable: \{\} is empty .*`separable: \{mode: depthwise\}"):
         build_model({"arch": "resnet20", "num_classes": 10, "separable": {}})  # not the network unseparated

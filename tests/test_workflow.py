@@ -457,6 +457,7 @@ def test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd(workdir
     assert not (workdir / "runs/exp-seed0").exists()
     res = cli("report", "runs", "--table", "seeds")
     assert res.exit_code == 0, res.output
+    assert "1 row(s) from 3 run(s)" in res.stdout  # what the table holds, not the runs read
     row = json.loads((workdir / "results/seeds/table.json").read_text())["rows"]
     assert len(row) == 1 and row[0]["seeds"] == 3 and row[0]["row"] == "exp"
     mean = sum(tops.values()) / 3
@@ -589,6 +590,8 @@ def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdi
     assert not (workdir / "runs").exists()
     res = cli("prune", path, "--dry-run", "--set", "model.width=0")
     assert res.exit_code == 2 and "cannot run" in res.stderr
+    res = cli("magnitude-prune", path, "--dry-run")  # a default the run resolves is said as the run will use it
+    assert res.exit_code == 0 and "finetune_lr 0.005 (train lr / 10)" in res.stdout, res.output
     assert cli("train", path).exit_code == 0
     res = cli("train", path, "--dry-run", "--set", "train.epochs=3")
     assert "train   runs/exp: refused (below)" in res.stdout
@@ -644,6 +647,57 @@ def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir
     res = cli("train", path, "--dry-run", "--nproc", "0")
     assert res.exit_code == 2 and "at least 1" in res.stderr
     assert not (workdir / "runs").exists()
+
+
+# Wrong version: quantize reading runs/<name>/model.pt whatever trained it, so an int8 row is recorded under a
+# config hash, settings and seed that did not make its network.
+def test_quantize_refuses_a_network_trained_with_other_settings(workdir, tiny):
+    path = write_config(workdir, {**_quick(tiny), "quantize": {"calibration_images": 16}})
+    assert cli("train", path).exit_code == 0
+    for sets, named in ((["train.epochs=5"], "train.epochs (1 -> 5)"), (["name=exp", "seed=1"], "seed (0 -> 1)")):
+        for dry in ([], ["--dry-run"]):
+            res = cli("quantize", path, *[a for s in sets for a in ("--set", s)], *dry)
+            assert res.exit_code == 2, res.output
+            assert f"'runs/exp' holds a network trained with other settings than this config's: {named}" in res.stderr
+            assert "quantize.checkpoint=runs/exp/model.pt to quantize that network as it is" in res.stderr
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["exp"]
+    res = cli("quantize", path, "--set", "train.epochs=5", "--set", "quantize.checkpoint=runs/exp/model.pt", "--dry-run")
+    assert res.exit_code == 0, res.output  # named explicitly: that network, as it is
+    # a run folder passed where a config goes: its config, and for a later stage's folder the network it made
+    assert cli("quantize", path).exit_code == 0
+    res = cli("measure", "runs/exp-ptq")
+    assert res.exit_code == 2 and "pass runs/exp-ptq/config.yaml" in res.stderr
+    assert "the network it made is runs/exp-ptq/int8.pt, which `rescomp measure` takes" in " ".join(res.stderr.split())
+    res = cli("measure", "runs/exp")
+    assert res.exit_code == 2 and "pass runs/exp/config.yaml" in res.stderr and "it made" not in res.stderr
+
+
+# Wrong versions: a checkpoint of another network than the config's model pruned or quantized under the
+# config's name, hash and row labels; --dry-run describing the config's network where a checkpoint is given
+# (its prunable filters, so the dry run and the run disagree).
+def test_a_given_checkpoint_is_judged_as_the_network_it_holds(workdir, tiny):
+    import re
+
+    path = write_config(workdir, {**_quick(tiny), **STAGES["prune"][0], "quantize": {"calibration_images": 16}})
+    assert cli("train", path).exit_code == 0
+    for section, command in (("prune", "prune"), ("quantize", "quantize"), ("layer_drop", "layer-drop")):
+        for dry in ([], ["--dry-run"]):
+            res = cli(command, path, "--set", "model.width=8", "--set", f"{section}.checkpoint=runs/exp/model.pt",
+                      "--set", "name=w8", *dry)
+            assert res.exit_code == 2, res.output
+            assert (f"{section}.checkpoint 'runs/exp/model.pt': it holds another network than this config's model: "
+                    f"width 4 (model: says 8)") in " ".join(res.stderr.split()) or section == "layer_drop", res.stderr
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["exp"]
+    assert cli("prune", path).exit_code == 0
+    pruned = sorted((workdir / "runs/exp-prune-paper-taylor-custom").glob("step*/model.pt"))[-1]
+    count = lambda text: int(re.search(r"([\d,]+) prunable filters", text).group(1).replace(",", ""))  # noqa: E731
+    full = count(cli("prune", path, "--dry-run").output)
+    again = ("prune", path, "--set", f"prune.checkpoint={pruned.relative_to(workdir)}", "--set", "name=again")
+    dry = count(cli(*again, "--dry-run").output)
+    res = cli(*again)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((workdir / "runs/again-prune-paper-taylor-custom/summary.json").read_text())
+    assert dry < full and dry == summary["prunable_filters"]  # the dry run speaks of the network it is given
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can make files")

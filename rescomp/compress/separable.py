@@ -82,6 +82,9 @@ def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optio
     model = copy.deepcopy(model)
     targets = [(n, m) for n, m in model.named_modules() if replaceable(n, m, cfg)]
     if not targets:
+        if cfg.mode == "group" and [n for n, m in model.named_modules() if replaceable(n, m, cfg.model_copy(update={"mode": "depthwise"}))]:
+            raise ConfigError(f"separable: mode group with groups={cfg.groups} divides no matching conv's in and out "
+                              f"channels; choose a group count that divides them (e.g. 2)")
         raise ConfigError(
             f"separable: no k x k conv (k > 1, groups 1) matches include={cfg.include} exclude={cfg.exclude}; "
             f"conv names look like: {', '.join(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))[:200]}"

@@ -215,6 +215,16 @@ def probe(spec: dict[str, Any], image_size: int) -> None:
                           f"image: {str(e).splitlines()[0]}") from None
 
 
+def base_network(spec: dict[str, Any]) -> dict[str, Any]:
+    """The builder's network a spec starts from: its arch and every builder argument, defaults filled in;
+    without the structural transforms (gates, shapes, deleted, ...), num_classes, or `pretrained` (how
+    the weights began, not which network they are)."""
+    params = inspect.signature(get_entry(spec["arch"]).builder).parameters
+    args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    args.update({k: v for k, v in spec.items() if k in params})
+    return {"arch": spec["arch"], **{k: v for k, v in args.items() if k not in ("num_classes", "pretrained")}}
+
+
 def _args(spec: dict[str, Any]) -> str:
     args = {k: v for k, v in spec.items() if k not in ("arch", "num_classes", "shapes", "deleted")}
     return ", ".join(f"{k}={v!r}" for k, v in args.items()) or "default arguments"

@@ -33,15 +33,17 @@ from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
 from rescomp.rundir import lineage
-from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec, retrain_config, train_and_eval
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, retrain_config, start_spec, train_and_eval
 from rescomp.train import evaluate
 
 def check(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything about the layer-drop section that can be wrong, before any work; returns the spec."""
-    ld, spec = cfg.layer_drop, model_spec(cfg)
+    ld, (spec, given) = cfg.layer_drop, start_spec(cfg, "layer_drop")
     CRITERIA.get(ld.criterion)
     if not spec.get("gates"):
-        raise ConfigError("layer-drop needs gated residual units: add `gates: {init: [-1, 1]}` under model:")
+        raise ConfigError(f"layer_drop.checkpoint '{given}' has no residual gates; give a network trained "
+                          f"with `gates: true` under model:" if given else
+                          "layer-drop needs gated residual units: add `gates: {init: [-1, 1]}` under model:")
     deletable = sum(u.deletable for u in residual_units(build_model(spec)))
     if ld.max_units and ld.max_units > deletable:
         raise ConfigError(f"layer_drop.max_units={ld.max_units}, but {spec['arch']} has only {deletable} deletable units")

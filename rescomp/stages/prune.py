@@ -27,13 +27,13 @@ from rescomp.data import sample_loader
 from rescomp.errors import ConfigError
 from rescomp.measure import count_macs, count_params, measure
 from rescomp.models import build_model
-from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, model_spec
+from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, start_spec
 from rescomp.train import evaluate
 
 
 def check(cfg: ExperimentConfig) -> tuple[dict[str, Any], int]:
     """Bad input before any work: unknown criterion or layer names, a policy that prunes nothing."""
-    pc, spec = cfg.prune, model_spec(cfg)
+    pc, (spec, _) = cfg.prune, start_spec(cfg, "prune")
     CRITERIA.get(pc.criterion)
     model = build_model(spec)
     convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]

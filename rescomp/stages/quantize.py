@@ -18,7 +18,7 @@ from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, join
 from rescomp.errors import ConfigError
 from rescomp.measure import measure
-from rescomp.rundir import run_folder
+from rescomp.rundir import run_folder, trained_otherwise
 from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, train_loaders
 from rescomp.stages.train import log_measuring
 from rescomp.train import Trainer, evaluate, paired
@@ -41,6 +41,11 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"no trained model at '{path}'; run `rescomp train` on this config first, or set "
                           f"quantize.checkpoint to a trained model.pt")
+    if not cfg.quantize.checkpoint and (changed := trained_otherwise(path.parent, cfg)):
+        raise ConfigError(f"'{path.parent}' holds a network trained with other settings than this config's: "
+                          f"{', '.join(changed)}; train this config first (`rescomp train` with the same settings, "
+                          f"--set name=<new name> to keep both), or set quantize.checkpoint={path} to quantize "
+                          f"that network as it is")
     payload = checkpoint.load(path)
     if not payload.get("metrics"):
         raise ConfigError(f"'{path}' holds no evaluation metrics, so it is not a trained model; quantize the "
