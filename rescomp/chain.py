@@ -83,9 +83,9 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
             raise ConfigError(f"pipeline stage {i + 1} ({step.name}){after}: {why}")
         scfg = stage_config(cfg, step)
         step.stage.chain_check(scfg)
-        step.stage.check(scfg)
-        if i == 0:  # no earlier stage makes its input
+        if i == 0:  # no earlier stage makes its input; judged first, as its checks then read that network
             step.stage.check_source(scfg)
+        step.stage.check(scfg)
         out.append((step, scfg))
         traits = step.stage.gives(traits)
     return out

@@ -209,8 +209,8 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     """Run one stage on cfg (module docstring): its folder and summary, finished or resumed."""
     t_start = time.perf_counter()
     ctx = st.context(cfg, console)  # a device that is not there is named first
+    st.check_source(cfg)  # what it is given first: its checks then judge that network (start_spec)
     checked = st.check(cfg)
-    st.check_source(cfg)
     splits = prepare(cfg.data, cfg.seed)
     out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section))  # rank 0 decides
     if finished is not None:
