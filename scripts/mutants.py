@@ -633,6 +633,7 @@ M = [
  ('group-count-blames-patterns', 'rescomp/compress/separable.py', '        if cfg.mode == "group" and [n for n, m', '        if False and [n for n, m', 'tests/test_separable.py::test_every_mode_keeps_bias_stride_and_shape_and_leaves_what_it_cannot_split'),
  ('run-folder-hint-config-only', 'rescomp/config.py', '        if made:  # a later stage', '        if False:  # a later stage', 'tests/test_workflow.py::test_quantize_refuses_a_network_trained_with_other_settings'),
  ('report-counts-runs-as-rows', 'rescomp/cli.py', '    written = len(json.loads((path / "table.json").read_text())["rows"])', '    written = len(rows)', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
+ ('stage-checks-before-its-input', 'rescomp/runner.py', '    st.check_source(cfg)  # what it is given first: its checks then judge that network (start_spec)\n    checked = st.check(cfg)\n', '    checked = st.check(cfg)\n    st.check_source(cfg)\n', 'tests/test_runner.py::test_a_stage_command_refuses_what_its_chain_refuses'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0
