@@ -13,7 +13,7 @@ import random
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -123,6 +123,17 @@ def load(path: str | Path) -> dict[str, Any]:
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"'{path}' was written by a newer rescomp (format {payload['version']}); upgrade rescomp")
     return payload
+
+
+def peek(path: str | Path) -> Optional[dict[str, Any]]:
+    """A rescomp checkpoint's payload with its tensors memory-mapped, not read (a stage's checks need the
+    spec and config of a network that may be hundreds of MB); None where the file is not one (`load`
+    says why)."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
 
 
 def network_digest(path: str | Path) -> str:

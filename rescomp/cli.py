@@ -457,7 +457,7 @@ def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an
     from rescomp.config import load_config
     from rescomp.errors import ConfigError
     from rescomp.export import export_checkpoint
-    from rescomp.rundir import run_folder
+    from rescomp.rundir import run_folder, trained_otherwise
     from rescomp.stages.quantize import suffix as int8_suffix
 
     if out_path is not None and out_path.suffix != ".onnx":
@@ -472,6 +472,9 @@ def export(target: Path = typer.Argument(..., help="a model.pt or int8.pt, or an
                     else f"rescomp train {target}{given}`")
             raise ConfigError(f"no {'int8' if int8 else 'trained'} model at '{source}'; run `{todo} first, or pass "
                               f"{'an int8.pt' if int8 else 'a model.pt'}")
+        if changed := trained_otherwise(source.parent, cfg, *(("quantize",) if int8 else ())):
+            raise ConfigError(f"'{source.parent}' holds a network made with other settings than this config's: "
+                              f"{', '.join(changed)}; pass {source} itself to export that network as it is")
     elif target.suffix not in (".pt", ".pth"):
         raise ConfigError(f"'{target}' is neither a model.pt nor a config (.yaml); pass one of them")
     elif set_ or profile:  # a checkpoint holds its network: a setting would be taken and then ignored
@@ -590,9 +593,11 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     raise typer.Exit(code)
 
 
-def _command_fault(args: list[str]) -> Optional[str]:
+def _command_fault(args: list[str], first: bool = True) -> Optional[str]:
     """What is wrong with the words of `rescomp <args>` that no run needs to find out: a command or an
-    option this CLI does not have; None if nothing."""
+    option this CLI does not have, a config it names that cannot be read with its --set and --profile;
+    None if nothing. A line of a later phase (`first` false) may name a config an earlier phase writes
+    (runs/<name>/config.yaml): one not there yet is left to the run."""
     from rescomp.registry import suggest
 
     commands = typer.main.get_command(app).commands
@@ -618,7 +623,7 @@ def _command_fault(args: list[str]) -> Optional[str]:
         else:
             given[""].append(word)
     config = next((a for a in given[""] if a.endswith((".yaml", ".yml"))), None)
-    if config is not None:  # its file, keys and values, as the command would read them
+    if config is not None and (first or Path(config).exists()):  # its file, keys and values, as the command reads them
         from rescomp.config import load_config
         from rescomp.errors import ConfigError
 

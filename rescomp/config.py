@@ -701,6 +701,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         hint = f"pass {path / 'config.yaml'}, the config this run folder keeps"
         steps = sorted(path.glob("step*/model.pt"))
         made = (f"the network it made is {path / 'int8.pt'}" if (path / "int8.pt").is_file() else
+                f"the network it made is {path / 'model.pt'}" if steps and (path / "model.pt").is_file() else
                 f"the networks it made are its steps' model.pt (the last: {steps[-1]})" if steps else "")
         if made:  # a later stage's folder: its config describes the network it started from
             hint += f" (which describes the network it started from); {made}, which `rescomp measure` takes"

@@ -64,9 +64,10 @@ class Job:
 
 
 def parse(text: str, source: str = "the jobs file",
-          check: Callable[[list[str]], Optional[str]] = lambda args: None) -> list[list[Job]]:
+          check: Callable[[list[str], bool], Optional[str]] = lambda args, first: None) -> list[list[Job]]:
     """Phases of jobs from a jobs file's text; each line a `rescomp` command whose words `check` finds no
-    fault with (a misspelt command or option is one line now, not after the jobs before it have run)."""
+    fault with (a misspelt command or option is one line now, not after the jobs before it have run);
+    `check` is told whether the line is in the first phase (a later one may read what an earlier makes)."""
     phases: list[list[Job]] = [[]]
     n = 0
     for i, raw in enumerate(text.splitlines(), start=1):
@@ -83,7 +84,7 @@ def parse(text: str, source: str = "the jobs file",
         if Path(words[0]).name != "rescomp" or len(words) < 2:
             raise ConfigError(f"{source}, line {i}: '{line}' is not a rescomp command; each line is one, e.g. "
                               f"`rescomp train configs/demo/resnet20.yaml` (a line {PHASE_BREAK} ends a phase)")
-        if why := check(words[1:]):
+        if why := check(words[1:], len(phases) == 1):
             raise ConfigError(f"{source}, line {i}: {why}; nothing was started")
         n += 1
         phases[-1].append(Job(n, i, words[1:]))

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
 from rescomp.errors import ConfigError
@@ -82,10 +83,12 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
     if command == "run":
         from rescomp.chain import describe as chain
 
+        _data(cfg)  # every command reads the data: a copy that is not there is refused here, as the run would
         return "\n".join(chain(cfg, refused, fresh))
     resolve_device(cfg.device)
     st = stage(command.replace("-", "_"))
     st.check_source(cfg)
+    _data(cfg)  # after the network it is given, as the run reads them
     if command == "train":
         return "\n".join(_train_lines(cfg, refused, fresh))
     if command == "quantize":
@@ -139,8 +142,9 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
                   f"        each step timed over {ld.timing.warmup} + {ld.timing.runs} training steps at batch "
                   f"{ld.timing.batch_size}"]
         family, b = baseline_family(cfg, spec), ld.baselines
-        if family:
-            full = cfg.train.epochs
+        if family:  # the epochs the network it starts from was trained (the run reads them from its checkpoint)
+            given = checkpoint.peek(cfg.at(ld.checkpoint)) if ld.checkpoint else None
+            full = int(((given or {}).get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
             units = len(residual_units(build_model(spec)))
             for depth, s in family.items():
                 if b.depths and depth not in b.depths:

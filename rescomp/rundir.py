@@ -53,15 +53,15 @@ def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] 
     return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
 
 
-def trained_otherwise(run_dir: Path, cfg: ExperimentConfig) -> list[str]:
-    """The training settings in which the run saved in run_dir differs from cfg ([] if none, or nothing
-    saved): whether the network it trained is the one cfg describes, for a stage that reads it without
-    running the training stage (quantize)."""
+def trained_otherwise(run_dir: Path, cfg: ExperimentConfig, *sections: str) -> list[str]:
+    """The training settings (and those of the later-stage `sections`) in which the run saved in run_dir
+    differs from cfg ([] if none, or nothing saved): whether the network it made is the one cfg describes,
+    for a command that reads it without running that stage (quantize, export)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
     old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
-    return differences(old, cfg) if old.identity() != cfg.identity() else []
+    return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
 
 
 def resumable(run_dir: Path) -> bool:

@@ -125,8 +125,8 @@ def other_network(payload: dict[str, Any], cfg: ExperimentConfig) -> Optional[st
     held, mine = base_network(spec), base_network(cfg.model.spec(cfg.data.num_classes))
     if held == mine:
         return None
-    changed = ", ".join(f"{k} {held.get(k)!r} (model: says {mine.get(k)!r})" for k in sorted(held.keys() | mine.keys())
-                        if held.get(k) != mine.get(k))
+    keys = ["arch"] if held["arch"] != mine["arch"] else sorted(held.keys() | mine.keys())  # another builder: its name
+    changed = ", ".join(f"{k} {held.get(k)!r} (here {mine.get(k)!r})" for k in keys if held.get(k) != mine.get(k))
     return (f"it holds another network than this config's model: {changed}; set model: to the network it holds, "
             f"or leave the checkpoint unset to start from this config's own training run")
 
@@ -241,10 +241,7 @@ def start_spec(cfg: ExperimentConfig, section: str) -> tuple[dict[str, Any], Opt
     spec = model_spec(cfg)
     path = getattr(cfg, section).checkpoint
     if path:
-        try:
-            given = checkpoint.load(cfg.at(path)).get("arch")
-        except CheckpointError:
-            given = None
+        given = (checkpoint.peek(cfg.at(path)) or {}).get("arch")
         if given:
             return given, path
     return spec, None

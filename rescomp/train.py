@@ -280,7 +280,8 @@ class Trainer:
                     kept = bool(self.ckpt_dir) and (self.ckpt_dir / "last.pt").is_file()
                     raise TrainingDiverged(
                         f"loss became {mean} in epoch {self.state.epoch + 1}, step {step + 1}; training stopped"
-                        + (" and the last good checkpoint was kept" if kept else ", before its first checkpoint")
+                        + (" and the last good checkpoint was kept" if kept else
+                           ", before its first checkpoint" if self.ckpt_dir else " (this fine-tune keeps no checkpoints)")
                         + ". Lower train.optimizer.lr, add train.schedule.warmup_epochs, or set train.grad_clip"
                     )
                 if on_progress is not None:

@@ -280,6 +280,16 @@ def test_cli_missing_data_exits_2_with_one_line(workdir, tiny, monkeypatch):
         r = CliRunner().invoke(app, ["train", str(write_config(workdir, tiny)), *dry])
         assert r.exit_code == 2 and "cifar100 not found under" in r.output and "data.download=auto" in r.output, dry
     assert not (workdir / "runs").exists()
+    # a stage given a network trains nothing first, and its dry run still reads where the data is
+    synthetic = {**tiny, "data": {"dataset": "synthetic", "synthetic": {"train_size": 32, "test_size": 16}},
+                 "train": {**tiny["train"], "epochs": 1}, "measure": {"latency": False}, "name": "given"}
+    assert CliRunner().invoke(app, ["train", str(write_config(workdir, synthetic, "given.yaml"))]).exit_code == 0
+    tiny["data"].update(dataset="cifar10")
+    for dry in ([], ["--dry-run"]):
+        r = CliRunner().invoke(app, ["quantize", str(write_config(workdir, tiny)), "--set",
+                                     "quantize.checkpoint=runs/given/model.pt", *dry])
+        assert r.exit_code == 2 and "cifar10 not found under" in r.output, (dry, r.output)
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["given"]
 
 
 # Wrong version: an image file that is not one (text under a .png name, a file cut short) ending in PIL's

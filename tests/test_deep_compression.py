@@ -259,6 +259,8 @@ def test_each_stage_is_a_command_of_its_own(workdir, tiny):
     assert torch.equal(*(torch.load(io.BytesIO(b), weights_only=True)["state_dict"]["conv1.weight"]
                          for b in (baked, (workdir / "runs/exp-mprune-std-50/model.pt").read_bytes())))
     assert "share of each layer's weights kept" in mp["sections"][0]["title"]
+    res = CliRunner().invoke(app, ["measure", "runs/exp-mprune-std-50"])  # a folder: the network it hands on, baked
+    assert res.exit_code == 2 and "the network it made is runs/exp-mprune-std-50/model.pt" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["weight-share", str(cfg), "--set", "weight_share.checkpoint=runs/exp-mprune-std-50/model.pt"])
     assert res.exit_code == 0, res.output
     assert "stored in" in res.output

@@ -99,6 +99,9 @@ def test_a_pruned_checkpoint_exports_its_pruned_network(workdir, tiny):
 
     res = cli("export", path, "--out", workdir / "out/r20.onnx")  # a config: its training run's model.pt
     assert res.exit_code == 0, res.output
+    res = cli("export", path, "--set", "model.width=8", "--out", workdir / "out/w8.onnx")  # not that config's network
+    assert res.exit_code == 2 and "holds a network made with other settings than this config's: model.width (4 -> 8)" \
+        in " ".join(res.stderr.split()) and not (workdir / "out/w8.onnx").exists(), res.output
     assert (workdir / "out/r20.onnx").is_file() and (workdir / "out/r20.onnx.json").is_file()
 
 

@@ -5,7 +5,9 @@ Wrong versions these tests must catch:
 - more jobs at once than slots, or a job's GPU given to a second job while it runs;
 - jobs started after one failed, or the failure's exit code lost (0, or torchrun's 1 for a user mistake);
 - a line that is not a rescomp command run anyway, or a bad --gpus / --jobs accepted;
-- a misspelt command or option found only when its line runs, after the jobs before it (hours);
+- a misspelt command or option found only when its line runs, after the jobs before it (hours); so too a
+  misspelt --set key, a profile the config lacks, a config file that is not there; but a config an
+  earlier phase writes (runs/<name>/config.yaml) refused before that phase ran;
 - SIGTERM (kill, timeout, a scheduler) ending `rescomp jobs` while its jobs train on, orphaned;
 - --gpus numbers written into a job's CUDA_VISIBLE_DEVICES as they are, when this process already sees
   only some GPUs (--gpus 0,1 under CUDA_VISIBLE_DEVICES=4,5 must run on the machine's 4 and 5).
@@ -148,7 +150,6 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     ("rescomp train {p} --fersh", "line 4: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
     ("rescomp report runs --tabel=t", "line 4: rescomp report has no option '--tabel' (did you mean '--table'?)"),
     ("rescomp train {p} --set train.epoch=1", "line 4: {p}: unknown key 'train.epoch'"),  # a key, read as the run would
-    ("rescomp prune missing.yaml", "line 4: config file 'missing.yaml' not found"),
     ("rescomp train {p} --profile=nope", "line 4: {p}: no profile 'nope'"),
 ])
 def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: Path, tiny: dict, line, message) -> None:
@@ -185,3 +186,12 @@ def test_sigterm_ends_the_running_jobs_too(workdir: Path, tiny: dict, monkeypatc
     assert res.exit_code == 143 and "terminated: run the same command again" in res.output, res.output
     assert len(started) == 2 and all(p.poll() is not None for p in started) and time.monotonic() - t0 < 30
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone with it
+
+
+def test_a_config_is_read_before_any_job_starts_unless_an_earlier_phase_may_write_it(workdir: Path, tiny: dict) -> None:
+    path = write_config(workdir, tiny)
+    text = f"rescomp train {path} --set name=j1\n---\nrescomp quantize runs/j1/config.yaml\n"
+    phases = jobs.parse(text, "jobs.txt", _command_fault)  # runs/j1/config.yaml is the first phase's to write
+    assert [[j.args[0] for j in p] for p in phases] == [["train"], ["quantize"]]
+    with pytest.raises(ConfigError, match="line 1: config file 'runs/j1/config.yaml' not found; .*; nothing was started"):
+        jobs.parse("rescomp quantize runs/j1/config.yaml\n", "jobs.txt", _command_fault)

@@ -678,16 +678,27 @@ def test_quantize_refuses_a_network_trained_with_other_settings(workdir, tiny):
 def test_a_given_checkpoint_is_judged_as_the_network_it_holds(workdir, tiny):
     import re
 
+    tiny["model"] = {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}}
     path = write_config(workdir, {**_quick(tiny), **STAGES["prune"][0], "quantize": {"calibration_images": 16}})
     assert cli("train", path).exit_code == 0
-    for section, command in (("prune", "prune"), ("quantize", "quantize"), ("layer_drop", "layer-drop")):
-        for dry in ([], ["--dry-run"]):
-            res = cli(command, path, "--set", "model.width=8", "--set", f"{section}.checkpoint=runs/exp/model.pt",
-                      "--set", "name=w8", *dry)
-            assert res.exit_code == 2, res.output
-            assert (f"{section}.checkpoint 'runs/exp/model.pt': it holds another network than this config's model: "
-                    f"width 4 (model: says 8)") in " ".join(res.stderr.split()) or section == "layer_drop", res.stderr
+    given = {"prune": "prune", "quantize": "quantize", "layer_drop": "layer-drop"}
+    for sets, named in ((["model.width=8"], "width 4 (here 8)"), (["model.arch=resnet20", "model.depth=null"],
+                                                                 "arch 'cifar_resnet' (here 'resnet20')"),
+                        (["model.separable={mode: depthwise}"], "separable None (here {'mode': 'depthwise'})")):
+        for section, command in given.items():
+            for dry in ([], ["--dry-run"]):
+                res = cli(command, path, *[a for s in sets for a in ("--set", s)],
+                          "--set", f"{section}.checkpoint=runs/exp/model.pt", "--set", "name=other", *dry)
+                assert res.exit_code == 2, res.output
+                assert (f"{section}.checkpoint 'runs/exp/model.pt': it holds another network than this config's "
+                        f"model: {named}") in " ".join(res.stderr.split()), res.stderr
     assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["exp"]
+    # layer-drop's matched baselines get the epochs the given network was trained (1), whatever train.epochs says
+    ld = ("layer-drop", path, "--set", "layer_drop.checkpoint=runs/exp/model.pt", "--set", "name=ld", "--dry-run",
+          "--set", "layer_drop.baselines.scratch=true", "--set", "layer_drop.baselines.epochs=matched")
+    plans = [cli(*ld, *more).stdout for more in ([], ["--set", "train.epochs=7"])]
+    baselines = [[line for line in p.splitlines() if "baseline: regular" in line] for p in plans]
+    assert baselines[0] and baselines[0] == baselines[1], plans
     assert cli("prune", path).exit_code == 0
     pruned = sorted((workdir / "runs/exp-prune-paper-taylor-custom").glob("step*/model.pt"))[-1]
     count = lambda text: int(re.search(r"([\d,]+) prunable filters", text).group(1).replace(",", ""))  # noqa: E731

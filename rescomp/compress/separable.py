@@ -98,7 +98,7 @@ def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optio
     return model, {"mode": cfg.mode, **({"groups": cfg.groups} if cfg.mode == "group" else {}), "replaced": [n for n, _ in targets], "params_before": before, "params_after": after}
 
 
-@register_transform("separable", order=10, empty="give its mode, e.g. `separable: {mode: depthwise}` (spatial, "
+@register_transform("separable", order=10, architecture=True, empty="give its mode, e.g. `separable: {mode: depthwise}` (spatial, "
                    "depthwise or group), or leave separable out")
 def _rebuild(model: nn.Module, value: dict[str, Any]) -> nn.Module:
     return separate(model, value)[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import json
 import os
 import sys
 import warnings
@@ -136,6 +137,10 @@ class SpecTransform:
     # For a key whose value is the user's options: how to write it, said when the value is an empty
     # mapping (`gates: {}`), which would otherwise build the network without the transform, silently.
     empty: Optional[str] = None
+    # Whether the key makes another network the user chose under model: (separable convs), which a
+    # checkpoint given to a stage must match (base_network); not a technique's device a stage may add or
+    # drop (gates) nor a record of what a stage did (pruned shapes, deleted units).
+    architecture: bool = False
 
 
 TRANSFORMS: Registry[SpecTransform] = Registry("spec transform")
@@ -143,12 +148,12 @@ TRANSFORMS: Registry[SpecTransform] = Registry("spec transform")
 TECHNIQUES = "rescomp.compress"
 
 
-def register_transform(key: str, *, order: int, empty: Optional[str] = None) -> Callable:
+def register_transform(key: str, *, order: int, empty: Optional[str] = None, architecture: bool = False) -> Callable:
     """Register `fn(network, value) -> network` as what spec key `key` does to a built network. `empty`:
     for a key the user writes, how to write it, said when the value is `{}` (an empty value of a key
     rescomp records, `deleted: []`, changes nothing)."""
     def add(fn: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
-        TRANSFORMS.register(key)(SpecTransform(fn, order, empty))
+        TRANSFORMS.register(key)(SpecTransform(fn, order, empty, architecture))
         return fn
 
     return add
@@ -216,13 +221,17 @@ def probe(spec: dict[str, Any], image_size: int) -> None:
 
 
 def base_network(spec: dict[str, Any]) -> dict[str, Any]:
-    """The builder's network a spec starts from: its arch and every builder argument, defaults filled in;
-    without the structural transforms (gates, shapes, deleted, ...), num_classes, or `pretrained` (how
-    the weights began, not which network they are)."""
+    """The network a user's `model:` section names: its arch, every builder argument (defaults filled in)
+    and the transforms that make another architecture (separable); without a technique's devices and what
+    stages record (gates, shapes, deleted units, masks, codes), num_classes, or `pretrained` (how the
+    weights began, not which network they are). Values in JSON's terms, so a tuple default equals the list
+    a config gives."""
     params = inspect.signature(get_entry(spec["arch"]).builder).parameters
     args = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     args.update({k: v for k, v in spec.items() if k in params})
-    return {"arch": spec["arch"], **{k: v for k, v in args.items() if k not in ("num_classes", "pretrained")}}
+    written = {k: spec[k] for k in transform_keys() if TRANSFORMS.get(k).architecture and spec.get(k)}
+    base = {"arch": spec["arch"], **{k: v for k, v in args.items() if k not in ("num_classes", "pretrained")}, **written}
+    return json.loads(json.dumps(base, default=repr))
 
 
 def _args(spec: dict[str, Any]) -> str:
