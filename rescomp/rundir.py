@@ -45,12 +45,7 @@ def other_settings(run_dir: Path, cfg: ExperimentConfig, section: Optional[str] 
     what decides the stage's result (the training sections and the stage's own `section`), and how it
     was measured and labelled. A finished run is returned only if all of it is unchanged, so no
     setting ever comes back with an old result."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return []
-    sections = ((section,) if section else ()) + ("measure", "report")
-    old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
-    return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
+    return trained_otherwise(run_dir, cfg, *((section,) if section else ()), "measure", "report")
 
 
 def trained_otherwise(run_dir: Path, cfg: ExperimentConfig, *sections: str) -> list[str]:

@@ -76,11 +76,8 @@ def paper_costs(model: torch.nn.Module, cfg: ExperimentConfig) -> dict[str, Any]
 
 def body(run: StageRun) -> dict[str, Any]:
     cfg, ctx, pc, size = run.cfg, run.ctx, run.cfg.prune, run.cfg.data.image_size
-    _, base_prunable = run.checked
+    _, base_prunable = run.checked  # counted on the network it starts from (check reads a given checkpoint's)
     model = run.model
-    if pc.checkpoint:  # another network than the config's (a chain's, a shortened one): shares count its filters
-        example = torch.zeros(1, 3, size, size)
-        base_prunable = prunable_filters(channel_groups(model, example, pc.exclude, pc.policy))
     loaders = run.loaders
     scoring = sample_loader(run.splits, cfg.data, pc.score_batches * cfg.train.batch_size, cfg.seed, ctx.device,
                             batch_size=cfg.train.batch_size)
