@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -31,6 +32,27 @@ def folder_name(v: str) -> str:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: Any) -> Any:
+        """true/false where a count or a number goes (`train.epochs: true`) is a mistake, not 1 or 0 as
+        pydantic would take it; a key that takes either (a bool or a number) takes it as given."""
+        if isinstance(v, bool) and info.field_name:
+            kinds = _kinds(cls.model_fields[info.field_name].annotation)
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError("a number, not true/false")
+        return v
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits: Optional[int] -> {int, NoneType}; Literal values' types."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return {type(a) for a in args}
+    if not args:
+        return {annotation}
+    return set().union(*(_kinds(a) for a in args)) if get_origin(annotation) in (Union, UnionType) else {annotation}
 
 
 class Rooted(Strict):

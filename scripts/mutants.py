@@ -640,6 +640,8 @@ M = [
  ('jobs-later-phase-config-refused', 'rescomp/cli.py', '    if config is not None and (first or Path(config).exists()):', '    if config is not None and True:', 'tests/test_jobs.py::test_a_config_is_read_before_any_job_starts_unless_an_earlier_phase_may_write_it'),
  ('dry-run-data-only-when-training', 'rescomp/plan.py', '    _data(cfg)  # after the network it is given', '    pass  # after the network it is given', 'tests/test_data.py::test_cli_missing_data_exits_2_with_one_line'),
  ('run-folder-hint-masked-steps', 'rescomp/config.py', '                f"the network it made is {path / \'model.pt\'}" if steps and (path / "model.pt").is_file() else', '', 'tests/test_deep_compression.py::test_each_stage_is_a_command_of_its_own'),
+ ('bool-taken-as-a-number', 'rescomp/config.py', '        if isinstance(v, bool) and info.field_name:', '        if False and info.field_name:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
+ ('bool-refused-where-a-key-takes-one', 'rescomp/config.py', '            if kinds & {int, float} and bool not in kinds:', '            if kinds & {int, float, bool}:', 'tests/test_config.py::test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

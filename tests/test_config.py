@@ -32,6 +32,10 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     ("train.early_stopping.patience=3", r"needs data.val_fraction > 0"),
     ("train.epochs", r"expected dotted.key=value"),
     ("image_size=8", r"unknown key 'image_size' \(did you mean 'data.image_size'\?\)"),
+    # true/false where a number goes: pydantic would take it as 1 or 0 (1 epoch, 1 training image)
+    ("train.epochs=true", r"train.epochs: a number, not true/false \(got True\)"),
+    ("data.train_limit=true", r"data.train_limit: a number, not true/false"),
+    ("train.optimizer.lr=false", r"train.optimizer.lr: a number, not true/false"),
     ("lr=0.1", r"unknown key 'lr' \(did you mean one of 'train.optimizer.lr', 'quantize.qat.lr'\?\)"),
     ("=3", r"--set '=3': expected dotted.key=value"),
     ("prune.epochs=3", r"unknown key 'prune.epochs' \(did you mean 'prune.finetune_epochs'\?\)"),  # not train.epochs
@@ -139,3 +143,9 @@ def test_extends_and_profiles(tmp_path, tiny):
             load_config(tmp_path / "bad.yaml", profile="x")
     write_config(tmp_path, {**tiny, "extends": None, "profiles": {"x": None}}, "empty.yaml")  # nothing to add
     assert load_config(tmp_path / "empty.yaml", profile="x").profile == "x"
+
+
+def test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool(tmp_path, tiny):
+    cfg = load_config(write_config(tmp_path, tiny), ["data.download=false", "quantize.reduce_range=true",
+                                                      "measure.latency=false", "train.compile=true"])
+    assert (cfg.data.download, cfg.quantize.reduce_range, cfg.measure.latency, cfg.train.compile) == (False, True, False, True)
