@@ -73,7 +73,7 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
         traits = traits_of({"arch": stage_config(cfg, first).model.spec(cfg.data.num_classes)})
     else:  # a chain that starts later starts from that stage's checkpoint, or from the config's trained network
         own = getattr(stage_config(cfg, first), first.stage.section).checkpoint
-        traits = traits_of(checkpoint.load(cfg.at(own))) if own and cfg.at(own).is_file() else \
+        traits = traits_of(checkpoint.load(cfg.at(own), mmap=True)) if own and cfg.at(own).is_file() else \
             traits_of({"arch": cfg.model.spec(cfg.data.num_classes)})
     out = []
     for i, step in enumerate(chain):

@@ -102,7 +102,10 @@ def _on_cpu(obj: Any) -> Any:
     return obj
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A rescomp checkpoint's payload, or CheckpointError saying why the file is not one. `mmap`: its
+    tensors memory-mapped, not read, for a caller that needs only its spec, config, metrics or kind (a
+    network may be hundreds of MB); a file that cannot be mapped is read whole."""
     path = Path(path)
     if path.is_dir():
         inside = next((path / f for f in ("model.pt", "int8.pt") if (path / f).is_file()), None)
@@ -112,8 +115,10 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' not found; pass a model.pt that rescomp wrote "
                               f"(runs/<name>/model.pt), or make it first")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
+        if mmap:  # torch maps only its zip format: read it whole, or say why not
+            return load(path)
         raise CheckpointError(
             f"checkpoint '{path}' is truncated or corrupt, or no PyTorch file ({type(e).__name__}); pass a model.pt "
             f"that rescomp wrote, or, if it is a run's own checkpoint, delete it or re-run with --fresh"
@@ -126,14 +131,11 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def peek(path: str | Path) -> Optional[dict[str, Any]]:
-    """A rescomp checkpoint's payload with its tensors memory-mapped, not read (a stage's checks need the
-    spec and config of a network that may be hundreds of MB); None where the file is not one (`load`
-    says why)."""
+    """`load(path, mmap=True)`, or None where the file is not a rescomp checkpoint (`load` says why)."""
     try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        return load(path, mmap=True)
+    except CheckpointError:
         return None
-    return payload if isinstance(payload, dict) and payload.get("format") == FORMAT else None
 
 
 def network_digest(path: str | Path) -> str:

@@ -145,7 +145,7 @@ def _kept_gated(run_dir: Path) -> Optional[bool]:
     stopped in) are gated: pruning keeps a network's gates in its spec. None where none can be read."""
     for p in sorted(run_dir.rglob("*.pt")):
         try:
-            spec = checkpoint.load(p).get("arch")
+            spec = checkpoint.load(p, mmap=True).get("arch")
         except CheckpointError:
             continue
         if isinstance(spec, dict):

@@ -99,7 +99,7 @@ class Stage:
         read = self.check_input(cfg) if self.check_input is not None else None
         path = getattr(getattr(cfg, self.section, None), "checkpoint", None)
         if path:
-            payload = read if read is not None else checkpoint.load(cfg.at(path))
+            payload = read if read is not None else checkpoint.load(cfg.at(path), mmap=True)
             why = self.refuses(traits_of(payload)) or other_classes(payload, cfg) or other_network(payload, cfg)
             if why:
                 raise CheckpointError(f"{self.section}.checkpoint '{path}': {why}")

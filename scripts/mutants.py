@@ -642,6 +642,7 @@ M = [
  ('run-folder-hint-masked-steps', 'rescomp/config.py', '                f"the network it made is {path / \'model.pt\'}" if steps and (path / "model.pt").is_file() else', '', 'tests/test_deep_compression.py::test_each_stage_is_a_command_of_its_own'),
  ('bool-taken-as-a-number', 'rescomp/config.py', '        if isinstance(v, bool) and info.field_name:', '        if False and info.field_name:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('bool-refused-where-a-key-takes-one', 'rescomp/config.py', '            if kinds & {int, float} and bool not in kinds:', '            if kinds & {int, float, bool}:', 'tests/test_config.py::test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool'),
+ ('header-read-refuses-legacy', 'rescomp/checkpoint.py', '        if mmap:  # torch maps only its zip format: read it whole, or say why not\n            return load(path)\n', '', 'tests/test_checkpoint.py::test_a_header_read_takes_what_load_takes_and_refuses_what_it_refuses'),
 ]
 only = set(sys.argv[1:])
 survived = stale = 0

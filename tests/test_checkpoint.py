@@ -51,8 +51,29 @@ def test_unreadable_checkpoints_are_named(tmp_path, content, message):
     path = tmp_path / "c.pt"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=message):
-        checkpoint.load(path)
+    for mmap in (False, True):  # a check that reads only the header says the same
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load(path, mmap=mmap)
+    assert checkpoint.peek(path) is None
+
+
+def test_a_header_read_takes_what_load_takes_and_refuses_what_it_refuses(tmp_path):
+    """Wrong versions: a checkpoint in torch's legacy (non-zip) format, which torch cannot memory-map,
+    refused as corrupt by a check the run would pass; a header read that takes what load refuses (a newer
+    format). (That the tensors are mapped, not read, is a cost, not a result: no test here.)"""
+    path = tmp_path / "c.pt"
+    state = build_model(SPEC).state_dict()
+    checkpoint.save(path, {"arch": SPEC, "state_dict": state, "metrics": {"top1": 1.0}})
+    head = checkpoint.load(path, mmap=True)
+    assert head["arch"] == SPEC and head["metrics"] == {"top1": 1.0}
+    assert all(torch.equal(head["state_dict"][k], v) for k, v in state.items())
+    legacy = {**checkpoint.load(path), "arch": SPEC}
+    torch.save(legacy, path, _use_new_zipfile_serialization=False)
+    assert checkpoint.load(path, mmap=True)["arch"] == SPEC == checkpoint.peek(path)["arch"]
+    version = {**legacy, "version": checkpoint.VERSION + 1}  # the header read refuses what load refuses
+    torch.save(version, path)
+    with pytest.raises(CheckpointError, match="newer rescomp"):
+        checkpoint.load(path, mmap=True)
 
 
 def test_truncated_checkpoint_and_foreign_file(tmp_path):

@@ -67,7 +67,7 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
     if ld.stop_on != "val" or not ld.checkpoint:
         return None
     given = cfg.at(ld.checkpoint)
-    payload = checkpoint.load(given)
+    payload = checkpoint.load(given, mmap=True)
     ours = split_of(cfg.to_dict())
     chain = lineage(given)
     if chain is None:
@@ -76,7 +76,7 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
                           f"under this config's data and seed in this project, or use stop_on: test")
     for p in chain:
         try:
-            theirs = split_of((payload if p == given else checkpoint.load(p)).get("config") or {})
+            theirs = split_of((payload if p == given else checkpoint.load(p, mmap=True)).get("config") or {})
         except CheckpointError as e:  # an ancestor gone or broken since
             raise ConfigError(f"layer_drop.stop_on=val: cannot read '{p}', which '{ld.checkpoint}' was made from, "
                               f"to see whether it learned the validation images ({e}); use stop_on: test") from None
@@ -225,7 +225,7 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: di
     if b.structure == "regular":
         nets = [(f"regular-{d}", s, None) for d, s in family.items() if not b.depths or d in b.depths]
     else:  # the same structure as each step's network, plain x + F(x)
-        arch = lambda r: checkpoint.load(out / f"step{r['step']:02d}" / "model.pt")["arch"]  # noqa: E731
+        arch = lambda r: checkpoint.load(out / f"step{r['step']:02d}" / "model.pt", mmap=True)["arch"]  # noqa: E731
         nets = [(str(r["layers"]), {k: v for k, v in arch(r).items() if k != "gates"}, r["step"]) for r in steps]
     teacher = distillation(copy.deepcopy(full).to(ctx.device), b.temperature, b.alpha) if b.distill else None
     units = len(residual_units(full))

@@ -46,7 +46,7 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
                           f"{', '.join(changed)}; train this config first (`rescomp train` with the same settings, "
                           f"--set name=<new name> to keep both), or set quantize.checkpoint={path} to quantize "
                           f"that network as it is")
-    payload = checkpoint.load(path)
+    payload = checkpoint.load(path, mmap=True)  # its metrics, and its spec for check_source
     if not payload.get("metrics"):
         raise ConfigError(f"'{path}' holds no evaluation metrics, so it is not a trained model; quantize the "
                           f"model.pt that `rescomp train` writes at the end of a run")
