@@ -27,7 +27,7 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, deep_merge, validate
 from rescomp.errors import ConfigError
-from rescomp.rundir import read_summary, run_folder
+from rescomp.rundir import TRAIN_FRESH, read_summary, run_folder
 from rescomp.runner import Stage, execute, stage, traits_of
 
 
@@ -106,7 +106,7 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
         suffix = step.stage.suffix(scfg)
         first_done = i == 0 and (run_folder(scfg, suffix) / "summary.json").is_file() and not fresh
         if i == 0 and step.stage.start is None and not getattr(scfg, step.stage.section).checkpoint and not first_done:
-            trained, state = folder_state(scfg, refused)  # its input is the config's training run, made first
+            trained, state = folder_state(scfg, refused, redo=TRAIN_FRESH)  # its input is the config's training run, made first
             lines.append(f"0. {'train':<10} -> {trained}: {state}")
         if i and source is None and not fresh:
             folder, state = run_folder(scfg, suffix), f"judged when stage {i} ({before}) is complete"

@@ -23,6 +23,7 @@ from rescomp.checkpoint import write_files
 from rescomp.config import MagnitudePruneConfig, QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
+from rescomp.plots import caption, curve_style, png, pyplot, set_title
 from rescomp.report import finite, noisy, placed
 
 RUNTIMES = {column: runtime for runtime, column in RUNTIME_COLUMN.items()}  # latency_ms_<column>_b1 -> runtime
@@ -168,22 +169,18 @@ def markdown(table: str, pts: list[dict[str, Any]], plot: Optional[str], notes: 
 
 
 def plot(table: str, pts: list[dict[str, Any]]) -> Optional[bytes]:
-    from rescomp.report import _png
-
     fig = plot_figure(table, pts)
-    return None if fig is None else _png(fig)
+    return None if fig is None else png(fig)
 
 
 def plot_figure(table: str, pts: list[dict[str, Any]]):
     """Top-1 against MACs, bytes and latency: every point numbered as in the table and coloured by
     chain (an int8 one hollow), the Pareto front of each cost drawn through its points; None where no
     cost has a value."""
-    from rescomp.report import _pyplot, _style, _title, caption
-
     panels = [c for c in COSTS if any(finite(p.get(c[0])) for p in pts)]
     if not panels:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     chains = list(dict.fromkeys(p["chain"] for p in pts))
     handles = {}
@@ -191,8 +188,8 @@ def plot_figure(table: str, pts: list[dict[str, Any]]):
         for n, p in enumerate(pts, 1):
             if not placed(p, cost):
                 continue
-            style = _style(chains.index(p["chain"]))  # int8 hollow: its fp32 network's point shows beneath it
-            (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6, **style,
+            look = curve_style(chains.index(p["chain"]))  # int8 hollow: its fp32 network's point shows beneath it
+            (h,) = ax.plot([p[cost] * scale], [p["top1"]], linestyle="none", markersize=6, **look,
                            **({"markerfacecolor": "none"} if p.get("stage") in INT8 else {}))
             handles.setdefault(p["chain"], h)
             ax.annotate(str(n), (p[cost] * scale, p["top1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
@@ -208,7 +205,7 @@ def plot_figure(table: str, pts: list[dict[str, Any]]):
     fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
                frameon=False, title="chain (numbers: rows of compare.md;\nhollow: int8)",
                title_fontsize=8)
-    _title(fig, f"{table}: top-1 against cost, Pareto front ringed and joined in black", caption(pts, latency=True))
+    set_title(fig, f"{table}: top-1 against cost, Pareto front ringed and joined in black", caption(pts, latency=True))
     return fig
 
 
@@ -265,12 +262,12 @@ def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional
     atomically, as rescomp.report.write_table does: a failure leaves the old files."""
     from rescomp.report import csv_text
 
-    png = plot(table, pts)
-    files = {"compare.md": markdown(table, pts, "pareto.png" if png is not None else None, notes).encode(),
+    image = plot(table, pts)
+    files = {"compare.md": markdown(table, pts, "pareto.png" if image is not None else None, notes).encode(),
              "compare.csv": csv_text(pts, list(dict.fromkeys(k for p in pts for k in p))).encode(),
-             "compare.json": json.dumps(pts, indent=2).encode(), "pareto.png": png}
+             "compare.json": json.dumps(pts, indent=2).encode(), "pareto.png": image}
     out = out_root / table
     write_files(out, {name: blob for name, blob in files.items() if blob is not None})
-    if png is None:
+    if image is None:
         (out / "pareto.png").unlink(missing_ok=True)  # an earlier comparison's plot, which these points do not make
     return out

@@ -15,17 +15,17 @@ from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
 from rescomp.errors import ConfigError
-from rescomp.rundir import read_summary, refusal, resumable, run_folder
+from rescomp.rundir import FRESH, TRAIN_FRESH, read_summary, refusal, resumable, run_folder
 from rescomp.runner import model_spec
 
 
 def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", section: Optional[str] = None,
-                 fresh: bool = False) -> tuple[Path, str]:
+                 fresh: bool = False, redo: str = FRESH) -> tuple[Path, str]:
     """The run folder a command would use and what it would do there, read-only (rundir.claim). Where
     the command would refuse it, why goes into `refused` too, which makes the dry run exit 2."""
     run_dir = run_folder(cfg, suffix)
     check_writable(cfg.runs_dir, "out_dir")
-    if why := refusal(cfg, fresh, suffix, section):
+    if why := refusal(cfg, fresh, suffix, section, redo):
         refused.append(why)
         return run_dir, "refused (below)"
     if not run_dir.exists() or not resumable(run_dir):
@@ -38,7 +38,7 @@ def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", se
         except ConfigError as e:  # the run would refuse it
             refused.append(str(e))
             return run_dir, "refused (below)"
-        return run_dir, "complete: nothing to run (--fresh redoes it)"
+        return run_dir, f"complete: nothing to run ({redo} redoes it)"
     history = run_dir / "metrics.jsonl"
     done = len(history.read_text().splitlines()) if history.is_file() else 0
     steps = sorted(p.parent.name for p in run_dir.rglob("row.json"))
@@ -61,13 +61,13 @@ def _data(cfg: ExperimentConfig) -> str:
     return where + (f" ({limits})" if limits else "") + f", {d.image_size}x{d.image_size} px"
 
 
-def _train_lines(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> list[str]:
+def _train_lines(cfg: ExperimentConfig, refused: list[str], fresh: bool = False, redo: str = FRESH) -> list[str]:
     """The training run's plan, after train's own checks (the model, a distillation teacher that loads):
     a later stage without a checkpoint trains first."""
     from rescomp.stages.train import check
 
     check(cfg)
-    run_dir, state = folder_state(cfg, refused, fresh=fresh)
+    run_dir, state = folder_state(cfg, refused, fresh=fresh, redo=redo)
     t = cfg.train
     return [f"train   {run_dir}: {state}",
             f"        {cfg.model.arch} on {_data(cfg)}; device {resolve_device(cfg.device)}, seed {cfg.seed}",
@@ -109,7 +109,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
 
         pc = cfg.prune
         _, prunable = check(cfg)
-        lines = [] if pc.checkpoint else _train_lines(cfg, refused)
+        lines = [] if pc.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)
         run_dir, state = folder_state(cfg, refused, suffix(cfg), "prune", fresh)
         lines += [f"prune   {run_dir}: {state}",
                   f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
@@ -131,7 +131,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         deletable = sum(u.deletable for u in residual_units(build_model(spec)))
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
-        lines = [] if ld.checkpoint else _train_lines(cfg, refused)
+        lines = [] if ld.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)
         run_dir, state = folder_state(cfg, refused, suffix(cfg), "layer_drop", fresh)
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
@@ -159,7 +159,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
     if command in ("magnitude-prune", "weight-share", "binarize"):
         st.check(cfg)
         section = getattr(cfg, st.section)
-        lines = [] if section.checkpoint else _train_lines(cfg, refused)
+        lines = [] if section.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)
         run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
         shown = lambda k, v: f"{cfg.train.optimizer.lr / 10:g} (train lr / 10)" if k == "finetune_lr" and v is None else v  # noqa: E731
         settings = ", ".join(f"{k} {shown(k, v)}" for k, v in section.model_dump().items() if k != "checkpoint")

@@ -272,7 +272,7 @@ TIMINGS = LATENCY + ("forward_ms_b", "backward_ms_b")
 TIMED = "_timed"  # a flat row's timing mark (not a column)
 
 
-def _timing(row: dict[str, Any]) -> Optional[tuple[str, str]]:
+def timing_of(row: dict[str, Any]) -> Optional[tuple[str, str]]:
     """The run a row's latencies were timed in, as far as a row says: (the CPU with the threads they were
     pinned to, commit); None for a row without any. A row measured before `latency_device` was recorded
     names its run's device, whose threads were the latencies' in every committed table."""
@@ -284,16 +284,16 @@ def _timing(row: dict[str, Any]) -> Optional[tuple[str, str]]:
 def timed_runs(rows: list[dict[str, Any]]) -> set[Any]:
     """The runs (each its own process) that timed these rows: a table's rows name theirs, compare's points
     their `run`."""
-    return {r.get("name") or r.get("run") for r in rows if _timing(r) is not None}
+    return {r.get("name") or r.get("run") for r in rows if timing_of(r) is not None}
 
 
 def timing_marks(rows: list[dict[str, Any]]) -> list[str]:
     """Each row's mark (a, b, ...) of the run its latencies were timed in, '' for all where they were timed
     in one (or none): a run is a device (threads included) at a commit."""
-    runs = list(dict.fromkeys(t for t in map(_timing, rows) if t is not None))
+    runs = list(dict.fromkeys(t for t in map(timing_of, rows) if t is not None))
     if len(runs) < 2:
         return [""] * len(rows)
-    return ["" if _timing(r) is None else _letter(runs.index(_timing(r))) for r in rows]
+    return ["" if timing_of(r) is None else _letter(runs.index(timing_of(r))) for r in rows]
 
 
 def _letter(i: int) -> str:
@@ -336,7 +336,7 @@ def footnote(keys: list[str], marks: list[str], rows: list[dict[str, Any]]) -> l
                     "latency from that process is in table.json, not in this table, and may differ from its own "
                     "row's, timed in another process")
     lines = [_wrap("; ".join(said) + ".")] if said else []
-    runs = list(dict.fromkeys((m, _timing(r)) for m, r in zip(marks, rows) if m))
+    runs = list(dict.fromkeys((m, timing_of(r)) for m, r in zip(marks, rows) if m))
     if not runs and len(timed_runs(rows)) > 1:
         lines += ["", _wrap("The latencies were timed on one device at one commit, but in separate processes (one "
                             "per run), minutes apart, so they differ by the machine's drift too; only a speed-up "
@@ -465,90 +465,6 @@ def csv_text(rows: list[dict[str, Any]], keys: list[str]) -> str:
     return buf.getvalue()
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")  # the legend beside the axes included
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _span(values: list[Any], what: str) -> str | None:
-    vals = sorted({v for v in values if finite(v)})
-    if not vals:
-        return None
-    fmt = lambda v: f"{v:,g}" if isinstance(v, float) else f"{v:,}"  # noqa: E731
-    return f"{what} {fmt(vals[0])}" if len(vals) == 1 else f"{what} {fmt(vals[0])}–{fmt(vals[-1])}"
-
-
-def caption(rows: list[dict[str, Any]], latency: bool = False) -> str:
-    """What data and budget made these rows, for a plot's subtitle: dataset, images, profile, epochs,
-    seeds, and the device for latencies."""
-    one = lambda k: sorted({str(r[k]) for r in rows if r.get(k) is not None})  # noqa: E731
-    data = ", ".join(one("dataset")) or "?"
-    train, test = _span([r.get("train_images") for r in rows], ""), _span([r.get("test_images") for r in rows], "")
-    if train and test:
-        data += f" ({train.strip()} training / {test.strip()} test images)"
-    if one("profile"):
-        data += f", profile {', '.join(one('profile'))}"
-    budget = [b for b in (_span([r.get("epochs") for r in rows if r.get("stage", "train") in ("train", "layerdrop")], "epochs"),
-                          _span([r.get("finetune_epochs_total") for r in rows], "fine-tune epochs")) if b]
-    seeds = sorted({str(r.get("seed")) for r in rows if r.get("seed") is not None})
-    parts = [data, ", ".join(budget) or None, (f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(seeds)}") if seeds else None]
-    line = "; ".join(p for p in parts if p)
-    targets = lambda r: [t for t in r.get("plan") or [] if isinstance(t, dict) and t.get("target") is not None]  # noqa: E731
-    if any(len(targets(r)) > 1 for r in rows):
-        line += "\neach target share is pruned on its own from the network the run starts from: a curve joins separate prunes"
-    timed = sorted({t[0] for t in map(_timing, rows) if t is not None})
-    if latency and timed:
-        line += "\nlatency on " + "; ".join(timed)
-        sessions = len({m for m in timing_marks(rows) if m})
-        if sessions:
-            line += f"; timed in {sessions} sessions (marked in table.md): latencies of two do not compare"
-        if len(timed_runs(rows)) > 1:
-            line += (", and" if sessions else ";") + (" each run timed in its own process, minutes apart: two runs' "
-                                                      "latencies differ by the machine's drift too")
-    return line
-
-
-def _title(fig, title: str, subtitle: str) -> None:
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=9, y=1.0, va="bottom")
-
-
-def _curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """The rows of each curve: a series of one run (its seeds merged), named by the series, prefixed by the
-    architecture where the rows' architectures differ and followed by the run where several runs give the
-    series (never one line through several runs' networks); a row outside any series is its own point."""
-    arch = lambda r: r["arch"].get("arch") if isinstance(r.get("arch"), dict) else r.get("arch")  # noqa: E731
-    several = len({str(arch(r)) for r in rows}) > 1
-    keyed: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        name = (f"{arch(r)}: {r['series']}" if several else str(r["series"])) if r.get("series") else str(r.get("row"))
-        keyed.setdefault((name, experiment(r)), []).append(r)
-    shared = [name for name, _ in keyed]
-    return {(name if shared.count(name) == 1 else f"{name} ({run})"): curve for (name, run), curve in keyed.items()}
-
-
-def _style(i: int) -> dict[str, Any]:
-    """The i-th curve's colour and marker: tab20's 20 colours (its 10 strong ones first, then their light
-    pairs, so that neighbours differ), then the next marker."""
-    import matplotlib
-
-    tab20 = matplotlib.colormaps["tab20"].colors
-    palette = tab20[0::2] + tab20[1::2]
-    return {"color": palette[i % 20], "marker": "osD^vP*Xph"[(i // 20) % 10]}
-
-
 def finite(v: Any) -> bool:
     """A number that can be plotted or ranked: not None, a bool, NaN or infinite."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -567,109 +483,12 @@ def placed(row: dict[str, Any], key: str) -> bool:
     return finite(row.get(key)) and finite(row.get("top1")) and not noisy(row, key)
 
 
-def plot_curves(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
-                latency: bool = False, curves: Optional[dict[str, list[dict[str, Any]]]] = None,
-                log_x: bool = False) -> bytes | None:
-    fig = curves_figure(rows, panels, title, latency, curves, log_x)
-    return None if fig is None else _png(fig)
-
-
-def curves_figure(rows: list[dict[str, Any]], panels: list[tuple[str, str, float, bool]], title: str,
-                  latency: bool = False, curves: Optional[dict[str, list[dict[str, Any]]]] = None,
-                  log_x: bool = False):
-    """Top-1 against each panel's x column (key, axis label, scale, inverted), one curve (or point) per
-    _curves entry (or per given `curves`), its name in one legend beside the axes: no labels on the points
-    to collide, and a legend entry only for a curve with a point. None where no panel has a point."""
-    # a panel with any value stays, even where every one is left out (its label then says why it is empty)
-    panels = [p for p in panels if any(finite(r.get(p[0])) and finite(r.get("top1")) for r in rows)]
-    if not panels:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    handles = {}
-    for i, (name, curve) in enumerate((curves if curves is not None else _curves(rows)).items()):
-        for ax, (key, _, scale, _) in zip(axes[0], panels):
-            # in the rows' own order (steps, targets, depths), not sorted by x: a curve is a path. Latencies
-            # are points, not joined: one that does not fall at every step would read as a trend
-            pts = [(r[key] * scale, r["top1"]) for r in curve if placed(r, key)]
-            if pts:
-                joined = len(pts) > 1 and not key.startswith("latency_ms_")
-                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if joined else "none",
-                                  markersize=5, **_style(i))
-                handles.setdefault(name, line)
-    for ax, (key, label, _, invert) in zip(axes[0], panels):
-        on, left_out = sum(placed(r, key) for r in rows), sum(noisy(r, key) for r in rows)
-        if on < len(rows):  # a panel that leaves rows out says how many, and why
-            why = [f"{on} of {len(rows)} rows"] + ([f"{left_out} left out: spread > latency"] if left_out else [])
-            label += "\n" + "; ".join(why)
-        ax.set_xlabel(label + (" (decreasing →)" if invert else ""))
-        ax.set_ylabel("top-1 %")
-        ax.grid(alpha=0.3)
-        if log_x:
-            ax.set_xscale("log")
-        if invert:
-            ax.invert_xaxis()
-    fig.tight_layout()
-    fig.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
-               frameon=False)
-    _title(fig, title, caption(rows, latency))
-    return fig
-
-
-def storage_curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Deep Compression's curves: the rows of each `storage_curve` (a network's pruning steps, then its
-    shared and Huffman-coded file), in the rows' order, each at the bytes it is stored in."""
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("storage_curve") and r.get("stored_bytes"):
-            curves.setdefault(r["storage_curve"], []).append(r)
-    return curves
-
-
-# MACs, then batch-1 latency on each runtime that timed a row (its own panel: one runtime's milliseconds
-# are not another's, and each row is timed on the runtimes it runs on)
-COST_PANELS = [("macs", "MACs (M)", 1e-6, False)] + [
-    (f"latency_ms_{column}_b1", f"{header.removesuffix(' ms')} CPU latency, batch 1 (ms)", 1, False)
-    for column, header in RUNTIME_HEADERS.items()]
-SERIES_PLOTS = {  # file: (x column, axis label, scale, smaller x is further along)
-    "accuracy_vs_layers.png": ("layers", "layers", 1, True),
-    "accuracy_vs_share.png": ("share", "target share of prunable filters (%)", 100, False),
-    "accuracy_vs_macs.png": ("macs", "MACs (M)", 1e-6, True),
-}
-
-
-def plot_gates_png(stats: dict[str, Any], title: str, subtitle: str) -> bytes:
-    """The learned w of the full network: histogram (paper, Figure 6) and |w| vs output norm (Figure 5)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    w = list(stats["gates"].values())
-    axes[0].hist(w, bins=20)
-    axes[0].set_xlabel("learned w")
-    axes[0].set_ylabel("units")
-    names = list(stats["gates"])
-    axes[1].scatter([abs(stats["gates"][n]) for n in names], [stats["output_norm"][n] for n in names])
-    axes[1].set_xlabel("|w|")
-    axes[1].set_ylabel("mean L2 norm of w·F(x)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _title(fig, title, subtitle)
-    return _png(fig)
-
-
 def sections(summaries: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The runs' own sections of the table (title, Markdown), a title that several runs give suffixed with
     the run's name."""
     titles = [sec["title"] for s in summaries for sec in s.get("sections", [])]
     return [{"title": sec["title"] if titles.count(sec["title"]) == 1 else f"{sec['title']} — {s.get('name')}",
              "markdown": sec["markdown"]} for s in summaries for sec in s.get("sections", [])]
-
-
-def gates_plots(summaries: list[dict[str, Any]], table: str) -> list[dict[str, Any]]:
-    """The learned-gates plots of the runs (one per trained network they start from): statistics, title, caption."""
-    unique = {json.dumps(s["full_stats"], sort_keys=True): s for s in summaries if s.get("full_stats")}
-    return [{"full_stats": s["full_stats"], "title": f"{table}: learned gates w of the full network ({s.get('arch')})",
-             "caption": caption([{**s, "stage": "train", "epochs": s.get("full_epochs")}])} for s in unique.values()]
 
 
 # The headings a table.md gives its own parts; any other is a run's section (a table.json made before
@@ -705,6 +524,8 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
     """Render every file in memory first, then write each atomically: a failure leaves the old table. The
     runs' sections and gates plots come from their `summaries`, or, rendering a table again, as `kept`
     (rendered_table)."""
+    from rescomp.plots import gates_plots, plot_files  # plots reads this module's row helpers
+
     rows = aggregate_seeds(rows)
     if baseline:
         rows = add_compression(rows, baseline)
@@ -716,20 +537,8 @@ def write_table(table: str, rows: list[dict[str, Any]], out_root: Path = Path("r
         "table.csv": to_csv(rows).encode(),
         "table.json": json.dumps({"table": table, "rows": rows, "sections": secs,
                                   **({} if keep_gates else {"gates": gates})}, indent=2).encode(),
-        "accuracy_vs_cost.png": plot_curves(rows, COST_PANELS, f"{table}: top-1 against MACs and CPU latency",
-                                            latency=True),
     }
-    storage = storage_curves(rows)
-    if storage:
-        files["accuracy_vs_storage.png"] = plot_curves(
-            rows, [("stored_bytes", "bytes stored (kB, log scale)", 1e-3, True)],
-            f"{table}: top-1 against the bytes each network is stored in", curves=storage, log_x=True)
-    for name, (x, label, scale, invert) in SERIES_PLOTS.items():
-        if any("series" in r and r.get(x) is not None for r in rows) and (x != "macs" or any("share" in r for r in rows)):
-            files[name] = plot_curves([r for r in rows if "series" in r], [(x, label, scale, invert)],
-                                      f"{table}: top-1 against {label.split(' (')[0]}")
-    for i, g in enumerate(gates):  # runs that start from one trained network share one plot
-        files[f"gates{i or ''}.png"] = plot_gates_png(g["full_stats"], g["title"], g["caption"])
+    files.update(plot_files(table, rows, gates))
     files = {name: blob for name, blob in files.items() if blob is not None}
     final = out_root / table
     write_files(final, files)

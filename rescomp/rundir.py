@@ -209,8 +209,18 @@ def made_from(run_dir: Path) -> dict[str, Any]:
     return json.loads(rec.read_text()) if rec.is_file() else {}
 
 
+# What redoes a run, in the advice of a refusal or a finished run's log line: the command's own --fresh,
+# except for the training run a later stage starts from, which that stage's --fresh (and a chain's) keeps.
+FRESH, TRAIN_FRESH = "--fresh", "`rescomp train --fresh`"
+
+
+def rerun(redo: str) -> str:
+    """'re-run with --fresh', or 'run `rescomp train --fresh`' for the training run behind a later stage."""
+    return "re-run with --fresh" if redo == FRESH else f"run {redo}"
+
+
 def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section: Optional[str],
-                spec: Optional[dict[str, Any]] = None) -> dict[str, str]:
+                spec: Optional[dict[str, Any]] = None, redo: str = FRESH) -> dict[str, str]:
     """Record in run_dir the networks its run starts from (and its stage's rules, for the arch `spec` of the
     network it starts from) when it starts anew; on a resumed start, check them against the record (a
     network re-made while the run was stopped is refused). Returns the inputs, by path relative to run_dir,
@@ -222,7 +232,7 @@ def record_made(run_dir: Path, paths: list[Path], cfg: ExperimentConfig, section
     if before and resumable(run_dir):  # the networks are digested above: compare, do not read them again
         for p, digest in before.get("inputs", {}).items():
             if now.get(p, digest) != digest:
-                raise ConfigError(f"'{run_dir}' {_re_made(_at(run_dir, p))}; re-run with --fresh to start it again")
+                raise ConfigError(f"'{run_dir}' {_re_made(_at(run_dir, p))}; {rerun(redo)} to start it again")
     elif now or version > 1:  # else nothing to record: no input, the first rules (as a folder without one)
         record = {"inputs": now, "rules": version, "section": section, **({} if gated is None else {"gated": gated})}
         checkpoint.atomic_write_text(run_dir / MADE, json.dumps(record, indent=2))
@@ -235,9 +245,10 @@ def other_runs(run_dir: Path) -> str:
     return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
 
 
-def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optional[str] = None) -> Optional[str]:
+def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optional[str] = None,
+            redo: str = FRESH) -> Optional[str]:
     """Why `claim` would refuse the stage's run folder, found without touching it (what --dry-run
-    reports, in the same words); None where it would take it."""
+    reports, in the same words); None where it would take it. `redo`: what would redo the run."""
     run_dir = run_folder(cfg, suffix)
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
@@ -259,22 +270,22 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
     if not changed:
         if changed_rules := earlier_rules(run_dir, cfg, section):
             return (f"'{run_dir}' was made under rescomp's earlier {section} rules (since then: {changed_rules}); "
-                    f"re-run with --fresh to redo it under the current ones, or {keep} to keep both")
+                    f"{rerun(redo)} to redo it under the current ones, or {keep} to keep both")
         finished = (run_dir / "summary.json").is_file()
         why = stale_input(made_from(run_dir).get("inputs", {}), run_dir, finished)
-        return why and f"'{run_dir}' {why}; re-run with --fresh to " + (
+        return why and f"'{run_dir}' {why}; {rerun(redo)} to " + (
             f"redo it from the file as it is now, or {keep} to keep both" if finished else "start it again")
     if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
         old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
         back = old + (f"-{suffix}" if suffix else "")
         return (f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to '{back}' and use "
-                f"--set name={old}, or re-run with --fresh to replace it")
-    return (f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; re-run with --fresh to replace "
+                f"--set name={old}, or {rerun(redo)} to replace it")
+    return (f"'{run_dir}' holds a run with other settings: {', '.join(changed)}; {rerun(redo)} to replace "
             f"it, or {keep} to keep both")
 
 
-def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
-          section: Optional[str] = None) -> tuple[Path, Optional[dict[str, Any]]]:
+def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optional[str] = None,
+          redo: str = FRESH) -> tuple[Path, Optional[dict[str, Any]]]:
     """The run folder of a stage (`run_folder(cfg, suffix)`, its config section, if any, `section`), after
     checking that it is ours to write (`refusal`); and its summary if the run is complete.
 
@@ -286,7 +297,7 @@ def claim(cfg: ExperimentConfig, fresh: bool, suffix: str = "",
     check_writable(cfg.runs_dir, "out_dir")
     if not run_dir.exists():
         return run_dir, None  # claimed by `writing` when the run starts writing
-    if why := refusal(cfg, fresh, suffix, section):  # before it is held: a refused folder gets no lock file
+    if why := refusal(cfg, fresh, suffix, section, redo):  # before it is held: a refused folder gets no lock file
         raise ConfigError(why)
     if not fresh:
         open_run_dir(run_dir)  # held from here (_empty holds it for --fresh)

@@ -39,7 +39,7 @@ from rescomp.errors import CheckpointError, ConfigError
 from rescomp.models import base_network, check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
-from rescomp.rundir import claim, record_made, writing
+from rescomp.rundir import FRESH, TRAIN_FRESH, claim, record_made, refusal, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
@@ -205,23 +205,32 @@ class StageRun:
 
 
 def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
-            console: Optional[Console] = None) -> tuple[Path, dict[str, Any]]:
-    """Run one stage on cfg (module docstring): its folder and summary, finished or resumed."""
+            console: Optional[Console] = None, redo: str = FRESH) -> tuple[Path, dict[str, Any]]:
+    """Run one stage on cfg (module docstring): its folder and summary, finished or resumed (`redo`: what
+    would redo it, said where it is found finished)."""
     t_start = time.perf_counter()
     ctx = st.context(cfg, console)  # a device that is not there is named first
     st.check_source(cfg)  # what it is given first: its checks then judge that network (start_spec)
     checked = st.check(cfg)
+    if fresh and st.start is None and not getattr(cfg, st.section).checkpoint:
+        # it starts from this config's training run, made or found first: what that run would refuse stops
+        # this one here, before --fresh empties its folder (that run's own --fresh is `rescomp train --fresh`)
+        train = stage("train")
+        train.check_source(cfg)
+        train.check(cfg)
+        if why := distributed.on_main(lambda: refusal(cfg, False, "", train.section, TRAIN_FRESH)):
+            raise ConfigError(why)
     splits = prepare(cfg.data, cfg.seed)
-    out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section))  # rank 0 decides
+    out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section, redo))  # rank 0 decides
     if finished is not None:
-        ctx.log(f"{out} is already complete; --fresh redoes it")
+        ctx.log(f"{out} is already complete; {redo} redoes it")
         return out, finished
     model, payload, source = (st.start or _start_from_section(st.section))(cfg, ctx)
     ctx.run_dir = out
     run = StageRun(cfg, ctx, splits, out, model, payload, source, checked, t_start)
     with writing(out, cfg):
         inputs = distributed.on_main(lambda: record_made(out, ([source] if source is not None else []) + st.inputs(cfg),
-                                                         cfg, st.section, payload.get("arch")))
+                                                         cfg, st.section, payload.get("arch"), redo=redo))
         fields = st.body(run)
         summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
                    "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.arithmetic,
@@ -271,7 +280,7 @@ def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, A
 def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> Start:
     """What a later stage starts from: the checkpoint at `path`, or this config's own training run
     (trained first, resumed, or found finished)."""
-    source = cfg.at(path) if path else execute(stage("train"), cfg, console=ctx.console)[0] / "model.pt"
+    source = cfg.at(path) if path else execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)[0] / "model.pt"
     model, payload = checkpoint.load_model(source)
     return model, payload, source
 

@@ -6,6 +6,7 @@ updating (tests/test_workflow.py::test_every_mutant_still_applies checks each pa
 fails this script too). Usage: .venv/bin/python scripts/mutants.py [id ...]   (a few seconds per mutant)
 """
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -130,11 +131,11 @@ M = [
   "tests/test_workflow.py::test_runs_are_located_by_out_dir_not_by_the_shells_folder"),
  ("md-marks-dirty", "rescomp/provenance.py", ", \":!*.md\"]", "]",
   "tests/test_report.py::test_the_commit_stamp_is_dirty_for_code_and_config_changes_only"),
- ("one-line-through-archs", "rescomp/report.py", "    several = len({str(arch(r)) for r in rows}) > 1", "    several = False",
+ ("one-line-through-archs", "rescomp/plots.py", "    several = len({str(arch(r)) for r in rows}) > 1", "    several = False",
   "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
- ("empty-legend-entry", "rescomp/report.py", "                handles.setdefault(name, line)", "                handles.setdefault(name, line)\n            handles.setdefault(name, None) if False else ax.plot([], [], label=name)",
+ ("empty-legend-entry", "rescomp/plots.py", "                handles.setdefault(name, line)", "                handles.setdefault(name, line)\n            handles.setdefault(name, None) if False else ax.plot([], [], label=name)",
   "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
- ("sorted-by-x", "rescomp/report.py", "            pts = [(r[key] * scale, r[\"top1\"]) for r in curve if placed(r, key)]",
+ ("sorted-by-x", "rescomp/plots.py", "            pts = [(r[key] * scale, r[\"top1\"]) for r in curve if placed(r, key)]",
   "            pts = sorted((r[key] * scale, r[\"top1\"]) for r in curve if placed(r, key))",
   "tests/test_report.py::test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points"),
  ("one-wide-table", "rescomp/report.py", "        for part in split_columns(keys):", "        for part in split_columns(keys, limit=99):",
@@ -366,7 +367,7 @@ M = [
   "tests/test_deep_compression.py::test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly"),
  ("dc-resume-deepcopy", "rescomp/stages/deep_compression.py", "    baked = dc.bake(checkpoint.copy_network(model).cpu())", "    baked = dc.bake(copy.deepcopy(model).cpu())",
   "tests/test_deep_compression.py::test_each_stage_is_a_command_of_its_own"),
- ("storage-curves-merged", "rescomp/report.py", "            curves.setdefault(r[\"storage_curve\"], []).append(r)", "            curves.setdefault(\"all\", []).append(r)",
+ ("storage-curves-merged", "rescomp/plots.py", "            curves.setdefault(r[\"storage_curve\"], []).append(r)", "            curves.setdefault(\"all\", []).append(r)",
   "tests/test_report.py::test_storage_curves_follow_each_chain_in_order_on_a_log_axis"),
  # several processes (tests/test_distributed.py, test_jobs.py)
  ("ddp-shard-own-draws", "rescomp/data.py", "    return draw(total)[lo:hi]", "    return draw(hi - lo)",
@@ -524,31 +525,31 @@ M = [
  ('chain-broken-summary-traceback', 'rescomp/runner.py', '        except (KeyError, IndexError, TypeError) as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', '        except ZeroDivisionError as e:\n            raise ConfigError(f"{run_dir / \'summary.json\'} is not a complete', 'tests/test_runner.py::test_a_chain_with_a_broken_summary_is_refused_in_one_line'),
  ('prune-stop-at-refused', 'rescomp/config.py', ' and not (self.stop_at.params or self.stop_at.macs):', ':', 'tests/test_prune.py::test_stop_at_a_share_of_the_parameters'),
  ('ld-val-lost-ancestor-traceback', 'rescomp/stages/layer_drop.py', '        except CheckpointError as e:  # an ancestor gone or broken since', '        except ZeroDivisionError as e:  # an ancestor gone or broken since', 'tests/test_layer_drop.py::test_stop_on_val_judges_deletions_on_held_out_training_images'),
- ('prune-rules-by-config', 'rescomp/runner.py', '                                                         cfg, st.section, payload.get("arch")))', '                                                         cfg, st.section))', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
+ ('prune-rules-by-config', 'rescomp/runner.py', '                                                         cfg, st.section, payload.get("arch"), redo=redo))', '                                                         cfg, st.section, redo=redo))', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
  ('prune-rules-gated-ignored', 'rescomp/rundir.py', '        gated = bool(cfg.model.model_dump().get("gates")) if gated is None else gated', '        gated = bool(cfg.model.model_dump().get("gates"))', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
  ('prune-rules-old-folder-by-config', 'rescomp/rundir.py', '        gated = _kept_gated(run_dir)  # a folder made before runs recorded it', '        pass', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
  ('plot-noisy-latency-drawn', 'rescomp/report.py', '    return finite(row.get(key)) and finite(iqr) and iqr > row[key]', '    return False', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('plot-latency-joined', 'rescomp/report.py', '                joined = len(pts) > 1 and not key.startswith("latency_ms_")', '                joined = len(pts) > 1', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('plot-rows-left-out-unsaid', 'rescomp/report.py', '        if on < len(rows):  # a panel', '        if False:  # a panel', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('plot-one-eager-panel', 'rescomp/report.py', '    for column, header in RUNTIME_HEADERS.items()]', '    for column, header in list(RUNTIME_HEADERS.items())[:1]]', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-latency-joined', 'rescomp/plots.py', '                joined = len(pts) > 1 and not key.startswith("latency_ms_")', '                joined = len(pts) > 1', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-rows-left-out-unsaid', 'rescomp/plots.py', '        if on < len(rows):  # a panel', '        if False:  # a panel', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-one-eager-panel', 'rescomp/plots.py', '    for column, header in RUNTIME_HEADERS.items()]', '    for column, header in list(RUNTIME_HEADERS.items())[:1]]', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
  ('plot-nan-drawn', 'rescomp/report.py', '    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)', '    return isinstance(v, (int, float)) and not isinstance(v, bool)', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out tests/test_compare.py::test_pareto_front_counted_by_hand'),
- ('plot-target-branches-unsaid', 'rescomp/report.py', '    if any(len(targets(r)) > 1 for r in rows):', '    if False:', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('curves-of-two-runs-joined', 'rescomp/report.py', '        keyed.setdefault((name, experiment(r)), []).append(r)', '        keyed.setdefault((name, ""), []).append(r)', 'tests/test_report.py::test_two_runs_that_share_a_label_are_never_one_row_or_one_curve'),
+ ('plot-target-branches-unsaid', 'rescomp/plots.py', '    if any(len(targets(r)) > 1 for r in rows):', '    if False:', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('curves-of-two-runs-joined', 'rescomp/plots.py', '        keyed.setdefault((name, experiment(r)), []).append(r)', '        keyed.setdefault((name, ""), []).append(r)', 'tests/test_report.py::test_two_runs_that_share_a_label_are_never_one_row_or_one_curve'),
  ('seeds-of-two-runs-merged', 'rescomp/report.py', 'r.get("series"), experiment(r)), []).append(r)', 'r.get("series")), []).append(r)', 'tests/test_report.py::test_two_runs_that_share_a_label_are_never_one_row_or_one_curve'),
  ('int8-on-the-macs-front', 'rescomp/compare.py', 'OFF_FRONT = {"macs": (*INT8, "magnitude_prune", "weight_share", "binarize")}', 'OFF_FRONT = {"macs": ("magnitude_prune", "weight_share", "binarize")}', 'tests/test_compare.py::test_pareto_front_counted_by_hand'),
  ('nan-cost-on-a-front', 'rescomp/report.py', '    return finite(row.get(key)) and finite(row.get("top1")) and not noisy(row, key)', '    return row.get(key) is not None and finite(row.get("top1")) and not noisy(row, key)', 'tests/test_compare.py::test_pareto_front_counted_by_hand'),
  ('compare-rerender-other-baseline', 'rescomp/compare.py', '        return against(of_profile(pts, profile), baseline or kept)', '        return against(of_profile(pts, profile), baseline)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-rerender-keeps-fronts', 'rescomp/compare.py', ' if k not in DERIVED and not k.startswith("pareto_")} for p in pts]', ' if k not in DERIVED} for p in pts]', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
- ('plot-separate-processes-unsaid', 'rescomp/report.py', '        if len(timed_runs(rows)) > 1:\n            line +=', '        if False:\n            line +=', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-separate-processes-unsaid', 'rescomp/plots.py', '        if len(timed_runs(rows)) > 1:\n            line +=', '        if False:\n            line +=', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
  ('rules-not-cumulative', 'rescomp/rundir.py', '    return changed if made.get("rules", 1) < version else None', '    return changed if made.get("rules", 1) != version else None', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
  ('old-prune-folder-model-pt-only', 'rescomp/rundir.py', '    for p in sorted(run_dir.rglob("*.pt")):', '    for p in sorted(run_dir.rglob("model.pt")):', 'tests/test_workflow.py::test_prune_rules_follow_the_network_scored_not_the_config'),
  ('dense-macs-on-the-macs-front', 'rescomp/compare.py', 'OFF_FRONT = {"macs": (*INT8, "magnitude_prune", "weight_share", "binarize")}', 'OFF_FRONT = {"macs": INT8}', 'tests/test_compare.py::test_pareto_front_counted_by_hand'),
  ('compare-rerender-profile-unfiltered', 'rescomp/compare.py', '        return against(of_profile(pts, profile), baseline or kept)', '        return against(pts, baseline or kept)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-int8-drawn-filled', 'rescomp/compare.py', '                           **({"markerfacecolor": "none"} if p.get("stage") in INT8 else {}))', '                           **{})', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-nan-drawn', 'rescomp/compare.py', '            if not placed(p, cost):', '            if p.get(cost) is None:', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
- ('plot-empty-panel-dropped', 'rescomp/report.py', '    panels = [p for p in panels if any(finite(r.get(p[0])) and finite(r.get("top1")) for r in rows)]', '    panels = [p for p in panels if any(shown(r, p[0]) for r in rows)]', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('plot-sessions-hide-process-caveat', 'rescomp/report.py', '            line += (", and" if sessions else ";") + (', '            line += "" if sessions else ";" + (', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
- ('plot-one-target-branches', 'rescomp/report.py', '    if any(len(targets(r)) > 1 for r in rows):', '    if any(len(targets(r)) >= 1 for r in rows):', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-empty-panel-dropped', 'rescomp/plots.py', '    panels = [p for p in panels if any(finite(r.get(p[0])) and finite(r.get("top1")) for r in rows)]', '    panels = [p for p in panels if any(shown(r, p[0]) for r in rows)]', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-sessions-hide-process-caveat', 'rescomp/plots.py', '            line += (", and" if sessions else ";") + (', '            line += "" if sessions else ";" + (', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
+ ('plot-one-target-branches', 'rescomp/plots.py', '    if any(len(targets(r)) > 1 for r in rows):', '    if any(len(targets(r)) >= 1 for r in rows):', 'tests/test_report.py::test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out'),
  ('compare-noisy-latency-placed', 'rescomp/report.py', '    return finite(row.get(key)) and finite(row.get("top1")) and not noisy(row, key)', '    return finite(row.get(key)) and finite(row.get("top1"))', 'tests/test_compare.py::test_pareto_front_counted_by_hand tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-noisy-latency-unsaid', 'rescomp/compare.py', '    if spread:\n        lines += ["", f"The latencies of rows', '    if False:\n        lines += ["", f"The latencies of rows', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-fastest-iqr-unkept', 'rescomp/compare.py', '"latency_runtime": runtime, "latency_iqr_ms_b1": spread,', '"latency_runtime": runtime, "latency_iqr_ms_b1": None,', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
@@ -643,26 +644,43 @@ M = [
  ('bool-taken-as-a-number', 'rescomp/config.py', '        if isinstance(v, bool) and info.field_name:', '        if False and info.field_name:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('bool-refused-where-a-key-takes-one', 'rescomp/config.py', '            if kinds & {int, float} and bool not in kinds:', '            if kinds & {int, float, bool}:', 'tests/test_config.py::test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool'),
  ('header-read-refuses-legacy', 'rescomp/checkpoint.py', '        if mmap:  # torch maps only its zip format: read it whole, or say why not\n            return load(path)\n', '', 'tests/test_checkpoint.py::test_a_header_read_takes_what_load_takes_and_refuses_what_it_refuses'),
+ ('train-fresh-hint-run', 'rescomp/runner.py', 'execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)', 'execute(stage("train"), cfg, console=ctx.console)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('train-fresh-hint-dry-run', 'rescomp/plan.py', 'lines = [] if pc.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)', 'lines = [] if pc.checkpoint else _train_lines(cfg, refused)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('train-fresh-hint-chain', 'rescomp/chain.py', 'folder_state(scfg, refused, redo=TRAIN_FRESH)', 'folder_state(scfg, refused)', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
+ ('train-fresh-hint-refusal', 'rescomp/rundir.py', '    return "re-run with --fresh" if redo == FRESH else f"run {redo}"', '    return "re-run with --fresh"', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('train-fresh-hint-other-stages', 'rescomp/plan.py', 'lines = [] if section.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)', 'lines = [] if section.checkpoint else _train_lines(cfg, refused)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('fresh-empties-before-training-refuses', 'rescomp/runner.py', '    if fresh and st.start is None and not getattr(cfg, st.section).checkpoint:', '    if False:', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
 ]
-only = set(sys.argv[1:])
-survived = stale = 0
-for mid, f, old, new, test in M:
-    if only and mid not in only:
-        continue
-    p = ROOT / f
-    src = p.read_text()
-    if src.count(old) != 1:
-        print(f"{mid}: PATTERN NOT FOUND ({src.count(old)})", flush=True)
-        stale += 1
-        continue
-    p.write_text(src.replace(old, new))
-    try:
-        t0 = time.time()
-        r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:faulthandler", "-p", "no:cacheprovider", *test.split()],
-                           cwd=ROOT, capture_output=True, text=True, timeout=900)
-        last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
-        survived += r.returncode == 0
-        print(f"{mid}: {'CAUGHT' if r.returncode != 0 else 'SURVIVED'} ({time.time() - t0:.0f}s) {last}", flush=True)
-    finally:
-        p.write_text(src)
-sys.exit(1 if survived or stale else 0)
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    survived = stale = 0
+    # a kill (SIGTERM) ends through `finally`, so the file under mutation is restored, not left wrong
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    for mid, f, old, new, test in M:
+        if only and mid not in only:
+            continue
+        p = ROOT / f
+        src = p.read_text()
+        if src.count(old) != 1:
+            print(f"{mid}: PATTERN NOT FOUND ({src.count(old)})", flush=True)
+            stale += 1
+            continue
+        try:
+            p.write_text(src.replace(old, new))
+            t0 = time.time()
+            r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:faulthandler", "-p", "no:cacheprovider", *test.split()],
+                               cwd=ROOT, capture_output=True, text=True, timeout=900)
+            last = [line for line in r.stdout.splitlines() if line.strip()][-1:]
+            survived += r.returncode == 0
+            print(f"{mid}: {'CAUGHT' if r.returncode != 0 else 'SURVIVED'} ({time.time() - t0:.0f}s) {last}", flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill must not cut the restore short
+            p.write_text(src)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return 1 if survived or stale else 0
+
+
+if __name__ == "__main__":  # importing the table (to read M) runs nothing
+    sys.exit(main())

@@ -165,7 +165,7 @@ def test_split_columns_packs_whole_groups_and_splits_only_an_oversized_one():
 
 
 def test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_with_points():
-    from rescomp.report import COST_PANELS, curves_figure
+    from rescomp.plots import COST_PANELS, curves_figure
 
     rows = [*_prune_rows("alexnet", [17.0, 18.0, 19.0], [9.0, 9.5, 8.0]),
             *_prune_rows("resnet18", [30.0, 31.0, 32.0], [None, None, None]),
@@ -199,7 +199,7 @@ def test_a_plot_has_a_title_its_data_and_budget_and_one_legend_entry_per_curve_w
 # plan drawn as a path without saying so; a NaN drawn; latencies of separate processes set side by side
 # in a plot without the caveat its table.md gives.
 def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
-    from rescomp.report import COST_PANELS, curves_figure
+    from rescomp.plots import COST_PANELS, curves_figure
 
     rows = [*_prune_rows("alexnet", [17.0, 18.0, 19.0], [9.0, 9.5, 8.0]),
             {**ROW, "row": "noisy", "latency_ms_cpu_b1": 7.0, "latency_iqr_ms_cpu_b1": 20.0},
@@ -236,7 +236,8 @@ def test_latency_panels_are_per_runtime_and_say_which_rows_they_leave_out():
 
 
 def test_two_runs_that_share_a_label_are_never_one_row_or_one_curve():
-    from rescomp.report import _curves, aggregate_seeds
+    from rescomp.plots import curves_of
+    from rescomp.report import aggregate_seeds
 
     a = _prune_rows("alexnet", [17.0, 18.0], [None, None])
     a1 = [{**r, "name": "alexnet-seed1-prune", "seed": 1, "top1": r["top1"] + 2} for r in a]  # seed 1 of that run
@@ -246,10 +247,10 @@ def test_two_runs_that_share_a_label_are_never_one_row_or_one_curve():
     assert [(r["row"], r["top1"], r.get("seeds")) for r in rows] == [
         ("alexnet taylor 0%", 18.0, 2), ("alexnet taylor 5%", 19.0, 2), ("alexnet taylor 0%", 7.0, 2),
         ("alexnet taylor 5%", 8.0, 2)]
-    curves = _curves(rows)
+    curves = curves_of(rows)
     assert {k: [r["top1"] for r in v] for k, v in curves.items()} == {
         "taylor, paper (alexnet-prune)": [18.0, 19.0], "taylor, paper (alexnet-shortcut-a-prune)": [7.0, 8.0]}
-    assert list(_curves(aggregate_seeds(a + a1))) == ["taylor, paper"]  # one run: its series' name alone
+    assert list(curves_of(aggregate_seeds(a + a1))) == ["taylor, paper"]  # one run: its series' name alone
 
 
 def test_a_plot_these_rows_do_not_make_is_removed(tmp_path):
@@ -302,7 +303,7 @@ def test_onnxruntime_latency_is_a_column_beside_eager_with_the_fastest_named():
 
 
 def test_storage_curves_follow_each_chain_in_order_on_a_log_axis():
-    from rescomp.report import curves_figure, storage_curves
+    from rescomp.plots import curves_figure, storage_curves
 
     rows = [{"row": f"net {k}% ({c})", "storage_curve": f"net ({c})", "stored_bytes": b, "top1": t}
             for c, steps in (("std", [(0, 4000, 70), (50, 2000, 69), (90, 400, 60)]), ("global", [(90, 450, 66)]))
@@ -338,7 +339,7 @@ def test_an_int8_rows_layer_count_reads_k_of_n_and_both_stay_in_the_csv():
 #    provenance; a table.json that is not one ending in a traceback
 #       -> test_a_committed_table_renders_again_from_its_json_alone
 def test_latencies_timed_in_several_runs_are_marked_by_run():
-    from rescomp.report import caption
+    from rescomp.plots import caption
 
     a = {**ROW, "row": "fp32", "device": "cpu:x (1 threads)", "commit": "111"}
     b = {**ROW, "row": "int8", "stage": "ptq", "device": "cpu:x (2 threads)", "commit": "222", "speedup_cpu_b1": 1.2}
