@@ -105,8 +105,8 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
             scfg = stage_config(cfg, step, name, source) if source else scfg.model_copy(update={"name": name})
         suffix = step.stage.suffix(scfg)
         first_done = i == 0 and (run_folder(scfg, suffix) / "summary.json").is_file() and not fresh
-        if i == 0 and step.stage.start is None and not getattr(scfg, step.stage.section).checkpoint and not first_done:
-            trained, state = folder_state(scfg, refused, redo=TRAIN_FRESH)  # its input is the config's training run, made first
+        if i == 0 and step.stage.trains_first(scfg) and not first_done:  # its input: the config's training run
+            trained, state = folder_state(scfg, refused, redo=TRAIN_FRESH)
             lines.append(f"0. {'train':<10} -> {trained}: {state}")
         if i and source is None and not fresh:
             folder, state = run_folder(scfg, suffix), f"judged when stage {i} ({before}) is complete"

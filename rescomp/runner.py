@@ -92,6 +92,11 @@ class Stage:
             raise ConfigError(f"{run_dir / 'summary.json'} is not a complete {self.name} summary (nothing names its "
                               f"network: {e}); re-run that stage with --fresh") from None
 
+    def trains_first(self, cfg: ExperimentConfig) -> bool:
+        """Whether it starts from this config's own training run, made (or found finished) first: it has no
+        start of its own and its section names no checkpoint."""
+        return self.start is None and not getattr(cfg, self.section).checkpoint
+
     def check_source(self, cfg: ExperimentConfig) -> None:
         """The network it is given (its section's checkpoint) is there and one it can take, as a chain judges
         the network an earlier stage hands it: missing, corrupt, not rescomp's, or int8 for a stage that
@@ -212,9 +217,8 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
     ctx = st.context(cfg, console)  # a device that is not there is named first
     st.check_source(cfg)  # what it is given first: its checks then judge that network (start_spec)
     checked = st.check(cfg)
-    if fresh and st.start is None and not getattr(cfg, st.section).checkpoint:
-        # it starts from this config's training run, made or found first: what that run would refuse stops
-        # this one here, before --fresh empties its folder (that run's own --fresh is `rescomp train --fresh`)
+    if fresh and st.trains_first(cfg):  # what that training run would refuse stops this one here, before
+        # --fresh empties its folder (that run's own --fresh is `rescomp train --fresh`)
         train = stage("train")
         train.check_source(cfg)
         train.check(cfg)
@@ -280,7 +284,10 @@ def train_loaders(cfg: ExperimentConfig, ctx: RunContext, splits) -> dict[str, A
 def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> Start:
     """What a later stage starts from: the checkpoint at `path`, or this config's own training run
     (trained first, resumed, or found finished)."""
-    source = cfg.at(path) if path else execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)[0] / "model.pt"
+    if path:
+        source = cfg.at(path)
+    else:
+        source = execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)[0] / "model.pt"
     model, payload = checkpoint.load_model(source)
     return model, payload, source
 

@@ -480,7 +480,7 @@ M = [
   "tests/test_workflow.py::test_a_run_made_under_earlier_rules_of_its_stage_is_not_reused"),
  ("chain-folders-judged-late", "rescomp/cli.py", "    _spread(nproc, _argv(\"run\", config, set_, profile, seed, fresh), cfgs, checks)\n    checks()\n", "    _spread(nproc, _argv(\"run\", config, set_, profile, seed, fresh), cfgs, checks)\n",
   "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
- ("chain-dry-run-train-line-always", "rescomp/chain.py", "getattr(scfg, step.stage.section).checkpoint and not first_done:", "getattr(scfg, step.stage.section).checkpoint:",
+ ("chain-dry-run-train-line-always", "rescomp/chain.py", "step.stage.trains_first(scfg) and not first_done:", "step.stage.trains_first(scfg):",
   "tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would"),
  ("rerender-twice-drops-gates", "rescomp/report.py", "\"gates\": data.get(\"gates\")}  # absent", "\"gates\": data.get(\"gates\", [])}  # absent",
   "tests/test_report.py::test_a_committed_table_renders_again_from_its_json_alone"),
@@ -645,11 +645,11 @@ M = [
  ('bool-refused-where-a-key-takes-one', 'rescomp/config.py', '            if kinds & {int, float} and bool not in kinds:', '            if kinds & {int, float, bool}:', 'tests/test_config.py::test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool'),
  ('header-read-refuses-legacy', 'rescomp/checkpoint.py', '        if mmap:  # torch maps only its zip format: read it whole, or say why not\n            return load(path)\n', '', 'tests/test_checkpoint.py::test_a_header_read_takes_what_load_takes_and_refuses_what_it_refuses'),
  ('train-fresh-hint-run', 'rescomp/runner.py', 'execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)', 'execute(stage("train"), cfg, console=ctx.console)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
- ('train-fresh-hint-dry-run', 'rescomp/plan.py', 'lines = [] if pc.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)', 'lines = [] if pc.checkpoint else _train_lines(cfg, refused)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('train-fresh-hint-dry-run', 'rescomp/plan.py', '_, prunable = check(cfg)\n        lines = _train_lines(cfg, refused, redo=TRAIN_FRESH) if st.trains_first(cfg) else []', '_, prunable = check(cfg)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
  ('train-fresh-hint-chain', 'rescomp/chain.py', 'folder_state(scfg, refused, redo=TRAIN_FRESH)', 'folder_state(scfg, refused)', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
  ('train-fresh-hint-refusal', 'rescomp/rundir.py', '    return "re-run with --fresh" if redo == FRESH else f"run {redo}"', '    return "re-run with --fresh"', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
- ('train-fresh-hint-other-stages', 'rescomp/plan.py', 'lines = [] if section.checkpoint else _train_lines(cfg, refused, redo=TRAIN_FRESH)', 'lines = [] if section.checkpoint else _train_lines(cfg, refused)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
- ('fresh-empties-before-training-refuses', 'rescomp/runner.py', '    if fresh and st.start is None and not getattr(cfg, st.section).checkpoint:', '    if False:', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('train-fresh-hint-other-stages', 'rescomp/plan.py', 'section = getattr(cfg, st.section)\n        lines = _train_lines(cfg, refused, redo=TRAIN_FRESH) if st.trains_first(cfg) else []', 'section = getattr(cfg, st.section)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('fresh-empties-before-training-refuses', 'rescomp/runner.py', '    if fresh and st.trains_first(cfg):', '    if False:', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
 ]
 
 
