@@ -27,7 +27,7 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, deep_merge, validate
 from rescomp.errors import ConfigError
-from rescomp.rundir import TRAIN_FRESH, read_summary, run_folder
+from rescomp.rundir import read_summary, run_folder, train_fresh
 from rescomp.runner import Stage, execute, stage, traits_of
 
 
@@ -61,7 +61,9 @@ def stage_config(cfg: ExperimentConfig, step: Step, name: Optional[str] = None,
         raw["name"] = name
     if source is not None:
         raw[step.stage.section]["checkpoint"] = str(source)
-    return validate(raw, f"pipeline stage {step.name}").rooted(cfg._root)
+    scfg = validate(raw, f"pipeline stage {step.name}").rooted(cfg._root)
+    scfg._loaded = cfg._loaded  # the same file and options load it: its training run is the chain's
+    return scfg
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
@@ -106,7 +108,7 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
         suffix = step.stage.suffix(scfg)
         first_done = i == 0 and (run_folder(scfg, suffix) / "summary.json").is_file() and not fresh
         if i == 0 and step.stage.trains_first(scfg) and not first_done:  # its input: the config's training run
-            trained, state = folder_state(scfg, refused, redo=TRAIN_FRESH)
+            trained, state = folder_state(scfg, refused, redo=train_fresh(scfg))
             lines.append(f"0. {'train':<10} -> {trained}: {state}")
         if i and source is None and not fresh:
             folder, state = run_folder(scfg, suffix), f"judged when stage {i} ({before}) is complete"

@@ -467,6 +467,9 @@ class LogConfig(Strict):
 
 
 class ExperimentConfig(Rooted):
+    # how this config was loaded: its file as given, --profile, the --set overrides (--seed N as seed=N);
+    # advice names the command that loads it again (rescomp.rundir.train_fresh). None: it came from no file
+    _loaded: Optional[tuple[str, Optional[str], tuple[str, ...]]] = PrivateAttr(None)
     name: Optional[str] = None  # run name; default the config file's stem (+ "-<profile>")
     profile: Optional[str] = None  # the `profiles:` entry applied, if any
     seed: int = 0  # seeds weights, data order, augmentation and subsets
@@ -562,9 +565,17 @@ class ExperimentConfig(Rooted):
         """One config per entry of `seeds` (or this one): each with its seed, in its own run folder."""
         if not self.seeds:
             return [self]
-        return [self.model_copy(update={"seed": s, "seeds": None,
-                                        "name": self.run_name if s == self.seed else f"{self.run_name}-seed{s}"})
-                for s in dict.fromkeys(self.seeds)]
+        out = []
+        for s in dict.fromkeys(self.seeds):
+            name = self.run_name if s == self.seed else f"{self.run_name}-seed{s}"
+            one = self.model_copy(update={"seed": s, "seeds": None, "name": name})
+            if self._loaded:  # loaded again with --seed s; a --set name=X keeps X as given, so it says this name
+                path, profile, overrides = self._loaded
+                keys = [parse_override(o)[0] for o in overrides]
+                kept = tuple(o for o, k in zip(overrides, keys) if k not in (["name"], ["seed"], ["seeds"]))
+                one._loaded = (path, profile, (*kept, *([f"name={name}"] if ["name"] in keys else []), f"seed={s}"))
+            out.append(one)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -799,7 +810,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
         raw["name"] = f"{raw['name']}-seed{raw['seed']}"  # another seed is another run, in its own folder
     root = project_root(path)
     raw = _rebase_cli_paths(raw, overrides or [], root)
-    return validate(raw, str(path)).rooted(root)
+    cfg = validate(raw, str(path)).rooted(root)
+    cfg._loaded = (str(path), profile, tuple(overrides or []))
+    return cfg
 
 
 # The config keys that hold paths (see ExperimentConfig.out_dir)

@@ -15,7 +15,7 @@ from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, check_writable
 from rescomp.context import resolve_device
 from rescomp.errors import ConfigError
-from rescomp.rundir import FRESH, TRAIN_FRESH, read_summary, refusal, resumable, run_folder
+from rescomp.rundir import FRESH, read_summary, refusal, resumable, run_folder, train_fresh
 from rescomp.runner import model_spec
 
 
@@ -109,7 +109,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
 
         pc = cfg.prune
         _, prunable = check(cfg)
-        lines = _train_lines(cfg, refused, redo=TRAIN_FRESH) if st.trains_first(cfg) else []
+        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
         run_dir, state = folder_state(cfg, refused, suffix(cfg), "prune", fresh)
         lines += [f"prune   {run_dir}: {state}",
                   f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
@@ -131,7 +131,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         deletable = sum(u.deletable for u in residual_units(build_model(spec)))
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
-        lines = _train_lines(cfg, refused, redo=TRAIN_FRESH) if st.trains_first(cfg) else []
+        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
         run_dir, state = folder_state(cfg, refused, suffix(cfg), "layer_drop", fresh)
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
@@ -159,7 +159,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
     if command in ("magnitude-prune", "weight-share", "binarize"):
         st.check(cfg)
         section = getattr(cfg, st.section)
-        lines = _train_lines(cfg, refused, redo=TRAIN_FRESH) if st.trains_first(cfg) else []
+        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
         run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
         shown = lambda k, v: f"{cfg.train.optimizer.lr / 10:g} (train lr / 10)" if k == "finetune_lr" and v is None else v  # noqa: E731
         settings = ", ".join(f"{k} {shown(k, v)}" for k, v in section.model_dump().items() if k != "checkpoint")

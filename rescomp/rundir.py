@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from rescomp import checkpoint, distributed, runlock
-from rescomp.config import ExperimentConfig, check_writable, dump_config, validate
+from rescomp.config import ExperimentConfig, check_writable, dump_config, parse_override, validate
 from rescomp.errors import CheckpointError, ConfigError
 from rescomp.provenance import command_line
 
@@ -211,11 +212,22 @@ def made_from(run_dir: Path) -> dict[str, Any]:
 
 # What redoes a run, in the advice of a refusal or a finished run's log line: the command's own --fresh,
 # except for the training run a later stage starts from, which that stage's --fresh (and a chain's) keeps.
-FRESH, TRAIN_FRESH = "--fresh", "`rescomp train --fresh`"
+FRESH = "--fresh"
+
+
+def train_fresh(cfg: ExperimentConfig) -> str:
+    """The command that redoes the training run a later stage of cfg starts from, with the config file,
+    --profile, --set and --seed that this command was given (`rescomp train CONFIG ... --fresh`)."""
+    path, profile, overrides = cfg._loaded or (None, None, ())
+    args = [*([path] if path else []), *(["--profile", profile] if profile else [])]
+    for o in overrides:
+        key, value = parse_override(o)
+        args += ["--seed", str(value)] if key == ["seed"] and isinstance(value, int) else ["--set", o]
+    return f"`{shlex.join(['rescomp', 'train', *args, '--fresh'])}`"
 
 
 def rerun(redo: str) -> str:
-    """'re-run with --fresh', or 'run `rescomp train --fresh`' for the training run behind a later stage."""
+    """'re-run with --fresh', or 'run `rescomp train ... --fresh`' for the training run behind a later stage."""
     return "re-run with --fresh" if redo == FRESH else f"run {redo}"
 
 

@@ -39,7 +39,7 @@ from rescomp.errors import CheckpointError, ConfigError
 from rescomp.models import base_network, check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
-from rescomp.rundir import FRESH, TRAIN_FRESH, claim, record_made, refusal, writing
+from rescomp.rundir import FRESH, claim, record_made, refusal, train_fresh, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
@@ -222,7 +222,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
         train = stage("train")
         train.check_source(cfg)
         train.check(cfg)
-        if why := distributed.on_main(lambda: refusal(cfg, False, "", train.section, TRAIN_FRESH)):
+        if why := distributed.on_main(lambda: refusal(cfg, False, "", train.section, train_fresh(cfg))):
             raise ConfigError(why)
     splits = prepare(cfg.data, cfg.seed)
     out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section, redo))  # rank 0 decides
@@ -287,7 +287,7 @@ def start_model(cfg: ExperimentConfig, ctx: RunContext, path: Optional[str]) -> 
     if path:
         source = cfg.at(path)
     else:
-        source = execute(stage("train"), cfg, console=ctx.console, redo=TRAIN_FRESH)[0] / "model.pt"
+        source = execute(stage("train"), cfg, console=ctx.console, redo=train_fresh(cfg))[0] / "model.pt"
     model, payload = checkpoint.load_model(source)
     return model, payload, source
 

@@ -1,3 +1,5 @@
+import shlex
+
 import pytest
 
 from rescomp.config import load_config, validate
@@ -149,3 +151,32 @@ def test_a_key_that_takes_a_bool_or_a_value_still_takes_the_bool(tmp_path, tiny)
     cfg = load_config(write_config(tmp_path, tiny), ["data.download=false", "quantize.reduce_range=true",
                                                       "measure.latency=false", "train.compile=true"])
     assert (cfg.data.download, cfg.quantize.reduce_range, cfg.measure.latency, cfg.train.compile) == (False, True, False, True)
+
+
+def test_a_config_says_the_command_that_loads_it_again(tmp_path, tiny):
+    # Wrong versions it catches: the advice to redo a later stage's training run (rescomp.rundir.train_fresh)
+    # leaving out the profile, a --set or the seed of one of a config's `seeds:` (it would redo another run,
+    # or every seed's), or a pipeline stage's config forgetting it.
+    from rescomp.chain import stage_config, steps
+    from rescomp.rundir import run_folder, train_fresh
+
+    write_config(tmp_path, {**tiny, "seeds": [0, 3], "pipeline": ["train", "quantize"],
+                            "profiles": {"quick": {"train": {"epochs": 1}}}}, "exp.yaml")
+    cfgs = load_config(tmp_path / "exp.yaml", ["train.epochs=4", "name=x y"], profile="quick").per_seed()
+    said = [train_fresh(c) for c in cfgs]  # --set name=X names X whatever the seed: the seed-3 run's name is said
+    assert said == [f"`rescomp train {tmp_path / 'exp.yaml'} --profile quick --set train.epochs=4 --set 'name={n}' "
+                    f"--seed {s} --fresh`" for n, s in (("x y", 0), ("x y-seed3", 3))]
+    cfgs += load_config(tmp_path / "exp.yaml", ["seed=3", "train.epochs=4"]).per_seed()  # --seed 3: one run
+    said.append(f"`rescomp train {tmp_path / 'exp.yaml'} --seed 3 --set train.epochs=4 --fresh`")
+    assert train_fresh(cfgs[-1]) == said[-1] and run_folder(cfgs[-1]).name == "exp-seed3"
+    for cfg, command in zip(cfgs, said, strict=True):
+        args, overrides, profile = shlex.split(command.strip("`"))[3:-1], [], None
+        for flag, value in zip(args[::2], args[1::2]):
+            if flag == "--profile":
+                profile = value
+            else:
+                overrides.append(value if flag == "--set" else f"seed={value}")
+        again = load_config(tmp_path / "exp.yaml", overrides, profile).per_seed()
+        assert [(run_folder(c), c.hash()) for c in again] == [(run_folder(cfg), cfg.hash())]
+        assert train_fresh(stage_config(cfg, steps(cfg)[1])) == command
+    assert train_fresh(validate(tiny, "x")) == "`rescomp train --fresh`"  # a config from no file: no file to name

@@ -51,7 +51,9 @@
 # 15. a later stage (or a chain) run with --fresh told that the finished training run it starts from and
 #     keeps "--fresh redoes it", in its log and in its dry run, where only `rescomp train --fresh` does; or
 #     advised to "re-run with --fresh" where that training run holds other settings; or its --fresh emptying
-#     its own finished folder before that training run refuses (a finished result lost, nothing made)
+#     its own finished folder before that training run refuses (a finished result lost, nothing made); or
+#     that advice leaving out the config, --profile, --set or --seed the training run needs (a bare
+#     `rescomp train --fresh` names no config; without the --set it re-makes the run the stage refused)
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing,
 #          test_a_chain_dry_run_judges_each_folder_as_the_chain_would
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
@@ -59,6 +61,7 @@
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -618,22 +621,29 @@ def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdi
     assert (workdir / "runs/other/notes.txt").read_text() == "mine"
     assert "complete: nothing to run (--fresh redoes it)" in cli("train", path, "--dry-run").stdout
     # a later stage's --fresh leaves the training run it starts from as it is, and says what would redo that one
+    # (the whole command: this config, with the --set and --seed given)
+    redo = f"`rescomp train {path} --fresh`"
     res = cli("prune", path, "--dry-run", "--fresh")
-    assert "train   runs/exp: complete: nothing to run (`rescomp train --fresh` redoes it)" in res.stdout, res.output
+    assert f"train   runs/exp: complete: nothing to run ({redo} redoes it)" in res.stdout, res.output
     assert "runs/exp-prune-paper-taylor-custom: --fresh deletes it" in res.stdout, res.output
     res = cli("magnitude-prune", path, "--dry-run", "--fresh")  # every later stage's dry run says it alike
-    assert "train   runs/exp: complete: nothing to run (`rescomp train --fresh` redoes it)" in res.stdout, res.output
+    assert f"train   runs/exp: complete: nothing to run ({redo} redoes it)" in res.stdout, res.output
     res = cli("prune", path, "--fresh")
-    assert res.exit_code == 0 and "runs/exp is already complete; `rescomp train --fresh` redoes it" in res.output, res.output
+    assert res.exit_code == 0 and f"runs/exp is already complete; {redo} redoes it" in res.output, res.output
     res = cli("prune", path)
     assert "runs/exp-prune-paper-taylor-custom is already complete; --fresh redoes it" in res.output, res.output
     # ... and that its --fresh cannot replace that training run when it holds other settings
-    changed = ("prune", path, "--set", "train.epochs=3", "--fresh")
+    changed = ("prune", path, "--set", "train.epochs=3", "--seed", "0", "--fresh")
     res, real = cli(*changed, "--dry-run"), cli(*changed)
     assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr, (res.output, real.output)
-    assert ("'runs/exp' holds a run with other settings: train.epochs (1 -> 3); run `rescomp train --fresh` to "
-            "replace it") in real.stderr, real.stderr
+    advice = f"`rescomp train {path} --set train.epochs=3 --seed 0 --fresh`"
+    assert f"'runs/exp' holds a run with other settings: train.epochs (1 -> 3); run {advice} to replace it" \
+        in real.stderr, real.stderr
     assert (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").is_file()  # refused before --fresh deletes
+    # the advice, run as written, is what the refused command needed
+    assert cli(*shlex.split(advice.strip("`"))[1:]).exit_code == 0
+    res = cli(*changed)
+    assert res.exit_code == 0 and "runs/exp-prune-paper-taylor-custom: --fresh" not in res.output, res.output
 
 
 @pytest.mark.parametrize("key", ["prune.checkpoint", "layer_drop.checkpoint", "magnitude_prune.checkpoint",
@@ -1046,7 +1056,8 @@ def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
     assert cli("run", path, "--dry-run", "--nproc", "0").exit_code == 2
     res = cli(*changed, "--dry-run", "--fresh")
     assert res.exit_code == 0 and res.stdout.count("--fresh deletes it") == 2, res.output  # not the training run
-    assert "0. train      -> runs/exp: complete: nothing to run (`rescomp train --fresh` redoes it)" in res.stdout
+    assert (f"0. train      -> runs/exp: complete: nothing to run (`rescomp train {path} --set "
+            f"quantize.calibration_images=32 --fresh` redoes it)") in res.stdout, res.output
     # a later folder the chain would refuse stops it before its first stage runs, not after
     (workdir / "runs/exp-prune-paper-taylor-custom-ptq/config.yaml").unlink()  # no longer a run folder
     first = (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").stat().st_mtime_ns
