@@ -657,6 +657,9 @@ M = [
  ('per-seed-advice-given-name', 'rescomp/config.py', 'k not in (["name"], ["seed"], ["seeds"]))', 'k not in (["seed"], ["seeds"]))', 'tests/test_config.py::test_a_config_says_the_command_that_loads_it_again'),
  ('chain-stage-forgets-its-loading', 'rescomp/chain.py', '    scfg._loaded = cfg._loaded', '    pass', 'tests/test_config.py::test_a_config_says_the_command_that_loads_it_again'),
  ('train-fresh-advice-in-refusal', 'rescomp/runner.py', 'refusal(cfg, False, "", train.section, train_fresh(cfg))', 'refusal(cfg, False, "", train.section)', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('layer-drop-dry-run-no-train-line', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = []', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
+ ('layer-drop-dry-run-train-line-always', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg))', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
+ ('layer-drop-dry-run-own-fresh', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
 ]
 
 

@@ -35,6 +35,8 @@
 #       -> test_distillation_loss_by_hand
 # 16. `gates: {}` building a plain network without a word (an empty value changes nothing)
 #       -> test_gates_start_uniform_in_the_configured_range
+# 17. the dry run leaving out the training run it starts from, listing one where a checkpoint is given, or
+#     advising that run's --fresh -> test_the_dry_run_says_the_training_run_it_starts_from
 
 import copy
 import json
@@ -440,6 +442,31 @@ def test_stop_on_val_judges_deletions_on_held_out_training_images(workdir, tiny,
     res = CliRunner().invoke(app, ["layer-drop", str(write_config(workdir, late, "late.yaml"))])
     assert res.exit_code == 2 and "cannot read 'runs/plain/model.pt', which" in " ".join(res.stderr.split()), res.output
 
+
+
+def test_the_dry_run_says_the_training_run_it_starts_from(workdir, tiny):
+    """Wrong versions (17): layer-drop's dry run leaving out the training run it starts from, listing one
+    where layer_drop.checkpoint is given, or advising that run's own --fresh (the command's keeps it)."""
+    raw = {**_layer_drop_cfg(tiny, baselines={"scratch": False, "distill": False}), "name": "exp"}
+    path = write_config(workdir, raw)
+    cli = lambda *a: CliRunner().invoke(app, ["layer-drop", str(path), "--dry-run", *a])  # noqa: E731
+    res = cli()
+    lines = res.stdout.splitlines()
+    assert res.exit_code == 0 and lines[0] == "train   runs/exp: new run", res.output
+    assert lines[2].strip() == "1 epochs at batch 16, sgd lr 0.05, cosine schedule", res.output
+    assert lines[3] == "layer-drop runs/exp-layerdrop-gate-k1-n1: new run", res.output
+    assert lines[4].strip().startswith("from the training run above; gate criterion"), res.output
+    assert not (workdir / "runs").exists()
+    assert CliRunner().invoke(app, ["train", str(path)]).exit_code == 0
+    res = cli()
+    assert res.stdout.splitlines()[0] == (f"train   runs/exp: complete: nothing to run (`rescomp train {path} --fresh` "
+                                          f"redoes it)"), res.output
+    res = cli("--set", "train.epochs=2", "--fresh")  # the stage's --fresh keeps the training run: refused
+    assert res.exit_code == 2 and res.stdout.splitlines()[0] == "train   runs/exp: refused (below)", res.output
+    assert (f"run `rescomp train {path} --set train.epochs=2 --fresh` to replace it") in " ".join(res.stderr.split())
+    res = cli("--set", "layer_drop.checkpoint=runs/exp/model.pt")  # a network given: no training run
+    assert res.exit_code == 0 and res.stdout.startswith("layer-drop runs/exp-layerdrop-gate-k1-n1: new run"), res.output
+    assert "from runs/exp/model.pt; gate criterion" in res.stdout, res.output
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
