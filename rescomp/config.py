@@ -312,7 +312,8 @@ class PruneConfig(Strict):
     # shrank by inputs before / after (the dropout weight-scaling rule).
     bn_stats: Literal["reset", "slice"] = "reset"
     fc_scaling: bool = True  # scale a linear layer whose inputs shrank (see bn_stats)
-    schedule: Literal["custom", "fast", "slow"] = "custom"  # custom (share_per_step x steps, or targets) | fast / slow (Table 1 presets)
+    # custom (share_per_step x steps, or targets) | fast / slow (Table 1 presets: they set targets and iterations)
+    schedule: Literal["custom", "fast", "slow"] = "custom"
     share_per_step: Optional[float] = Field(0.05, gt=0, lt=1, description="share of the prunable filters per step")
     steps: int = Field(6, ge=1)  # paper: 5 % per step, 6 steps (about 30 %)
     targets: Optional[list[float]] = None  # cumulative shares to reach (each step ends on or before one)
@@ -334,6 +335,11 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _budget(self) -> "PruneConfig":
+        preset = PRUNE_PRESETS.get(self.schedule, {})
+        for key in ("targets", "iterations"):  # a preset's own would replace them without a word
+            if preset and getattr(self, key) is not None:
+                raise ValueError(f"{key} is given, but schedule: {self.schedule} sets its own ({key} {preset[key]}, "
+                                 f"Martineau Table 1); leave prune.{key} out, or use prune.schedule: custom")
         if self.share_per_step is None and not (self.targets or self.schedule != "custom"):
             raise ValueError("prune.share_per_step is needed unless prune.targets (or a schedule) gives the shares")
         if max(t[-1] for _, t in self.plan()) >= 1 and not (self.stop_at.params or self.stop_at.macs):

@@ -15,7 +15,8 @@
   size or with our head where the paper used 224 px / 1000 classes (a_run_per_target_...);
 - the stop rule ignored (stop_at_a_share_of_the_parameters); a dead channel's removal changing outputs;
 - the fast schedule's two reductions one fine-tuning epoch apart instead of Figure 3's three (epochs 4
-  and 7), or the gap not counted against the budget (test_schedules);
+  and 7), or the gap not counted against the budget; targets or iterations given beside a fast / slow
+  schedule replaced by the preset's without a word (test_schedules);
 - a row recording the scoring batches asked for where fewer training images made fewer
   (prune_end_to_end_and_report);
 - a gated unit's last conv (layer-drop's gate wraps its BN) scored at the conv's output, not after its BN
@@ -319,6 +320,11 @@ def test_schedules():
     assert PruneConfig().epochs_at(6, 6) == 1  # a gradual run has no budget unless given one
     with pytest.raises(ValueError, match="finetune_budget"):
         PruneConfig(schedule="slow", finetune_epochs=2, finetune_budget=10)  # 9 steps x 2 > 10
+    for key, value in (("targets", [0.2]), ("iterations", 3)):  # the preset would replace them: refused
+        with pytest.raises(ValueError, match=rf"{key} is given, but schedule: slow sets its own \({key} "):
+            PruneConfig(schedule="slow", **{key: value})
+        assert PruneConfig(schedule="custom", **{"targets": [0.2], key: value}).plan()  # custom takes them
+    assert PruneConfig(schedule="fast", share_per_step=0.05, steps=6).plan() == fast.plan()  # a base's defaults
 
 
 def _prune_cfg(tiny, **pc):
