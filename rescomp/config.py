@@ -150,7 +150,8 @@ class DistillConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(200, ge=0)  # training epochs
+    # training epochs (at least 1: `rescomp measure CONFIG` counts and times a network without training it)
+    epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)  # images per training step
     eval_batch_size: int = Field(1000, ge=1)  # images per evaluation batch
     optimizer: OptimizerConfig = OptimizerConfig()
