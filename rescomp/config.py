@@ -150,8 +150,9 @@ class DistillConfig(Strict):
 
 
 class TrainConfig(Strict):
-    # training epochs (at least 1: `rescomp measure CONFIG` counts and times a network without training it)
-    epochs: int = Field(200, ge=1)
+    # training epochs; a training run needs 1 or more (0 is a later stage's fine-tune of none, as its
+    # checkpoints record it; `rescomp measure CONFIG` counts and times a network without training it)
+    epochs: int = Field(200, ge=0)
     batch_size: int = Field(128, ge=1)  # images per training step
     eval_batch_size: int = Field(1000, ge=1)  # images per evaluation batch
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -661,7 +661,7 @@ M = [
  ('layer-drop-dry-run-train-line-always', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg))', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
  ('layer-drop-dry-run-own-fresh', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
  ('preset-replaces-given-targets-silently', 'rescomp/config.py', '            if preset and getattr(self, key) is not None:', '            if False:', 'tests/test_prune.py::test_schedules'),
- ('zero-training-epochs-allowed', 'rescomp/config.py', '    epochs: int = Field(200, ge=1)', '    epochs: int = Field(200, ge=0)', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
+ ('zero-training-epochs-allowed', 'rescomp/stages/train.py', '    if cfg.train.epochs < 1:', '    if False:', 'tests/test_workflow.py::test_a_training_run_of_no_epochs_is_refused'),
 ]
 
 

@@ -56,6 +56,8 @@
 #     `rescomp train --fresh` names no config; without the --set it re-makes the run the stage refused)
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing,
 #          test_a_chain_dry_run_judges_each_folder_as_the_chain_would
+# 16. train.epochs: 0 taken for a training run (a random network reported as trained), by train, by a later
+#     stage that trains first, or by a chain -> test_a_training_run_of_no_epochs_is_refused
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
 #     shell's folder, for the sections added after quantize / prune / layer_drop
 #       -> test_every_stage_checkpoint_set_from_a_subfolder_is_taken_from_there
@@ -669,6 +671,18 @@ def test_dry_run_refuses_what_the_command_would(workdir, tiny, key):
     if key.startswith("train"):  # a later stage that trains first checks the teacher too
         res = cli("prune", path, "--set", f"{key}=nope.pt", "--set", "train.distill.alpha=0.5", "--dry-run")
         assert res.exit_code == 2 and "checkpoint 'nope.pt' not found" in res.stderr, res.output
+
+
+def test_a_training_run_of_no_epochs_is_refused(workdir, tiny):
+    """train.epochs: 0 made a run of the random network, reported and handed to later stages as trained. The
+    schema still takes 0 (a later stage's checkpoint records a fine-tune of none, and measure reads it)."""
+    path = write_config(workdir, _quick(tiny))
+    for command in ("train", "prune", "layer-drop", "run"):
+        for dry in (["--dry-run"], []):
+            res = cli(command, path, "--set", "train.epochs=0", *(["--set", "pipeline=[train]"] if command == "run" else []),
+                      *(["--set", "model.gates=true", "--set", "model.depth=14"] if command == "layer-drop" else []), *dry)
+            assert res.exit_code == 2 and "train.epochs: 0 trains nothing" in res.stderr, (command, dry, res.output)
+    assert not (workdir / "runs").exists()
 
 
 def test_dry_run_refuses_quantize_without_a_model_and_too_many_processes(workdir, tiny):

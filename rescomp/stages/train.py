@@ -14,7 +14,7 @@ from rich.console import Console
 from rescomp import checkpoint
 from rescomp.config import ExperimentConfig
 from rescomp.context import RunContext, seed_everything
-from rescomp.errors import CheckpointError
+from rescomp.errors import CheckpointError, ConfigError
 from rescomp.measure import measure
 from rescomp.models import build_model
 from rescomp.runner import STAGES, Stage, StageRun, execute, model_spec, other_classes
@@ -24,6 +24,9 @@ from rescomp.train import Trainer, evaluate
 def check(cfg: ExperimentConfig) -> Optional[torch.nn.Module]:
     """The model's spec (built and run on one image) and a teacher that loads, before any folder is
     touched; returns the teacher (train.distill), which the body distills from."""
+    if cfg.train.epochs < 1:  # the schema takes 0: a later stage's checkpoint records a fine-tune of none so
+        raise ConfigError("train.epochs: 0 trains nothing, and the run would hand on a random network as trained; "
+                          "give 1 or more (`rescomp measure CONFIG` counts and times a network without training it)")
     model_spec(cfg)
     if cfg.train.distill is None:
         return None
