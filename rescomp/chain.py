@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 from rich.console import Console
 
 from rescomp import checkpoint
-from rescomp.config import ExperimentConfig, deep_merge, validate
+from rescomp.config import ExperimentConfig, validate
+from rescomp.config_files import deep_merge
 from rescomp.errors import ConfigError
 from rescomp.rundir import read_summary, run_folder, train_fresh
 from rescomp.runner import Stage, execute, stage, traits_of

@@ -216,7 +216,7 @@ def user_errors(fn: Callable) -> Callable:
 
 def _table_name(name: str) -> None:
     """results/<name>/ must be a folder of results/, not a path out of it."""
-    from rescomp.config import folder_name
+    from rescomp.config_sections import folder_name
     from rescomp.errors import ConfigError
 
     try:
@@ -379,7 +379,8 @@ def measure(target: Path = typer.Argument(..., help="experiment YAML or checkpoi
 
     --set applies to a checkpoint's stored config too (measure.batch_sizes, device, ...)."""
     from rescomp import checkpoint
-    from rescomp.config import apply_overrides, load_config, project_root, validate
+    from rescomp.config import load_config, validate
+    from rescomp.config_files import apply_overrides, project_root
     from rescomp.context import resolve_device
     from rescomp.errors import DeviceError
     from rescomp.measure import measure as measure_model
@@ -502,7 +503,8 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     """Collect finished runs into results/<table>/ as Markdown, CSV, JSON and a plot; or render a committed
     table again from its table.json (the same rows and provenance, the current renderer and notes)."""
     from rescomp.errors import ConfigError
-    from rescomp.config import check_writable, load_config, read_text
+    from rescomp.config import load_config
+    from rescomp.config_files import check_writable, read_text
     from rescomp.report import expand, find_runs, load_rows, rendered_table, write_table
 
     check_writable(out_dir, "--out")
@@ -550,7 +552,8 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     """Every technique and chain against one baseline: accuracy, params, MACs, bytes and latency, with the
     Pareto front of each cost, as results/<table>/compare.{md,csv,json} and pareto.png."""
     from rescomp import compare as cmp
-    from rescomp.config import check_writable, load_config, read_text
+    from rescomp.config import load_config
+    from rescomp.config_files import check_writable, read_text
 
     _table_name(table)
     check_writable(out_dir, "--out")
@@ -578,7 +581,7 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     import sys
 
     from rescomp import jobs as jobs_mod
-    from rescomp.config import check_writable, read_text
+    from rescomp.config_files import check_writable, read_text
 
     if file == "-":
         text, source = sys.stdin.read(), "standard input"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, get_args
 
 from rescomp.checkpoint import write_files
-from rescomp.config import MagnitudePruneConfig, QuantizeConfig
+from rescomp.config_sections import MagnitudePruneConfig, QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import RUNTIME_COLUMN, fastest_column
 from rescomp.plots import caption, curve_style, png, pyplot, set_title

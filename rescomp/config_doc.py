@@ -1,8 +1,8 @@
 """The reference of every config key, generated from the pydantic models so that it cannot drift.
 
 `rescomp config --keys` prints it; docs/config-keys.md is its committed copy (a test checks that the
-two agree). A key's description is its Field description, else the comment on its line in config.py,
-else the comment block just above it.
+two agree). A key's description is its Field description, else the comment on its line in its model's
+source (config.py, config_sections.py), else the comment block just above it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _rows(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, s
 def reference() -> str:
     """Every key of an experiment config as a Markdown table: key, type, default, what it does."""
     lines = ["# Config keys", "",
-             "Generated from `rescomp/config.py` by `rescomp config --keys`; do not edit by hand. Keys under "
+             "Generated from `rescomp/config.py` and `rescomp/config_sections.py` by `rescomp config --keys`; do not edit by hand. Keys under "
              "`model:` other than `arch` are the chosen architecture's builder arguments: `rescomp models` "
              "lists them.", "",
              "| key | type | default | what it does |", "|---|---|---|---|"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from rescomp import checkpoint
-from rescomp.config import check_writable
+from rescomp.config_files import check_writable
 from rescomp.errors import ConfigError, RescompError
 
 OPSET = 18  # torch.onnx's own (torch.export-based) exporter writes 18 and later; older opsets are converted

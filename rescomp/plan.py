@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from rescomp import checkpoint
-from rescomp.config import ExperimentConfig, check_writable
+from rescomp.config import ExperimentConfig
+from rescomp.config_files import check_writable
 from rescomp.context import resolve_device
 from rescomp.errors import ConfigError
 from rescomp.rundir import FRESH, read_summary, refusal, resumable, run_folder, train_fresh
-from rescomp.runner import model_spec
 
 
 def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", section: Optional[str] = None,

@@ -19,7 +19,8 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from rescomp import checkpoint, distributed, runlock
-from rescomp.config import ExperimentConfig, check_writable, dump_config, parse_override, validate
+from rescomp.config import ExperimentConfig, dump_config, validate
+from rescomp.config_files import check_writable, parse_override
 from rescomp.errors import CheckpointError, ConfigError
 from rescomp.provenance import command_line
 

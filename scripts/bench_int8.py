@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from rescomp import checkpoint, provenance  # noqa: E402
 from rescomp.compress import quantize_ort, quantize_pt2e  # noqa: E402
 from rescomp.compress.quantize import ptq  # noqa: E402
-from rescomp.config import QuantizeConfig  # noqa: E402
+from rescomp.config_sections import QuantizeConfig  # noqa: E402
 from rescomp.errors import ConfigError  # noqa: E402
 from rescomp.export import export_onnx, ort_session  # noqa: E402
 from rescomp.hardware import NO_VNNI_CAPS, cpu_flags, has_vnni, onednn_isa_cap  # noqa: E402

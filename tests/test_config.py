@@ -62,7 +62,7 @@ def test_a_key_given_twice_is_an_error_not_the_last_one(tmp_path):
     with pytest.raises(ConfigError, match=r"line 4, column 3: key 'epochs' is given twice \(lines 2 and 4\); keep one"):
         load_config(path)
     path.write_text("base: &b {epochs: 3, batch_size: 4}\ntrain:\n  <<: *b\n  epochs: 5\nname: x\n")  # a merge
-    from rescomp.config import read_yaml  # may override what it brings
+    from rescomp.config_files import read_yaml  # may override what it brings
 
     assert read_yaml(path)["train"] == {"epochs": 5, "batch_size": 4}
     import yaml
@@ -102,7 +102,7 @@ def test_hash_ignores_where_outputs_go(tiny):
 
 
 def _shipped():
-    from rescomp.config import read_with_extends
+    from rescomp.config_files import read_with_extends
 
     root = __import__("pathlib").Path(__file__).resolve().parent.parent / "configs"
     for path in sorted(root.rglob("*.yaml")):

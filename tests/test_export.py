@@ -154,7 +154,7 @@ def test_a_pt2e_int8_model_exports_as_a_qdq_graph_that_agrees(tmp_path, monkeypa
     import rescomp.export as ex
     from rescomp.compress import quantize_pt2e
     from rescomp.compress.quantize import save_int8
-    from rescomp.config import QuantizeConfig
+    from rescomp.config_sections import QuantizeConfig
 
     torch.manual_seed(0)
     spec = {"arch": "cifar_resnet", "depth": 8, "width": 8, "num_classes": 10}

@@ -37,7 +37,8 @@ from typer.testing import CliRunner
 from rescomp import checkpoint
 from rescomp.cli import app
 from rescomp.compress.prune import channel_groups, prune, select, shapes, taylor
-from rescomp.config import PruneConfig, validate
+from rescomp.config import validate
+from rescomp.config_sections import PruneConfig
 from rescomp.measure import count_params
 from rescomp.models import build_model, model_names
 from rescomp.stages.prune import run_prune

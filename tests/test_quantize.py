@@ -41,7 +41,8 @@ import torch
 from rescomp import checkpoint
 from rescomp.cli import app
 from rescomp.compress.quantize import load_int8, ptq, save_int8
-from rescomp.config import QuantizeConfig, validate
+from rescomp.config import validate
+from rescomp.config_sections import QuantizeConfig
 from rescomp.data import synthetic
 from rescomp.config import DataConfig
 from rescomp.errors import ConfigError

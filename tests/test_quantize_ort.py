@@ -22,7 +22,8 @@ import torch
 from typer.testing import CliRunner
 
 from rescomp.cli import app
-from rescomp.config import MeasureConfig, QuantizeConfig
+from rescomp.config import MeasureConfig
+from rescomp.config_sections import QuantizeConfig
 from rescomp.models import build_model
 
 from conftest import quantized, write_config

@@ -527,7 +527,8 @@ def test_runs_are_located_by_out_dir_not_by_the_shells_folder(workdir, tiny, mon
 
 
 def test_a_config_outside_any_project_keeps_its_runs_beside_it(workdir, tiny, monkeypatch):
-    from rescomp.config import load_config, project_root
+    from rescomp.config import load_config
+    from rescomp.config_files import project_root
 
     folder = workdir / "loose"
     folder.mkdir()

@@ -43,7 +43,7 @@ import torch.fx
 import torch.nn as nn
 
 from rescomp import checkpoint
-from rescomp.config import QuantizeConfig
+from rescomp.config_sections import QuantizeConfig
 from rescomp.errors import CheckpointError, ConfigError
 from rescomp.registry import Registry
 

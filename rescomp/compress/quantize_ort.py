@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from rescomp.compress.quantize import BACKENDS, Backend
-from rescomp.config import QuantizeConfig
+from rescomp.config_sections import QuantizeConfig
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from rescomp.compress.quantize import BACKENDS, Backend
-from rescomp.config import QuantizeConfig
+from rescomp.config_sections import QuantizeConfig
 from rescomp.errors import ConfigError
 from rescomp.measure import InductorForward
 
