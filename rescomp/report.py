@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import yaml
+
 from rescomp.checkpoint import write_files
 from rescomp.errors import ConfigError
 from rescomp.rundir import earlier_rules, read_summary, stale_input
@@ -71,11 +73,15 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
 
 
 def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
-    rows, run_dirs = [], list(run_dirs)
+    """The summaries of the runs in run_dirs, each run once (two targets may name the same run), after
+    checking that none is stale and that the runs report would merge as seeds are one experiment's."""
+    rows, run_dirs = [], list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]
     for d in run_dirs:
         rows.append(read_summary(d / "summary.json"))
     if not rows:
         raise ConfigError("no finished runs (summary.json) found to report")
+    if why := seeds_conflict(run_dirs, rows):
+        raise ConfigError(why)
     digests: dict[Path, str] = {}
     for d, s in zip(run_dirs, rows):
         command = s.get("command") or "its command"
@@ -107,6 +113,46 @@ def experiment(row: dict[str, Any]) -> str:
     """The run a row comes from, without its seed: a config's other seeds run as <name>-seed<n> (and their
     later stages as <name>-seed<n>-<stage>), so the seeds of one experiment share this."""
     return re.sub(r"-seed\d+(?=-|$)", "", str(row.get("name")))
+
+
+def seeds_conflict(run_dirs: list[Path], summaries: list[dict[str, Any]]) -> Optional[str]:
+    """Why runs that aggregate_seeds would merge as the seeds of one experiment are not that (None if they
+    are): two runs of one seed (a copied folder), or runs that differ in a setting other than the seed, the
+    name and the checkpoint each seed's own stage starts from (a 3-epoch run beside 2-epoch seeds was
+    averaged in as a fourth seed)."""
+    from rescomp.config import validate
+    from rescomp.rundir import differences
+
+    def settings(d: Path):
+        raw = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        raw.update(seed=0, name=None, seeds=None)
+        for section in raw.values():
+            if isinstance(section, dict) and "checkpoint" in section:
+                section["checkpoint"] = None
+        return validate(raw, str(d / "config.yaml"))
+
+    groups: dict[tuple, list[tuple[Path, dict[str, Any]]]] = {}
+    for d, s in zip(run_dirs, summaries):
+        groups.setdefault((s.get("row"), s.get("stage"), experiment(s)), []).append((d, s))
+    for (label, _, _), group in groups.items():
+        if len({s.get("seed") for _, s in group}) < 2 or not all((d / "config.yaml").is_file() for d, _ in group):
+            continue
+        by_seed: dict[Any, Path] = {}
+        for d, s in group:
+            if (other := by_seed.setdefault(s.get("seed"), d)) != d:
+                return (f"'{other}' and '{d}' are both seed {s.get('seed')} of row '{label}', which report would "
+                        f"average as two seeds; leave one out")
+        first = settings(group[0][0])
+        for d, _ in group[1:]:
+            if changed := differences(first, settings(d), SEED_SECTIONS):
+                return (f"'{group[0][0]}' and '{d}' would be averaged as seeds of row '{label}', but they differ in "
+                        f"{', '.join(changed)}; give one another report.row (or name), or leave one out")
+    return None
+
+
+# The sections whose settings the seeds of one experiment share (besides training's): every stage's, and
+# how they were measured
+SEED_SECTIONS = ("measure", "quantize", "layer_drop", "prune", "magnitude_prune", "weight_share", "binarize")
 
 
 def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -662,6 +662,9 @@ M = [
  ('layer-drop-dry-run-own-fresh', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
  ('preset-replaces-given-targets-silently', 'rescomp/config_sections.py', '            if preset and getattr(self, key) is not None:', '            if False:', 'tests/test_prune.py::test_schedules'),
  ('zero-training-epochs-allowed', 'rescomp/stages/train.py', '    if cfg.train.epochs < 1:', '    if False:', 'tests/test_workflow.py::test_a_training_run_of_no_epochs_is_refused'),
+ ('report-same-run-twice', 'rescomp/report.py', 'rows, run_dirs = [], list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]', 'rows, run_dirs = [], list(run_dirs)', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
+ ('report-seed-twice', 'rescomp/report.py', '            if (other := by_seed.setdefault(s.get("seed"), d)) != d:', '            if False:', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
+ ('report-seeds-of-other-settings', 'rescomp/report.py', '            if changed := differences(first, settings(d), SEED_SECTIONS):', '            if changed := []:', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
 ]
 
 

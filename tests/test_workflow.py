@@ -56,6 +56,9 @@
 #     `rescomp train --fresh` names no config; without the --set it re-makes the run the stage refused)
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing,
 #          test_a_chain_dry_run_judges_each_folder_as_the_chain_would
+# 17. report averaging as seeds of one row runs that differ in another setting (a 3-epoch run beside 2-epoch
+#     seeds), the same seed twice (a copied folder), or one run named twice (a folder and a run in it)
+#       -> test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd
 # 16. train.epochs: 0 taken for a training run (a random network reported as trained), by train, by a later
 #     stage that trains first, or by a chain -> test_a_training_run_of_no_epochs_is_refused
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
@@ -475,6 +478,20 @@ def test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd(workdir
     assert row[0]["top1"] == pytest.approx(mean)
     assert row[0]["top1_std"] == pytest.approx((sum((t - mean) ** 2 for t in tops.values()) / 2) ** 0.5)
     assert "| top-1 sd |" in (workdir / "results/seeds/table.md").read_text().replace("top-1 % | top-1 sd", "| top-1 sd |")
+    # a folder named twice (a folder of runs and a run in it) is one run, not a fourth seed
+    res = cli("report", "runs", "runs/exp-seed1", "--table", "seeds")
+    assert res.exit_code == 0 and "1 row(s) from 3 run(s)" in res.stdout, res.output
+    assert json.loads((workdir / "results/seeds/table.json").read_text())["rows"][0]["seeds"] == 3
+    # a copied folder: seed 1 twice
+    shutil.copytree(workdir / "runs/exp-seed1", workdir / "copy/exp-seed1")
+    res = cli("report", "runs", "copy", "--table", "copied")
+    assert res.exit_code == 2 and "are both seed 1 of row 'exp', which report would average as two seeds" in res.stderr
+    # a run of another seed with other settings is not one more seed of this experiment
+    assert cli("train", path, "--seed", "3", "--set", "train.epochs=2").exit_code == 0
+    res = cli("report", "runs", "--table", "mixed")
+    assert res.exit_code == 2 and "would be averaged as seeds of row 'exp', but they differ in train.epochs (1 -> 2)" \
+        in " ".join(res.stderr.split()), res.output
+    assert not (workdir / "results/copied").exists() and not (workdir / "results/mixed").exists()
 
 
 def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
