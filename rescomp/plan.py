@@ -17,6 +17,7 @@ from rescomp.config_files import check_writable
 from rescomp.context import resolve_device
 from rescomp.errors import ConfigError
 from rescomp.rundir import FRESH, read_summary, refusal, resumable, run_folder, train_fresh
+from rescomp.runner import epochs_trained
 
 
 def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", section: Optional[str] = None,
@@ -144,7 +145,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         family, b = baseline_family(cfg, spec), ld.baselines
         if family:  # the epochs the network it starts from was trained (the run reads them from its checkpoint)
             given = checkpoint.peek(cfg.at(ld.checkpoint)) if ld.checkpoint else None
-            full = int(((given or {}).get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
+            full = epochs_trained(given, cfg.at(ld.checkpoint)) if given else cfg.train.epochs
             units = len(residual_units(build_model(spec)))
             for depth, s in family.items():
                 if b.depths and depth not in b.depths:

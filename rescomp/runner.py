@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -183,6 +184,11 @@ class StageRun:
         return self.payload.get("arch", {})
 
     @cached_property
+    def trained(self) -> Optional[int]:
+        """The epochs the network it starts from was trained in all (epochs_trained)."""
+        return epochs_trained(self.payload, self.source)
+
+    @cached_property
     def loaders(self) -> dict[str, Any]:
         return train_loaders(self.cfg, self.ctx, self.splits)
 
@@ -201,7 +207,11 @@ class StageRun:
             return model.to(self.ctx.device), spec, r
         seed_everything(self.cfg.seed + n)
         model, spec, info = distributed.agree(*transform())  # under several processes, rank 0's network on every rank
-        ev = train_and_eval(model, spec, retrain_config(self.cfg, epochs, lr), self.ctx, self.loaders, step_dir)
+        # the network step n transforms is step n - 1's (in the same base folder), or the one the run starts from
+        previous = step_dir.parent / f"step{n - 1:02d}" / "model.pt"
+        before = self.trained if n == 1 else epochs_trained(checkpoint.peek(previous) or {}, previous)
+        ev = train_and_eval(model, spec, retrain_config(self.cfg, epochs, lr), self.ctx, self.loaders, step_dir,
+                            total=None if before is None else before + epochs)
         model, _ = checkpoint.load_model(step_dir / "model.pt")
         model = model.to(self.ctx.device)
         r = row(model, spec, info, ev)
@@ -319,13 +329,32 @@ def finished_step(step_dir: Path) -> Optional[tuple[torch.nn.Module, dict[str, A
 
 
 def train_and_eval(model, spec, cfg: ExperimentConfig, ctx: RunContext, loaders, run_dir: Path,
-                   distill=None) -> dict[str, float]:
-    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there."""
+                   distill=None, total: Optional[int] = None) -> dict[str, float]:
+    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there, with `total`, the
+    epochs the network has been trained in all with this fine-tune, where known (epochs_trained)."""
     done = run_dir / "model.pt"
     if done.is_file():
         return checkpoint.load(done)["metrics"]
     trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
     trainer.fit()
     ev = evaluate(trainer.model, loaders["test"], ctx)
-    checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict()})
+    checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict(),
+                           **({} if total is None else {"epochs_total": total})})
     return ev
+
+
+def epochs_trained(payload: dict[str, Any], source: Optional[Path]) -> Optional[int]:
+    """The epochs the network in `payload` (read from `source`) has been trained in all: its training run's,
+    then every fine-tune since (a pruned step's config says only its own fine-tune: layer-drop after pruning
+    called a 5-epoch network a 1-epoch one). Checkpoints record it as epochs_total; for one saved before they
+    did, a training run's network says it (its summary, else its config); None for an older later stage's."""
+    if payload.get("epochs_total") is not None:
+        return int(payload["epochs_total"])
+    source = Path(source or "")
+    if payload.get("traits") or payload.get("kind") or re.fullmatch(r"step\d+", source.parent.name):
+        return None  # a later stage's network from before epochs_total: its config says only its own epochs
+    summary = source.parent / "summary.json"
+    if source.name == "model.pt" and summary.is_file() and json.loads(summary.read_text()).get("stage") == "train":
+        return int(json.loads(summary.read_text())["epochs"])
+    epochs = ((payload.get("config") or {}).get("train") or {}).get("epochs")
+    return int(epochs) if epochs else None

@@ -37,6 +37,8 @@
 #       -> test_gates_start_uniform_in_the_configured_range
 # 17. the dry run leaving out the training run it starts from, listing one where a checkpoint is given, or
 #     advising that run's --fresh -> test_the_dry_run_says_the_training_run_it_starts_from
+# 18. a pruned network's epochs read from its checkpoint's config (only its last fine-tune), or an old
+#     checkpoint that does not say taken anyway -> test_a_pruned_network_counts_every_epoch_it_was_trained
 
 import copy
 import json
@@ -467,6 +469,35 @@ def test_the_dry_run_says_the_training_run_it_starts_from(workdir, tiny):
     res = cli("--set", "layer_drop.checkpoint=runs/exp/model.pt")  # a network given: no training run
     assert res.exit_code == 0 and res.stdout.startswith("layer-drop runs/exp-layerdrop-gate-k1-n1: new run"), res.output
     assert "from runs/exp/model.pt; gate criterion" in res.stdout, res.output
+
+
+def test_a_pruned_network_counts_every_epoch_it_was_trained(workdir, tiny):
+    """Wrong versions (18): the epochs of a network layer-drop starts from read from its checkpoint's config,
+    which for a pruned step says only that step's fine-tune (a 2 + 1 + 1-epoch network called a 1-epoch one,
+    and matched baselines given 1 + n x steps); an old such checkpoint, which does not say, taken anyway."""
+    raw = {**_layer_drop_cfg(tiny, baselines={"scratch": False, "distill": False}, max_units=1), "name": "exp"}
+    raw["train"]["epochs"] = 2
+    raw["prune"] = {"policy": "coupled", "share_per_step": 0.1, "steps": 2, "finetune_epochs": 1, "score_batches": 1}
+    path = write_config(workdir, raw)
+    for command in ("train", "prune"):
+        res = CliRunner().invoke(app, [command, str(path)])
+        assert res.exit_code == 0, res.output
+    assert checkpoint.load(workdir / "runs/exp/model.pt")["epochs_total"] == 2
+    steps = sorted((workdir / "runs").glob("exp-prune-*/step0*/model.pt"))
+    assert [checkpoint.load(p)["epochs_total"] for p in steps] == [3, 4]
+    given = ["--set", f"layer_drop.checkpoint={steps[1].relative_to(workdir)}", "--set", "name=late"]
+    res = CliRunner().invoke(app, ["layer-drop", str(path), *given])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(next((workdir / "runs").glob("late-layerdrop-*/summary.json")).read_text())
+    assert [r["epochs"] for r in summary["rows"]] == [4, 5] and summary["full_epochs"] == 4
+    # a pruned step saved before checkpoints said it: refused, by the dry run too, not called a 1-epoch network
+    old = checkpoint.load(steps[1])
+    del old["epochs_total"]
+    checkpoint.save(workdir / "step01/model.pt", old)
+    for dry in (["--dry-run"], []):
+        res = CliRunner().invoke(app, ["layer-drop", str(path), "--set", "layer_drop.checkpoint=step01/model.pt",
+                                       "--set", "name=older", *dry])
+        assert res.exit_code == 2 and "does not say how many epochs it was trained in all" in res.stderr, res.output
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):

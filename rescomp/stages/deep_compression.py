@@ -85,8 +85,9 @@ def _mp_body(run: StageRun) -> dict[str, Any]:
     plain_spec = {k: v for k, v in spec.items() if k != "masked"}
     # its zeros are no longer held by masks, so it says it is sparse: a stage that retrains every weight
     # refuses it (rescomp.runner.traits_of), as a chain refuses that stage after this one
+    total = (checkpoint.peek(run.out / f"step{mc.steps:02d}" / "model.pt") or {}).get("epochs_total")
     checkpoint.save(run.out / "model.pt", {"arch": plain_spec, "state_dict": baked.state_dict(), "config": cfg.to_dict(),
-                                           "traits": ["sparse"],
+                                           "traits": ["sparse"], **({} if total is None else {"epochs_total": total}),
                                            "metrics": {"top1": rows[-1]["top1"], "loss": rows[-1]["loss"]}})
     for r in rows:
         r["row"] = f"{cfg.report.row or cfg.model.arch} magnitude-pruned {100 * r['share']:g}% ({mc.scope})"

@@ -33,7 +33,8 @@ from rescomp.measure import MeasureConfig, measure, step_times_ms
 from rescomp.models import build_model
 from rescomp.models.cifar_resnet import regular_spec
 from rescomp.rundir import lineage
-from rescomp.runner import STAGES, Stage, StageRun, execute, fp32_only, retrain_config, start_spec, train_and_eval
+from rescomp.runner import (STAGES, Stage, StageRun, epochs_trained, execute, fp32_only, retrain_config, start_spec,
+                            train_and_eval)
 from rescomp.train import evaluate
 
 def check(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -49,6 +50,10 @@ def check(cfg: ExperimentConfig) -> dict[str, Any]:
         raise ConfigError(f"layer_drop.max_units={ld.max_units}, but {spec['arch']} has only {deletable} deletable units")
     if ld.k > deletable:
         raise ConfigError(f"layer_drop.k={ld.k}, but {spec['arch']} has only {deletable} deletable units")
+    if given and (payload := checkpoint.peek(cfg.at(given))) is not None and epochs_trained(payload, cfg.at(given)) is None:
+        raise ConfigError(f"layer_drop.checkpoint '{given}' does not say how many epochs it was trained in all (a "
+                          f"later stage's network saved before rescomp recorded it), which the epochs column and "
+                          f"matched baselines need; re-make it with its stage's --fresh, or start from its training run")
     if ld.stop_on == "val" and cfg.data.val_fraction <= 0:
         raise ConfigError("layer_drop.stop_on=val needs a validation split to judge deletions on: set "
                           "data.val_fraction (e.g. 0.1, the share of the training images held out), or stop_on: test")
@@ -169,7 +174,7 @@ def body(run: StageRun) -> dict[str, Any]:
     if not run.spec.get("gates"):
         raise ConfigError(f"'{run.source}' has no residual gates; train a config whose model has `gates:` first")
     family = baseline_family(cfg, run.spec)  # of the network actually loaded
-    full_epochs = int((run.payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))
+    full_epochs = run.trained  # check() refused a network that does not say
 
     loaders = run.loaders
     scoring = sample_loader(run.splits, cfg.data, ld.score_images, cfg.seed, ctx.device)

@@ -60,7 +60,7 @@ def body(run: StageRun) -> dict[str, Any]:
     if "val" in loaders:
         metrics.update({f"val_{k}": v for k, v in evaluate(model, loaders["val"], ctx).items()})
     checkpoint.save(run.out / "model.pt", {"arch": spec, "state_dict": model.state_dict(), "config": cfg.to_dict(),
-                                           "metrics": metrics})
+                                           "metrics": metrics, "epochs_total": state.epoch})
     log_measuring(ctx, cfg)
     costs = measure(model.cpu().float().to(memory_format=torch.contiguous_format), cfg.data.image_size, cfg.measure)
     last = state.history[-1] if state.history else {}
