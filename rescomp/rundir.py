@@ -271,9 +271,12 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
                 f"{' (nor be emptied by --fresh)' if fresh else ''}; choose another name or out_dir")
     if who := runlock.holder(run_dir):
         return runlock.busy(run_dir, who)
+    if not saved.is_file() and (held := runlock.contents(run_dir)):  # another's files: never written into or deleted
+        shown = ", ".join(sorted(p.name for p in held)[:3]) + (", ..." if len(held) > 3 else "")
+        return (f"'{run_dir}' is not a rescomp run folder (it holds {shown} and no config.yaml), so "
+                f"{'--fresh would delete' if fresh else 'a run would write into'} it; choose another name or out_dir")
     if fresh:
-        return None if saved.is_file() or not runlock.contents(run_dir) else \
-            f"--fresh would delete '{run_dir}', which is not a rescomp run folder; choose another name"
+        return None
     if not resumable(run_dir):  # nothing to resume from: taken over
         return None
     keep = "--set name=<new name>"

@@ -669,6 +669,7 @@ M = [
  ('step-total-from-the-start', 'rescomp/runner.py', '        before = self.trained if n == 1 else', '        before = self.trained if True else', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('old-step-epochs-trusted', 'rescomp/runner.py', '    if payload.get("traits") or payload.get("kind") or re.fullmatch(', '    if False and re.fullmatch(', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('train-epochs-total-unrecorded', 'rescomp/stages/train.py', '"metrics": metrics, "epochs_total": state.epoch}', '"metrics": metrics}', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
+ ('foreign-folder-taken-over', 'rescomp/rundir.py', '    if not saved.is_file() and (held := runlock.contents(run_dir)):', '    if fresh and not saved.is_file() and (held := runlock.contents(run_dir)):', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
 ]
 
 

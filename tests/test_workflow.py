@@ -59,6 +59,9 @@
 # 17. report averaging as seeds of one row runs that differ in another setting (a 3-epoch run beside 2-epoch
 #     seeds), the same seed twice (a copied folder), or one run named twice (a folder and a run in it)
 #       -> test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd
+# 18. a folder that is no run (the user's files, no config.yaml) taken over by a plain run, which writes
+#     there, so that --fresh, which its refusals then advise, deletes the user's files
+#       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing
 # 16. train.epochs: 0 taken for a training run (a random network reported as trained), by train, by a later
 #     stage that trains first, or by a chain -> test_a_training_run_of_no_epochs_is_refused
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
@@ -633,12 +636,16 @@ def test_dry_run_checks_everything_says_what_would_run_and_writes_nothing(workdi
     assert cli("prune", path).exit_code == 0
     res, real = (cli("prune", path, "--set", "prune.finetune_epochs=2", *dry) for dry in (["--dry-run"], []))
     assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr and "--set prune.checkpoint=" in res.stderr
-    # --fresh on a folder that is no run is refused by both
+    # a folder that is no run is neither written into nor emptied by --fresh, by either (a plain run wrote its
+    # config.yaml there, and --fresh, which that run's refusals then advised, deleted the user's files)
     (workdir / "runs/other").mkdir()
     (workdir / "runs/other/notes.txt").write_text("mine")
-    res, real = (cli("train", path, "--set", "name=other", "--fresh", *dry) for dry in (["--dry-run"], []))
-    assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr and "not a rescomp run folder" in res.stderr
-    assert (workdir / "runs/other/notes.txt").read_text() == "mine"
+    for fresh, verb in (([], "a run would write into"), (["--fresh"], "--fresh would delete")):
+        res, real = (cli("train", path, "--set", "name=other", *fresh, *dry) for dry in (["--dry-run"], []))
+        assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr, (res.output, real.output)
+        assert (f"'runs/other' is not a rescomp run folder (it holds notes.txt and no config.yaml), so {verb} it"
+                in " ".join(real.stderr.split())), real.stderr
+    assert [p.name for p in (workdir / "runs/other").iterdir()] == ["notes.txt"]
     assert "complete: nothing to run (--fresh redoes it)" in cli("train", path, "--dry-run").stdout
     # a later stage's --fresh leaves the training run it starts from as it is, and says what would redo that one
     # (the whole command: this config, with the --set and --seed given)
