@@ -360,6 +360,9 @@ def prepare(cfg: DataConfig, seed: int) -> Splits:
         n_val = max(1, int(round(len(perm) * cfg.val_fraction)))
         s.val_x, s.val_y = s.train_x[perm[:n_val]], s.train_y[perm[:n_val]]
         perm = perm[n_val:]
+        if not len(perm):  # else a division by zero when the schedule counts steps per epoch
+            raise DataError(f"data.val_fraction {cfg.val_fraction:g} holds out {n_val} of the {n_val} training images, "
+                            f"leaving none to train on; lower it")
     if cfg.train_limit is not None:
         perm = perm[: cfg.train_limit]
     if cfg.val_fraction > 0 or cfg.train_limit is not None:

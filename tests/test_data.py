@@ -75,6 +75,10 @@ def test_validation_split_is_seeded_and_disjoint():
     assert not flat(s.val_x) & flat(s.train_x)
     assert torch.equal(prepare(cfg, seed=0).val_x, s.val_x)
     assert not torch.equal(prepare(cfg, seed=1).val_x, s.val_x)
+    # a split that holds out every training image: one line, not a division by zero in the schedule
+    few = DataConfig(dataset="synthetic", synthetic={"train_size": 8, "test_size": 4}, val_fraction=0.99)
+    with pytest.raises(DataError, match=r"data.val_fraction 0.99 holds out 8 of the 8 training images, leaving none"):
+        prepare(few, seed=0)
 
 
 def _write_imagefolder_tar(path, classes=("cat", "dog"), per_class=3, reverse=False):
