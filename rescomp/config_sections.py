@@ -22,7 +22,7 @@ def folder_name(v: str) -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # lr: inf ran to NaN
 
     @field_validator("*", mode="before")
     @classmethod

@@ -670,6 +670,8 @@ M = [
  ('old-step-epochs-trusted', 'rescomp/runner.py', '    if payload.get("traits") or payload.get("kind") or re.fullmatch(', '    if False and re.fullmatch(', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('train-epochs-total-unrecorded', 'rescomp/stages/train.py', '"metrics": metrics, "epochs_total": state.epoch}', '"metrics": metrics}', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('foreign-folder-taken-over', 'rescomp/rundir.py', '    if not saved.is_file() and (held := runlock.contents(run_dir)):', '    if fresh and not saved.is_file() and (held := runlock.contents(run_dir)):', 'tests/test_workflow.py::test_dry_run_checks_everything_says_what_would_run_and_writes_nothing'),
+ ('val-split-takes-every-image', 'rescomp/data.py', '        if not len(perm):  # else a division by zero', '        if False:  # else a division by zero', 'tests/test_data.py::test_validation_split_is_seeded_and_disjoint'),
+ ('infinite-lr-taken', 'rescomp/config_sections.py', 'validate_assignment=True, allow_inf_nan=False)', 'validate_assignment=True)', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
 ]
 
 

@@ -36,6 +36,8 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     ("image_size=8", r"unknown key 'image_size' \(did you mean 'data.image_size'\?\)"),
     # true/false where a number goes: pydantic would take it as 1 or 0 (1 epoch, 1 training image)
     ("train.epochs=true", r"train.epochs: a number, not true/false \(got True\)"),
+    ("train.optimizer.lr=inf", r"train.optimizer.lr: Input should be a finite number"),  # ran until the loss was NaN
+    ("layer_drop.tolerance=.nan", r"layer_drop.tolerance: Input should be a finite number"),
     ("data.train_limit=true", r"data.train_limit: a number, not true/false"),
     ("train.optimizer.lr=false", r"train.optimizer.lr: a number, not true/false"),
     ("lr=0.1", r"unknown key 'lr' \(did you mean one of 'train.optimizer.lr', 'quantize.qat.lr'\?\)"),
