@@ -14,8 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import yaml
-
 from rescomp.checkpoint import write_files
 from rescomp.errors import ConfigError
 from rescomp.rundir import earlier_rules, read_summary, stale_input
@@ -121,10 +119,10 @@ def seeds_conflict(run_dirs: list[Path], summaries: list[dict[str, Any]]) -> Opt
     name and the checkpoint each seed's own stage starts from (a 3-epoch run beside 2-epoch seeds was
     averaged in as a fourth seed)."""
     from rescomp.config import validate
-    from rescomp.rundir import differences
+    from rescomp.rundir import differences, saved_config
 
     def settings(d: Path):
-        raw = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        raw = saved_config(d).to_dict()
         raw.update(seed=0, name=None, seeds=None)
         for section in raw.values():
             if isinstance(section, dict) and "checkpoint" in section:

@@ -37,6 +37,17 @@ def differences(old: ExperimentConfig, new: ExperimentConfig, sections: tuple[st
     return [f"{k} ({shown(a.get(k))} -> {shown(b.get(k))})" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
+def saved_config(run_dir: Path) -> ExperimentConfig:
+    """The config a run folder keeps (config.yaml), or ConfigError naming the file where it cannot be read."""
+    saved = run_dir / "config.yaml"
+    try:
+        raw = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"'{saved}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}), so the run in "
+                          f"'{run_dir}' cannot be judged; redo that run with --fresh, or move the folder away") from None
+    return validate(raw, str(saved))
+
+
 def run_folder(cfg: ExperimentConfig, suffix: str = "") -> Path:
     """runs/<name>, or runs/<name>-<suffix> for a later stage (`Stage.suffix`)."""
     return cfg.runs_dir / (f"{cfg.run_name}-{suffix}" if suffix else cfg.run_name)
@@ -57,7 +68,7 @@ def trained_otherwise(run_dir: Path, cfg: ExperimentConfig, *sections: str) -> l
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
-    old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
+    old = saved_config(run_dir)
     return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
 
 
@@ -133,7 +144,7 @@ def earlier_rules(run_dir: Path, cfg: Optional[ExperimentConfig] = None, section
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             return None
-        cfg = validate(yaml.safe_load(saved.read_text()) or {}, str(saved))
+        cfg = saved_config(run_dir)
     gated = made.get("gated")
     if gated is None and section == "prune" and cfg.prune.criterion in ACTIVATION_CRITERIA:
         gated = _kept_gated(run_dir)  # a folder made before runs recorded it
@@ -292,7 +303,7 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
         return why and f"'{run_dir}' {why}; {rerun(redo)} to " + (
             f"redo it from the file as it is now, or {keep} to keep both" if finished else "start it again")
     if len(changed) == 1 and changed[0].startswith("name ("):  # a renamed folder: a new name would not help
-        old = validate(yaml.safe_load(saved.read_text()) or {}, str(saved)).run_name
+        old = saved_config(run_dir).run_name
         back = old + (f"-{suffix}" if suffix else "")
         return (f"'{run_dir}' holds the run named '{old}' (a renamed folder?); rename it back to '{back}' and use "
                 f"--set name={old}, or {rerun(redo)} to replace it")

@@ -510,6 +510,13 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
     assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable",
                       "cut": "broken: an empty checkpoint (checkpoints/last.pt); re-run it with --fresh"}
+    # a run folder whose config.yaml is not YAML: one line from runs, report and the run's own command
+    shutil.copytree(workdir / "runs/exp", workdir / "runs/bad")
+    (workdir / "runs/bad/config.yaml").write_text("train: {epochs: [")
+    said = "'runs/bad/config.yaml' cannot be read (ParserError: "
+    assert said in cli("runs").stdout
+    for res in (cli("report", "runs/bad", "--table", "bad"), cli("train", path, "--set", "name=bad")):
+        assert res.exit_code == 2 and said in res.stderr and "Traceback" not in res.output, res.output
     assert cli("runs", workdir / "nowhere").exit_code == 2
 
 
