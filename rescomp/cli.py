@@ -527,6 +527,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
         out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
         return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
+    _left_out(targets)
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
@@ -536,6 +537,16 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
                        notes=notes_text)
     written = len(json.loads((path / "table.json").read_text())["rows"])  # a row per experiment: seeds meet in one
     out.print(f"{written} row(s) from {len(summaries)} run(s) -> {path}/table.md")
+
+
+def _left_out(targets: List[str]) -> None:
+    """Say which unfinished runs under the folders given a table leaves out."""
+    from rescomp.report import unfinished
+
+    if left := unfinished(targets):
+        names = ", ".join(str(d) for d in left[:3]) + (", ..." if len(left) > 3 else "")
+        err.print(f"left out {len(left)} unfinished run(s), with no summary.json yet: {names} (its command resumes "
+                  f"a run; report it once it has finished)", highlight=False)
 
 
 @app.command()
@@ -562,6 +573,7 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     pts = cmp.collect(targets, runs, baseline, profile)
+    _left_out(targets)
     path = cmp.write(table, pts, out_dir, notes_text)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)

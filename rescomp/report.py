@@ -70,6 +70,13 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
                       f"pass a run folder (e.g. runs/demo-resnet20) or train a config with report.table: {target}")
 
 
+def unfinished(targets: Iterable[str]) -> list[Path]:
+    """The runs under the folders among `targets` that have not finished (a config.yaml, no summary.json yet):
+    report and compare leave them out, and say so (a table that lost a run without a word looks complete)."""
+    return sorted({c.parent for t in targets if Path(t).is_dir() for c in Path(t).rglob("config.yaml")
+                   if not (c.parent / "summary.json").is_file()})
+
+
 def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     """The summaries of the runs in run_dirs, each run once (two targets may name the same run), after
     checking that none is stale and that the runs report would merge as seeds are one experiment's."""

@@ -62,6 +62,8 @@
 # 18. a folder that is no run (the user's files, no config.yaml) taken over by a plain run, which writes
 #     there, so that --fresh, which its refusals then advise, deletes the user's files
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing
+# 19. report and compare leaving an unfinished run out of a folder of runs without a word
+#       -> test_runs_lists_every_run_with_its_state
 # 16. train.epochs: 0 taken for a training run (a random network reported as trained), by train, by a later
 #     stage that trains first, or by a chain -> test_a_training_run_of_no_epochs_is_refused
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
@@ -510,6 +512,11 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     states = {line.split("\t")[0]: line.split("\t")[2] for line in res.stdout.splitlines()[1:]}
     assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable",
                       "cut": "broken: an empty checkpoint (checkpoints/last.pt); re-run it with --fresh"}
+    # report and compare leave the unfinished run out, and say so
+    for res in (cli("report", "runs", "--table", "t"), cli("compare", "runs", "--table", "c")):
+        assert res.exit_code == 0, res.output
+        assert "left out 1 unfinished run(s), with no summary.json yet: runs/exp-seed3" in res.stderr, res.output
+    assert "left out" not in cli("report", "runs/exp", "--table", "t").stderr
     # a run folder whose config.yaml is not YAML: one line from runs, report and the run's own command
     shutil.copytree(workdir / "runs/exp", workdir / "runs/bad")
     (workdir / "runs/bad/config.yaml").write_text("train: {epochs: [")
