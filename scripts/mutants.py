@@ -674,6 +674,7 @@ M = [
  ('infinite-lr-taken', 'rescomp/config_sections.py', 'validate_assignment=True, allow_inf_nan=False)', 'validate_assignment=True)', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('damaged-run-config-traceback', 'rescomp/rundir.py', '    except (yaml.YAMLError, UnicodeDecodeError) as e:', '    except UnicodeDecodeError as e:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
  ('unfinished-runs-left-out-silently', 'rescomp/cli.py', '    if left := unfinished(targets):', '    if left := []:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
+ ('reached-baseline-keeps-gated-paths', 'rescomp/stages/layer_drop.py', '        out["shapes"] = {k.removesuffix(".inner"): v for k, v in out["shapes"].items()}', '        out["shapes"] = dict(out["shapes"])', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
 ]
 
 

@@ -38,7 +38,8 @@
 # 17. the dry run leaving out the training run it starts from, listing one where a checkpoint is given, or
 #     advising that run's --fresh -> test_the_dry_run_says_the_training_run_it_starts_from
 # 18. a pruned network's epochs read from its checkpoint's config (only its last fine-tune), or an old
-#     checkpoint that does not say taken anyway -> test_a_pruned_network_counts_every_epoch_it_was_trained
+#     checkpoint that does not say taken anyway; its reached baselines built without its pruned shapes
+#       -> test_a_pruned_network_counts_every_epoch_it_was_trained
 
 import copy
 import json
@@ -485,11 +486,16 @@ def test_a_pruned_network_counts_every_epoch_it_was_trained(workdir, tiny):
     assert checkpoint.load(workdir / "runs/exp/model.pt")["epochs_total"] == 2
     steps = sorted((workdir / "runs").glob("exp-prune-*/step0*/model.pt"))
     assert [checkpoint.load(p)["epochs_total"] for p in steps] == [3, 4]
-    given = ["--set", f"layer_drop.checkpoint={steps[1].relative_to(workdir)}", "--set", "name=late"]
+    given = ["--set", f"layer_drop.checkpoint={steps[1].relative_to(workdir)}", "--set", "name=late",
+             "--set", "layer_drop.baselines={structure: reached, scratch: true, distill: false, epochs: matched}"]
     res = CliRunner().invoke(app, ["layer-drop", str(path), *given])
     assert res.exit_code == 0, res.output
     summary = json.loads(next((workdir / "runs").glob("late-layerdrop-*/summary.json")).read_text())
-    assert [r["epochs"] for r in summary["rows"]] == [4, 5] and summary["full_epochs"] == 4
+    rows = summary["rows"]
+    assert [r["epochs"] for r in rows] == [4, 5, 5] and summary["full_epochs"] == 4
+    # the reached structure of the pruned network, without its gates (2 left after one deletion), from scratch
+    # (it failed after the whole loop: the pruned BN recorded inside its gate, as <unit>.bn3.inner)
+    assert rows[2]["method"] == "scratch" and (rows[2]["params"], rows[2]["macs"]) == (rows[1]["params"] - 2, rows[1]["macs"])
     # a pruned step saved before checkpoints said it: refused, by the dry run too, not called a 1-epoch network
     old = checkpoint.load(steps[1])
     del old["epochs_total"]

@@ -231,7 +231,7 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: di
         nets = [(f"regular-{d}", s, None) for d, s in family.items() if not b.depths or d in b.depths]
     else:  # the same structure as each step's network, plain x + F(x)
         arch = lambda r: checkpoint.load(out / f"step{r['step']:02d}" / "model.pt", mmap=True)["arch"]  # noqa: E731
-        nets = [(str(r["layers"]), {k: v for k, v in arch(r).items() if k != "gates"}, r["step"]) for r in steps]
+        nets = [(str(r["layers"]), ungated(arch(r)), r["step"]) for r in steps]
     teacher = distillation(copy.deepcopy(full).to(ctx.device), b.temperature, b.alpha) if b.distill else None
     units = len(residual_units(full))
     rows = []
@@ -248,6 +248,16 @@ def _baselines(cfg: ExperimentConfig, ctx: RunContext, loaders, full, family: di
                          "units_deleted": removed})
             ctx.log(f"{b.structure} {method} at {rows[-1]['layers']} layers, {epochs} epochs: top-1 {ev['top1']:.2f}%")
     return rows
+
+
+def ungated(spec: dict[str, Any]) -> dict[str, Any]:
+    """The plain x + F(x) network of spec's structure: without its gates, and a pruned layer a gate wrapped
+    (recorded as <unit>.bn2.inner) recorded as that layer (a pruned network's reached baselines failed
+    after the whole deletion loop: 'BatchNorm2d has no attribute inner')."""
+    out = {k: v for k, v in spec.items() if k != "gates"}
+    if "shapes" in out:
+        out["shapes"] = {k.removesuffix(".inner"): v for k, v in out["shapes"].items()}
+    return out
 
 
 def smallest_lossless(method_rows: list[dict[str, Any]], tolerance: float, key: str = "top1") -> dict[str, Any]:
