@@ -68,8 +68,18 @@ def trained_otherwise(run_dir: Path, cfg: ExperimentConfig, *sections: str) -> l
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
-    old = saved_config(run_dir)
-    return differences(old, cfg, sections) if old.identity(*sections) != cfg.identity(*sections) else []
+    old, new = (_start_written(c, cfg, sections) for c in (saved_config(run_dir), cfg))
+    return differences(old, new, sections) if old.identity(*sections) != new.identity(*sections) else []
+
+
+def _start_written(c: ExperimentConfig, cfg: ExperimentConfig, sections: tuple[str, ...]) -> ExperimentConfig:
+    """c with each of the stage `sections`' unset checkpoint written out as the network it names, the
+    config's own training run's model.pt, as a chain writes it into the stage's config (cfg.written,
+    relative to cfg's project): `rescomp prune` refused the folder `rescomp run` had made from that very
+    network (prune.checkpoint 'runs/x/model.pt' -> unset), and the reverse."""
+    start = cfg.written(run_folder(cfg) / "model.pt")
+    unset = {s: getattr(c, s) for s in sections if getattr(getattr(c, s, None), "checkpoint", "") is None}
+    return c.model_copy(update={s: part.model_copy(update={"checkpoint": start}) for s, part in unset.items()})
 
 
 def resumable(run_dir: Path) -> bool:

@@ -64,6 +64,9 @@
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing
 # 19. report and compare leaving an unfinished run out of a folder of runs without a word
 #       -> test_runs_lists_every_run_with_its_state
+# 20. a chain's stage folder refused by the stage's own command (and the reverse) as "other settings",
+#     where one names the network it starts from and the other leaves it unset, meaning the same one
+#       -> test_a_chains_stage_and_the_stages_own_command_share_their_folder
 # 16. train.epochs: 0 taken for a training run (a random network reported as trained), by train, by a later
 #     stage that trains first, or by a chain -> test_a_training_run_of_no_epochs_is_refused
 #  9. a stage checkpoint given with --set from another folder left relative to the project, not to the
@@ -101,7 +104,7 @@ STAGES = {
     "quantize": ({"quantize": {"calibration_images": 16}}, "quantize.calibration_images=32",
                  "quantize.calibration_images (16 -> 32)", "runs/exp-ptq"),
     "checkpoint": ({"quantize": {"calibration_images": 16}}, "quantize.checkpoint=other.pt",
-                   "quantize.checkpoint (unset -> 'other.pt')", "runs/exp-ptq"),
+                   "quantize.checkpoint ('runs/exp/model.pt' -> 'other.pt')", "runs/exp-ptq"),  # unset: this one
     "layer-drop": ({"model": {"arch": "cifar_resnet", "depth": 14, "width": 4, "gates": {"init": [-1, 1]}},
                     "layer_drop": {"k": 1, "retrain_epochs": 0, "max_units": 1, "score_images": 16,
                                    "timing": {"batch_size": 2, "runs": 1, "warmup": 0},
@@ -1080,6 +1083,26 @@ def test_a_re_made_teacher_makes_its_students_run_stale(workdir, tiny):
     student = ("train", path, "--set", "name=student", "--set", "train.distill.teacher=teacher.pt")
     res = _made_then_re_made(workdir, path, "teacher.pt", student, 3)
     assert res.exit_code == 2 and "'runs/student' was made from 'teacher.pt' as it was before" in res.stderr
+
+
+def test_a_chains_stage_and_the_stages_own_command_share_their_folder(workdir, tiny):
+    """A chain writes the network a stage starts from into the stage's config (prune.checkpoint
+    runs/exp/model.pt); the stage's own command leaves it unset, meaning the same network. Each refused the
+    other's finished folder as "other settings" and advised --fresh, which deletes a valid result."""
+    tiny = _quick(tiny)
+    tiny["prune"] = {"share_per_step": 0.1, "steps": 1, "finetune_epochs": 0, "score_batches": 1}
+    tiny["pipeline"] = ["train", "prune"]
+    path = write_config(workdir, tiny)
+    assert cli("run", path).exit_code == 0
+    for dry in (["--dry-run"], []):
+        res = cli("prune", path, *dry)
+        assert res.exit_code == 0 and "complete" in res.output, res.output
+    res = cli("prune", path, "--set", "name=other")  # the other way round: the stage's command first
+    assert res.exit_code == 0, res.output
+    res = cli("run", path, "--set", "name=other")
+    assert res.exit_code == 0 and res.output.count("is already complete") == 2, res.output
+    res = cli("prune", path, "--set", "prune.checkpoint=runs/other/model.pt")  # another network: refused
+    assert res.exit_code == 2 and "prune.checkpoint ('runs/exp/model.pt' -> 'runs/other/model.pt')" in res.stderr
 
 
 def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
