@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rescomp.config_files import apply_overrides, deep_merge, parse_override, project_root, read_with_extends
-from rescomp.config_sections import (BinarizeConfig, LayerDropConfig, MagnitudePruneConfig, PruneConfig, QuantizeConfig,
-                                     Rooted, Strict, WeightShareConfig, folder_name)
+from rescomp.config_sections import (NAME_BYTES, BinarizeConfig, LayerDropConfig, MagnitudePruneConfig, PruneConfig,
+                                     QuantizeConfig, Rooted, Strict, WeightShareConfig, folder_name)
 from rescomp.errors import ConfigError
 from rescomp.registry import suggest
 
@@ -411,6 +411,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, profile: O
     root = project_root(path)
     raw = _rebase_cli_paths(raw, overrides or [], root)
     cfg = validate(raw, str(path)).rooted(root)
+    if len(cfg.run_name.encode()) > NAME_BYTES:  # else an OSError where a folder is made, a later stage's first
+        raise ConfigError(f"{path}: name: the run name '{cfg.run_name[:40]}...' is {len(cfg.run_name.encode())} bytes "
+                          f"long; keep it to {NAME_BYTES}, which leaves room for the endings later stages add to it")
     cfg._loaded = (str(path), profile, tuple(overrides or []))
     return cfg
 

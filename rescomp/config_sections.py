@@ -18,7 +18,15 @@ def folder_name(v: str) -> str:
     --fresh deletion and a table's files somewhere else (`name: .` made --fresh empty every run)."""
     if not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0"):
         raise ValueError("must be one folder name: not empty, '.' or '..', and without '/' or '\\'")
+    if len(v.encode()) > 255:
+        raise ValueError(f"must be at most 255 bytes long, as a file name (it is {len(v.encode())})")
     return v
+
+
+# A config's run name leaves room for the endings later stages add to their folders' names: a chain's last
+# (<name>-prune-coupled-mean_activation-custom-layerdrop-output_norm-k2-n10-ptq-onnxruntime-seed12) adds
+# about 90 bytes, and a file name holds at most 255 (rescomp.config.load_config checks it).
+NAME_BYTES = 120
 
 
 class Strict(BaseModel):

@@ -676,6 +676,8 @@ M = [
  ('unfinished-runs-left-out-silently', 'rescomp/cli.py', '    if left := unfinished(targets):', '    if left := []:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
  ('reached-baseline-keeps-gated-paths', 'rescomp/stages/layer_drop.py', '        out["shapes"] = {k.removesuffix(".inner"): v for k, v in out["shapes"].items()}', '        out["shapes"] = dict(out["shapes"])', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('unset-start-differs-from-its-path', 'rescomp/rundir.py', '    old, new = (_start_written(c, cfg, sections) for c in (saved_config(run_dir), cfg))', '    old, new = saved_config(run_dir), cfg', 'tests/test_workflow.py::test_a_chains_stage_and_the_stages_own_command_share_their_folder'),
+ ('run-name-any-length', 'rescomp/config.py', '    if len(cfg.run_name.encode()) > NAME_BYTES:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
+ ('folder-name-any-length', 'rescomp/config_sections.py', '    if len(v.encode()) > 255:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
 ]
 
 

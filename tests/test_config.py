@@ -37,6 +37,8 @@ def test_overrides_are_parsed_and_validated(tmp_path, tiny):
     # true/false where a number goes: pydantic would take it as 1 or 0 (1 epoch, 1 training image)
     ("train.epochs=true", r"train.epochs: a number, not true/false \(got True\)"),
     ("train.optimizer.lr=inf", r"train.optimizer.lr: Input should be a finite number"),  # ran until the loss was NaN
+    ("name=" + "a" * 121, r"name: the run name 'a{40}\.\.\.' is 121 bytes long; keep it to 120"),  # an OSError later
+    ("report.table=" + "t" * 256, r"report.table: must be at most 255 bytes long, as a file name"),
     ("layer_drop.tolerance=.nan", r"layer_drop.tolerance: Input should be a finite number"),
     ("data.train_limit=true", r"data.train_limit: a number, not true/false"),
     ("train.optimizer.lr=false", r"train.optimizer.lr: a number, not true/false"),
