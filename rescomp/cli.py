@@ -613,6 +613,7 @@ def _command_fault(args: list[str], first: bool = True) -> Optional[str]:
     option this CLI does not have, a config it names that cannot be read with its --set and --profile;
     None if nothing. A line of a later phase (`first` false) may name a config an earlier phase writes
     (runs/<name>/config.yaml): one not there yet is left to the run."""
+    from rescomp.errors import ConfigError
     from rescomp.registry import suggest
 
     commands = typer.main.get_command(app).commands
@@ -637,10 +638,19 @@ def _command_fault(args: list[str], first: bool = True) -> Optional[str]:
             return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(params))}"
         else:
             given[""].append(word)
+    try:  # the rest of the words as the command parses them: a value of the wrong type, an extra argument
+        parsed = commands[args[0]].make_context(f"rescomp {args[0]}", list(args[1:])).params
+        if parsed.get("nproc") is not None:
+            _nproc_ok(parsed["nproc"])
+    except typer.Exit:  # --help
+        pass
+    except typer.TyperException as e:  # typer's click: a usage error
+        return f"rescomp {args[0]}: {getattr(e, 'format_message', e.__str__)()}"
+    except ConfigError as e:
+        return str(e)
     config = next((a for a in given[""] if a.endswith((".yaml", ".yml"))), None)
     if config is not None and (first or Path(config).exists()):  # its file, keys and values, as the command reads them
         from rescomp.config import load_config
-        from rescomp.errors import ConfigError
 
         try:
             load_config(config, given["--set"], given["--profile"][-1] if given["--profile"] else None)

@@ -678,6 +678,8 @@ M = [
  ('unset-start-differs-from-its-path', 'rescomp/rundir.py', '    old, new = (_start_written(c, cfg, sections) for c in (saved_config(run_dir), cfg))', '    old, new = saved_config(run_dir), cfg', 'tests/test_workflow.py::test_a_chains_stage_and_the_stages_own_command_share_their_folder'),
  ('run-name-any-length', 'rescomp/config.py', '    if len(cfg.run_name.encode()) > NAME_BYTES:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('folder-name-any-length', 'rescomp/config_sections.py', '    if len(v.encode()) > 255:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
+ ('jobs-words-unparsed', 'rescomp/cli.py', '        parsed = commands[args[0]].make_context(f"rescomp {args[0]}", list(args[1:])).params', '        parsed = {}', 'tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts'),
+ ('jobs-nproc-unchecked', 'rescomp/cli.py', '        if parsed.get("nproc") is not None:\n            _nproc_ok(parsed["nproc"])', '        pass', 'tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts'),
 ]
 
 

@@ -151,6 +151,10 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     ("rescomp report runs --tabel=t", "line 4: rescomp report has no option '--tabel' (did you mean '--table'?)"),
     ("rescomp train {p} --set train.epoch=1", "line 4: {p}: unknown key 'train.epoch'"),  # a key, read as the run would
     ("rescomp train {p} --profile=nope", "line 4: {p}: no profile 'nope'"),
+    # words the command's own parser refuses, and a --nproc it refuses: they failed once earlier jobs had run
+    ("rescomp train {p} --nproc 0", "line 4: --nproc 0: give a number of processes of at least 1"),
+    ("rescomp train {p} other.yaml", "line 4: rescomp train: Got unexpected extra argument(s) (other.yaml)"),
+    ("rescomp train {p} --seed x", "line 4: rescomp train: Invalid value for '--seed'"),
 ])
 def test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts(workdir: Path, tiny: dict, line, message) -> None:
     path = write_config(workdir, {**tiny, "profiles": {"-x": {"train": {"epochs": 5}}}})
