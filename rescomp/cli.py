@@ -673,6 +673,9 @@ def runs(root: Path = typer.Argument(Path("runs"), help="a folder of runs, or a 
         root = load_config(root).runs_dir
     if not root.is_dir():
         raise ConfigError(f"'{root}' is not a folder of runs; pass a config's out_dir (default: runs) or the config file")
+    if (root / "config.yaml").is_file():  # its checkpoints/ folder was listed as an interrupted run
+        raise ConfigError(f"'{root}' is a run folder, not a folder of runs; list it among its neighbours: "
+                          f"rescomp runs {root.parent}")
     rows, digests = [], {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         summary = d / "summary.json"

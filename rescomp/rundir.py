@@ -287,6 +287,8 @@ def refusal(cfg: ExperimentConfig, fresh: bool, suffix: str = "", section: Optio
     saved = run_dir / "config.yaml"
     if not run_dir.exists():
         return None
+    if not run_dir.is_dir():  # the run would meet it as "File exists"
+        return f"'{run_dir}' is a file, not a run folder; move it away, or choose another name or out_dir"
     if others := other_runs(run_dir):  # out_dir: ., name: runs
         return (f"'{run_dir}' holds other runs ({others}), so it cannot be this run's folder"
                 f"{' (nor be emptied by --fresh)' if fresh else ''}; choose another name or out_dir")

@@ -680,6 +680,8 @@ M = [
  ('folder-name-any-length', 'rescomp/config_sections.py', '    if len(v.encode()) > 255:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('jobs-words-unparsed', 'rescomp/cli.py', '        parsed = commands[args[0]].make_context(f"rescomp {args[0]}", list(args[1:])).params', '        parsed = {}', 'tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts'),
  ('jobs-nproc-unchecked', 'rescomp/cli.py', '        if parsed.get("nproc") is not None:\n            _nproc_ok(parsed["nproc"])', '        pass', 'tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts'),
+ ('runs-of-a-run-folder', 'rescomp/cli.py', '    if (root / "config.yaml").is_file():  # its checkpoints/', '    if False:  # its checkpoints/', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
+ ('file-as-run-folder', 'rescomp/rundir.py', '    if not run_dir.is_dir():  # the run would meet it', '    if False:  # the run would meet it', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
 ]
 
 

@@ -528,6 +528,13 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     for res in (cli("report", "runs/bad", "--table", "bad"), cli("train", path, "--set", "name=bad")):
         assert res.exit_code == 2 and said in res.stderr and "Traceback" not in res.output, res.output
     assert cli("runs", workdir / "nowhere").exit_code == 2
+    res = cli("runs", "runs/exp")  # a run folder: its checkpoints/ was listed as an interrupted run
+    assert res.exit_code == 2 and "'runs/exp' is a run folder, not a folder of runs; list it among its neighbours: " \
+        "rescomp runs runs" in " ".join(res.stderr.split()), res.output
+    (workdir / "runs/afile").write_text("x")  # a file where a run's folder would go: refused by both, named
+    res, real = (cli("train", path, "--set", "name=afile", *dry) for dry in (["--dry-run"], []))
+    assert res.exit_code == real.exit_code == 2 and res.stderr == real.stderr, (res.output, real.output)
+    assert "'runs/afile' is a file, not a run folder" in real.stderr and (workdir / "runs/afile").read_text() == "x"
 
 
 # -- runs are found by the config, not by the shell's folder (issue 15, point 9) -------------------
