@@ -15,7 +15,7 @@ from rescomp import checkpoint
 from rescomp.config import ExperimentConfig
 from rescomp.config_files import check_writable
 from rescomp.context import resolve_device
-from rescomp.errors import ConfigError
+from rescomp.errors import CheckpointError, ConfigError
 from rescomp.rundir import FRESH, read_summary, refusal, resumable, run_folder, train_fresh
 from rescomp.runner import epochs_trained
 
@@ -69,6 +69,12 @@ def _train_lines(cfg: ExperimentConfig, refused: list[str], fresh: bool = False,
 
     check(cfg)
     run_dir, state = folder_state(cfg, refused, fresh=fresh, redo=redo)
+    if redo != FRESH and state.startswith("complete"):  # a later stage loads the network it made: one that fails to
+        try:                                            # load fails it (read here as far as its header)
+            checkpoint.load(run_dir / "model.pt", mmap=True)
+        except CheckpointError as e:
+            refused.append(str(e))
+            state = "refused (below)"
     t = cfg.train
     return [f"train   {run_dir}: {state}",
             f"        {cfg.model.arch} on {_data(cfg)}; device {resolve_device(cfg.device)}, seed {cfg.seed}",

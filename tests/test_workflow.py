@@ -722,6 +722,19 @@ def test_dry_run_refuses_what_the_command_would(workdir, tiny, key):
         assert res.exit_code == 2 and "checkpoint 'nope.pt' not found" in res.stderr, res.output
 
 
+def test_a_later_stages_dry_run_refuses_a_corrupt_trained_network_as_the_stage_does(workdir, tiny):
+    path = write_config(workdir, _quick(tiny))
+    assert cli("train", path).exit_code == 0
+    model = workdir / "runs/exp/model.pt"
+    model.write_bytes(model.read_bytes()[:700])
+    for command in ("prune", "magnitude-prune"):  # the dry run said the training run was complete, exit 0
+        res, real = (cli(command, path, *dry) for dry in (["--dry-run"], []))
+        error = lambda r: [line for line in r.stderr.splitlines() if line.startswith("error:")]  # noqa: E731 (it logs too)
+        assert res.exit_code == real.exit_code == 2 and error(res) == error(real), (command, res.output, real.output)
+        assert "checkpoint 'runs/exp/model.pt' is truncated or corrupt" in res.stderr
+        assert "train   runs/exp: refused (below)" in res.stdout
+
+
 def test_a_training_run_of_no_epochs_is_refused(workdir, tiny):
     """train.epochs: 0 made a run of the random network, reported and handed to later stages as trained. The
     schema still takes 0 (a later stage's checkpoint records a fine-tune of none, and measure reads it)."""
