@@ -2,8 +2,9 @@
 
 Each network a run made is a point: a trained network, each step of a prune or layer-drop run (its
 step 0 is the network it started from, already a point of the run before it), each layer-drop
-baseline, an int8 network. A point is named by its chain, read from its run folder's name, which
-every stage extends (rescomp.runner): `exp-prune-paper-taylor-custom-ptq` is "prune → int8". Costs are
+baseline, an int8 network. A point is named by its chain: the stages that made its network, followed back
+through each run's recorded input (run_stages), else read from its run folder's name, which every stage
+extends (rescomp.runner): `exp-prune-paper-taylor-custom-ptq` is "prune → int8". Costs are
 params, MACs, bytes (tensors as torch.save writes them) and the batch-1 CPU latency on the fastest
 runtime that timed that network (named beside it). A point is on the Pareto front of a cost when no
 other point has a lower or equal cost and a higher top-1, i.e. no cheaper network is more accurate. A
@@ -37,13 +38,44 @@ STAGE_TOKENS = [(re.compile(r"-prune-[a-z]+-[a-z0-9_]+-[a-z0-9]+"), "prune"),
                 (re.compile(r"-(ptq|qat)(-(pt2e|onnxruntime|fbgemm|qnnpack))?$"), "int8")]
 
 
-def chain_of(folder: str, spec: Any = None) -> str:
-    """The stages a run folder's name spells after training, in order: 'prune → layer-drop → int8'; a
-    network trained with separable convs (its arch `spec` says so) starts 'depthwise separable'."""
-    found = sorted((m.start(), label) for pattern, label in STAGE_TOKENS for m in pattern.finditer(folder))
+def chain_of(folder: str, spec: Any = None, stages: Optional[list[str]] = None) -> str:
+    """The stages after training that made a run's network, in order: 'prune → layer-drop → int8', as its
+    recorded inputs say (`stages`, run_stages), else as the run folder's name spells them; a network trained
+    with separable convs (its arch `spec` says so) starts 'depthwise separable'."""
+    if stages is None:
+        stages = [label for _, label in sorted((m.start(), label) for pattern, label in STAGE_TOKENS
+                                              for m in pattern.finditer(folder))]
     separable = spec.get("separable") if isinstance(spec, dict) else None
     start = [f"{separable['mode']} separable"] if separable else []
-    return " → ".join(start + [label for _, label in found]) or "train"
+    return " → ".join(start + stages) or "train"
+
+
+STAGE_LABELS = {"prune": "prune", "layerdrop": "layer-drop", "magnitude_prune": "magnitude-prune",
+                "weight_share": "weight-share", "binarize": "binarize", "ptq": "int8", "qat": "int8"}
+
+
+def run_stages(run_dir: Path, summary: dict[str, Any]) -> Optional[list[str]]:
+    """The stages that made run_dir's network after training, oldest first, followed back through each run's
+    recorded input (its summary's `inputs`) to a training run; None where a run records no single input to
+    follow (made before runs kept one, or a folder copied away from its inputs): the name says it then. A
+    stage's own command given a pruned network (prune.checkpoint) names its folder after the config alone,
+    so its name said 'int8' where the network was pruned, then quantized."""
+    from rescomp.rundir import _at, read_summary
+
+    stages: list[str] = []
+    for _ in range(32):  # a chain is a few stages; a loop of records is no chain
+        if summary.get("stage") == "train":
+            return stages[::-1]
+        inputs = list(summary.get("inputs") or {})
+        if summary.get("stage") not in STAGE_LABELS or len(inputs) != 1:
+            return None
+        stages.append(STAGE_LABELS[summary["stage"]])
+        network = _at(run_dir, inputs[0])
+        run_dir = next((d for d in network.parents[:3] if (d / "summary.json").is_file()), None)  # run/to30/step02
+        if run_dir is None:
+            return None
+        summary = read_summary(run_dir / "summary.json")
+    return None
 
 
 def _fastest_latency(r: dict[str, Any]) -> tuple[Optional[float], Optional[str], Optional[float]]:
@@ -67,7 +99,8 @@ def points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if multi and r.get("step") == 0 and r.get("method", "layer-drop") == "layer-drop":
                 continue  # the network the run started from
             latency, runtime, spread = _fastest_latency(r)
-            chain = chain_of(s["name"], s["arch"] if isinstance(s.get("arch"), dict) else s.get("start_arch"))
+            chain = chain_of(s["name"], s["arch"] if isinstance(s.get("arch"), dict) else s.get("start_arch"),
+                             s.get("_stages"))
             if multi and r.get("method", "layer-drop") != "layer-drop":
                 chain += f" ({r['method']} baseline)"
             out.append({
@@ -248,13 +281,15 @@ def collect(targets: list[str], runs: Path, baseline: Optional[str], profile: Op
     """The points of `rescomp compare TARGETS`, against their baseline: of the runs the targets name (run
     folders, folders of runs, a table name looked up in `runs`), or of one committed comparison (a
     results/<table> folder or its compare.json), whose baseline it keeps unless another is given."""
-    from rescomp.report import find_runs, load_rows
+    from rescomp.report import find_runs, load_rows, unique_runs
 
     one = Path(targets[0])
     if len(targets) == 1 and ((one / "compare.json").is_file() or (one.name == "compare.json" and one.is_file())):
         pts, kept = rendered(one)
         return against(of_profile(pts, profile), baseline or kept)
-    return against(points(of_profile(load_rows(d for t in targets for d in find_runs(t, runs)), profile)), baseline)
+    dirs = unique_runs(d for t in targets for d in find_runs(t, runs))  # as load_rows takes them
+    summaries = [{**s, "_stages": run_stages(d, s)} for d, s in zip(dirs, load_rows(dirs))]
+    return against(points(of_profile(summaries, profile)), baseline)
 
 
 def write(table: str, pts: list[dict[str, Any]], out_root: Path, notes: Optional[str] = None) -> Path:

@@ -77,10 +77,16 @@ def unfinished(targets: Iterable[str]) -> list[Path]:
                    if not (c.parent / "summary.json").is_file()})
 
 
+def unique_runs(run_dirs: Iterable[Path]) -> list[Path]:
+    """Each run folder once, in the order first given: two targets may name the same run (a folder of runs
+    and a run in it), which counted twice."""
+    return list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]
+
+
 def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
     """The summaries of the runs in run_dirs, each run once (two targets may name the same run), after
     checking that none is stale and that the runs report would merge as seeds are one experiment's."""
-    rows, run_dirs = [], list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]
+    rows, run_dirs = [], unique_runs(run_dirs)
     for d in run_dirs:
         rows.append(read_summary(d / "summary.json"))
     if not rows:

@@ -356,7 +356,7 @@ M = [
   "tests/test_compare.py::test_pareto_front_counted_by_hand"),
  ("pareto-costliest-first", "rescomp/compare.py", "key=lambda i: (pts[i][cost], -pts[i][\"top1\"])", "key=lambda i: (-pts[i][cost], -pts[i][\"top1\"])",
   "tests/test_compare.py::test_pareto_front_counted_by_hand"),
- ("chain-out-of-order", "rescomp/compare.py", "    found = sorted((m.start(), label)", "    found = list((m.start(), label)",
+ ("chain-out-of-order", "rescomp/compare.py", "        stages = [label for _, label in sorted((m.start(), label)", "        stages = [label for _, label in list((m.start(), label)",
   "tests/test_compare.py::test_chains_are_read_from_folder_names"),
  ("compare-step0-counted", "rescomp/compare.py", "                continue  # the network the run started from", "                pass  # the network the run started from",
   "tests/test_compare.py::test_compare_end_to_end_from_a_chain"),
@@ -662,7 +662,7 @@ M = [
  ('layer-drop-dry-run-own-fresh', 'rescomp/plan.py', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []', 'steps = math.ceil(limit / ld.k)\n        lines = _train_lines(cfg, refused) if st.trains_first(cfg) else []', 'tests/test_layer_drop.py::test_the_dry_run_says_the_training_run_it_starts_from'),
  ('preset-replaces-given-targets-silently', 'rescomp/config_sections.py', '            if preset and getattr(self, key) is not None:', '            if False:', 'tests/test_prune.py::test_schedules'),
  ('zero-training-epochs-allowed', 'rescomp/stages/train.py', '    if cfg.train.epochs < 1:', '    if False:', 'tests/test_workflow.py::test_a_training_run_of_no_epochs_is_refused'),
- ('report-same-run-twice', 'rescomp/report.py', 'rows, run_dirs = [], list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]', 'rows, run_dirs = [], list(run_dirs)', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
+ ('report-same-run-twice', 'rescomp/report.py', '    return list({Path(d).resolve(): Path(d) for d in reversed(list(run_dirs))}.values())[::-1]', '    return list(run_dirs)', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
  ('report-seed-twice', 'rescomp/report.py', '            if (other := by_seed.setdefault(s.get("seed"), d)) != d:', '            if False:', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
  ('report-seeds-of-other-settings', 'rescomp/report.py', '            if changed := differences(first, settings(d), SEED_SECTIONS):', '            if changed := []:', 'tests/test_workflow.py::test_seeds_run_in_their_own_folders_and_the_report_gives_mean_and_sd'),
  ('ld-epochs-from-fine-tune-config', 'rescomp/stages/layer_drop.py', '    full_epochs = run.trained', '    full_epochs = int((run.payload.get("config") or {}).get("train", {}).get("epochs", cfg.train.epochs))', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
@@ -683,6 +683,8 @@ M = [
  ('runs-of-a-run-folder', 'rescomp/cli.py', '    if (root / "config.yaml").is_file():  # its checkpoints/', '    if False:  # its checkpoints/', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
  ('file-as-run-folder', 'rescomp/rundir.py', '    if not run_dir.is_dir():  # the run would meet it', '    if False:  # the run would meet it', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
  ('dry-run-trusts-a-corrupt-trained-network', 'rescomp/plan.py', '    if redo != FRESH and state.startswith("complete"):', '    if False:', 'tests/test_workflow.py::test_a_later_stages_dry_run_refuses_a_corrupt_trained_network_as_the_stage_does'),
+ ('chain-from-the-folder-name-only', 'rescomp/compare.py', '                             s.get("_stages"))', '                             None)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
+ ('chain-lineage-one-level-of-folders', 'rescomp/compare.py', 'for d in network.parents[:3] if', 'for d in network.parents[:1] if', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
 ]
 
 

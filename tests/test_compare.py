@@ -3,7 +3,8 @@
 #  1. a dominated point kept on the front (>= for >), or the front taken from the wrong end (the
 #     costliest first) -> test_pareto_front_counted_by_hand
 #  2. a chain misnamed: stages out of order, or int8 not seen after another stage
-#       -> test_chains_are_read_from_folder_names
+#       -> test_chains_are_read_from_folder_names; a stage's own command given a pruned network named by its
+#     folder ("int8") instead of by its recorded input ("prune → int8") -> test_compare_end_to_end_from_a_chain
 #  3. a run's step 0 (the network it started from) counted as one of its own points, or the
 #     baseline not the one asked for -> test_compare_end_to_end_from_a_chain
 #  4. a separable network's points named as if it were the plain one -> test_a_separable_network_names_its_structure_first
@@ -18,6 +19,7 @@
 #     drawn -> test_compare_end_to_end_from_a_chain
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -160,3 +162,13 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     res = cli("compare", "broken", "--table", "cmp", "--out", "again")
     assert res.exit_code == 2 and "is not a compare.json that `rescomp compare` wrote" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1
+    # a stage's own command given a pruned network: its folder is named after the config alone (given-ptq),
+    # and its chain was read from that as "int8"; its recorded input says pruned, then quantized
+    step = "runs/exp-prune-paper-taylor-custom/step01/model.pt"
+    assert cli("quantize", path, "--set", "name=given", "--set", f"quantize.checkpoint={step}").exit_code == 0
+    assert cli("compare", "runs", "--table", "given", "--baseline", "exp").exit_code == 0
+    chains = {p["run"]: p["chain"] for p in json.loads((workdir / "results/given/compare.json").read_text())}
+    assert chains["given-ptq"] == chains["exp-prune-paper-taylor-custom-ptq"] == "prune → int8", chains
+    shutil.copytree(workdir / "runs/given-ptq", workdir / "away/given-ptq")  # its input out of reach: by its name
+    assert cli("compare", "runs/exp", "away", "--table", "away").exit_code == 0
+    assert {p["run"]: p["chain"] for p in json.loads((workdir / "results/away/compare.json").read_text())}["given-ptq"] == "int8"
