@@ -151,6 +151,10 @@ def against(pts: list[dict[str, Any]], baseline: Optional[str]) -> list[dict[str
                 else f"these runs hold {len(base)} trained networks, so the baseline is not clear")
         raise ConfigError(f"{what}; pass --baseline RUN, one of: {runs}")
     b = base[0]
+    if other := sorted({p["run"] for p in pts if p.get("dataset") != b.get("dataset")}):  # a top-1 of other images
+        raise ConfigError(f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''} trained on another dataset than "
+                          f"the baseline {b['run']} ({b.get('dataset')}), so their top-1 and fronts say nothing against "
+                          f"it; compare the runs of one dataset (pass their folders)")
     for p in pts:
         p["top1_delta"] = p["top1"] - b["top1"]
         for cost, _, _ in COSTS[:2]:

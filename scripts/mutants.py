@@ -685,6 +685,7 @@ M = [
  ('dry-run-trusts-a-corrupt-trained-network', 'rescomp/plan.py', '    if redo != FRESH and state.startswith("complete"):', '    if False:', 'tests/test_workflow.py::test_a_later_stages_dry_run_refuses_a_corrupt_trained_network_as_the_stage_does'),
  ('chain-from-the-folder-name-only', 'rescomp/compare.py', '                             s.get("_stages"))', '                             None)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('chain-lineage-one-level-of-folders', 'rescomp/compare.py', 'for d in network.parents[:3] if', 'for d in network.parents[:1] if', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
+ ('compare-mixes-datasets', 'rescomp/compare.py', '    if other := sorted({p["run"] for p in pts if p.get("dataset") != b.get("dataset")}):', '    if other := []:', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
 ]
 
 

@@ -5,8 +5,8 @@
 #  2. a chain misnamed: stages out of order, or int8 not seen after another stage
 #       -> test_chains_are_read_from_folder_names; a stage's own command given a pruned network named by its
 #     folder ("int8") instead of by its recorded input ("prune → int8") -> test_compare_end_to_end_from_a_chain
-#  3. a run's step 0 (the network it started from) counted as one of its own points, or the
-#     baseline not the one asked for -> test_compare_end_to_end_from_a_chain
+#  3. a run's step 0 (the network it started from) counted as one of its own points, the baseline not the
+#     one asked for, or a network of another dataset set against it -> test_compare_end_to_end_from_a_chain
 #  4. a separable network's points named as if it were the plain one -> test_a_separable_network_names_its_structure_first
 #  5. --profile ignored (another profile's runs mixed in) -> test_compare_end_to_end_from_a_chain
 #  6. a point keeping only its batch-1 latency, so the speed-ups and references its notes cite are in no
@@ -172,3 +172,9 @@ def test_compare_end_to_end_from_a_chain(workdir, tiny):
     shutil.copytree(workdir / "runs/given-ptq", workdir / "away/given-ptq")  # its input out of reach: by its name
     assert cli("compare", "runs/exp", "away", "--table", "away").exit_code == 0
     assert {p["run"]: p["chain"] for p in json.loads((workdir / "results/away/compare.json").read_text())}["given-ptq"] == "int8"
+    # a network of another dataset is no point against this baseline: its top-1 is of other images
+    assert cli("train", path, "--set", "name=c100", "--set", "data.synthetic.num_classes=100").exit_code == 0
+    summary = json.loads((workdir / "runs/c100/summary.json").read_text())
+    (workdir / "runs/c100/summary.json").write_text(json.dumps({**summary, "dataset": "cifar100"}))
+    res = cli("compare", "runs", "--table", "mixed", "--baseline", "exp")
+    assert res.exit_code == 2 and "c100 trained on another dataset than the baseline exp (synthetic)" in res.stderr, res.output
