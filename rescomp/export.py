@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -197,6 +198,19 @@ def export_int8_onnx(qmodel: nn.Module, payload: dict[str, Any], path: Path, ops
     return _checked_write(path, write, check)
 
 
+def _made_by(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The config hash and seed of the config a checkpoint keeps (an int8.pt keeps none; a config of an
+    older rescomp that no longer validates gives its seed alone)."""
+    from rescomp.config import validate
+
+    if not config:
+        return {}
+    try:
+        return {"config_hash": validate(config, "checkpoint").hash(), "seed": config.get("seed", 0)}
+    except ConfigError:
+        return {"seed": config.get("seed", 0)}
+
+
 def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
                       int8: bool = False) -> tuple[Path, dict[str, Any]]:
     """Export the network of a rescomp model.pt (fp32) or int8.pt (int8; `int8` asks for one) to `out`
@@ -205,6 +219,7 @@ def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
     from rescomp.compress.quantize import QUANT_FORMAT, load_int8
     from rescomp.provenance import stamp
 
+    t0 = time.perf_counter()
     payload = checkpoint.load(source)
     quantized = payload.get("kind") == QUANT_FORMAT
     if int8 and not quantized:
@@ -225,6 +240,8 @@ def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
         model, payload = checkpoint.load_model(source)
         image_size = ((payload.get("config") or {}).get("data") or {}).get("image_size", 32)
         info = export_onnx(model, image_size, out, opset)
-    record = {"file": str(out), "source": str(source), "arch": payload["arch"], **info, **stamp("cpu")}
+    record = {"file": out.name, "source": os.path.relpath(Path(source).resolve(), out.parent.resolve()),  # beside it
+              "arch": payload["arch"], **info, **_made_by(payload.get("config")),
+              "wall_seconds": time.perf_counter() - t0, **stamp("cpu")}
     checkpoint.atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2))
     return out, record

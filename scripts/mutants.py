@@ -686,6 +686,8 @@ M = [
  ('chain-from-the-folder-name-only', 'rescomp/compare.py', '                             s.get("_stages"))', '                             None)', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('chain-lineage-one-level-of-folders', 'rescomp/compare.py', 'for d in network.parents[:3] if', 'for d in network.parents[:1] if', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
  ('compare-mixes-datasets', 'rescomp/compare.py', '    if other := sorted({p["run"] for p in pts if p.get("dataset") != b.get("dataset")}):', '    if other := []:', 'tests/test_compare.py::test_compare_end_to_end_from_a_chain'),
+ ('export-record-absolute-path', 'rescomp/export.py', '    record = {"file": out.name, "source": os.path.relpath(Path(source).resolve(), out.parent.resolve()),', '    record = {"file": str(out.resolve()), "source": str(Path(source).resolve()),', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
+ ('export-record-without-config', 'rescomp/export.py', '**info, **_made_by(payload.get("config")),', '**info,', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
 ]
 
 

@@ -103,6 +103,11 @@ def test_a_pruned_checkpoint_exports_its_pruned_network(workdir, tiny):
     assert res.exit_code == 2 and "holds a network made with other settings than this config's: model.width (4 -> 8)" \
         in " ".join(res.stderr.split()) and not (workdir / "out/w8.onnx").exists(), res.output
     assert (workdir / "out/r20.onnx").is_file() and (workdir / "out/r20.onnx.json").is_file()
+    # its record says how it was made, with no path of this machine (an absolute --out was written as given)
+    rec = json.loads((workdir / "out/r20.onnx.json").read_text())
+    assert (rec["file"], rec["source"], rec["seed"]) == ("r20.onnx", "../runs/exp/model.pt", 0), rec
+    assert rec["config_hash"] == json.loads((workdir / "runs/exp/summary.json").read_text())["config_hash"]
+    assert rec["wall_seconds"] > 0 and str(workdir) not in (workdir / "out/r20.onnx.json").read_text()
 
 
 def test_a_missing_runtime_is_one_line_and_writes_nothing(workdir, tiny, monkeypatch):
