@@ -82,6 +82,19 @@ def _train_lines(cfg: ExperimentConfig, refused: list[str], fresh: bool = False,
             f"{t.schedule.name} schedule"]
 
 
+def _start_and_folder(cfg: ExperimentConfig, st, refused: list[str], fresh: bool) -> tuple[list[str], Path, str]:
+    """A later stage's plan of the training run it starts from (if it does: Stage.trains_first) and of its own
+    folder, judged in the order the run judges them (runner.execute), so that the first refusal is the
+    run's: under --fresh the training run first (the guard before anything is deleted), else the stage's
+    folder, which is claimed before the training run is found and its network loaded."""
+    def train() -> list[str]:
+        return _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
+
+    lines = train() if fresh else []
+    run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
+    return (lines if fresh else train()), run_dir, state
+
+
 def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: bool = False) -> str:
     """The plan of `command` (train | prune | layer-drop | quantize | ...) for cfg, after its checks: the
     device, the stage's input (a given checkpoint, quantize's trained model), the stage's own settings."""
@@ -112,12 +125,11 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
                  + "; int8 runs on the CPU"]
         return "\n".join(lines)
     if command == "prune":
-        from rescomp.stages.prune import check, suffix
+        from rescomp.stages.prune import check
 
         pc = cfg.prune
         _, prunable = check(cfg)
-        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
-        run_dir, state = folder_state(cfg, refused, suffix(cfg), "prune", fresh)
+        lines, run_dir, state = _start_and_folder(cfg, st, refused, fresh)
         lines += [f"prune   {run_dir}: {state}",
                   f"        from {pc.checkpoint or 'the training run above'}; {pc.criterion} criterion, {pc.policy} "
                   f"policy, {pc.allocation} allocation, {prunable:,} prunable filters"]
@@ -130,7 +142,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         return "\n".join(lines)
     if command == "layer-drop":
         from rescomp.compress.layer_drop import residual_units
-        from rescomp.stages.layer_drop import baseline_family, check, method_epochs, suffix
+        from rescomp.stages.layer_drop import baseline_family, check, method_epochs
         from rescomp.models import build_model
 
         ld = cfg.layer_drop
@@ -138,8 +150,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
         deletable = sum(u.deletable for u in residual_units(build_model(spec)))
         limit = ld.max_units or deletable
         steps = math.ceil(limit / ld.k)
-        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
-        run_dir, state = folder_state(cfg, refused, suffix(cfg), "layer_drop", fresh)
+        lines, run_dir, state = _start_and_folder(cfg, st, refused, fresh)
         lines += [f"layer-drop {run_dir}: {state}",
                   f"        from {ld.checkpoint or 'the training run above'}; {ld.criterion} criterion, up to {steps} "
                   f"step(s) of k = {ld.k} of {deletable} deletable units, each retrained n = {ld.retrain_epochs} "
@@ -166,8 +177,7 @@ def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: boo
     if command in ("magnitude-prune", "weight-share", "binarize"):
         st.check(cfg)
         section = getattr(cfg, st.section)
-        lines = _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
-        run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
+        lines, run_dir, state = _start_and_folder(cfg, st, refused, fresh)
         shown = lambda k, v: f"{cfg.train.optimizer.lr / 10:g} (train lr / 10)" if k == "finetune_lr" and v is None else v  # noqa: E731
         settings = ", ".join(f"{k} {shown(k, v)}" for k, v in section.model_dump().items() if k != "checkpoint")
         lines += [f"{command} {run_dir}: {state}",
