@@ -105,11 +105,20 @@ def load_rows(run_dirs: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run, or per entry of a run's `rows` (a layer-drop run), carrying the run's provenance."""
+    """One row per run, or per entry of a run's `rows` (a layer-drop run), carrying the run's provenance.
+    Rows of different experiments that share a label (one stage run on two networks: five rows all 'Tiny
+    int8 ONNX Runtime', with three top-1s) are told apart by their run's name; seeds of one share theirs."""
     rows = []
     for s in summaries:
         common = {k: v for k, v in s.items() if k not in ("rows", "full_stats", "sections")}
-        rows += [{**common, **r} for r in s["rows"]] if "rows" in s else [s]
+        rows += [{**common, **r} for r in s["rows"]] if "rows" in s else [dict(s)]
+    key = lambda r: (r.get("row"), r.get("stage"), r.get("series"))  # noqa: E731 (as aggregate_seeds groups)
+    runs: dict[tuple, set[str]] = {}
+    for r in rows:
+        runs.setdefault(key(r), set()).add(experiment(r))
+    for r in rows:
+        if len(runs[key(r)]) > 1:
+            r["row"] = f"{r.get('row')} ({experiment(r)})"
     return rows
 
 

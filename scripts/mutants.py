@@ -688,6 +688,7 @@ M = [
  ('export-record-absolute-path', 'rescomp/export.py', '    record = {"file": out.name, "source": os.path.relpath(Path(source).resolve(), out.parent.resolve()),', '    record = {"file": str(out.resolve()), "source": str(Path(source).resolve()),', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
  ('export-record-without-config', 'rescomp/export.py', '**info, **_made_by(payload.get("config")),', '**info,', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
  ('dry-run-train-judged-before-the-stage', 'rescomp/plan.py', '    lines = train() if fresh else []\n    run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)\n    return (lines if fresh else train()), run_dir, state', '    lines = train()\n    run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)\n    return lines, run_dir, state', 'tests/test_workflow.py::test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused'),
+ ('rows-of-two-runs-share-a-label', 'rescomp/report.py', '        if len(runs[key(r)]) > 1:', '        if False:', 'tests/test_report.py::test_two_runs_that_share_a_label_are_never_one_row_or_one_curve'),
 ]
 
 

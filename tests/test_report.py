@@ -251,6 +251,14 @@ def test_two_runs_that_share_a_label_are_never_one_row_or_one_curve():
     assert {k: [r["top1"] for r in v] for k, v in curves.items()} == {
         "taylor, paper (alexnet-prune)": [18.0, 19.0], "taylor, paper (alexnet-shortcut-a-prune)": [7.0, 8.0]}
     assert list(curves_of(aggregate_seeds(a + a1))) == ["taylor, paper"]  # one run: its series' name alone
+    # ... nor two rows of one name in the table: each says its run (seeds of one run keep one label)
+    from rescomp.report import expand
+
+    labels = [r["row"] for r in expand([{"name": r["name"], "stage": "prune", "rows": [r]} for r in a + a1 + b])]
+    assert labels == ["alexnet taylor 0% (alexnet-prune)", "alexnet taylor 5% (alexnet-prune)"] * 2 + [
+        "alexnet taylor 0% (alexnet-shortcut-a-prune)", "alexnet taylor 5% (alexnet-shortcut-a-prune)"]
+    assert [r["row"] for r in expand([{"name": r["name"], "stage": "prune", "rows": [r]} for r in a + a1])] == [
+        "alexnet taylor 0%", "alexnet taylor 5%"] * 2
 
 
 def test_a_plot_these_rows_do_not_make_is_removed(tmp_path):
