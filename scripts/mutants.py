@@ -689,6 +689,8 @@ M = [
  ('export-record-without-config', 'rescomp/export.py', '**info, **_made_by(payload.get("config")),', '**info,', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
  ('dry-run-train-judged-before-the-stage', 'rescomp/plan.py', '    lines = train() if fresh else []\n    run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)\n    return (lines if fresh else train()), run_dir, state', '    lines = train()\n    run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)\n    return lines, run_dir, state', 'tests/test_workflow.py::test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused'),
  ('rows-of-two-runs-share-a-label', 'rescomp/report.py', '        if len(runs[key(r)]) > 1:', '        if False:', 'tests/test_report.py::test_two_runs_that_share_a_label_are_never_one_row_or_one_curve'),
+ ('separable-pydantic-dump', 'rescomp/compress/separable.py', '    except ValidationError as e:  # one line', '    except LookupError as e:  # one line', 'tests/test_separable.py::test_no_matching_conv_is_a_clear_error'),
+ ('quantize-folder-checkpoint-unnamed', 'rescomp/stages/quantize.py', '    if path.is_dir():  # a run folder given', '    if False:  # a run folder given', 'tests/test_quantize.py::test_quantize_bad_input'),
 ]
 
 

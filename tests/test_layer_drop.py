@@ -217,7 +217,7 @@ def test_layer_drop_end_to_end_resumes_and_reports(workdir, tiny, monkeypatch):
     ({"layer_drop.max_units": 9}, "has only 3 deletable units"),
     ({"model.gates": None}, "layer-drop needs gated residual units"),
     ({"layer_drop.criterion": "gates"}, "unknown layer-drop criterion 'gates' (did you mean 'gate'?)"),
-    ({"model": {"arch": "vgg16", "gates": GATED}}, "no residual units that could be deleted"),
+    ({"model": {"arch": "vgg16", "gates": GATED}}, "model.gates: this model has no residual unit a gate could go on"),
     ({"layer_drop.baselines.depths": [17]}, "layer_drop.baselines.depths: 17 is no depth of the regular cifar_resnet "
                                             "family; valid: 20, 11"),
     ({"layer_drop.baselines.structure": "reached", "layer_drop.baselines.depths": [11]},

@@ -224,6 +224,11 @@ def test_quantize_bad_input(workdir, tiny):
     path = write_config(workdir, tiny)
     res = runner.invoke(app, ["quantize", str(path)])
     assert res.exit_code == 2 and "no trained model at" in res.stderr and "rescomp train" in res.stderr
+    (workdir / "runs/exp").mkdir(parents=True)  # a run folder given for its model.pt
+    res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.checkpoint=runs/exp"])
+    assert res.exit_code == 2 and "quantize.checkpoint 'runs/exp' is a folder; pass runs/exp/model.pt" in res.stderr
+    (workdir / "runs/exp").rmdir()
+    (workdir / "runs").rmdir()
     res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.calibration_images=0"])
     assert res.exit_code == 2 and "quantize.calibration_images: Input should be greater than or equal to 1" in res.stderr
     res = runner.invoke(app, ["quantize", str(path), "--set", "quantize.reduce_range=7"])

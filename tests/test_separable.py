@@ -110,6 +110,8 @@ def test_separable_is_part_of_the_spec():
 def test_no_matching_conv_is_a_clear_error():
     with pytest.raises(ConfigError, match="no k x k conv"):
         separate(build_model({"arch": "resnet20", "num_classes": 10}), {"mode": "spatial", "include": ["nope*"]})
+    with pytest.raises(ConfigError, match=r"^separable.mode: Input should be 'spatial', 'depthwise' or 'group' \(got 'bogus'\)$"):
+        separate(build_model({"arch": "resnet20", "num_classes": 10}), {"mode": "bogus"})  # one line, not pydantic's four
 
 
 def test_group_convs_divide_parameters_by_their_groups():

@@ -91,8 +91,9 @@ def add_gates(model: nn.Module, init: tuple[float, float] = (-1.0, 1.0)) -> nn.M
     """Gate every deletable unit (in place; used while building a spec)."""
     units = [u for u in residual_units(model) if u.deletable]
     if not units:
-        raise ConfigError("this model has no residual units that could be deleted (a stage's later units with identity "
-                          "shortcuts); layer-drop needs a ResNet such as resnet56, resnet56_bottleneck or resnet50")
+        raise ConfigError("model.gates: this model has no residual unit a gate could go on (a stage's later units, "
+                          "with identity shortcuts: two or more a stage); leave gates out, or gate a deeper ResNet "
+                          "such as resnet56, resnet56_bottleneck or resnet50, as layer-drop needs")
     for u in units:
         block = model.get_submodule(u.name)
         setattr(block, u.residual_out, Gated(getattr(block, u.residual_out), tuple(init)))

@@ -20,7 +20,7 @@ import fnmatch
 from typing import Any, Literal, Optional
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rescomp.errors import ConfigError
 from rescomp.models import register_transform
@@ -78,7 +78,11 @@ def replaceable(name: str, m: nn.Module, cfg: SeparableConfig) -> bool:
 
 def separate(model: nn.Module, cfg: SeparableConfig | dict[str, Any], ctx: Optional[object] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` with every matching k x k conv replaced; info lists what was replaced."""
-    cfg = cfg if isinstance(cfg, SeparableConfig) else SeparableConfig.model_validate(cfg)
+    try:
+        cfg = cfg if isinstance(cfg, SeparableConfig) else SeparableConfig.model_validate(cfg)
+    except ValidationError as e:  # one line, as a config key's: pydantic's own is four, with a URL
+        raise ConfigError("; ".join(f"separable.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err['input']!r})"
+                                    for err in e.errors())) from None
     model = copy.deepcopy(model)
     targets = [(n, m) for n, m in model.named_modules() if replaceable(n, m, cfg)]
     if not targets:

@@ -38,6 +38,9 @@ def check_input(cfg: ExperimentConfig) -> Optional[dict[str, Any]]:
     """A trained model to quantize: int8 trains nothing first. Returns quantize.checkpoint's payload where
     one is given (Stage.check_source judges it without reading it again)."""
     path = input_path(cfg)
+    if path.is_dir():  # a run folder given for its model.pt
+        raise ConfigError(f"quantize.checkpoint '{cfg.quantize.checkpoint}' is a folder; pass "
+                          f"{cfg.quantize.checkpoint.rstrip('/')}/model.pt, the network a run there made")
     if not path.is_file():
         raise ConfigError(f"no trained model at '{path}'; run `rescomp train` on this config first, or set "
                           f"quantize.checkpoint to a trained model.pt")
