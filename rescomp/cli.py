@@ -608,6 +608,17 @@ def jobs(file: str = typer.Argument(..., help="a file of rescomp commands, one p
     raise typer.Exit(code)
 
 
+def _usage_error() -> type[Exception]:
+    """What a command's parser raises for words it refuses: typer's own click's error (typer 0.26 and later
+    vendor click), else click's."""
+    try:
+        from typer import TyperException
+        return TyperException
+    except ImportError:
+        from click import ClickException
+        return ClickException
+
+
 def _command_fault(args: list[str], first: bool = True) -> Optional[str]:
     """What is wrong with the words of `rescomp <args>` that no run needs to find out: a command or an
     option this CLI does not have, a config it names that cannot be read with its --set and --profile;
@@ -644,7 +655,7 @@ def _command_fault(args: list[str], first: bool = True) -> Optional[str]:
             _nproc_ok(parsed["nproc"])
     except typer.Exit:  # --help
         pass
-    except typer.TyperException as e:  # typer's click: a usage error
+    except _usage_error() as e:
         return f"rescomp {args[0]}: {getattr(e, 'format_message', e.__str__)()}"
     except ConfigError as e:
         return str(e)

@@ -60,7 +60,8 @@ def run_stages(run_dir: Path, summary: dict[str, Any]) -> Optional[list[str]]:
     follow (made before runs kept one, or a folder copied away from its inputs): the name says it then. A
     stage's own command given a pruned network (prune.checkpoint) names its folder after the config alone,
     so its name said 'int8' where the network was pruned, then quantized."""
-    from rescomp.rundir import _at, read_summary
+    from rescomp.errors import ConfigError
+    from rescomp.rundir import _at, read_summary, run_of
 
     stages: list[str] = []
     for _ in range(32):  # a chain is a few stages; a loop of records is no chain
@@ -70,11 +71,13 @@ def run_stages(run_dir: Path, summary: dict[str, Any]) -> Optional[list[str]]:
         if summary.get("stage") not in STAGE_LABELS or len(inputs) != 1:
             return None
         stages.append(STAGE_LABELS[summary["stage"]])
-        network = _at(run_dir, inputs[0])
-        run_dir = next((d for d in network.parents[:3] if (d / "summary.json").is_file()), None)  # run/to30/step02
+        run_dir = run_of(_at(run_dir, inputs[0]))
         if run_dir is None:
             return None
-        summary = read_summary(run_dir / "summary.json")
+        try:
+            summary = read_summary(run_dir / "summary.json")
+        except ConfigError:  # a summary that is not one: the name says the chain
+            return None
     return None
 
 

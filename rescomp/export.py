@@ -198,17 +198,18 @@ def export_int8_onnx(qmodel: nn.Module, payload: dict[str, Any], path: Path, ops
     return _checked_write(path, write, check)
 
 
-def _made_by(config: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The config hash and seed of the config a checkpoint keeps (an int8.pt keeps none; a config of an
-    older rescomp that no longer validates gives its seed alone)."""
-    from rescomp.config import validate
+def _made_by(source: Path) -> dict[str, Any]:
+    """The config hash and seed of the run that made the network at `source`, as its rows carry them (a
+    fine-tuned step's checkpoint keeps its fine-tune's config, whose hash no row has); {} for a network that
+    no finished run holds as its own (a copy)."""
+    from rescomp.rundir import read_summary, run_of
 
-    if not config:
-        return {}
+    run = run_of(source)
     try:
-        return {"config_hash": validate(config, "checkpoint").hash(), "seed": config.get("seed", 0)}
+        summary = read_summary(run / "summary.json") if run else {}
     except ConfigError:
-        return {"seed": config.get("seed", 0)}
+        return {}
+    return {k: summary[k] for k in ("config_hash", "seed") if k in summary}
 
 
 def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
@@ -241,7 +242,7 @@ def export_checkpoint(source: Path, out: Path | None = None, opset: int = OPSET,
         image_size = ((payload.get("config") or {}).get("data") or {}).get("image_size", 32)
         info = export_onnx(model, image_size, out, opset)
     record = {"file": out.name, "source": os.path.relpath(Path(source).resolve(), out.parent.resolve()),  # beside it
-              "arch": payload["arch"], **info, **_made_by(payload.get("config")),
+              "arch": payload["arch"], **info, **_made_by(source),
               "wall_seconds": time.perf_counter() - t0, **stamp("cpu")}
     checkpoint.atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2))
     return out, record

@@ -86,13 +86,16 @@ def _start_and_folder(cfg: ExperimentConfig, st, refused: list[str], fresh: bool
     """A later stage's plan of the training run it starts from (if it does: Stage.trains_first) and of its own
     folder, judged in the order the run judges them (runner.execute), so that the first refusal is the
     run's: under --fresh the training run first (the guard before anything is deleted), else the stage's
-    folder, which is claimed before the training run is found and its network loaded."""
+    folder, which is claimed before the training run is found and its network loaded (a complete one is
+    returned there, and the training run is not judged at all)."""
     def train() -> list[str]:
         return _train_lines(cfg, refused, redo=train_fresh(cfg)) if st.trains_first(cfg) else []
 
     lines = train() if fresh else []
     run_dir, state = folder_state(cfg, refused, st.suffix(cfg), st.section, fresh)
-    return (lines if fresh else train()), run_dir, state
+    if not fresh and not state.startswith("complete"):  # a complete stage is returned as it is, untrained-from
+        lines = train()
+    return lines, run_dir, state
 
 
 def describe(cfg: ExperimentConfig, command: str, refused: list[str], fresh: bool = False) -> str:

@@ -144,11 +144,16 @@ def seeds_conflict(run_dirs: list[Path], summaries: list[dict[str, Any]]) -> Opt
     from rescomp.rundir import differences, saved_config
 
     def settings(d: Path):
+        """The run's config without what its seed's run may have of its own: the seed, name, where it ran
+        (device, the data's copy) and the networks it starts from (each seed's own)."""
         raw = saved_config(d).to_dict()
-        raw.update(seed=0, name=None, seeds=None)
+        raw.update(seed=0, name=None, seeds=None, device="auto")
+        raw["data"].update(path=None, cache_dir=None)
         for section in raw.values():
             if isinstance(section, dict) and "checkpoint" in section:
                 section["checkpoint"] = None
+        if raw["train"].get("distill"):
+            raw["train"]["distill"]["teacher"] = "teacher.pt"
         return validate(raw, str(d / "config.yaml"))
 
     groups: dict[tuple, list[tuple[Path, dict[str, Any]]]] = {}
@@ -162,9 +167,12 @@ def seeds_conflict(run_dirs: list[Path], summaries: list[dict[str, Any]]) -> Opt
             if (other := by_seed.setdefault(s.get("seed"), d)) != d:
                 return (f"'{other}' and '{d}' are both seed {s.get('seed')} of row '{label}', which report would "
                         f"average as two seeds; leave one out")
-        first = settings(group[0][0])
-        for d, _ in group[1:]:
-            if changed := differences(first, settings(d), SEED_SECTIONS):
+        try:
+            judged = [settings(d) for d, _ in group]
+        except ConfigError:  # a config of an older rescomp that no longer validates: not judged here
+            continue
+        for (d, _), other in zip(group[1:], judged[1:]):
+            if changed := differences(judged[0], other, SEED_SECTIONS):
                 return (f"'{group[0][0]}' and '{d}' would be averaged as seeds of row '{label}', but they differ in "
                         f"{', '.join(changed)}; give one another report.row (or name), or leave one out")
     return None

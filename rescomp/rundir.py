@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 from contextlib import contextmanager
@@ -46,6 +47,18 @@ def saved_config(run_dir: Path) -> ExperimentConfig:
         raise ConfigError(f"'{saved}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}), so the run in "
                           f"'{run_dir}' cannot be judged; redo that run with --fresh, or move the folder away") from None
     return validate(raw, str(saved))
+
+
+def run_of(network: Path) -> Optional[Path]:
+    """The finished run whose folder holds the network file as its own: <run>/model.pt or int8.pt,
+    <run>/stepNN/model.pt, <run>/toNN/stepNN/model.pt; None for any other file (a layer-drop baseline's
+    network, in a folder of its run that is none of these, or a copy)."""
+    folder = Path(network).parent
+    if re.fullmatch(r"step\d+", folder.name):
+        folder = folder.parent
+        if re.fullmatch(r"to\d+", folder.name):
+            folder = folder.parent
+    return folder if (folder / "summary.json").is_file() else None
 
 
 def run_folder(cfg: ExperimentConfig, suffix: str = "") -> Path:

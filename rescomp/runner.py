@@ -40,7 +40,7 @@ from rescomp.errors import CheckpointError, ConfigError
 from rescomp.models import base_network, check_spec, get_entry, probe
 from rescomp.provenance import stamp
 from rescomp.registry import Registry
-from rescomp.rundir import FRESH, claim, record_made, refusal, train_fresh, writing
+from rescomp.rundir import FRESH, claim, read_summary, record_made, refusal, run_folder, train_fresh, writing
 from rescomp.train import Trainer, evaluate
 
 Traits = frozenset[str]  # what a network is, as far as later stages care: 'gated' residual units, 'int8'
@@ -211,7 +211,7 @@ class StageRun:
         previous = step_dir.parent / f"step{n - 1:02d}" / "model.pt"
         before = self.trained if n == 1 else epochs_trained(checkpoint.peek(previous) or {}, previous)
         ev = train_and_eval(model, spec, retrain_config(self.cfg, epochs, lr), self.ctx, self.loaders, step_dir,
-                            total=None if before is None else before + epochs)
+                            before=before)
         model, _ = checkpoint.load_model(step_dir / "model.pt")
         model = model.to(self.ctx.device)
         r = row(model, spec, info, ev)
@@ -234,6 +234,8 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
         train.check(cfg)
         if why := distributed.on_main(lambda: refusal(cfg, False, "", train.section, train_fresh(cfg))):
             raise ConfigError(why)
+        if (run_folder(cfg) / "summary.json").is_file():  # its network, gone or corrupt, before --fresh deletes
+            checkpoint.load(run_folder(cfg) / "model.pt", mmap=True)
     splits = prepare(cfg.data, cfg.seed)
     out, finished = distributed.on_main(lambda: claim(cfg, fresh, st.suffix(cfg), st.section, redo))  # rank 0 decides
     if finished is not None:
@@ -329,17 +331,18 @@ def finished_step(step_dir: Path) -> Optional[tuple[torch.nn.Module, dict[str, A
 
 
 def train_and_eval(model, spec, cfg: ExperimentConfig, ctx: RunContext, loaders, run_dir: Path,
-                   distill=None, total: Optional[int] = None) -> dict[str, float]:
-    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there, with `total`, the
-    epochs the network has been trained in all with this fine-tune, where known (epochs_trained)."""
+                   distill=None, before: Optional[int] = None) -> dict[str, float]:
+    """Train (resumably) in run_dir, then test; model.pt + the evaluation are kept there, with the epochs the
+    network has been trained in all (epochs_trained): `before` this training, where known, and the epochs
+    it ran (fewer than asked where it stopped early)."""
     done = run_dir / "model.pt"
     if done.is_file():
         return checkpoint.load(done)["metrics"]
     trainer = Trainer(model, loaders, cfg, ctx, run_dir, spec, distill=distill)
-    trainer.fit()
+    state = trainer.fit()
     ev = evaluate(trainer.model, loaders["test"], ctx)
     checkpoint.save(done, {"arch": spec, "state_dict": trainer.model.state_dict(), "metrics": ev, "config": cfg.to_dict(),
-                           **({} if total is None else {"epochs_total": total})})
+                           **({} if before is None else {"epochs_total": before + state.epoch})})
     return ev
 
 
@@ -354,7 +357,11 @@ def epochs_trained(payload: dict[str, Any], source: Optional[Path]) -> Optional[
     if payload.get("traits") or payload.get("kind") or re.fullmatch(r"step\d+", source.parent.name):
         return None  # a later stage's network from before epochs_total: its config says only its own epochs
     summary = source.parent / "summary.json"
-    if source.name == "model.pt" and summary.is_file() and json.loads(summary.read_text()).get("stage") == "train":
-        return int(json.loads(summary.read_text())["epochs"])
+    try:
+        made = read_summary(summary) if source.name == "model.pt" and summary.is_file() else {}
+    except ConfigError:  # not a summary: its config says it, below
+        made = {}
+    if made.get("stage") == "train" and made.get("epochs"):
+        return int(made["epochs"])
     epochs = ((payload.get("config") or {}).get("train") or {}).get("epochs")
     return int(epochs) if epochs else None

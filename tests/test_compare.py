@@ -87,6 +87,19 @@ def test_a_separable_network_names_its_structure_first():
     assert chain_of("exp-prune-paper-taylor-custom", {"arch": "resnet56"}) == "prune"
 
 
+def test_a_network_belongs_to_the_run_that_holds_it_as_its_own(tmp_path):
+    """Wrong version: the nearest folder above with a summary taken as the run that made a network, so a
+    layer-drop run's scratch baseline, pruned, read as 'layer-drop → prune'."""
+    from rescomp.rundir import run_of
+
+    run = tmp_path / "runs/x"
+    for f in ("summary.json", "model.pt", "step01/model.pt", "to30/step02/model.pt", "scratch-regular-20/model.pt"):
+        (run / f).parent.mkdir(parents=True, exist_ok=True)
+        (run / f).write_text("{}")
+    assert [run_of(run / f) for f in ("model.pt", "step01/model.pt", "to30/step02/model.pt")] == [run] * 3
+    assert run_of(run / "scratch-regular-20/model.pt") is None and run_of(tmp_path / "model.pt") is None
+
+
 def test_compare_end_to_end_from_a_chain(workdir, tiny):
     tiny["model"] = {"arch": "cifar_resnet", "depth": 8, "width": 4}
     tiny["train"]["epochs"] = 1

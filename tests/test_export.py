@@ -83,6 +83,8 @@ def test_a_pruned_checkpoint_exports_its_pruned_network(workdir, tiny):
     assert res.exit_code == 0, res.output
     rec = json.loads(pruned.with_suffix(".onnx.json").read_text())
     assert rec["max_abs_diff"] <= rec["tolerance"] and rec["commit"] and rec["torch"] and rec["onnxruntime"]
+    # the pruning run's config hash, as its rows carry it, not the hash of its step's fine-tune config
+    assert rec["config_hash"] == json.loads((pruned.parent.parent / "summary.json").read_text())["config_hash"]
     from rescomp import checkpoint
 
     model, payload = checkpoint.load_model(pruned)

@@ -726,13 +726,26 @@ def test_a_later_stages_dry_run_refuses_a_corrupt_trained_network_as_the_stage_d
     path = write_config(workdir, _quick(tiny))
     assert cli("train", path).exit_code == 0
     model = workdir / "runs/exp/model.pt"
-    model.write_bytes(model.read_bytes()[:700])
+    good = model.read_bytes()
+    model.write_bytes(good[:700])
     for command in ("prune", "magnitude-prune"):  # the dry run said the training run was complete, exit 0
         res, real = (cli(command, path, *dry) for dry in (["--dry-run"], []))
         error = lambda r: [line for line in r.stderr.splitlines() if line.startswith("error:")]  # noqa: E731 (it logs too)
         assert res.exit_code == real.exit_code == 2 and error(res) == error(real), (command, res.output, real.output)
         assert "checkpoint 'runs/exp/model.pt' is truncated or corrupt" in res.stderr
         assert "train   runs/exp: refused (below)" in res.stdout
+    # a complete stage whose trained network is gone since is returned as it is, by its dry run too; its
+    # --fresh, which needs that network, refuses before it deletes anything
+    model.write_bytes(good)
+    assert cli("prune", path).exit_code == 0
+    model.unlink()
+    for dry in (["--dry-run"], []):
+        res = cli("prune", path, *dry)
+        assert res.exit_code == 0 and "complete" in res.output, (dry, res.output)
+    for dry in (["--dry-run"], []):
+        res = cli("prune", path, "--fresh", *dry)
+        assert res.exit_code == 2 and "checkpoint 'runs/exp/model.pt' not found" in res.stderr, (dry, res.output)
+    assert (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").is_file()
 
 
 def test_a_training_run_of_no_epochs_is_refused(workdir, tiny):
