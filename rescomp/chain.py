@@ -28,7 +28,7 @@ from rescomp import checkpoint
 from rescomp.config import ExperimentConfig, validate
 from rescomp.config_files import deep_merge
 from rescomp.errors import ConfigError
-from rescomp.rundir import read_summary, run_folder, train_fresh
+from rescomp.rundir import other_settings, read_summary, refusal, run_folder, saved_config, train_fresh
 from rescomp.runner import Stage, execute, stage, traits_of
 
 
@@ -94,6 +94,17 @@ def plan(cfg: ExperimentConfig) -> list[tuple[Step, ExperimentConfig]]:
     return out
 
 
+def _settings_refusal(scfg: ExperimentConfig, folder: Path, suffix: str, section: str) -> Optional[str]:
+    """What the chain will refuse of a later stage's folder that can be read before the stage ahead of it is
+    complete: a run of other settings than the stage's, apart from the network it starts from (not made
+    yet; taken as the one the folder was made from). The chain trained the stages ahead first, then refused."""
+    if not (folder / "config.yaml").is_file():
+        return None
+    start = getattr(saved_config(folder), section).checkpoint
+    same = scfg.model_copy(update={section: getattr(scfg, section).model_copy(update={"checkpoint": start})})
+    return refusal(same, False, suffix, section) if other_settings(folder, same, section) else None
+
+
 def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> list[str]:
     """`rescomp run --dry-run`: each stage, its run folder and what the chain would do there, judged as the
     stage's own command judges it (rescomp.plan.folder_state), with the input the chain would hand it; the
@@ -113,6 +124,9 @@ def describe(cfg: ExperimentConfig, refused: list[str], fresh: bool = False) -> 
             lines.append(f"0. {'train':<10} -> {trained}: {state}")
         if i and source is None and not fresh:
             folder, state = run_folder(scfg, suffix), f"judged when stage {i} ({before}) is complete"
+            if why := _settings_refusal(scfg, folder, suffix, step.stage.section):
+                refused.append(why)
+                state = "refused (below)"
         else:
             folder, state = folder_state(scfg, refused, suffix, step.stage.section, fresh)
         done = folder / "summary.json"

@@ -695,6 +695,8 @@ M = [
  ('dry-run-judges-the-training-run-of-a-complete-stage', 'rescomp/plan.py', '    if not fresh and not state.startswith("complete"):', '    if not fresh:', 'tests/test_workflow.py::test_a_later_stages_dry_run_refuses_a_corrupt_trained_network_as_the_stage_does'),
  ('run-of-any-folder-above', 'rescomp/rundir.py', '    return folder if (folder / "summary.json").is_file() else None', '    return next((d for d in Path(network).parents[:3] if (d / "summary.json").is_file()), None)', 'tests/test_compare.py::test_a_network_belongs_to_the_run_that_holds_it_as_its_own'),
  ('export-hash-of-the-fine-tune', 'rescomp/export.py', '"arch": payload["arch"], **info, **_made_by(source),', '"arch": payload["arch"], **info, "config_hash": __import__("rescomp.config").config.validate(payload["config"], "x").hash(),', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
+ ('chain-dry-run-defers-a-readable-refusal', 'rescomp/chain.py', '            if why := _settings_refusal(scfg, folder, suffix, step.stage.section):', '            if why := None:', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
+ ('chain-dry-run-judges-the-unmade-start', 'rescomp/chain.py', '    return refusal(same, False, suffix, section) if other_settings(folder, same, section) else None', '    return refusal(scfg, False, suffix, section)', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
 ]
 
 

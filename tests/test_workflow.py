@@ -47,7 +47,8 @@
 #     keeps -> test_prune_rules_follow_the_network_scored_not_the_config
 # 14. `rescomp run --dry-run` passing a chain folder the chain would refuse, or --nproc 0; `rescomp run`
 #     advising --fresh, which it did not have
-#       -> test_a_chain_dry_run_judges_each_folder_as_the_chain_would
+#       -> test_a_chain_dry_run_judges_each_folder_as_the_chain_would (a later folder of other settings, behind a
+#          stage not complete, read before that stage runs)
 # 15. a later stage (or a chain) run with --fresh told that the finished training run it starts from and
 #     keeps "--fresh redoes it", in its log and in its dry run, where only `rescomp train --fresh` does; or
 #     advised to "re-run with --fresh" where that training run holds other settings; or its --fresh emptying
@@ -1179,3 +1180,11 @@ def test_a_chain_dry_run_judges_each_folder_as_the_chain_would(workdir, tiny):
     assert (workdir / "runs/exp/model.pt").stat().st_mtime_ns == trained
     assert (workdir / "runs/exp-prune-paper-taylor-custom/summary.json").stat().st_mtime_ns != first  # redone
     assert "calibration_images: 32" in (workdir / "runs/exp-prune-paper-taylor-custom-ptq/config.yaml").read_text()
+    # a later folder of other settings behind a stage that is not complete is read now, by the dry run and the
+    # chain's checks (it said "judged when stage 1 is complete" and exited 0; the chain pruned, then refused)
+    shutil.rmtree(workdir / "runs/exp-prune-paper-taylor-custom")
+    dry, res = cli("run", path, "--dry-run"), cli("run", path)
+    assert dry.exit_code == res.exit_code == 2 and error(dry) == error(res) != [], (dry.output, res.output)
+    assert "2. quantize   -> runs/exp-prune-paper-taylor-custom-ptq: refused (below)" in dry.stdout, dry.output
+    assert "quantize.calibration_images (32 -> 16); re-run with --fresh" in dry.stderr  # not the unmade input's path
+    assert not (workdir / "runs/exp-prune-paper-taylor-custom").exists()  # and the chain stopped before pruning
