@@ -527,7 +527,7 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
         out.print(f"{len(rows)} row(s) rendered again -> {path}/table.md")
         return
     summaries = load_rows(d for t in targets for d in find_runs(t, runs))
-    _left_out(targets)
+    _left_out(targets, runs)
     rows = expand(summaries)
     name = table or summaries[0].get("table") or (targets[0] if not Path(targets[0]).exists() else None)
     if not name:
@@ -539,11 +539,11 @@ def report(targets: List[str] = typer.Argument(..., help="run folders, folders o
     out.print(f"{written} row(s) from {len(summaries)} run(s) -> {path}/table.md")
 
 
-def _left_out(targets: List[str]) -> None:
-    """Say which unfinished runs under the folders given a table leaves out."""
+def _left_out(targets: List[str], runs: Path) -> None:
+    """Say which unfinished runs of the folders or table names given a table leaves out."""
     from rescomp.report import unfinished
 
-    if left := unfinished(targets):
+    if left := unfinished(targets, runs):
         names = ", ".join(str(d) for d in left[:3]) + (", ..." if len(left) > 3 else "")
         err.print(f"left out {len(left)} unfinished run(s), with no summary.json yet: {names} (its command resumes "
                   f"a run; report it once it has finished)", highlight=False)
@@ -573,7 +573,7 @@ def compare(targets: List[str] = typer.Argument(..., help="run folders, folders 
     if runs.suffix in (".yaml", ".yml"):
         runs = load_config(runs).runs_dir
     pts = cmp.collect(targets, runs, baseline, profile)
-    _left_out(targets)
+    _left_out(targets, runs)
     path = cmp.write(table, pts, out_dir, notes_text)
     front = sum(1 for p in pts if p.get("pareto_macs"))
     out.print(f"{len(pts)} networks, {front} on the MACs Pareto front -> {path}/compare.md", highlight=False)

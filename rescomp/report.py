@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import yaml
+
 from rescomp.checkpoint import write_files
 from rescomp.errors import ConfigError
 from rescomp.rundir import earlier_rules, read_summary, stale_input
@@ -70,11 +72,24 @@ def find_runs(target: str, runs_root: Path) -> list[Path]:
                       f"pass a run folder (e.g. runs/demo-resnet20) or train a config with report.table: {target}")
 
 
-def unfinished(targets: Iterable[str]) -> list[Path]:
-    """The runs under the folders among `targets` that have not finished (a config.yaml, no summary.json yet):
+def unfinished(targets: Iterable[str], runs_root: Path) -> list[Path]:
+    """The runs that `targets` name (find_runs) that have not finished (a config.yaml, no summary.json yet):
+    under a folder given, or, for a table name, under runs_root with that report.table in their config.
     report and compare leave them out, and say so (a table that lost a run without a word looks complete)."""
-    return sorted({c.parent for t in targets if Path(t).is_dir() for c in Path(t).rglob("config.yaml")
-                   if not (c.parent / "summary.json").is_file()})
+    def table_of(config: Path) -> Optional[str]:
+        try:
+            raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return ((raw or {}).get("report") or {}).get("table") if isinstance(raw, dict) else None
+
+    found: set[Path] = set()
+    for t in targets:
+        here = Path(t) if Path(t).is_dir() else runs_root if runs_root.is_dir() else None
+        for c in here.rglob("config.yaml") if here else []:
+            if not (c.parent / "summary.json").is_file() and (here == Path(t) or table_of(c) == t):
+                found.add(c.parent)
+    return sorted(found)
 
 
 def unique_runs(run_dirs: Iterable[Path]) -> list[Path]:

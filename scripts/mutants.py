@@ -672,7 +672,7 @@ M = [
  ('val-split-takes-every-image', 'rescomp/data.py', '        if not len(perm):  # else a division by zero', '        if False:  # else a division by zero', 'tests/test_data.py::test_validation_split_is_seeded_and_disjoint'),
  ('infinite-lr-taken', 'rescomp/config_sections.py', 'validate_assignment=True, allow_inf_nan=False)', 'validate_assignment=True)', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
  ('damaged-run-config-traceback', 'rescomp/rundir.py', '    except (yaml.YAMLError, UnicodeDecodeError) as e:', '    except UnicodeDecodeError as e:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
- ('unfinished-runs-left-out-silently', 'rescomp/cli.py', '    if left := unfinished(targets):', '    if left := []:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
+ ('unfinished-runs-left-out-silently', 'rescomp/cli.py', '    if left := unfinished(targets, runs):', '    if left := []:', 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
  ('reached-baseline-keeps-gated-paths', 'rescomp/stages/layer_drop.py', '        out["shapes"] = {k.removesuffix(".inner"): v for k, v in out["shapes"].items()}', '        out["shapes"] = dict(out["shapes"])', 'tests/test_layer_drop.py::test_a_pruned_network_counts_every_epoch_it_was_trained'),
  ('unset-start-differs-from-its-path', 'rescomp/rundir.py', '    old, new = (_start_written(c, cfg, sections) for c in (saved_config(run_dir), cfg))', '    old, new = saved_config(run_dir), cfg', 'tests/test_workflow.py::test_a_chains_stage_and_the_stages_own_command_share_their_folder'),
  ('run-name-any-length', 'rescomp/config.py', '    if len(cfg.run_name.encode()) > NAME_BYTES:', '    if False:', 'tests/test_config.py::test_bad_values_name_the_key_and_the_fix'),
@@ -697,6 +697,7 @@ M = [
  ('export-hash-of-the-fine-tune', 'rescomp/export.py', '"arch": payload["arch"], **info, **_made_by(source),', '"arch": payload["arch"], **info, "config_hash": __import__("rescomp.config").config.validate(payload["config"], "x").hash(),', 'tests/test_export.py::test_a_pruned_checkpoint_exports_its_pruned_network'),
  ('chain-dry-run-defers-a-readable-refusal', 'rescomp/chain.py', '            if why := _settings_refusal(scfg, folder, suffix, step.stage.section):', '            if why := None:', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
  ('chain-dry-run-judges-the-unmade-start', 'rescomp/chain.py', '    return refusal(same, False, suffix, section) if other_settings(folder, same, section) else None', '    return refusal(scfg, False, suffix, section)', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
+ ('unfinished-runs-of-a-table-unnamed', 'rescomp/report.py', "        here = Path(t) if Path(t).is_dir() else runs_root if runs_root.is_dir() else None", "        here = Path(t) if Path(t).is_dir() else None", 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
 ]
 
 

@@ -63,7 +63,7 @@
 # 18. a folder that is no run (the user's files, no config.yaml) taken over by a plain run, which writes
 #     there, so that --fresh, which its refusals then advise, deletes the user's files
 #       -> test_dry_run_checks_everything_says_what_would_run_and_writes_nothing
-# 19. report and compare leaving an unfinished run out of a folder of runs without a word
+# 19. report and compare leaving an unfinished run out of a folder of runs, or of a table, without a word
 #       -> test_runs_lists_every_run_with_its_state
 # 20. a chain's stage folder refused by the stage's own command (and the reverse) as "other settings",
 #     where one names the network it starts from and the other leaves it unset, meaning the same one
@@ -517,7 +517,8 @@ def test_runs_lists_every_run_with_its_state(workdir, tiny, monkeypatch):
     assert states == {"exp": "complete", "exp-seed3": "interrupted, resumable",
                       "cut": "broken: an empty checkpoint (checkpoints/last.pt); re-run it with --fresh"}
     # report and compare leave the unfinished run out, and say so
-    for res in (cli("report", "runs", "--table", "t"), cli("compare", "runs", "--table", "c")):
+    for res in (cli("report", "runs", "--table", "t"), cli("compare", "runs", "--table", "c"),
+                cli("report", "smoke"), cli("compare", "smoke", "--table", "c")):  # a table name: the runs reporting to it
         assert res.exit_code == 0, res.output
         assert "left out 1 unfinished run(s), with no summary.json yet: runs/exp-seed3" in res.stderr, res.output
     assert "left out" not in cli("report", "runs/exp", "--table", "t").stderr
