@@ -60,7 +60,6 @@ def run_stages(run_dir: Path, summary: dict[str, Any]) -> Optional[list[str]]:
     follow (made before runs kept one, or a folder copied away from its inputs): the name says it then. A
     stage's own command given a pruned network (prune.checkpoint) names its folder after the config alone,
     so its name said 'int8' where the network was pruned, then quantized."""
-    from rescomp.errors import ConfigError
     from rescomp.rundir import _at, read_summary, run_of
 
     stages: list[str] = []

@@ -127,12 +127,11 @@ def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for s in summaries:
         common = {k: v for k, v in s.items() if k not in ("rows", "full_stats", "sections")}
         rows += [{**common, **r} for r in s["rows"]] if "rows" in s else [dict(s)]
-    key = lambda r: (r.get("row"), r.get("stage"), r.get("series"))  # noqa: E731 (as aggregate_seeds groups)
     runs: dict[tuple, set[str]] = {}
     for r in rows:
-        runs.setdefault(key(r), set()).add(experiment(r))
+        runs.setdefault(label_key(r), set()).add(experiment(r))
     for r in rows:
-        if len(runs[key(r)]) > 1:
+        if len(runs[label_key(r)]) > 1:
             r["row"] = f"{r.get('row')} ({experiment(r)})"
     return rows
 
@@ -142,6 +141,12 @@ def expand(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # seed's is
 GEOMETRIC = ("latency_ms_", "reference_latency_ms_", "fp32_latency_ms_", "speedup_cpu_", "speedup_ort_", "speedup_ind_",
              "forward_ms_b", "backward_ms_b", "reference_forward_ms_b", "reference_backward_ms_b", "gpu_images_per_s")
+
+
+def label_key(row: dict[str, Any]) -> tuple:
+    """What a row is labelled by in a table: its label, stage and series. Rows of one experiment's seeds that
+    share it become one row (aggregate_seeds); rows of different experiments that share it say their run."""
+    return row.get("row"), row.get("stage"), row.get("series")
 
 
 def experiment(row: dict[str, Any]) -> str:
@@ -173,8 +178,8 @@ def seeds_conflict(run_dirs: list[Path], summaries: list[dict[str, Any]]) -> Opt
 
     groups: dict[tuple, list[tuple[Path, dict[str, Any]]]] = {}
     for d, s in zip(run_dirs, summaries):
-        groups.setdefault((s.get("row"), s.get("stage"), experiment(s)), []).append((d, s))
-    for (label, _, _), group in groups.items():
+        groups.setdefault((*label_key(s), experiment(s)), []).append((d, s))
+    for (label, *_), group in groups.items():
         if len({s.get("seed") for _, s in group}) < 2 or not all((d / "config.yaml").is_file() for d, _ in group):
             continue
         by_seed: dict[Any, Path] = {}
@@ -210,7 +215,7 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r.get("row"), r.get("stage"), r.get("series"), experiment(r)), []).append(r)
+        groups.setdefault((*label_key(r), experiment(r)), []).append(r)
     out = []
     for group in groups.values():
         if len({r.get("seed") for r in group}) < 2:
