@@ -698,6 +698,12 @@ M = [
  ('chain-dry-run-defers-a-readable-refusal', 'rescomp/chain.py', '            if why := _settings_refusal(scfg, folder, suffix, step.stage.section):', '            if why := None:', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
  ('chain-dry-run-judges-the-unmade-start', 'rescomp/chain.py', '    return refusal(same, False, suffix, section) if other_settings(folder, same, section) else None', '    return refusal(scfg, False, suffix, section)', 'tests/test_workflow.py::test_a_chain_dry_run_judges_each_folder_as_the_chain_would'),
  ('unfinished-runs-of-a-table-unnamed', 'rescomp/report.py', "        here = Path(t) if Path(t).is_dir() else runs_root if runs_root.is_dir() else None", "        here = Path(t) if Path(t).is_dir() else None", 'tests/test_workflow.py::test_runs_lists_every_run_with_its_state'),
+ ("model-type-lax", "rescomp/models/__init__.py", "validate_python(form, strict=True)", "validate_python(form)",
+  "tests/test_models.py::test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs"),
+ ("model-type-tuple-refused", "rescomp/models/__init__.py", "    forms = [value] + ([tuple(value)]", "    forms = [value] + ([]",
+  "tests/test_models.py::test_the_type_check_takes_what_yaml_gives_for_a_tuple_or_a_float"),
+ ("model-type-unchecked", "rescomp/models/__init__.py", "        if key in params and key != \"num_classes\" and (wanted", "        if False and (wanted",
+  "tests/test_models.py::test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs"),
 ]
 
 

@@ -1,8 +1,17 @@
 import pytest
 import torch
 
+from rescomp.errors import ConfigError
 from rescomp.measure import count_params
 from rescomp.models import build_model, get_entry, model_names
+
+# Wrong versions these tests must catch:
+#  1. a model argument of the wrong type reaching the builder: `--set model.width=abc` said "not all arguments
+#     converted during string formatting", `depth: true` built a network of depth 1, `units_per_stage: 3`
+#     a TypeError -> test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs
+#  2. the type check rejecting what the builder takes: a YAML list for a tuple, a tuple a checkpoint kept for
+#     a list, an int for a float, null for an Optional
+#       -> the same test, test_the_type_check_takes_what_yaml_gives_for_a_tuple_or_a_float
 
 
 # He et al. 2016 CIFAR ResNets; option A has no shortcut parameters, option B adds two 1x1 projections.
@@ -105,3 +114,35 @@ def test_every_technique_key_rebuilds():
     assert {"DepthwiseSeparable", "Gated"} <= kinds and type(model.layer1[1]).__name__ == "Identity"
     assert tuple(model.fc.weight.shape) == (12, 16)  # Linear(16 in, 12 out)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 12)
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("width", "abc", "model.width: 'abc' is not an integer; set it to an integer (arch 'cifar_resnet')"),
+    ("depth", True, "model.depth: True is not an integer; set it to an integer (arch 'cifar_resnet')"),
+    ("block", "wide", "model.block: 'wide' is not one of 'basic', 'bottleneck'; set it to one of 'basic', "
+                      "'bottleneck' (arch 'cifar_resnet')"),
+    ("units_per_stage", 3, "model.units_per_stage: 3 is not a list of integers or null; set it to a list of "
+                           "integers or null (arch 'cifar_resnet')"),
+    ("units_per_stage", [1, "a", 1], "model.units_per_stage: [1, 'a', 1] is not a list of integers or null; set "
+                                     "it to a list of integers or null (arch 'cifar_resnet')"),
+])
+def test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs(key, value, said):
+    with pytest.raises(ConfigError) as e:
+        build_model({"arch": "cifar_resnet", "num_classes": 10, "depth": 8, "width": 4, key: value})
+    assert str(e.value) == said
+    # what the builder takes passes: a list where it annotates one, a tuple kept by a checkpoint, null
+    for units in ([1, 1, 1], (1, 1, 1), None):
+        assert count_params(build_model({"arch": "cifar_resnet", "num_classes": 10, "width": 4, "depth": 8,
+                                         "units_per_stage": units})) == 5006
+
+
+def test_the_type_check_takes_what_yaml_gives_for_a_tuple_or_a_float():
+    from rescomp.models import _wrong_type
+
+    def builder(num_classes: int = 10, sizes: tuple[int, ...] = (1,), scale: float = 1.0):
+        raise AssertionError("not built")
+
+    assert _wrong_type(builder, "sizes", [1, 2]) is None  # YAML has no tuples
+    assert _wrong_type(builder, "scale", 3) is None  # nor does it write 3.0 for 3
+    assert _wrong_type(builder, "sizes", [1, "a"]) == "a list of integers"
+    assert _wrong_type(builder, "scale", "x") == "a number"

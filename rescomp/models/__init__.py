@@ -10,16 +10,20 @@ which build_model does by name the first time a spec holds a key no builder take
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import json
 import os
 import sys
+import types
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import pydantic
 import torch
 import torch.nn as nn
 
@@ -184,6 +188,46 @@ def check_spec(spec: dict[str, Any]) -> None:
                     f"unknown key 'model.{key}' for arch '{spec['arch']}'{suggest(key, valid)}; "
                     f"valid: arch, {', '.join(valid) or '(none)'}"
                 )
+    for key, value in spec.items():
+        if key in params and key != "num_classes" and (wanted := _wrong_type(entry.builder, key, value)):
+            raise ConfigError(f"model.{key}: {value!r} is not {wanted}; set it to {wanted} (arch '{spec['arch']}')")
+
+
+def _wrong_type(builder: Callable[..., nn.Module], key: str, value: Any) -> Optional[str]:
+    """The type the builder's signature gives `key`, said in words, if `value` is not of it (strictly: not
+    True for an int, nor '3'; a list passes for a tuple and 3 for a float); None if it is, or if the builder
+    does not annotate the argument (a user's model may not)."""
+    try:
+        hint = typing.get_type_hints(builder).get(key)
+    except Exception:  # annotations a user's module cannot resolve: left to the builder
+        return None
+    if hint is None:
+        return None
+    forms = [value] + ([tuple(value)] if isinstance(value, list) else [list(value)] if isinstance(value, tuple) else [])
+    for form in forms:
+        try:
+            _adapter(hint).validate_python(form, strict=True)
+            return None
+        except pydantic.ValidationError:
+            pass
+    return _said(hint)
+
+
+def _said(hint: Any) -> str:
+    """A type annotation in words: `an integer`, `one of 'A', 'B'`, `a list of integers or null`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _said(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_said(args[0]).split(' ', 1)[-1]}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, f"a {hint}")
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(hint)
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
