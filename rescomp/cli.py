@@ -18,7 +18,39 @@ from rich.table import Table
 
 from rescomp.errors import RescompError, Terminated
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+
+
+class _OneLineUsage(typer.core.TyperGroup):
+    """Words the parser refuses (a missing argument, an option no command has, a value of the wrong type) said
+    in one line naming the command, as every other user mistake is, instead of click's usage, hint and error
+    lines; a bare `rescomp` still prints the help. Exit code 2, as click's."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _usage_error() as e:  # click's exceptions, under the names this typer gives them
+            ctx = getattr(e, "ctx", None)
+            if ctx is None or type(e).__name__ == "NoArgsIsHelpError":  # not the words (or a bare `rescomp`)
+                e.show()
+            else:
+                where = " ".join(["rescomp", *(c.info_name for c in _parents(ctx) if c.parent is not None)])
+                said = " ".join(e.format_message().split()).rstrip(".")
+                err.print(f"[bold red]error:[/] {escape(f'{where}: {said}')}; see '{where} --help'", highlight=False)
+            raise SystemExit(getattr(e, "exit_code", 1)) from None
+        except typer.Abort:  # Ctrl-C outside a command (a command says what it kept, user_errors)
+            typer.echo("Aborted!", err=True)
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _parents(ctx: Any) -> list:
+    """A command's context and those above it, the outermost (the program, however started) first."""
+    return [*_parents(ctx.parent), ctx] if ctx is not None else []
+
+
+app = typer.Typer(cls=_OneLineUsage, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Reproduce and extend CNN-compression papers on CIFAR.")
 err = Console(stderr=True, log_path=False, soft_wrap=True)
 out = Console(soft_wrap=True)

@@ -704,6 +704,12 @@ M = [
   "tests/test_models.py::test_the_type_check_takes_what_yaml_gives_for_a_tuple_or_a_float"),
  ("model-type-unchecked", "rescomp/models/__init__.py", "        if key in params and key != \"num_classes\" and (wanted", "        if False and (wanted",
   "tests/test_models.py::test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs"),
+ ("usage-errors-as-click-says", "rescomp/cli.py", "            if ctx is None or type(e).__name__ == \"NoArgsIsHelpError\":", "            if True:",
+  "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
+ ("usage-names-the-program-as-started", "rescomp/cli.py", "*(c.info_name for c in _parents(ctx) if c.parent is not None)", "*(c.info_name for c in _parents(ctx))",
+  "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
+ ("bare-rescomp-no-help", "rescomp/cli.py", "            if ctx is None or type(e).__name__ == \"NoArgsIsHelpError\":", "            if ctx is None:",
+  "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
 ]
 
 

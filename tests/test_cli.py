@@ -96,6 +96,21 @@ def test_other_bad_inputs(workdir, tiny):
     assert not (workdir / "results").exists()
 
 
+@pytest.mark.parametrize("args, line", [
+    (["train"], "error: rescomp train: Missing argument 'config'; see 'rescomp train --help'"),
+    (["train", "x.yaml", "--bogus"], "error: rescomp train: No such option: --bogus; see 'rescomp train --help'"),
+    (["train", "x.yaml", "y.yaml"], "error: rescomp train: Got unexpected extra argument(s) (y.yaml); see 'rescomp "
+                                    "train --help'"),
+    (["nosuch"], "error: rescomp: No such command 'nosuch'; see 'rescomp --help'"),
+])
+def test_words_the_parser_refuses_are_one_line_naming_the_command(workdir, args, line):
+    # wrong versions: click's usage, hint and "Error:" lines (four for one mistake); the exit code 0 or 1
+    res = cli(*args)
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == [line] and not res.stdout
+    res = cli()  # a bare `rescomp` still shows the help
+    assert res.exit_code == 2 and res.output.startswith("Usage: ") and "\nCommands:\n" in res.output
+
+
 def test_a_changed_config_does_not_clobber_a_run(workdir, tiny):
     path = write_config(workdir, {**tiny, "measure": {"latency": False}})
     assert cli("train", path).exit_code == 0
