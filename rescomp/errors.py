@@ -41,3 +41,14 @@ class Terminated(BaseException):
     `rescomp jobs`' children ended. A BaseException, as KeyboardInterrupt is: no `except Exception` eats it."""
 
     exit_code = 128 + 15  # as a shell reports a process that SIGTERM (15) ended
+
+
+def parser_error() -> type[Exception]:
+    """What the CLI's parser raises for words it refuses: typer's own click's error (typer 0.26 and later
+    vendor click), else click's."""
+    try:
+        from typer import TyperException
+        return TyperException
+    except ImportError:
+        from click import ClickException
+        return ClickException

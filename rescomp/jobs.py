@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from rescomp.errors import ConfigError, Terminated
 
@@ -61,6 +61,66 @@ class Job:
     @property
     def text(self) -> str:
         return "rescomp " + " ".join(shlex.quote(a) for a in self.args)
+
+
+def check_nproc(nproc: int) -> None:
+    """--nproc N: at least one process."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: give a number of processes of at least 1 (one per GPU, or up to the "
+                          f"CPU cores on a CPU)")
+
+
+def command_fault(commands: dict[str, Any], args: list[str], first: bool = True) -> Optional[str]:
+    """What is wrong with the words of `rescomp <args>` that no run needs to find out: a command or an
+    option this CLI does not have, a config it names that cannot be read with its --set and --profile;
+    None if nothing. A line of a later phase (`first` false) may name a config an earlier phase writes
+    (runs/<name>/config.yaml): one not there yet is left to the run. `commands`: the CLI's, by name (click's
+    commands, whose parsers judge the words)."""
+    import typer
+
+    from rescomp.errors import parser_error
+    from rescomp.registry import suggest
+
+    if args[0] not in commands:
+        return f"'{args[0]}' is no rescomp command{suggest(args[0], list(commands))}"
+    params = {o: p for p in commands[args[0]].params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    words = iter(args[1:])
+    given: dict[str, list[str]] = {"--set": [], "--profile": [], "": []}  # option values; "": the arguments
+    for word in words:
+        if word == "--":  # the end of options: the rest are arguments
+            given[""] += list(words)
+            break
+        opt = word.split("=", 1)[0]
+        if opt in params:
+            if "=" not in word and not getattr(params[opt], "is_flag", False):
+                value = next(words, None)  # its value, which may start with '-' (--seed -1, --baseline -r20)
+            else:
+                value = word.split("=", 1)[1] if "=" in word else None
+            if opt in given and value is not None:
+                given[opt].append(value)
+        elif opt.startswith("-") and opt != "--help":
+            return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(params))}"
+        else:
+            given[""].append(word)
+    try:  # the rest of the words as the command parses them: a value of the wrong type, an extra argument
+        parsed = commands[args[0]].make_context(f"rescomp {args[0]}", list(args[1:])).params
+        if parsed.get("nproc") is not None:
+            check_nproc(parsed["nproc"])
+    except typer.Exit:  # --help
+        pass
+    except parser_error() as e:
+        return f"rescomp {args[0]}: {getattr(e, 'format_message', e.__str__)()}"
+    except ConfigError as e:
+        return str(e)
+    config = next((a for a in given[""] if a.endswith((".yaml", ".yml"))), None)
+    if config is not None and (first or Path(config).exists()):  # its file, keys and values, as the command reads them
+        from rescomp.config import load_config
+
+        try:
+            load_config(config, given["--set"], given["--profile"][-1] if given["--profile"] else None)
+        except ConfigError as e:
+            return str(e)
+    return None
 
 
 def parse(text: str, source: str = "the jobs file",
