@@ -119,6 +119,12 @@ PRUNE_RULES = ("the fast schedule's two steps 3 x finetune_epochs apart (Martine
 GATED_SCORES = ("a gated unit's last conv scored after its BatchNorm, as every other conv is (it was scored at "
                 "the conv's output)")
 ACTIVATION_CRITERIA = ("taylor", "mean_activation")  # scored on activations (rescomp.compress.prune.activation_modules)
+IN_PLACE_SCORES = ("a conv whose BatchNorm output the network then changes in place (torchvision's residual `out += "
+                   "identity`) scored on that BatchNorm's output (it was scored on the block's output)")
+# The networks whose coupled-policy scores that changed: torchvision's ResNets, and a user's own model or a
+# plugin's, which rescomp cannot read (the paper policy never prunes a conv that meets an addition; an in-place ReLU alone
+# leaves a x dL/da as it was).
+IN_PLACE_ADDS = ("resnet18", "resnet50")
 FINE_TUNING = ("layer_drop", "magnitude_prune", "weight_share", "binarize")
 # summary "stage" names whose section is named otherwise
 STAGE_SECTIONS = {"layerdrop": "layer_drop"}
@@ -131,12 +137,22 @@ def rules(cfg: ExperimentConfig, section: Optional[str], gated: Optional[bool] =
     s = cfg.train.schedule
     if section == "prune":
         gated = bool(cfg.model.model_dump().get("gates")) if gated is None else gated
-        if gated and cfg.prune.criterion in ACTIVATION_CRITERIA:
+        activations, arch = cfg.prune.criterion in ACTIVATION_CRITERIA, cfg.model.arch
+        if activations and cfg.prune.policy == "coupled" and (arch in IN_PLACE_ADDS or not _builtin(arch)):
+            return 4, PRUNE_RULES + ", and " + IN_PLACE_SCORES
+        if gated and activations:
             return 3, PRUNE_RULES + ", and " + GATED_SCORES
         return 2, PRUNE_RULES
     if section in FINE_TUNING and (s.warmup_epochs > 0 or s.name in ("step", "multistep")):
         return 2, FINE_TUNE_SCALED
     return 1, ""
+
+
+def _builtin(arch: str) -> bool:
+    """Whether rescomp builds `arch` itself (not a user's module or an installed plugin)."""
+    from rescomp.models import get_entry
+
+    return get_entry(arch).builder.__module__.startswith("rescomp.")
 
 
 def read_summary(path: Path) -> dict[str, Any]:

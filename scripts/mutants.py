@@ -710,6 +710,14 @@ M = [
   "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
  ("bare-rescomp-no-help", "rescomp/cli.py", "            if ctx is None or type(e).__name__ == \"NoArgsIsHelpError\":", "            if ctx is None:",
   "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
+ ("scored-after-in-place-ops", "rescomp/compress/prune.py", "            return out.clone()\n", "",
+  "tests/test_prune.py::test_a_conv_is_scored_at_its_batchnorms_output_whatever_in_place_op_follows"),
+ ("in-place-rules-unbumped", "rescomp/rundir.py", "(arch in IN_PLACE_ADDS or not _builtin(arch)):", "(arch in IN_PLACE_ADDS and False):",
+  "tests/test_workflow.py::test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm"),
+ ("in-place-rules-for-every-coupled-run", "rescomp/rundir.py", "(arch in IN_PLACE_ADDS or not _builtin(arch)):", "True:",
+  "tests/test_workflow.py::test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm"),
+ ("in-place-rules-user-models-trusted", "rescomp/rundir.py", "(arch in IN_PLACE_ADDS or not _builtin(arch)):", "(arch in IN_PLACE_ADDS):",
+  "tests/test_workflow.py::test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm"),
 ]
 
 

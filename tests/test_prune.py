@@ -21,6 +21,8 @@
   (prune_end_to_end_and_report);
 - a gated unit's last conv (layer-drop's gate wraps its BN) scored at the conv's output, not after its BN
   as every other conv is (a_gated_units_last_conv_is_scored_after_its_batchnorm_...);
+- a conv whose BN output an in-place op overwrites (torchvision's `out += identity`) scored on the block's
+  output and its gradient (a_conv_is_scored_at_its_batchnorms_output_whatever_in_place_op_follows);
 - a network no policy prunes correctly (coupled with option-A shortcuts, grouped or depthwise convs) pruned
   into one that cannot run, a traceback (a_network_no_policy_prunes_correctly_is_refused_...);
 - a schedule whose shares reach 100 % (share_per_step x steps >= 1) run until the step that finds nothing
@@ -32,6 +34,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from rescomp import checkpoint
@@ -96,6 +99,51 @@ def test_a_gated_units_last_conv_is_scored_after_its_batchnorm_as_the_ungated_on
     assert set(a) == set(b) and "layer3.1.conv2" in a
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+class _Residual(nn.Module):
+    """stem conv-BN-ReLU, then conv-BN whose output meets the input in an addition: in place, as
+    torchvision's BasicBlock writes it (`out += identity; relu(inplace)`), or not, as rescomp's ResNets do."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)), inplace=self.in_place)
+        out = self.bn(self.conv(x))
+        if self.in_place:
+            out += x
+            out = F.relu_(out)
+        else:
+            out = F.relu(out + x)
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "mean_activation"])
+def test_a_conv_is_scored_at_its_batchnorms_output_whatever_in_place_op_follows(criterion):
+    """torchvision's ResNets add the shortcut to bn2's output in place: the wrong version kept that tensor and
+    its gradient, so bn2's convs were scored on the block's output (relu(bn2 + x)) under the coupled policy,
+    and ranked their channels otherwise. The in-place network must score as the same network without."""
+    from rescomp.compress.prune import CRITERIA
+
+    torch.manual_seed(0)
+    a, b = _Residual(in_place=True).eval(), _Residual(in_place=False).eval()
+    for m in a.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.bias.data.normal_(0, 0.3)
+    b.load_state_dict(a.state_dict())
+    batches = _batches(n=2, size=8)
+    with torch.no_grad():
+        assert torch.equal(a(batches[0][0]), b(batches[0][0]))
+    sa, sb = (CRITERIA.get(criterion)(m, batches, 0) for m in (a, b))
+    assert set(sa) == set(sb) == {"stem", "conv"}
+    for name in sa:
+        assert torch.allclose(sa[name], sb[name], atol=1e-6), (name, sa[name], sb[name])
 
 
 def test_taylor_takes_the_absolute_value_per_example_before_the_batch_mean():

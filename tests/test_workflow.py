@@ -42,6 +42,9 @@
 #       -> test_a_run_made_from_a_file_since_re_made_is_not_reused_resumed_or_reported,
 #          test_a_resumed_run_whose_input_is_gone_or_re_made_is_refused, test_a_re_made_teacher_...,
 #          test_a_folder_with_nothing_to_resume_is_taken_over_..., test_a_run_made_under_earlier_rules_...;
+#     coupled-policy activation scores of a network that adds in place (torchvision's ResNets, a user's model)
+#     made before they were taken at the BatchNorm's output returned as current, or every coupled run (the
+#     CIFAR ResNets', whose numbers did not change) made stale -> test_coupled_scores_of_networks_that_add_...;
 #     prune's rules decided by the config's model.gates instead of the network scored (a gated checkpoint
 #     given to a config without gates), or an old folder judged by its config instead of the networks it
 #     keeps -> test_prune_rules_follow_the_network_scored_not_the_config
@@ -1070,6 +1073,21 @@ def test_pruning_a_gated_network_on_activations_is_under_the_rules_that_score_it
         assert rules(validate({**tiny, "prune": {"criterion": criterion}}, "t"), "prune")[0] == version, criterion
     tiny["model"].pop("gates")
     assert rules(validate({**tiny, "prune": {"criterion": "taylor"}}, "t"), "prune")[0] == 2
+
+
+def test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm(tiny):
+    # their prune runs made before were scored on the block's output (test_prune: ..._in_place_op_follows)
+    from rescomp.config import validate
+    from rescomp.rundir import rules
+
+    def version(arch, policy, criterion="taylor"):
+        cfg = validate({**tiny, "model": {"arch": arch}, "prune": {"criterion": criterion, "policy": policy}}, "t")
+        return rules(cfg, "prune")[0]
+
+    assert version("resnet18", "coupled") == version("resnet50", "coupled", "mean_activation") == 4
+    assert version("tests.my_models:build", "coupled") == 4  # a user's model: rescomp cannot tell
+    assert version("resnet18", "paper") == version("resnet18", "coupled", "l1") == version("resnet20", "coupled") == 2
+    assert version("squeezenet1_1", "coupled") == version("alexnet", "coupled") == 2  # in-place ReLUs alone
 
 
 def test_prune_rules_follow_the_network_scored_not_the_config(workdir, tiny):

@@ -182,6 +182,10 @@ def _activation_scores(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
             if needs_grad and out.requires_grad:
                 out.retain_grad()
             saved[name] = out
+            # the network goes on with a copy: an in-place op after the module (torchvision's residual
+            # `out += identity`, an in-place ReLU) would otherwise turn the kept activation and its
+            # gradient into the block's output and its gradient
+            return out.clone()
         hooks.append(mod.register_forward_hook(hook))
     was = model.training
     model.eval()  # BN in inference mode: scores must not move its running statistics
