@@ -40,11 +40,20 @@ def folder_state(cfg: ExperimentConfig, refused: list[str], suffix: str = "", se
             refused.append(str(e))
             return run_dir, "refused (below)"
         return run_dir, f"complete: nothing to run ({redo} redoes it)"
-    history = run_dir / "metrics.jsonl"
-    done = len(history.read_text().splitlines()) if history.is_file() else 0
     steps = sorted(p.parent.name for p in run_dir.rglob("row.json"))
-    return run_dir, ("resumes" + (f" after epoch {done}" if done else "")
-                     + (f", {len(steps)} step(s) done" if steps else ""))
+    said = [f"{len(steps)} step(s) done"] if steps else []
+    # where training goes on: the epoch its last checkpoint saved (metrics.jsonl may hold epochs after it, with
+    # train.checkpoint_every > 1), in the training run or in the step not yet finished
+    for last in sorted(run_dir.rglob("last.pt")):
+        folder = last.parent.parent
+        if not (folder / "row.json").is_file() and (payload := checkpoint.peek(last)) and "fit_state" in payload:
+            epoch = payload["fit_state"].get("epoch", 0)
+            said.append(f"after epoch {epoch}" if folder == run_dir else f"{folder.name} after fine-tune epoch {epoch}")
+    if not said and (run_dir / "metrics.jsonl").is_file():  # epochs logged, none saved: trained from the start
+        return run_dir, "starts over: its epochs so far saved no checkpoint (train.checkpoint_every)"
+    if len(said) == 1 and not steps:
+        return run_dir, f"resumes {said[0]}"
+    return run_dir, "resumes" + (": " + ", ".join(said) if said else "")
 
 
 def _data(cfg: ExperimentConfig) -> str:

@@ -718,6 +718,10 @@ M = [
   "tests/test_workflow.py::test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm"),
  ("in-place-rules-user-models-trusted", "rescomp/rundir.py", "(arch in IN_PLACE_ADDS or not _builtin(arch)):", "(arch in IN_PLACE_ADDS):",
   "tests/test_workflow.py::test_coupled_scores_of_networks_that_add_in_place_are_under_the_rules_that_score_the_batchnorm"),
+ ("dry-run-epochs-from-the-log", "rescomp/plan.py", "            epoch = payload[\"fit_state\"].get(\"epoch\", 0)", "            epoch = len((run_dir / \"metrics.jsonl\").read_text().splitlines())",
+  "tests/test_workflow.py::test_a_dry_run_says_the_epoch_a_run_resumes_after_as_its_last_checkpoint_saved_it"),
+ ("dry-run-resumes-without-a-checkpoint", "rescomp/plan.py", "    if not said and (run_dir / \"metrics.jsonl\").is_file():", "    if False:",
+  "tests/test_workflow.py::test_a_dry_run_says_the_epoch_a_run_resumes_after_as_its_last_checkpoint_saved_it"),
 ]
 
 

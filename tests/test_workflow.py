@@ -218,6 +218,24 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_it(workdir, tiny, monkeypatch
     assert res.exit_code == 0 and "resum" in res.stderr.lower()
 
 
+def test_a_dry_run_says_the_epoch_a_run_resumes_after_as_its_last_checkpoint_saved_it(workdir, tiny, monkeypatch):
+    # wrong version: the epochs counted in metrics.jsonl, which logs every epoch while train.checkpoint_every
+    # saves every 2nd: "resumes after epoch 3" for a run that goes on from epoch 2; and, the checkpoint gone
+    # (killed before its first one), "resumes after epoch 3" for a run that trains from the start
+    path = write_config(workdir, {**_quick(tiny), "train": {**tiny["train"], "epochs": 4, "checkpoint_every": 2}})
+    with monkeypatch.context() as m:
+        _fail_in_epoch(m, 4, KeyboardInterrupt())
+        assert cli("train", path).exit_code == 130
+    assert len((workdir / "runs/exp/metrics.jsonl").read_text().splitlines()) == 3
+    assert "runs/exp: resumes after epoch 2\n" in cli("train", path, "--dry-run").stdout
+    (workdir / "runs/exp/checkpoints/last.pt").unlink()
+    said = cli("train", path, "--dry-run").stdout
+    assert "runs/exp: starts over: its epochs so far saved no checkpoint" in said and "resumes" not in said
+    res = cli("train", path)
+    assert res.exit_code == 0 and "resumed" not in res.output, res.output
+    assert len((workdir / "runs/exp/metrics.jsonl").read_text().splitlines()) == 4
+
+
 def test_a_renamed_run_folder_is_named_with_the_way_back(workdir, tiny):
     path = write_config(workdir, _quick(tiny))
     assert cli("train", path).exit_code == 0
