@@ -209,7 +209,9 @@ def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     the largest timing spread), `seeds` (how many) and `top1_std` (their sample standard deviation); the
     seeds and config hashes are listed, a speed-up is within the noise where any seed's was, and the fastest
     runtime is named again from the merged latencies. A row with one seed is left as it is. Rows of two
-    runs that share a label are never merged."""
+    runs that share a label are never merged. A merged `top1_drop_se` is the mean of the seeds' paired
+    standard errors: the test-image noise of one seed's drop (the seeds share their test images, so their
+    errors need not be independent and are not divided by the seeds' number); top1_std is the seeds' spread."""
 
     from rescomp.measure import RUNTIME_COLUMN
 
