@@ -250,7 +250,7 @@ def execute(st: Stage, cfg: ExperimentConfig, *, fresh: bool = False,
         fields = st.body(run)
         summary = {"stage": st.name, "name": out.name, "table": cfg.report.table, "dataset": cfg.data.dataset,
                    "profile": cfg.profile, "seed": cfg.seed, "config_hash": cfg.hash(st.section), "precision": ctx.arithmetic,
-                   **({"source": str(source)} if source is not None else {}), **({"inputs": inputs} if inputs else {}), **fields, **splits.stamp(),
+                   **({"source": cfg.written(source)} if source is not None else {}), **({"inputs": inputs} if inputs else {}), **fields, **splits.stamp(),
                    "wall_seconds": time.perf_counter() - t_start, **stamp(ctx.device)}
         checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return out, summary

@@ -722,6 +722,10 @@ M = [
   "tests/test_workflow.py::test_a_dry_run_says_the_epoch_a_run_resumes_after_as_its_last_checkpoint_saved_it"),
  ("dry-run-resumes-without-a-checkpoint", "rescomp/plan.py", "    if not said and (run_dir / \"metrics.jsonl\").is_file():", "    if False:",
   "tests/test_workflow.py::test_a_dry_run_says_the_epoch_a_run_resumes_after_as_its_last_checkpoint_saved_it"),
+ ("source-from-the-shell", "rescomp/runner.py", "{\"source\": cfg.written(source)}", "{\"source\": str(source)}",
+  "tests/test_runner.py::test_a_stage_records_the_network_it_started_from_as_the_config_names_it_from_any_folder"),
+ ("layer-drop-source-from-the-shell", "rescomp/stages/layer_drop.py", "else cfg.at(summary[\"source\"])", "else Path(summary[\"source\"])",
+  "tests/test_runner.py::test_a_stage_records_the_network_it_started_from_as_the_config_names_it_from_any_folder"),
 ]
 
 

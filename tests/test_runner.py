@@ -24,6 +24,8 @@
 # 11. a stage's own command taking a network its chain would refuse (prune or quantize of a weight-shared
 #     one, whose codes are how it is stored; prune, binarize or layer_drop of a magnitude-pruned one, whose
 #     zeros would grow back) -> test_a_stage_command_refuses_what_its_chain_refuses
+# 13. a summary's `source` relative to the shell's folder, which a layer-drop that kept no deletion handed on
+#     to the next stage as it was -> test_a_stage_records_the_network_it_started_from_as_the_config_names_it_...
 # 12. a network of another number of classes than the data's given to a stage, a chain's first stage or
 #     as a teacher: with more, scored as if its classifier fit (exit 0, a top-1 over the wrong outputs);
 #     with fewer, a traceback at the first label past them; or only one of the two refused
@@ -102,6 +104,27 @@ def test_a_chain_runs_end_to_end_and_resumes_inside_its_second_stage(workdir, ti
     assert saved["prune"]["steps"] == 1 and saved["pipeline"] is None  # prune's entry stayed with prune
     again = cli("run", path)
     assert again.exit_code == 0 and again.output.count("->") == 4
+
+
+def test_a_stage_records_the_network_it_started_from_as_the_config_names_it_from_any_folder(workdir, tiny, monkeypatch):
+    """A summary's `source` is relative to the config's project, as a config path: the wrong version wrote it
+    relative to the shell's folder ('../runs/exp/model.pt' from sub/), and layer-drop, where no deletion kept
+    the top-1, handed the next stage of a chain that path, which a chain resumed from another folder
+    (or a chain from sub/ read back from the project) took from its own folder: a network not there."""
+    from rescomp.config import load_config
+    from rescomp.stages.layer_drop import _output
+
+    path = write_config(workdir, _chain(tiny, ["train", "quantize"]))
+    (workdir / "sub").mkdir()
+    monkeypatch.chdir(workdir / "sub")
+    assert cli("run", "../exp.yaml").exit_code == 0
+    assert _summary(workdir, "exp-ptq")["source"] == "runs/exp/model.pt"
+    ld = {"rows": [{"method": "layer-drop", "step": 0, "top1": 50.0}, {"method": "layer-drop", "step": 1, "top1": 10.0}],
+          "stop_on": "test", "source": "runs/exp/model.pt"}  # the first deletion lost: the start network is the answer
+    for here in (workdir / "sub", workdir):
+        monkeypatch.chdir(here)
+        found = _output(load_config(path, ["layer_drop.tolerance=0"]), workdir / "runs/exp-ld", ld)
+        assert found.is_file() and found.resolve() == (workdir / "runs/exp/model.pt").resolve()
 
 
 @pytest.mark.parametrize("stage", ["prune", "layer_drop"])

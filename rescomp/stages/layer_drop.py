@@ -409,7 +409,7 @@ def _output(cfg: ExperimentConfig, run_dir: Path, summary: dict[str, Any]) -> Pa
     stop rule), or the network it started from if no deletion kept it."""
     rows = [r for r in summary["rows"] if r["method"] == "layer-drop"]
     best = smallest_lossless(rows, cfg.layer_drop.tolerance, judged(summary.get("stop_on", "test")))
-    return run_dir / f"step{best['step']:02d}" / "model.pt" if best["step"] else Path(summary["source"])
+    return run_dir / f"step{best['step']:02d}" / "model.pt" if best["step"] else cfg.at(summary["source"])
 
 
 def _gates_needed(t) -> Optional[str]:
