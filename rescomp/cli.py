@@ -35,6 +35,11 @@ class _OneLineUsage(typer.core.TyperGroup):
             else:
                 where = " ".join(["rescomp", *(c.info_name for c in _parents(ctx) if c.parent is not None)])
                 said = " ".join(e.format_message().split()).rstrip(".")
+                if type(e).__name__ == "NoSuchOption" and any(p.name == "set_" for p in ctx.command.params):
+                    from rescomp.config_doc import set_hint
+
+                    if hint := set_hint(e.option_name):  # a config key taken for an option: say how to set it
+                        said = f"no option '{e.option_name}'; {hint}"
                 err.print(f"[bold red]error:[/] {escape(f'{where}: {said}')}; see '{where} --help'", highlight=False)
             raise SystemExit(getattr(e, "exit_code", 1)) from None
         except typer.Abort:  # Ctrl-C outside a command (a command says what it kept, user_errors)

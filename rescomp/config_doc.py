@@ -79,3 +79,11 @@ def reference() -> str:
              "| key | type | default | what it does |", "|---|---|---|---|"]
     lines += [f"| `{k}` | {t} | `{d}` | {text.replace('<', '&lt;')} |" for k, t, d, text in _rows(ExperimentConfig)]
     return "\n".join(lines) + "\n"
+
+
+def set_hint(option: str) -> str:
+    """For an option no command has that names config keys (`--epochs`, `--batch-size`, `--lr`: every key whose
+    last part is its name, `-` read as `_`, sections excluded), how to set them; '' for any other."""
+    name = option.lstrip("-").replace("-", "_")
+    keys = [k for k, t, _, _ in _rows(ExperimentConfig) if k.rsplit(".", 1)[-1] == name and t != "section or null"]
+    return ("config keys are set with --set: " + " or ".join(f"--set {k}=<value>" for k in keys[:3])) if keys else ""

@@ -99,6 +99,10 @@ def command_fault(commands: dict[str, Any], args: list[str], first: bool = True)
             if opt in given and value is not None:
                 given[opt].append(value)
         elif opt.startswith("-") and opt != "--help":
+            from rescomp.config_doc import set_hint
+
+            if "--set" in params and (hint := set_hint(opt)):  # a config key taken for an option
+                return f"rescomp {args[0]} has no option '{opt}'; {hint}"
             return f"rescomp {args[0]} has no option '{opt}'{suggest(opt, sorted(params))}"
         else:
             given[""].append(word)

@@ -726,6 +726,12 @@ M = [
   "tests/test_runner.py::test_a_stage_records_the_network_it_started_from_as_the_config_names_it_from_any_folder"),
  ("layer-drop-source-from-the-shell", "rescomp/stages/layer_drop.py", "else cfg.at(summary[\"source\"])", "else Path(summary[\"source\"])",
   "tests/test_runner.py::test_a_stage_records_the_network_it_started_from_as_the_config_names_it_from_any_folder"),
+ ("config-key-options-as-click-says", "rescomp/cli.py", "                    if hint := set_hint(e.option_name):", "                    if False:",
+  "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
+ ("set-hint-for-commands-without-set", "rescomp/cli.py", "if type(e).__name__ == \"NoSuchOption\" and any(p.name == \"set_\" for p in ctx.command.params):", "if type(e).__name__ == \"NoSuchOption\":",
+  "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
+ ("jobs-config-key-options-unexplained", "rescomp/jobs.py", "            if \"--set\" in params and (hint := set_hint(opt)):", "            if False:",
+  "tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts"),
 ]
 
 

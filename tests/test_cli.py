@@ -102,6 +102,13 @@ def test_other_bad_inputs(workdir, tiny):
     (["train", "x.yaml", "y.yaml"], "error: rescomp train: Got unexpected extra argument(s) (y.yaml); see 'rescomp "
                                     "train --help'"),
     (["nosuch"], "error: rescomp: No such command 'nosuch'; see 'rescomp --help'"),
+    # a config key taken for an option: click suggested --nproc for --epochs, --help for --lr
+    (["train", "x.yaml", "--epochs", "3"], "error: rescomp train: no option '--epochs'; config keys are set with --set: "
+     "--set train.epochs=<value> or --set quantize.qat.epochs=<value> or --set layer_drop.baselines.epochs=<value>; "
+     "see 'rescomp train --help'"),
+    (["prune", "x.yaml", "--batch-size=8"], "error: rescomp prune: no option '--batch-size'; config keys are set with "
+     "--set: --set train.batch_size=<value> or --set layer_drop.timing.batch_size=<value>; see 'rescomp prune --help'"),
+    (["report", "runs", "--epochs", "3"], "error: rescomp report: No such option: --epochs; see 'rescomp report --help'"),
 ])
 def test_words_the_parser_refuses_are_one_line_naming_the_command(workdir, args, line):
     # wrong versions: click's usage, hint and "Error:" lines (four for one mistake); the exit code 0 or 1

@@ -149,6 +149,8 @@ def test_jobs_command_runs_real_commands_side_by_side(workdir: Path, tiny: dict)
     ("rescomp trian {p}", "line 4: 'trian' is no rescomp command (did you mean 'train'?); nothing was started"),
     ("rescomp train {p} --fersh", "line 4: rescomp train has no option '--fersh' (did you mean '--fresh'?)"),
     ("rescomp report runs --tabel=t", "line 4: rescomp report has no option '--tabel' (did you mean '--table'?)"),
+    ("rescomp train {p} --epochs 3", "line 4: rescomp train has no option '--epochs'; config keys are set with --set: "
+                                     "--set train.epochs=<value> or"),  # as the command says it (test_cli)
     ("rescomp train {p} --set train.epoch=1", "line 4: {p}: unknown key 'train.epoch'"),  # a key, read as the run would
     ("rescomp train {p} --profile=nope", "line 4: {p}: no profile 'nope'"),
     # words the command's own parser refuses, and a --nproc it refuses: they failed once earlier jobs had run
