@@ -117,14 +117,21 @@ def test_every_technique_key_rebuilds():
 
 
 @pytest.mark.parametrize("key, value, said", [
-    ("width", "abc", "model.width: 'abc' is not an integer; set it to an integer (arch 'cifar_resnet')"),
-    ("depth", True, "model.depth: True is not an integer; set it to an integer (arch 'cifar_resnet')"),
+    ("width", "abc", "model.width: 'abc' is not an integer; set it to an integer, or leave it out for the default "
+                     "(arch 'cifar_resnet')"),
+    ("depth", True, "model.depth: true is not an integer; set it to an integer, or leave it out for the default "
+                    "(arch 'cifar_resnet')"),
+    ("width", 1.0, "model.width: 1.0 is not an integer; set it to an integer, or leave it out for the default "
+                   "(arch 'cifar_resnet')"),
+    ("width", None, "model.width: null is not an integer; set it to an integer, or leave it out for the default "
+                    "(arch 'cifar_resnet')"),
     ("block", "wide", "model.block: 'wide' is not one of 'basic', 'bottleneck'; set it to one of 'basic', "
-                      "'bottleneck' (arch 'cifar_resnet')"),
+                      "'bottleneck', or leave it out for the default (arch 'cifar_resnet')"),
     ("units_per_stage", 3, "model.units_per_stage: 3 is not a list of integers or null; set it to a list of "
-                           "integers or null (arch 'cifar_resnet')"),
+                           "integers or null, or leave it out for the default (arch 'cifar_resnet')"),
     ("units_per_stage", [1, "a", 1], "model.units_per_stage: [1, 'a', 1] is not a list of integers or null; set "
-                                     "it to a list of integers or null (arch 'cifar_resnet')"),
+                                     "it to a list of integers or null, or leave it out for the default (arch "
+                                     "'cifar_resnet')"),
 ])
 def test_a_model_argument_of_the_wrong_type_is_named_with_the_type_it_needs(key, value, said):
     with pytest.raises(ConfigError) as e:

@@ -190,7 +190,9 @@ def check_spec(spec: dict[str, Any]) -> None:
                 )
     for key, value in spec.items():
         if key in params and key != "num_classes" and (wanted := _wrong_type(entry.builder, key, value)):
-            raise ConfigError(f"model.{key}: {value!r} is not {wanted}; set it to {wanted} (arch '{spec['arch']}')")
+            given = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML says it
+            raise ConfigError(f"model.{key}: {given} is not {wanted}; set it to {wanted}, or leave it out for the "
+                              f"default (arch '{spec['arch']}')")
 
 
 def _wrong_type(builder: Callable[..., nn.Module], key: str, value: Any) -> Optional[str]:
