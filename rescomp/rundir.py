@@ -122,8 +122,8 @@ ACTIVATION_CRITERIA = ("taylor", "mean_activation")  # scored on activations (re
 IN_PLACE_SCORES = ("a conv whose BatchNorm output the network then changes in place (torchvision's residual `out += "
                    "identity`) scored on that BatchNorm's output (it was scored on the block's output)")
 # The networks whose coupled-policy scores that changed: torchvision's ResNets, and a user's own model or a
-# plugin's, which rescomp cannot read (the paper policy never prunes a conv that meets an addition; an in-place ReLU alone
-# leaves a x dL/da as it was).
+# plugin's, which rescomp cannot read (the paper policy never prunes a conv that meets an addition; an
+# in-place ReLU alone leaves a x dL/da as it was).
 IN_PLACE_ADDS = ("resnet18", "resnet50")
 FINE_TUNING = ("layer_drop", "magnitude_prune", "weight_share", "binarize")
 # summary "stage" names whose section is named otherwise
