@@ -732,6 +732,14 @@ M = [
   "tests/test_cli.py::test_words_the_parser_refuses_are_one_line_naming_the_command"),
  ("jobs-config-key-options-unexplained", "rescomp/jobs.py", "            if \"--set\" in params and (hint := set_hint(opt)):", "            if False:",
   "tests/test_jobs.py::test_a_misspelt_command_or_option_stops_the_jobs_before_any_starts"),
+ ("compare-delta-reversed", "rescomp/compare.py", "        p[\"top1_delta\"] = p[\"top1\"] - b[\"top1\"]", "        p[\"top1_delta\"] = b[\"top1\"] - p[\"top1\"]",
+  "tests/test_compare.py::test_each_point_is_set_against_the_baseline_by_hand"),
+ ("compare-ratios-of-macs", "rescomp/compare.py", "            p[f\"{cost}_ratio\"] = p[cost] / b[cost] if", "            p[f\"{cost}_ratio\"] = p[\"macs\"] / b[\"macs\"] if",
+  "tests/test_compare.py::test_each_point_is_set_against_the_baseline_by_hand"),
+ ("dc-compression-inverted", "rescomp/stages/deep_compression.py", "\"dc_compression\": bytes_[\"dc_dense_bytes\"] / best,", "\"dc_compression\": best / bytes_[\"dc_dense_bytes\"],",
+  "tests/test_deep_compression.py::test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly"),
+ ("dc-weights-compression-inverted", "rescomp/stages/deep_compression.py", "\"weights_compression\": total / max(nonzero, 1),", "\"weights_compression\": nonzero / total,",
+  "tests/test_deep_compression.py::test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly"),
 ]
 
 

@@ -17,6 +17,8 @@
 #  8. a committed comparison rendered again with another baseline, --profile ignored, or with the fronts of
 #     the file kept rather than computed again; an int8 point drawn filled over its fp32 twin, or a NaN point
 #     drawn -> test_compare_end_to_end_from_a_chain
+#  9. the top-1 change taken the wrong way round (baseline minus point), or every cost's ratio taken from the
+#     MACs -> test_each_point_is_set_against_the_baseline_by_hand
 
 import json
 import shutil
@@ -25,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rescomp.cli import app
-from rescomp.compare import chain_of, pareto
+from rescomp.compare import against, chain_of, pareto
 
 from conftest import write_config
 
@@ -51,6 +53,16 @@ def test_pareto_front_counted_by_hand():
     # so for every network whose MACs are counted dense, as its input network's
     for stage in ("qat", "magnitude_prune", "weight_share", "binarize"):
         assert pareto([*twins, {"top1": 56.0, "macs": 20, "size_bytes": 5, "stage": stage}], "macs") == {0, 3}, stage
+
+
+def test_each_point_is_set_against_the_baseline_by_hand():
+    pts = [{"run": "base", "stage": "train", "dataset": "cifar10", "top1": 90.0, "macs": 100.0, "size_bytes": 400.0},
+           {"run": "pruned", "stage": "prune", "dataset": "cifar10", "top1": 88.5, "macs": 50.0, "size_bytes": 100.0},
+           {"run": "int8", "stage": "ptq", "dataset": "cifar10", "top1": 90.25, "macs": 100.0, "size_bytes": 120.0}]
+    out = against(pts, None)
+    assert [p["top1_delta"] for p in out] == [0.0, -1.5, 0.25]
+    assert [(p["macs_ratio"], p["size_bytes_ratio"]) for p in out] == [(1.0, 1.0), (0.5, 0.25), (1.0, 0.3)]
+    assert [p["baseline"] for p in out] == [True, False, False]
 
 
 @pytest.mark.parametrize("folder, chain", [

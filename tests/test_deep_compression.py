@@ -22,6 +22,8 @@
 # 11. `rescomp measure` of a step's masked or weight-shared model.pt crashing (deepcopy of its pre-hook
 #     weight), or counting its centroids as its parameters and its codes as its bytes, where the stage's row
 #     measures the network its file decodes to -> test_each_stage_is_a_command_of_its_own
+# 12. a compression factor inverted (stored over dense, kept over all weights)
+#       -> test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly
 import io
 import json
 
@@ -217,6 +219,10 @@ def test_a_chain_prunes_shares_and_writes_a_file_that_decodes_exactly(workdir, t
     assert last["weights_kept"] == pytest.approx(0.4, abs=0.01)
     assert last["dc_huffman_bytes"] == (share / "compressed.rcdc").stat().st_size
     assert last["dc_dense_bytes"] > last["dc_sparse_bytes"] > last["dc_shared_bytes"]
+    # the compression factors, the papers' way: dense over stored, all weights over the ones kept
+    best = min(last[k] for k in last if k.startswith("dc_") and k.endswith("_bytes"))
+    assert last["stored_bytes"] == best and last["dc_compression"] == last["dc_dense_bytes"] / best > 1
+    assert last["weights_compression"] == last["coded_weights"] / last["nonzero_weights"] == pytest.approx(2.5, abs=0.1)
     # the rows name the pruning they came from, so two pruning runs' shared rows are told apart
     assert [r["row"] for r in s["rows"]] == ["cifar_resnet before sharing (60% pruned, layer)",
                                             "cifar_resnet weight-shared (60% pruned, layer)"]
