@@ -431,5 +431,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m rescomp.cli`: this file is then another module than rescomp.cli, whose
+    from rescomp.cli import main as registered  # app is the one cli_results registers its commands on
+
+    registered()
